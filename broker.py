@@ -1,0 +1,225 @@
+"""AMQP topology and publishing, shared by server and worker so they cannot disagree.
+
+Topology (``P`` is ``QUEUE_PREFIX``, default ``mailroom``), all durable:
+
+* exchange ``P`` (direct)
+* queue ``P.send`` <- routing key ``send``: the work queue the worker consumes
+* queue ``P.dead`` <- routing key ``dead``: messages that will not be sent, with the
+  reason in their headers. The work queue also dead-letters rejected messages here.
+
+:class:`Broker` owns one robust connection and one channel with publisher confirms.
+:meth:`Broker.publish` returns only once RabbitMQ has confirmed the message and raises
+:class:`BrokerUnavailable` otherwise, always within ``PUBLISH_TIMEOUT`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from pamqp.commands import Basic
+
+from config import Settings
+from errors import BrokerUnavailable
+
+log = logging.getLogger(__name__)
+
+SEND_KEY = "send"
+DEAD_KEY = "dead"
+
+# What aio-pika / aiormq raise when the broker is gone, refuses, or the channel died.
+AMQP_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPException,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class Names:
+    exchange: str
+    send_queue: str
+    dead_queue: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> Names:
+        return cls(exchange=prefix, send_queue=f"{prefix}.send", dead_queue=f"{prefix}.dead")
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchange: AbstractExchange
+    send_queue: AbstractQueue
+    dead_queue: AbstractQueue
+
+
+async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
+    """Declare (idempotently) everything both processes rely on."""
+    names = Names.for_prefix(settings.queue_prefix)
+    exchange = await channel.declare_exchange(
+        names.exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    dead = await channel.declare_queue(names.dead_queue, durable=True)
+    await dead.bind(exchange, DEAD_KEY)
+    send = await channel.declare_queue(
+        names.send_queue,
+        durable=True,
+        arguments={
+            "x-dead-letter-exchange": names.exchange,
+            "x-dead-letter-routing-key": DEAD_KEY,
+        },
+    )
+    await send.bind(exchange, SEND_KEY)
+    return Topology(exchange=exchange, send_queue=send, dead_queue=dead)
+
+
+async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
+    """Open a robust connection, bounded by ``CONNECT_TIMEOUT``."""
+    try:
+        return await asyncio.wait_for(
+            aio_pika.connect_robust(
+                settings.amqp_url.get(),
+                timeout=settings.connect_timeout,
+                client_properties={"connection_name": name},
+            ),
+            timeout=settings.connect_timeout + 1,
+        )
+    except AMQP_ERRORS as exc:
+        raise BrokerUnavailable(
+            f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def build_message(
+    body: bytes, message_id: str, headers: Mapping[str, Any] | None = None
+) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        message_id=message_id,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers=dict(headers or {}),
+    )
+
+
+class Broker:
+    """A confirmed publisher over one robust connection.
+
+    :meth:`start` returns at once; the connection is made in the background and retried
+    until it succeeds, so a process can start before RabbitMQ does. Until then (and
+    whenever the connection is down) :meth:`publish` raises :class:`BrokerUnavailable`.
+    """
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.connection: AbstractRobustConnection | None = None
+        self.channel: AbstractChannel | None = None
+        self.topology: Topology | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return (
+            self.connection is not None
+            and not self.connection.is_closed
+            and self.channel is not None
+            and not self.channel.is_closed
+        )
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._connect_forever(), name=f"{self.name}-connect")
+
+    async def wait_connected(self) -> None:
+        """Return once the first connection is up (bound it with a timeout if needed)."""
+        await self._connected.wait()
+
+    async def _connect_forever(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._connect_once()
+            except BrokerUnavailable as exc:
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+            else:
+                log.info("connected to %s", self.settings.amqp_url_redacted)
+                self._connected.set()
+                return
+
+    async def _connect_once(self) -> None:
+        connection = await connect(self.settings, self.name)
+        try:
+            channel = await asyncio.wait_for(
+                connection.channel(publisher_confirms=True, on_return_raises=True),
+                self.settings.connect_timeout,
+            )
+            topology = await asyncio.wait_for(
+                declare_topology(channel, self.settings), self.settings.connect_timeout
+            )
+        except AMQP_ERRORS as exc:
+            await _close_quietly(connection)
+            raise BrokerUnavailable(f"cannot set up the channel: {type(exc).__name__}") from exc
+        self.connection, self.channel, self.topology = connection, channel, topology
+
+    async def publish(
+        self,
+        body: bytes,
+        message_id: str,
+        routing_key: str = SEND_KEY,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish a persistent message; return only after RabbitMQ confirmed it."""
+        if self.topology is None or not self.is_ready:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        message = build_message(body, message_id, headers)
+        timeout = self.settings.publish_timeout
+        try:
+            confirm = await asyncio.wait_for(
+                self.topology.exchange.publish(message, routing_key, mandatory=True),
+                timeout,
+            )
+        except TimeoutError:
+            raise BrokerUnavailable(f"RabbitMQ did not confirm within {timeout:g}s") from None
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise BrokerUnavailable(f"RabbitMQ refused the message: {exc}") from exc
+        except AMQP_ERRORS as exc:
+            raise BrokerUnavailable(f"publish failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(confirm, Basic.Ack):
+            raise BrokerUnavailable(f"RabbitMQ did not acknowledge the message: {confirm!r}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.connection is not None:
+            await _close_quietly(self.connection)
+            self.connection = None
+        self._connected.clear()
+
+
+async def _close_quietly(connection: AbstractRobustConnection) -> None:
+    try:
+        await asyncio.wait_for(connection.close(), 5)
+    except AMQP_ERRORS as exc:
+        log.debug("error while closing: %s", exc)

@@ -1,0 +1,213 @@
+"""Settings: read once from the environment and `.env`, frozen, validated.
+
+This is the only module that reads ``os.environ``. A missing or bad value raises
+:class:`ConfigError` naming the variable; entry points turn that into a one-line
+message and exit status 2. Secrets are kept in :class:`Secret` so they never show up
+in a repr, a log line or a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+from errors import ConfigError
+
+SmtpSecurity = Literal["ssl", "starttls", "none"]
+_DEFAULT_SMTP_PORTS: dict[str, int] = {"ssl": 465, "starttls": 587, "none": 25}
+
+T = TypeVar("T")
+
+
+class Secret:
+    """A string that does not show itself: ``repr`` and ``str`` print ``'**********'``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def redact_url(url: str) -> str:
+    """``amqp://user:pass@host/`` -> ``amqp://user:***@host/`` (safe to log)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the processes need. Build it with :meth:`from_env` (or directly in tests)."""
+
+    amqp_url: Secret = field(default_factory=lambda: Secret("amqp://guest:guest@localhost:5672/"))
+    queue_prefix: str = "mailroom"
+    smtp_host: str | None = None
+    smtp_port: int = 465
+    smtp_security: SmtpSecurity = "ssl"
+    smtp_username: str | None = None
+    smtp_password: Secret | None = None
+    smtp_timeout: float = 30.0
+    smtp_ca_file: Path | None = None
+    mail_from: str = "mailroom@localhost"
+    talktome_log: Path = Path("var/log/messaging_system.log")
+    host: str = "127.0.0.1"
+    port: int = 5000
+    worker_concurrency: int = 16
+    publish_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    shutdown_grace: float = 30.0
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:  # the URL carries a password: show it redacted
+        shown = ", ".join(
+            f"{name}={value!r}" for name, value in self.__dict__.items() if name != "amqp_url"
+        )
+        return f"Settings(amqp_url={redact_url(self.amqp_url.get())!r}, {shown})"
+
+    @property
+    def amqp_url_redacted(self) -> str:
+        return redact_url(self.amqp_url.get())
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        env_file: str | Path | None = ".env",
+    ) -> Settings:
+        """Read settings; the process environment wins over ``env_file``."""
+        values: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        return _parse(values)
+
+
+def _parse(env: Mapping[str, str]) -> Settings:
+    def raw(name: str, *legacy: str) -> str | None:
+        for key in (name, *legacy):
+            value = env.get(key)
+            if value is not None and value.strip() != "":
+                return value.strip()
+        return None
+
+    def conv(name: str, parse: Callable[[str], T], default: T, *legacy: str) -> T:
+        value = raw(name, *legacy)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise ConfigError(name, f"{exc}") from None
+
+    security: SmtpSecurity = conv("SMTP_SECURITY", _security, "ssl")
+    username = raw("SMTP_USERNAME", "EMAIL_USERNAME")
+    password = raw("SMTP_PASSWORD", "EMAIL_PASSWORD")
+    if password is not None and username is None:
+        raise ConfigError("SMTP_USERNAME", "is required when SMTP_PASSWORD is set")
+    if username is not None and password is None:
+        raise ConfigError("SMTP_PASSWORD", "is required when SMTP_USERNAME is set")
+    mail_from = raw("MAIL_FROM") or (username if username and "@" in username else None)
+    mail_from = mail_from or "mailroom@localhost"
+    if any(c in mail_from for c in "\r\n\0") or "@" not in mail_from:
+        raise ConfigError("MAIL_FROM", "must be one email address")
+    ca_file = raw("SMTP_CA_FILE")
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise ConfigError("SMTP_CA_FILE", f"no such file: {ca_file}")
+    return Settings(
+        amqp_url=Secret(conv("AMQP_URL", _amqp_url, "amqp://guest:guest@localhost:5672/")),
+        queue_prefix=conv("QUEUE_PREFIX", _name, "mailroom"),
+        smtp_host=raw("SMTP_HOST"),
+        smtp_port=conv("SMTP_PORT", _port, _DEFAULT_SMTP_PORTS[security]),
+        smtp_security=security,
+        smtp_username=username,
+        smtp_password=Secret(password) if password is not None else None,
+        smtp_timeout=conv("SMTP_TIMEOUT", _positive_float, 30.0),
+        smtp_ca_file=Path(ca_file) if ca_file else None,
+        mail_from=mail_from,
+        talktome_log=Path(raw("TALKTOME_LOG") or "var/log/messaging_system.log"),
+        host=raw("HOST") or "127.0.0.1",
+        port=conv("PORT", _port, 5000),
+        worker_concurrency=conv("WORKER_CONCURRENCY", _concurrency, 16),
+        publish_timeout=conv("PUBLISH_TIMEOUT", _positive_float, 5.0),
+        connect_timeout=conv("CONNECT_TIMEOUT", _positive_float, 5.0),
+        shutdown_grace=conv("SHUTDOWN_GRACE", _positive_float, 30.0),
+        log_level=conv("LOG_LEVEL", _log_level, "INFO"),
+    )
+
+
+def _security(value: str) -> SmtpSecurity:
+    lowered = value.lower()
+    if lowered == "ssl":
+        return "ssl"
+    if lowered == "starttls":
+        return "starttls"
+    if lowered == "none":
+        return "none"
+    raise ValueError(f"must be ssl, starttls or none, not {value!r}")
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 < port < 65536:
+        raise ValueError(f"must be a TCP port (1-65535), not {value}")
+    return port
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"must be a positive number of seconds, not {value}")
+    return number
+
+
+def _concurrency(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 1000:
+        raise ValueError(f"must be between 1 and 1000, not {value}")
+    return number
+
+
+def _amqp_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("must look like amqp://user:password@host:5672/vhost")
+    return value
+
+
+def _name(value: str) -> str:
+    if not value.replace(".", "").replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"may hold only letters, digits, '.', '-' and '_', not {value!r}")
+    return value
+
+
+def _log_level(value: str) -> str:
+    upper = value.upper()
+    if upper not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {value!r}")
+    return upper

@@ -1,0 +1,53 @@
+"""The small error hierarchy: each class says what happened, not where."""
+
+from __future__ import annotations
+
+
+class MailroomError(Exception):
+    """Base class of every error Mailroom raises on purpose."""
+
+
+class ConfigError(MailroomError):
+    """A setting is missing or bad; ``variable`` names it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable} {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class InvalidMessage(MailroomError, ValueError):
+    """A message request (or a message read from the queue) is not acceptable.
+
+    ``field`` names the offending field ("to", "subject", ...) when there is one.
+    """
+
+    def __init__(self, reason: str, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+class BrokerUnavailable(MailroomError):
+    """RabbitMQ could not be reached, or did not confirm a publish in time."""
+
+
+class DeliveryError(MailroomError):
+    """Sending a mail failed. ``code`` is the SMTP reply code when there was one."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(f"{code} {reason}" if code else reason)
+        self.reason = reason
+        self.code = code
+
+
+class TransientDeliveryError(DeliveryError):
+    """Worth trying again later: connection trouble, timeouts, TLS errors, SMTP 4xx."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Trying again will not help: SMTP 5xx, every recipient refused, unbuildable mail."""
+
+
+class SmtpAuthError(TransientDeliveryError):
+    """The SMTP server refused our login: a configuration fault, not the message's."""

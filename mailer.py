@@ -1,0 +1,221 @@
+"""Build MIME messages and send them over a small pool of reused SMTP connections.
+
+Every SMTP failure leaves this module as a :class:`TransientDeliveryError` (try again
+later), :class:`PermanentDeliveryError` (give up) or :class:`SmtpAuthError` (fix the
+configuration), so callers never see aiosmtplib's own exception classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, getaddresses
+
+import aiosmtplib
+from email_validator import EmailNotValidError, validate_email
+
+from config import Settings
+from errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    SmtpAuthError,
+    TransientDeliveryError,
+)
+from messages import MailJob, addr_spec
+
+log = logging.getLogger(__name__)
+
+# A pooled connection idle longer than this is checked with NOOP before it is reused.
+IDLE_CHECK_SECONDS = 5.0
+# A pooled connection idle longer than this is closed instead of reused.
+IDLE_CLOSE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What the SMTP server said: who it accepted, and who it refused (code, text)."""
+
+    accepted: tuple[str, ...]
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+def envelope_address(address: str) -> str:
+    """The SMTP envelope form of an address: IDN domains in ASCII (punycode) where possible."""
+    spec = addr_spec(address)
+    if spec.isascii():
+        return spec
+    try:
+        ascii_form = validate_email(spec, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        return spec
+    return ascii_form or spec
+
+
+def _header_address(address: str) -> Address:
+    name, spec = getaddresses([address])[0]
+    spec = envelope_address(spec)
+    username, _, domain = spec.rpartition("@")
+    return Address(display_name=name, username=username, domain=domain)
+
+
+def build_mime(job: MailJob, mail_from: str) -> EmailMessage:
+    """The MIME message for ``job``: headers encoded as RFC 2047 where needed."""
+    msg = EmailMessage()
+    msg["From"] = _header_address(mail_from)
+    msg["To"] = [_header_address(a) for a in job.to]
+    msg["Subject"] = job.subject
+    msg["Date"] = format_datetime(_created(job))
+    domain = envelope_address(mail_from).rpartition("@")[2] or "localhost"
+    msg["Message-ID"] = f"<{job.id}@{domain}>"
+    if job.reply_to:
+        msg["Reply-To"] = _header_address(job.reply_to)
+    msg["X-Mailroom-Id"] = job.id
+    msg.set_content(job.text)
+    if job.html is not None:
+        msg.add_alternative(job.html, subtype="html")
+    return msg
+
+
+def _created(job: MailJob) -> datetime:
+    try:
+        created = datetime.fromisoformat(job.created_at)
+    except ValueError:
+        return datetime.now().astimezone()
+    return created.astimezone()
+
+
+def classify(exc: BaseException) -> DeliveryError:
+    """Map an aiosmtplib / network error to our hierarchy."""
+    if isinstance(exc, DeliveryError):
+        return exc
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return SmtpAuthError(f"SMTP login refused: {exc.message}", exc.code)
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = [r.code for r in exc.recipients]
+        text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+        reason = f"every recipient refused: {text}"
+        code = codes[0] if codes else None
+        if any(400 <= c < 500 for c in codes):
+            return TransientDeliveryError(reason, code)
+        return PermanentDeliveryError(reason, code)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if 400 <= exc.code < 500:
+            return TransientDeliveryError(exc.message, exc.code)
+        if 500 <= exc.code < 600:
+            return PermanentDeliveryError(exc.message, exc.code)
+        return TransientDeliveryError(f"unexpected reply: {exc.message}", exc.code)
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return TransientDeliveryError(f"SMTP server lacks a needed feature: {exc}")
+    if isinstance(exc, ssl.SSLError):
+        return TransientDeliveryError(f"TLS error: {exc}")
+    if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):
+        return TransientDeliveryError(f"{type(exc).__name__}: {exc}")
+    raise TypeError(f"not a delivery error: {exc!r}") from exc
+
+
+_SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError)
+
+
+class SmtpPool:
+    """Up to ``size`` SMTP connections, reused across messages.
+
+    ``send`` takes an idle connection (or opens one), sends, and puts it back. A
+    connection that failed is closed, never reused.
+    """
+
+    def __init__(self, settings: Settings, size: int) -> None:
+        if settings.smtp_host is None:
+            raise ValueError("SMTP_HOST is not set")
+        self.settings = settings
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._tls_context: ssl.SSLContext | None = None
+        if settings.smtp_security != "none":
+            self._tls_context = ssl.create_default_context(
+                cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
+            )
+
+    def _new_client(self) -> aiosmtplib.SMTP:
+        s = self.settings
+        return aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            username=s.smtp_username,
+            password=s.smtp_password.get() if s.smtp_password else None,
+            use_tls=s.smtp_security == "ssl",
+            start_tls=s.smtp_security == "starttls",
+            tls_context=self._tls_context,
+            timeout=s.smtp_timeout,
+        )
+
+    async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
+        """An open connection, and whether it was reused from the pool."""
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()
+            idle = now - since
+            if not client.is_connected or idle > IDLE_CLOSE_SECONDS:
+                await self._discard(client)
+                continue
+            if idle > IDLE_CHECK_SECONDS:
+                try:
+                    await client.noop()
+                except _SMTP_ERRORS:
+                    await self._discard(client)
+                    continue
+            return client, True
+        client = self._new_client()
+        await client.connect()
+        return client, False
+
+    async def send(self, job: MailJob) -> SendResult:
+        """Send ``job``; raises a :class:`DeliveryError` subclass when nothing was accepted."""
+        try:
+            message = build_mime(job, self.settings.mail_from)
+        except (ValueError, TypeError) as exc:
+            raise PermanentDeliveryError(f"cannot build the message: {exc}") from exc
+        sender = envelope_address(self.settings.mail_from)
+        recipients = [envelope_address(a) for a in job.to]
+        async with self._slots:
+            for attempt in (1, 2):
+                client: aiosmtplib.SMTP | None = None
+                reused = False
+                try:
+                    client, reused = await self._checkout()
+                    refused, _ = await client.send_message(
+                        message, sender=sender, recipients=recipients
+                    )
+                except aiosmtplib.SMTPServerDisconnected as exc:
+                    if client is not None:
+                        await self._discard(client)
+                    if reused and attempt == 1:
+                        log.debug("smtp: pooled connection was closed, opening a new one")
+                        continue
+                    raise classify(exc) from exc
+                except _SMTP_ERRORS as exc:
+                    if client is not None:
+                        await self._discard(client)
+                    raise classify(exc) from exc
+                self._idle.append((client, time.monotonic()))
+                return SendResult(
+                    accepted=tuple(r for r in recipients if r not in refused),
+                    refused={r: (resp.code, resp.message) for r, resp in refused.items()},
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _discard(self, client: aiosmtplib.SMTP) -> None:
+        if client.is_connected:
+            with contextlib.suppress(*_SMTP_ERRORS):
+                await asyncio.wait_for(client.quit(), 5)
+            client.close()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._discard(c) for c, _ in idle))

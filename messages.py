@@ -1,0 +1,172 @@
+"""The message that travels from server to worker, and the rules for what is acceptable.
+
+A :class:`MailJob` is built only through :func:`new_job` (which validates everything that
+will reach an SMTP header) or :meth:`MailJob.from_bytes` (which re-validates what came
+off the queue), so the worker never sees a header it cannot trust.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from email.utils import getaddresses
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from errors import InvalidMessage
+
+FORMAT_VERSION = 1
+LEGACY_SUBJECT = "Test email"
+LEGACY_TEXT = "This is a test email sent from the messaging system.\n"
+_FORBIDDEN = ("\r", "\n", "\0")
+
+
+def check_header_text(value: str, field: str) -> str:
+    """Refuse CR, LF and NUL in anything that ends up in a mail header."""
+    for char in _FORBIDDEN:
+        if char in value:
+            raise InvalidMessage(f"{field} must not contain {char!r}", field)
+    return value
+
+
+def parse_address(value: str, field: str = "to") -> str:
+    """Validate one address, ``user@example.com`` or ``Name <user@example.com>``.
+
+    Returns the normalised form (``Name <user@example.com>`` when a name was given).
+    Syntax only: no DNS look-up.
+    """
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{field} must be a string", field)
+    value = check_header_text(value.strip(), field)
+    if not value:
+        raise InvalidMessage(f"{field} must not be empty", field)
+    parsed = getaddresses([value])
+    if len(parsed) != 1 or not parsed[0][1]:
+        raise InvalidMessage(f"{field} is not one email address: {value!r}", field)
+    name, addr = parsed[0]
+    try:
+        normalized = validate_email(addr, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise InvalidMessage(f"{field} is not a valid email address: {exc}", field) from None
+    if name:
+        return f"{_quote_name(name)} <{normalized}>"
+    return normalized
+
+
+def _quote_name(name: str) -> str:
+    if any(c in name for c in '()<>[]:;@\\,."'):
+        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return name
+
+
+def addr_spec(address: str) -> str:
+    """``Name <a@b>`` -> ``a@b`` (for the SMTP envelope)."""
+    return getaddresses([address])[0][1]
+
+
+def strip_mailto(value: str) -> str:
+    """``mailto:a@b`` -> ``a@b``; the legacy API accepts both."""
+    if value[:7].lower() == "mailto:":
+        return value[7:]
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailJob:
+    """One accepted message. ``id`` is a 32-character hex string."""
+
+    id: str
+    to: tuple[str, ...]
+    subject: str
+    text: str
+    html: str | None = None
+    reply_to: str | None = None
+    created_at: str = ""
+
+    def to_bytes(self) -> bytes:
+        body = asdict(self)
+        body["to"] = list(self.to)
+        body["v"] = FORMAT_VERSION
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MailJob:
+        """Decode and re-validate a queued message; raises :class:`InvalidMessage`."""
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidMessage(f"message body is not JSON: {exc}") from None
+        if not isinstance(body, dict) or body.get("v") != FORMAT_VERSION:
+            raise InvalidMessage("message body is not a Mailroom message (format version)")
+        job_id = body.get("id")
+        if not isinstance(job_id, str) or len(job_id) != 32 or not _is_hex(job_id):
+            raise InvalidMessage("message id is missing or malformed", "id")
+        return new_job(
+            to=body.get("to"),
+            subject=body.get("subject"),
+            text=body.get("text"),
+            html=body.get("html"),
+            reply_to=body.get("reply_to"),
+            job_id=job_id,
+            created_at=body.get("created_at"),
+        )
+
+
+def _is_hex(value: str) -> bool:
+    try:
+        int(value, 16)
+    except ValueError:
+        return False
+    return True
+
+
+def new_job(
+    *,
+    to: Any,
+    subject: Any,
+    text: Any,
+    html: Any = None,
+    reply_to: Any = None,
+    job_id: str | None = None,
+    created_at: Any = None,
+) -> MailJob:
+    """Validate a message request and give it an id. Raises :class:`InvalidMessage`."""
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list) or not to:
+        raise InvalidMessage("to must be an address or a non-empty list of addresses", "to")
+    recipients = tuple(parse_address(item, "to") for item in to)
+    if not isinstance(subject, str):
+        raise InvalidMessage("subject must be a string", "subject")
+    check_header_text(subject, "subject")
+    if not isinstance(text, str):
+        raise InvalidMessage("text must be a string", "text")
+    if "\0" in text:
+        raise InvalidMessage("text must not contain NUL", "text")
+    if html is not None:
+        if not isinstance(html, str):
+            raise InvalidMessage("html must be a string", "html")
+        if "\0" in html:
+            raise InvalidMessage("html must not contain NUL", "html")
+    if reply_to is not None:
+        reply_to = parse_address(reply_to, "reply_to")
+    return MailJob(
+        id=job_id or uuid.uuid4().hex,
+        to=recipients,
+        subject=subject,
+        text=text,
+        html=html,
+        reply_to=reply_to,
+        created_at=created_at
+        if isinstance(created_at, str)
+        else datetime.now(UTC).isoformat(timespec="milliseconds"),
+    )
+
+
+def legacy_job(address: str) -> MailJob:
+    """The fixed test message of ``GET /?sendmail=<address>``."""
+    return new_job(to=strip_mailto(address), subject=LEGACY_SUBJECT, text=LEGACY_TEXT)
