@@ -59,6 +59,9 @@ class Names:
     def for_prefix(cls, prefix: str) -> Names:
         return cls(exchange=prefix, send_queue=f"{prefix}.send", dead_queue=f"{prefix}.dead")
 
+    def all_queues(self) -> tuple[str, ...]:
+        return (self.send_queue, self.dead_queue)
+
 
 @dataclass(frozen=True)
 class Topology:

@@ -129,9 +129,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
     username = raw("SMTP_USERNAME", "EMAIL_USERNAME")
     password = raw("SMTP_PASSWORD", "EMAIL_PASSWORD")
     if password is not None and username is None:
-        raise ConfigError("SMTP_USERNAME", "is required when SMTP_PASSWORD is set")
+        raise ConfigError("SMTP_USERNAME", "required when SMTP_PASSWORD is set")
     if username is not None and password is None:
-        raise ConfigError("SMTP_PASSWORD", "is required when SMTP_USERNAME is set")
+        raise ConfigError("SMTP_PASSWORD", "required when SMTP_USERNAME is set")
     mail_from = raw("MAIL_FROM") or (username if username and "@" in username else None)
     mail_from = mail_from or "mailroom@localhost"
     if any(c in mail_from for c in "\r\n\0") or "@" not in mail_from:
@@ -172,22 +172,32 @@ def _security(value: str) -> SmtpSecurity:
     raise ValueError(f"must be ssl, starttls or none, not {value!r}")
 
 
+def _whole(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number, not {value!r}") from None
+
+
 def _port(value: str) -> int:
-    port = int(value)
+    port = _whole(value)
     if not 0 < port < 65536:
         raise ValueError(f"must be a TCP port (1-65535), not {value}")
     return port
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, not {value!r}") from None
     if not number > 0:
         raise ValueError(f"must be a positive number of seconds, not {value}")
     return number
 
 
 def _concurrency(value: str) -> int:
-    number = int(value)
+    number = _whole(value)
     if not 1 <= number <= 1000:
         raise ValueError(f"must be between 1 and 1000, not {value}")
     return number

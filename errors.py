@@ -11,7 +11,7 @@ class ConfigError(MailroomError):
     """A setting is missing or bad; ``variable`` names it."""
 
     def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable} {problem}")
+        super().__init__(f"{variable}: {problem}")
         self.variable = variable
         self.problem = problem
 

@@ -166,6 +166,11 @@ def main() -> int:
     except ConfigError as exc:
         print(f"server: configuration error: {exc}", file=sys.stderr)
         return 2
+    try:
+        TalkLog(settings.talktome_log).check()
+    except ConfigError as exc:
+        print(f"server: configuration error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings)
     quart_app = create_app(settings)
     config = HypercornConfig()
@@ -182,11 +187,7 @@ def main() -> int:
         log.info("serving on http://%s:%d", settings.host, settings.port)
         await serve(quart_app, config, shutdown_trigger=stop.wait)
 
-    try:
-        asyncio.run(run())
-    except ConfigError as exc:
-        print(f"server: configuration error: {exc}", file=sys.stderr)
-        return 2
+    asyncio.run(run())
     return 0
 
 

@@ -27,8 +27,12 @@ class TalkLog:
             return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise ConfigError(
-                "TALKTOME_LOG", f"names a file that cannot be opened: {self.path}: {exc.strerror}"
+                "TALKTOME_LOG", f"cannot open {self.path} for appending: {exc.strerror}"
             ) from None
+
+    def check(self) -> None:
+        """Create the file, or fail with a :class:`ConfigError` (entry points, before serving)."""
+        os.close(self._open())
 
     async def open(self) -> None:
         """Open (and create) the file; a :class:`ConfigError` names the path and variable."""

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 class Worker:
     def __init__(self, settings: Settings) -> None:
         if settings.smtp_host is None:
-            raise ConfigError("SMTP_HOST", "is not set: the worker needs an SMTP server")
+            raise ConfigError(
+                "SMTP_HOST", "not set; the worker needs an SMTP server to send through"
+            )
         self.settings = settings
         self.broker = Broker(settings, "mailroom-worker")
         self.pool = SmtpPool(settings, settings.worker_concurrency)

@@ -1,0 +1,131 @@
+"""Fixtures: a unique queue prefix per test, real SMTP servers, a running app and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import trustme
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from broker import Names
+from config import Secret, Settings
+from server import create_app
+from tests.support import AMQP_URL, SmtpServer, start_smtp
+from worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A queue prefix of this test's own; its queues and exchange are deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    yield name
+    await delete_topology(name)
+
+
+async def delete_topology(prefix: str, extra_queues: tuple[str, ...] = ()) -> None:
+    names = Names.for_prefix(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        for queue in (*names.all_queues(), *extra_queues):
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
+                await channel.queue_delete(queue)
+        channel = await connection.channel()
+        with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
+            await channel.exchange_delete(names.exchange)
+
+
+@pytest.fixture
+def make_settings(prefix: str, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        base = Settings(
+            amqp_url=Secret(AMQP_URL),
+            queue_prefix=prefix,
+            talktome_log=tmp_path / "log" / "messaging_system.log",
+            smtp_timeout=5.0,
+            publish_timeout=3.0,
+            connect_timeout=3.0,
+            shutdown_grace=10.0,
+            worker_concurrency=8,
+        )
+        return dataclasses.replace(base, **overrides)
+
+    return make
+
+
+@pytest.fixture
+async def smtp(server_tls: ssl.SSLContext) -> AsyncIterator[SmtpServer]:
+    """A plain SMTP server (no TLS, no login) on a free port."""
+    server = await start_smtp("none", server_tls, auth=False)
+    yield server
+    server.server.close()
+    await server.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[tuple[Quart, Client]]:
+    """The app with its serving lifecycle run, and a test client."""
+    app = create_app(settings)
+    async with app.test_app() as test_app:
+        yield app, test_app.test_client()
+
+
+async def wait_ready(app: Quart, timeout: float = 10.0) -> None:
+    await asyncio.wait_for(app.extensions["mailroom_broker"].wait_connected(), timeout)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        ready = asyncio.create_task(worker.ready.wait())
+        done, _ = await asyncio.wait({ready, task}, timeout=15, return_when="FIRST_COMPLETED")
+        if task in done:
+            task.result()
+            raise AssertionError("worker stopped before it was ready")
+        assert ready in done, "worker not ready within 15s"
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def app_client(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[tuple[Quart, Client]]:
+    async with running_app(make_settings()) as (app, client):
+        await wait_ready(app)
+        yield app, client

@@ -1,0 +1,277 @@
+"""Real test peers: an in-process aiosmtpd server, a TCP proxy we can cut, helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any, Literal
+
+import aio_pika
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+SMTP_USER = "mailer"
+SMTP_PASS = "s3cret-Passw0rd!"
+
+Security = Literal["none", "ssl", "starttls"]
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    login: str | None
+    peer: Any
+
+    @property
+    def message(self) -> EmailMessage:
+        msg = message_from_bytes(self.data.replace(b"\r\n", b"\n"), policy=policy.default)
+        assert isinstance(msg, EmailMessage)
+        return msg
+
+
+# A hook may answer instead of storing: return an SMTP reply like "451 try later".
+DataHook = Callable[[Envelope], Awaitable[str | None]]
+RcptHook = Callable[[str], Awaitable[str | None]]
+
+
+@dataclass
+class SmtpRecorder:
+    """aiosmtpd handler that records every accepted mail and wakes waiters."""
+
+    received: list[Received] = field(default_factory=list)
+    connections: int = 0
+    on_data: DataHook | None = None
+    on_rcpt: RcptHook | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.on_rcpt is not None:
+            answer = await self.on_rcpt(address)
+            if answer is not None:
+                return answer
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.on_data is not None:
+            answer = await self.on_data(envelope)
+            if answer is not None:
+                return answer
+        login = session.auth_data.login.decode() if session.auth_data else None
+        item = Received(
+            mail_from=str(envelope.mail_from),
+            rcpt_tos=list(envelope.rcpt_tos),
+            data=bytes(envelope.original_content or b""),
+            login=login,
+            peer=session.peer,
+        )
+        async with self._changed:
+            self.received.append(item)
+            self._changed.notify_all()
+        return "250 OK queued"
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Wait until at least ``count`` mails arrived; return them."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.received) >= count)
+        return list(self.received)
+
+
+def _authenticator(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+) -> AuthResult:
+    ok = (
+        isinstance(auth_data, LoginPassword)
+        and auth_data.login == SMTP_USER.encode()
+        and auth_data.password == SMTP_PASS.encode()
+    )
+    return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+
+@dataclass
+class SmtpServer:
+    host: str
+    port: int
+    security: Security
+    recorder: SmtpRecorder
+    server: asyncio.Server
+
+    def settings_overrides(self, ca_file: str | None, login: bool = True) -> dict[str, Any]:
+        from pathlib import Path
+
+        from config import Secret
+
+        out: dict[str, Any] = {
+            "smtp_host": self.host,
+            "smtp_port": self.port,
+            "smtp_security": self.security,
+        }
+        if ca_file:
+            out["smtp_ca_file"] = Path(ca_file)
+        if login:
+            out["smtp_username"] = SMTP_USER
+            out["smtp_password"] = Secret(SMTP_PASS)
+        return out
+
+
+async def start_smtp(
+    security: Security,
+    tls: ssl.SSLContext | None,
+    auth: bool = True,
+    recorder: SmtpRecorder | None = None,
+) -> SmtpServer:
+    recorder = recorder or SmtpRecorder()
+
+    def factory() -> SMTP:
+        recorder.connections += 1
+        with warnings.catch_warnings():
+            # "Requiring AUTH while not requiring TLS": deliberate for the plain test server.
+            warnings.simplefilter("ignore", UserWarning)
+            return SMTP(
+                recorder,
+                hostname="smtp.test",
+                tls_context=tls if security == "starttls" else None,
+                require_starttls=security == "starttls",
+                authenticator=_authenticator if auth else None,
+                auth_required=auth,
+                # implicit TLS is invisible to aiosmtpd here: it would hide AUTH
+                auth_require_tls=security == "starttls",
+                enable_SMTPUTF8=True,
+            )
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        factory, "127.0.0.1", 0, ssl=tls if security == "ssl" else None
+    )
+    port = server.sockets[0].getsockname()[1]
+    return SmtpServer("127.0.0.1", port, security, recorder, server)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class TcpProxy:
+    """A loopback TCP proxy we control: cut every connection, or refuse new ones."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.accepting = True
+        self.frozen = False
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> TcpProxy:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        tasks = [
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(up_reader, writer)),
+        ]
+        self._pipes.update(tasks)
+        await asyncio.wait(tasks)
+        self._pipes.difference_update(tasks)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                while self.frozen:
+                    await asyncio.sleep(0.05)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+
+    def cut(self) -> None:
+        """Drop every open connection (as a network failure would)."""
+        for writer in list(self._writers):
+            with contextlib.suppress(OSError, RuntimeError):
+                transport = writer.transport
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    # RST rather than FIN: the peer sees an abrupt failure.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for task in list(self._pipes):
+            task.cancel()
+
+
+async def queue_depth(queue_name: str) -> int:
+    """Messages ready in ``queue_name`` (declared passively)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        count = queue.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def get_messages(queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take (and ack) every message currently in ``queue_name``."""
+    out = []
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        while (message := await queue.get(fail=False, timeout=5)) is not None:
+            await message.ack()
+            out.append(message)
+    return out
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.05
+) -> None:
+    """Poll ``check`` until it is true, failing after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def closing_server(server: asyncio.Server) -> AsyncIterator[asyncio.Server]:
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,95 @@
+"""Settings: read once, environment over .env, bad values name the variable, secrets hidden."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from config import Secret, Settings
+from errors import ConfigError
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({}, env_file=None)
+    assert settings.amqp_url.get() == "amqp://guest:guest@localhost:5672/"
+    assert settings.smtp_security == "ssl"
+    assert settings.smtp_port == 465
+    assert (settings.host, settings.port) == ("127.0.0.1", 5000)
+    assert settings.smtp_host is None
+    assert settings.smtp_username is None and settings.smtp_password is None
+    assert settings.talktome_log == Path("var/log/messaging_system.log")
+
+
+@pytest.mark.parametrize(("security", "port"), [("ssl", 465), ("starttls", 587), ("none", 25)])
+def test_default_port_follows_security(security: str, port: int) -> None:
+    assert Settings.from_env({"SMTP_SECURITY": security}, env_file=None).smtp_port == port
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"PORT": "abc"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"SMTP_PORT": "0"}, "SMTP_PORT"),
+        ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY"),
+        ({"AMQP_URL": "http://rabbit/"}, "AMQP_URL"),
+        ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY"),
+        ({"SMTP_TIMEOUT": "-1"}, "SMTP_TIMEOUT"),
+        ({"PUBLISH_TIMEOUT": "soon"}, "PUBLISH_TIMEOUT"),
+        ({"SMTP_PASSWORD": "x"}, "SMTP_USERNAME"),
+        ({"SMTP_USERNAME": "x@example.com"}, "SMTP_PASSWORD"),
+        ({"MAIL_FROM": "nobody"}, "MAIL_FROM"),
+        ({"QUEUE_PREFIX": "has space"}, "QUEUE_PREFIX"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({"SMTP_CA_FILE": "/no/such/ca.pem"}, "SMTP_CA_FILE"),
+    ],
+)
+def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env, env_file=None)
+    assert info.value.variable == variable
+    assert str(info.value).startswith(f"{variable}: ")
+
+
+def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=6000\nHOST=0.0.0.0\nSMTP_HOST=smtp.example.com\n")
+    settings = Settings.from_env({"PORT": "7000"}, env_file=env_file)
+    assert settings.port == 7000
+    assert settings.host == "0.0.0.0"
+    assert settings.smtp_host == "smtp.example.com"
+
+
+def test_legacy_credential_names() -> None:
+    settings = Settings.from_env(
+        {"EMAIL_USERNAME": "me@example.com", "EMAIL_PASSWORD": "pw"}, env_file=None
+    )
+    assert settings.smtp_username == "me@example.com"
+    assert settings.smtp_password == Secret("pw")
+    assert settings.mail_from == "me@example.com"  # defaults to the username
+
+
+def test_secrets_never_show(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings.from_env(
+        {
+            "SMTP_USERNAME": "me@example.com",
+            "SMTP_PASSWORD": "hunter2-very-secret",
+            "AMQP_URL": "amqp://user:amqp-pass-123@rabbit.example:5672/prod",
+        },
+        env_file=None,
+    )
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("test").info("settings %s %r", settings, settings)
+    shown = repr(settings) + str(settings) + caplog.text + repr(settings.smtp_password)
+    assert "hunter2-very-secret" not in shown
+    assert "amqp-pass-123" not in shown
+    assert "amqp://user:***@rabbit.example:5672/prod" in repr(settings)
+    assert settings.amqp_url.get().endswith("@rabbit.example:5672/prod")
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env({}, env_file=None)
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
