@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# THE test command: set up .venv (with dev extras), make sure RabbitMQ (and, when it can
+# be had, PostgreSQL) runs, then run ruff check, ruff format --check, mypy and pytest.
+# Every step runs; the exit status is non-zero if any failed. Extra arguments go to
+# pytest, e.g. scripts/test.sh -k talktome -x
+set -uo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$MAILROOM_ROOT" || exit 1
+
+bash scripts/setup-venv.sh </dev/null || die "could not set up .venv"
+bash scripts/ensure-rabbitmq.sh </dev/null || die "the tests need RabbitMQ (see above)"
+bash scripts/ensure-postgres.sh </dev/null ||
+    warn "PostgreSQL is not available on 127.0.0.1:5432; tests that need it will skip"
+
+export PATH="$MAILROOM_ROOT/.venv/bin:$PATH"
+failed=()
+
+step() {
+    local name=$1
+    shift
+    say "$name"
+    "$@"
+    local status=$?
+    if [ "$status" -ne 0 ]; then
+        failed+=("$name (exit $status)")
+    fi
+    return 0
+}
+
+step "ruff check" ruff check .
+step "ruff format --check" ruff format --check .
+step "mypy" mypy
+
+say "pytest $*"
+pytest "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+    warn "pytest collected no tests"
+elif [ "$status" -ne 0 ]; then
+    failed+=("pytest (exit $status)")
+fi
+
+if [ "${#failed[@]}" -ne 0 ]; then
+    printf 'FAILED: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
+say "all checks passed"
