@@ -50,17 +50,34 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
 
 
 @dataclass(frozen=True)
+class RetryTier:
+    delay: float  # seconds a message waits in this tier before it returns to the work queue
+    queue: str
+    routing_key: str
+
+
+@dataclass(frozen=True)
 class Names:
     exchange: str
     send_queue: str
     dead_queue: str
+    retry_tiers: tuple[RetryTier, ...] = ()
 
     @classmethod
-    def for_prefix(cls, prefix: str) -> Names:
-        return cls(exchange=prefix, send_queue=f"{prefix}.send", dead_queue=f"{prefix}.dead")
+    def for_prefix(cls, prefix: str, retry_delays: tuple[float, ...] = ()) -> Names:
+        tiers = tuple(
+            RetryTier(delay, f"{prefix}.retry.{ms}ms", f"retry.{ms}")
+            for delay in retry_delays
+            for ms in [round(delay * 1000)]
+        )
+        return cls(prefix, f"{prefix}.send", f"{prefix}.dead", tiers)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Names:
+        return cls.for_prefix(settings.queue_prefix, settings.retry_delays)
 
     def all_queues(self) -> tuple[str, ...]:
-        return (self.send_queue, self.dead_queue)
+        return (self.send_queue, self.dead_queue, *(t.queue for t in self.retry_tiers))
 
 
 @dataclass(frozen=True)
@@ -70,23 +87,49 @@ class Topology:
     dead_queue: AbstractQueue
 
 
+def _queue_arguments(settings: Settings, **arguments: Any) -> dict[str, Any]:
+    if settings.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    return arguments
+
+
 async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
-    """Declare (idempotently) everything both processes rely on."""
-    names = Names.for_prefix(settings.queue_prefix)
+    """Declare (idempotently) everything both processes rely on.
+
+    Classic durable queues by default; with ``QUEUE_TYPE=quorum`` every queue is a quorum
+    queue (replicated across a cluster), the work queue has a delivery limit, and the
+    retry tiers dead-letter back at-least-once.
+    """
+    names = Names.of(settings)
     exchange = await channel.declare_exchange(
         names.exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
-    dead = await channel.declare_queue(names.dead_queue, durable=True)
-    await dead.bind(exchange, DEAD_KEY)
-    send = await channel.declare_queue(
-        names.send_queue,
-        durable=True,
-        arguments={
-            "x-dead-letter-exchange": names.exchange,
-            "x-dead-letter-routing-key": DEAD_KEY,
-        },
+    dead = await channel.declare_queue(
+        names.dead_queue, durable=True, arguments=_queue_arguments(settings)
     )
+    await dead.bind(exchange, DEAD_KEY)
+    send_args = _queue_arguments(
+        settings,
+        **{"x-dead-letter-exchange": names.exchange, "x-dead-letter-routing-key": DEAD_KEY},
+    )
+    if settings.queue_type == "quorum":
+        send_args["x-delivery-limit"] = settings.delivery_limit
+    send = await channel.declare_queue(names.send_queue, durable=True, arguments=send_args)
     await send.bind(exchange, SEND_KEY)
+    for tier in names.retry_tiers:
+        tier_args = _queue_arguments(
+            settings,
+            **{
+                "x-message-ttl": round(tier.delay * 1000),
+                "x-dead-letter-exchange": names.exchange,
+                "x-dead-letter-routing-key": SEND_KEY,
+            },
+        )
+        if settings.queue_type == "quorum":
+            tier_args["x-dead-letter-strategy"] = "at-least-once"
+            tier_args["x-overflow"] = "reject-publish"
+        queue = await channel.declare_queue(tier.queue, durable=True, arguments=tier_args)
+        await queue.bind(exchange, tier.routing_key)
     return Topology(exchange=exchange, send_queue=send, dead_queue=dead)
 
 
@@ -109,7 +152,10 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
 
 
 def build_message(
-    body: bytes, message_id: str, headers: Mapping[str, Any] | None = None
+    body: bytes,
+    message_id: str,
+    headers: Mapping[str, Any] | None = None,
+    expiration: float | None = None,
 ) -> aio_pika.Message:
     return aio_pika.Message(
         body,
@@ -117,6 +163,7 @@ def build_message(
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers=dict(headers or {}),
+        expiration=expiration,
     )
 
 
@@ -189,11 +236,12 @@ class Broker:
         message_id: str,
         routing_key: str = SEND_KEY,
         headers: Mapping[str, Any] | None = None,
+        expiration: float | None = None,
     ) -> None:
         """Publish a persistent message; return only after RabbitMQ confirmed it."""
         if self.topology is None or not self.is_ready:
             raise BrokerUnavailable("not connected to RabbitMQ")
-        message = build_message(body, message_id, headers)
+        message = build_message(body, message_id, headers, expiration)
         timeout = self.settings.publish_timeout
         try:
             confirm = await asyncio.wait_for(

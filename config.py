@@ -20,6 +20,7 @@ from dotenv import dotenv_values
 from errors import ConfigError
 
 SmtpSecurity = Literal["ssl", "starttls", "none"]
+QueueType = Literal["classic", "quorum"]
 _DEFAULT_SMTP_PORTS: dict[str, int] = {"ssl": 465, "starttls": 587, "none": 25}
 
 T = TypeVar("T")
@@ -83,12 +84,21 @@ class Settings:
     connect_timeout: float = 5.0
     shutdown_grace: float = 30.0
     log_level: str = "INFO"
+    database_url: Secret = field(default_factory=lambda: Secret("sqlite:///var/mailroom.db"))
+    retry_delays: tuple[float, ...] = (30.0, 120.0, 600.0, 3600.0, 14400.0)
+    queue_type: QueueType = "classic"
+    delivery_limit: int = 20
 
     def __repr__(self) -> str:  # the URL carries a password: show it redacted
         shown = ", ".join(
-            f"{name}={value!r}" for name, value in self.__dict__.items() if name != "amqp_url"
+            f"{name}={value!r}"
+            for name, value in self.__dict__.items()
+            if name not in ("amqp_url", "database_url")
         )
-        return f"Settings(amqp_url={redact_url(self.amqp_url.get())!r}, {shown})"
+        return (
+            f"Settings(amqp_url={redact_url(self.amqp_url.get())!r}, "
+            f"database_url={redact_url(self.database_url.get())!r}, {shown})"
+        )
 
     @property
     def amqp_url_redacted(self) -> str:
@@ -158,6 +168,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         connect_timeout=conv("CONNECT_TIMEOUT", _positive_float, 5.0),
         shutdown_grace=conv("SHUTDOWN_GRACE", _positive_float, 30.0),
         log_level=conv("LOG_LEVEL", _log_level, "INFO"),
+        database_url=Secret(conv("DATABASE_URL", _database_url, "sqlite:///var/mailroom.db")),
+        retry_delays=conv("RETRY_DELAYS", _delays, (30.0, 120.0, 600.0, 3600.0, 14400.0)),
+        queue_type=conv("QUEUE_TYPE", _queue_type, "classic"),
+        delivery_limit=conv("DELIVERY_LIMIT", _delivery_limit, 20),
     )
 
 
@@ -214,6 +228,41 @@ def _name(value: str) -> str:
     if not value.replace(".", "").replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"may hold only letters, digits, '.', '-' and '_', not {value!r}")
     return value
+
+
+def _database_url(value: str) -> str:
+    scheme = value.split(":", 1)[0].lower()
+    if scheme not in ("sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"):
+        raise ValueError("must be sqlite:///path/to/file.db or postgresql://user@host/db")
+    return value
+
+
+def _delays(value: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise ValueError(
+            f"must be comma-separated seconds like 30,120,600, not {value!r}"
+        ) from None
+    if not delays or any(not d > 0 for d in delays) or len(set(delays)) != len(delays):
+        raise ValueError(f"must be distinct positive seconds, not {value!r}")
+    return delays
+
+
+def _queue_type(value: str) -> QueueType:
+    lowered = value.lower()
+    if lowered == "classic":
+        return "classic"
+    if lowered == "quorum":
+        return "quorum"
+    raise ValueError(f"must be classic or quorum, not {value!r}")
+
+
+def _delivery_limit(value: str) -> int:
+    number = _whole(value)
+    if not 1 <= number <= 1000:
+        raise ValueError(f"must be between 1 and 1000, not {value}")
+    return number
 
 
 def _log_level(value: str) -> str:

@@ -175,14 +175,20 @@ class SmtpPool:
         await client.connect()
         return client, False
 
-    async def send(self, job: MailJob) -> SendResult:
-        """Send ``job``; raises a :class:`DeliveryError` subclass when nothing was accepted."""
+    async def send(self, job: MailJob, recipients: list[str] | None = None) -> SendResult:
+        """Send ``job`` to ``recipients`` (default: all of ``job.to``, envelope form).
+
+        Refused recipients come back in :attr:`SendResult.refused` (even when every one
+        was refused); anything else that goes wrong raises a :class:`DeliveryError`.
+        """
         try:
             message = build_mime(job, self.settings.mail_from)
         except (ValueError, TypeError) as exc:
             raise PermanentDeliveryError(f"cannot build the message: {exc}") from exc
         sender = envelope_address(self.settings.mail_from)
-        recipients = [envelope_address(a) for a in job.to]
+        if recipients is None:
+            recipients = [addr_spec(a) for a in job.to]
+        envelope = {envelope_address(r): r for r in recipients}
         async with self._slots:
             for attempt in (1, 2):
                 client: aiosmtplib.SMTP | None = None
@@ -190,7 +196,17 @@ class SmtpPool:
                 try:
                     client, reused = await self._checkout()
                     refused, _ = await client.send_message(
-                        message, sender=sender, recipients=recipients
+                        message, sender=sender, recipients=list(envelope)
+                    )
+                except aiosmtplib.SMTPRecipientsRefused as exc:
+                    assert client is not None
+                    await self._reset_or_discard(client)
+                    return SendResult(
+                        accepted=(),
+                        refused={
+                            envelope.get(r.recipient, r.recipient): (r.code, r.message)
+                            for r in exc.recipients
+                        },
                     )
                 except aiosmtplib.SMTPServerDisconnected as exc:
                     if client is not None:
@@ -205,10 +221,21 @@ class SmtpPool:
                     raise classify(exc) from exc
                 self._idle.append((client, time.monotonic()))
                 return SendResult(
-                    accepted=tuple(r for r in recipients if r not in refused),
-                    refused={r: (resp.code, resp.message) for r, resp in refused.items()},
+                    accepted=tuple(orig for env, orig in envelope.items() if env not in refused),
+                    refused={
+                        envelope.get(r, r): (resp.code, resp.message) for r, resp in refused.items()
+                    },
                 )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _reset_or_discard(self, client: aiosmtplib.SMTP) -> None:
+        """After a refused transaction: RSET and keep the connection, or drop it."""
+        try:
+            await client.rset()
+        except _SMTP_ERRORS:
+            await self._discard(client)
+        else:
+            self._idle.append((client, time.monotonic()))
 
     async def _discard(self, client: aiosmtplib.SMTP) -> None:
         if client.is_connected:

@@ -12,7 +12,11 @@ too (``app`` builds itself from the environment on first use). Routes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
+import re
 import signal
 import sys
 from typing import Any
@@ -26,6 +30,7 @@ from broker import Broker
 from config import Settings
 from errors import BrokerUnavailable, ConfigError, InvalidMessage
 from messages import MailJob, legacy_job, new_job
+from store import STATUSES, IdempotencyConflict, Store, StoreUnavailable
 from talklog import TalkLog
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,18 @@ USAGE = """Mailroom: asynchronous mail dispatch.
 """
 
 
+RETRY = {"Retry-After": "5"}
+MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def client_identity() -> str:
+    """Who is asking, for idempotency keys: the credential if any, else the address."""
+    credential = request.headers.get("Authorization")
+    if credential:
+        return "auth:" + hashlib.sha256(credential.encode()).hexdigest()[:40]
+    return f"addr:{request.remote_addr}"[:64]
+
+
 def text(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status=status, mimetype="text/plain", headers=headers)
 
@@ -50,19 +67,32 @@ def create_app(settings: Settings) -> Quart:
     broker = Broker(settings, "mailroom-server")
     talklog = TalkLog(settings.talktome_log)
     app.extensions["mailroom_broker"] = broker
+    stores: list[Store] = []
+
+    def store() -> Store:
+        return stores[0]
 
     @app.before_serving
     async def startup() -> None:
         await talklog.open()
+        stores.append(await Store.open(settings))
         await broker.start()
 
     @app.after_serving
     async def shutdown() -> None:
         await broker.close()
+        for opened in stores:
+            await opened.close()
         await talklog.close()
 
     async def enqueue(job: MailJob) -> None:
+        """Publish (confirmed), then record. The record is best effort: the message is
+        safe in RabbitMQ once confirmed, and a worker creates a missing record."""
         await broker.publish(job.to_bytes(), job.id)
+        try:
+            await store().insert_queued(job)
+        except StoreUnavailable as exc:
+            log.warning("message %s: queued, but its record waits for the worker: %s", job.id, exc)
         log.info("message %s: queued for %s", job.id, ", ".join(job.to))
 
     def unavailable(exc: BrokerUnavailable, job: MailJob) -> str:
@@ -83,7 +113,7 @@ def create_app(settings: Settings) -> Quart:
             try:
                 await enqueue(job)
             except BrokerUnavailable as exc:
-                return text(f"{unavailable(exc, job)}\n", 503, {"Retry-After": "5"})
+                return text(f"{unavailable(exc, job)}\n", 503, RETRY)
             return text(f"Email to {job.to[0]} queued (id {job.id})\n")
         if "talktome" in args:
             stamp = await talklog.append(f"talktome from {request.remote_addr}")
@@ -113,11 +143,63 @@ def create_app(settings: Settings) -> Quart:
             )
         except InvalidMessage as exc:
             return jsonify(error=exc.reason, field=exc.field), 400
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            if not 1 <= len(key) <= 255 or not key.isprintable():
+                return jsonify(error="Idempotency-Key must be 1-255 printable characters"), 400
+            client = client_identity()
+            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            try:
+                earlier = await store().claim_idempotency_key(client, key, digest, job.id)
+            except IdempotencyConflict as exc:
+                return jsonify(error=str(exc)), 422
+            except StoreUnavailable as exc:
+                log.error("message %s: idempotency store unavailable: %s", job.id, exc)
+                return jsonify(error="the message store is unavailable; try again"), 503, RETRY
+            if earlier is not None:
+                if await store().get(earlier) is None:
+                    return jsonify(error="a request with this Idempotency-Key is in progress"), 409
+                replay = {"Idempotent-Replayed": "true"}
+                return jsonify(id=earlier, status="queued"), 202, replay
         try:
             await enqueue(job)
         except BrokerUnavailable as exc:
-            return jsonify(error=unavailable(exc, job)), 503, {"Retry-After": "5"}
-        return jsonify(id=job.id, status="queued"), 202
+            if key is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    await store().release_idempotency_key(client_identity(), key)
+            return jsonify(error=unavailable(exc, job)), 503, RETRY
+        return jsonify(id=job.id, status="queued"), 202, {"Location": f"/api/messages/{job.id}"}
+
+    @app.get("/api/messages/<message_id>")
+    async def get_message(message_id: str) -> tuple[Response, int] | Response:
+        if not MESSAGE_ID.fullmatch(message_id):
+            return jsonify(error="no such message"), 404
+        try:
+            record = await store().get(message_id)
+        except StoreUnavailable as exc:
+            log.error("message %s: store unavailable: %s", message_id, exc)
+            return jsonify(error="the message store is unavailable; try again"), 503
+        if record is None:
+            return jsonify(error="no such message"), 404
+        return jsonify(record.to_json())
+
+    @app.get("/api/messages")
+    async def list_messages() -> tuple[Response, int] | Response:
+        status = request.args.get("status")
+        if status is not None and status not in STATUSES:
+            return jsonify(error=f"status must be one of {', '.join(STATUSES)}"), 400
+        try:
+            limit = int(request.args.get("limit", "50"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 500:
+            return jsonify(error="limit must be a whole number from 1 to 500"), 400
+        try:
+            records = await store().list(status, limit)
+        except StoreUnavailable as exc:
+            log.error("listing messages: store unavailable: %s", exc)
+            return jsonify(error="the message store is unavailable; try again"), 503
+        return jsonify(messages=[r.to_json() for r in records])
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -1,10 +1,22 @@
 """The worker: consume the work queue, send each mail over SMTP, ack only after delivery.
 
-``python worker.py`` runs it until SIGTERM or SIGINT, then stops taking messages,
-finishes those in flight within ``SHUTDOWN_GRACE`` seconds and exits 0. A message the
-worker cannot send is published to the dead-letter queue with the reason in its headers
-(and only then acked); one it had no time to finish goes back to the queue, so an
-accepted message is never lost.
+``python worker.py`` runs until SIGTERM or SIGINT, then stops taking messages, finishes
+those in flight within ``SHUTDOWN_GRACE`` seconds and exits 0.
+
+For each message: a record that already says ``sent`` is acked without sending again;
+otherwise the attempt is recorded, the mail is sent to the recipients that have not
+accepted it yet, the outcome is recorded, and only then is the message acked, after
+
+* a transient failure: a copy goes to the next retry tier (a queue whose TTL returns it
+  to the work queue after ``RETRY_DELAYS[n]`` seconds, less up to 10% jitter); after the
+  last tier the message is ``failed`` and dead-lettered;
+* a permanent failure or an undecodable message: a copy goes to the dead-letter queue
+  with the reason in its headers;
+* a refused SMTP login (a configuration fault): a retry that does not count against the
+  message, so a wrong password never burns messages to ``failed``.
+
+A message the worker had no time to finish goes back to the queue, so nothing accepted
+is lost; see the README on the at-least-once window.
 """
 
 from __future__ import annotations
@@ -12,19 +24,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import signal
 import sys
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from broker import AMQP_ERRORS, DEAD_KEY, Broker, Names
 from config import Settings
-from errors import BrokerUnavailable, ConfigError, DeliveryError, InvalidMessage
-from mailer import SmtpPool
+from errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DeliveryError,
+    InvalidMessage,
+    PermanentDeliveryError,
+    SmtpAuthError,
+)
+from mailer import SendResult, SmtpPool
 from messages import MailJob
+from store import RecipientResult, Store, StoreUnavailable, now_utc
 
 log = logging.getLogger(__name__)
+
+RETRIES_HEADER = "x-mailroom-retries"  # transient failures so far
+CONFIG_FAULTS_HEADER = "x-mailroom-config-faults"  # refused logins so far (never fatal)
+JITTER = 0.1
 
 
 class Worker:
@@ -34,11 +60,13 @@ class Worker:
                 "SMTP_HOST", "not set; the worker needs an SMTP server to send through"
             )
         self.settings = settings
+        self.names = Names.of(settings)
         self.broker = Broker(settings, "mailroom-worker")
         self.pool = SmtpPool(settings, settings.worker_concurrency)
+        self.store: Store | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain and return (safe to call from a signal handler)."""
@@ -46,6 +74,7 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then drain in-flight sends and close everything."""
+        self.store = await Store.open(self.settings)
         await self.broker.start()
         try:
             if not await self._wait_connected():
@@ -69,6 +98,7 @@ class Worker:
         finally:
             await self.pool.close()
             await self.broker.close()
+            await self.store.close()
             log.info("worker: stopped")
 
     async def _wait_connected(self) -> bool:
@@ -86,8 +116,7 @@ class Worker:
             connection.channel(publisher_confirms=False), self.settings.connect_timeout
         )
         await channel.set_qos(prefetch_count=self.settings.worker_concurrency)
-        names = Names.for_prefix(self.settings.queue_prefix)
-        return await channel.get_queue(names.send_queue, ensure=True)
+        return await channel.get_queue(self.names.send_queue, ensure=True)
 
     async def _drain(self) -> None:
         if not self._inflight:
@@ -113,29 +142,196 @@ class Worker:
         finally:
             self._inflight.discard(task)
 
+    # -- one message ---------------------------------------------------------------------
+
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        assert self.store is not None
         try:
             job = MailJob.from_bytes(message.body)
         except InvalidMessage as exc:
             log.error("message %s: cannot be decoded: %s", message.message_id, exc)
             await self._dead_letter(message, f"undecodable: {exc}", None)
             return
-        log.info("message %s: sending to %d recipient(s)", job.id, len(job.to))
         try:
-            result = await self.pool.send(job)
+            record = await self.store.begin_attempt(job)
+        except StoreUnavailable as exc:
+            log.error("message %s: database unavailable (%s); retrying later", job.id, exc)
+            await self._to_retry_tier(message, job, tier=0, headers={})
+            return
+        if record.status in ("sent", "failed"):
+            log.info("message %s: already %s; acking without sending", job.id, record.status)
+            await self._ack(message, job.id)
+            return
+        pending = record.pending()
+        log.info(
+            "message %s: attempt %d, sending to %d recipient(s)",
+            job.id,
+            record.attempts,
+            len(pending),
+        )
+        try:
+            result = await self.pool.send(job, pending)
+        except SmtpAuthError as exc:
+            await self._config_fault(message, job, exc)
+            return
+        except PermanentDeliveryError as exc:
+            await self._fail(message, job, str(exc), exc.code, {})
+            return
         except DeliveryError as exc:
-            log.warning("message %s: delivery failed: %s", job.id, exc)
-            await self._dead_letter(message, str(exc), exc.code)
+            await self._retry_or_fail(message, job, str(exc), exc.code, {})
+            return
+        already_sent = any(r.status == "sent" for r in record.results.values())
+        await self._settle(message, job, result, already_sent)
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        job: MailJob,
+        result: SendResult,
+        already_sent: bool,
+    ) -> None:
+        """Record per-recipient results; then sent, retry (4xx refusals) or failed."""
+        assert self.store is not None
+        results = {a: RecipientResult("sent") for a in result.accepted}
+        deferred: list[str] = []
+        for address, (code, text) in result.refused.items():
+            if 400 <= code < 500:
+                deferred.append(address)
+                results[address] = RecipientResult("pending", code, text)
+            else:
+                results[address] = RecipientResult("refused", code, text)
+        refused_text = "; ".join(f"{a}: {c} {t}" for a, (c, t) in result.refused.items())
+        first_code = next(iter(result.refused.values()))[0] if result.refused else None
+        if deferred:
+            await self._retry_or_fail(
+                message, job, f"recipients deferred: {refused_text}", first_code, results
+            )
+            return
+        if not result.accepted and not already_sent:
+            reason = f"every recipient refused: {refused_text}"
+            await self._fail(message, job, reason, first_code, results)
+            return
+        try:
+            await self.store.finish(
+                job.id,
+                "sent",
+                results,
+                error=f"recipients refused: {refused_text}" if result.refused else None,
+                code=first_code,
+            )
+        except StoreUnavailable as exc:
+            # The mail went out; if the ack below also lands, nothing is lost or repeated.
+            log.error("message %s: sent, but could not record it: %s", job.id, exc)
+            await self._ack(message, job.id)
             return
         if result.refused:
-            log.warning(
-                "message %s: sent to %d, refused for %s",
-                job.id,
-                len(result.accepted),
-                ", ".join(f"{r} ({c} {t})" for r, (c, t) in result.refused.items()),
-            )
+            log.warning("message %s: sent; refused for %s", job.id, refused_text)
         else:
             log.info("message %s: sent", job.id)
+        await self._ack(message, job.id)
+
+    async def _retry_or_fail(
+        self,
+        message: AbstractIncomingMessage,
+        job: MailJob,
+        reason: str,
+        code: int | None,
+        results: dict[str, RecipientResult],
+    ) -> None:
+        assert self.store is not None
+        headers = dict(message.headers or {})
+        retries = _int_header(headers, RETRIES_HEADER)
+        if retries >= len(self.names.retry_tiers):
+            await self._fail(
+                message, job, f"gave up after {retries + 1} attempts: {reason}", code, results
+            )
+            return
+        headers[RETRIES_HEADER] = retries + 1
+        delay = self.names.retry_tiers[retries].delay * (1 - JITTER * random.random())
+        try:
+            await self.store.finish(
+                job.id, "retrying", results, reason, code, now_utc() + timedelta(seconds=delay)
+            )
+        except StoreUnavailable as exc:
+            log.error("message %s: could not record the retry: %s", job.id, exc)
+        log.warning(
+            "message %s: attempt failed (%s); retry %d in %.0fs",
+            job.id,
+            reason,
+            retries + 1,
+            delay,
+        )
+        await self._to_retry_tier(message, job, retries, headers, delay)
+
+    async def _config_fault(
+        self, message: AbstractIncomingMessage, job: MailJob, exc: SmtpAuthError
+    ) -> None:
+        """A refused login is the operator's to fix: retry with backoff, never fail."""
+        assert self.store is not None
+        headers = dict(message.headers or {})
+        faults = _int_header(headers, CONFIG_FAULTS_HEADER)
+        headers[CONFIG_FAULTS_HEADER] = faults + 1
+        tier = min(faults, len(self.names.retry_tiers) - 1)
+        delay = self.names.retry_tiers[tier].delay
+        log.error(
+            "message %s: SMTP LOGIN REFUSED by %s:%d (%s): check SMTP_USERNAME and "
+            "SMTP_PASSWORD; the message is kept and retried in %.0fs",
+            job.id,
+            self.settings.smtp_host,
+            self.settings.smtp_port,
+            exc,
+            delay,
+        )
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.finish(
+                job.id,
+                "retrying",
+                error=str(exc),
+                code=exc.code,
+                next_attempt_at=now_utc() + timedelta(seconds=delay),
+                detail="configuration fault: SMTP login refused",
+            )
+        await self._to_retry_tier(message, job, tier, headers, delay)
+
+    async def _fail(
+        self,
+        message: AbstractIncomingMessage,
+        job: MailJob,
+        reason: str,
+        code: int | None,
+        results: dict[str, RecipientResult],
+    ) -> None:
+        assert self.store is not None
+        log.error("message %s: failed: %s", job.id, reason)
+        try:
+            await self.store.finish(job.id, "failed", results, reason, code)
+        except StoreUnavailable as exc:
+            log.error("message %s: could not record the failure: %s", job.id, exc)
+        await self._dead_letter(message, reason, code)
+
+    async def _to_retry_tier(
+        self,
+        message: AbstractIncomingMessage,
+        job: MailJob,
+        tier: int,
+        headers: dict[str, Any],
+        delay: float | None = None,
+    ) -> None:
+        retry = self.names.retry_tiers[tier]
+        try:
+            await self.broker.publish(
+                message.body,
+                job.id,
+                retry.routing_key,
+                headers,
+                expiration=delay if delay is not None and delay < retry.delay else None,
+            )
+        except BrokerUnavailable as exc:
+            # Not acked: RabbitMQ delivers it again once the channel is back.
+            log.error("message %s: could not schedule the retry (%s)", job.id, exc)
+            with contextlib.suppress(*AMQP_ERRORS):
+                await asyncio.wait_for(message.nack(requeue=True), 5)
+            return
         await self._ack(message, job.id)
 
     async def _ack(self, message: AbstractIncomingMessage, job_id: str | None) -> None:
@@ -154,7 +350,7 @@ class Worker:
         """Publish a copy to the dead-letter queue with the reason, then ack the original."""
         headers = dict(message.headers or {})
         headers["x-mailroom-error"] = reason[:1000]
-        headers["x-mailroom-failed-at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        headers["x-mailroom-failed-at"] = datetime.now().astimezone().isoformat(timespec="seconds")
         if code is not None:
             headers["x-mailroom-smtp-code"] = code
         message_id = message.message_id or ""
@@ -170,9 +366,15 @@ class Worker:
         await self._ack(message, message_id)
 
 
+def _int_header(headers: dict[str, Any], name: str) -> int:
+    value = headers.get(name, 0)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
 def main() -> int:
     try:
         settings = Settings.from_env()
+        worker = Worker(settings)
     except ConfigError as exc:
         print(f"worker: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -182,11 +384,6 @@ def main() -> int:
     )
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
-    try:
-        worker = Worker(settings)
-    except ConfigError as exc:
-        print(f"worker: configuration error: {exc}", file=sys.stderr)
-        return 2
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -194,7 +391,11 @@ def main() -> int:
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except StoreUnavailable as exc:
+        print(f"worker: {exc} (DATABASE_URL)", file=sys.stderr)
+        return 1
     return 0
 
 

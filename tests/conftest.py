@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 import trustme
 from quart import Quart
@@ -24,6 +25,7 @@ from tests.support import AMQP_URL, SmtpServer, start_smtp
 from worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +52,16 @@ async def prefix() -> AsyncIterator[str]:
     """A queue prefix of this test's own; its queues and exchange are deleted afterwards."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     yield name
-    await delete_topology(name)
+    await delete_topology(Names.for_prefix(name, TEST_RETRY_DELAYS))
 
 
-async def delete_topology(prefix: str, extra_queues: tuple[str, ...] = ()) -> None:
-    names = Names.for_prefix(prefix)
+TEST_RETRY_DELAYS = (0.2, 0.4, 0.8)
+
+
+async def delete_topology(names: Names) -> None:
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        for queue in (*names.all_queues(), *extra_queues):
+        for queue in names.all_queues():
             channel = await connection.channel()
             with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.queue_delete(queue)
@@ -78,10 +82,31 @@ def make_settings(prefix: str, tmp_path: Path) -> Callable[..., Settings]:
             connect_timeout=3.0,
             shutdown_grace=10.0,
             worker_concurrency=8,
+            database_url=Secret(f"sqlite:///{tmp_path}/mailroom.db"),
+            retry_delays=TEST_RETRY_DELAYS,
         )
         return dataclasses.replace(base, **overrides)
 
     return make
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Secret]:
+    """Each backend in turn: a SQLite file, or a PostgreSQL database of this test's own."""
+    if request.param == "sqlite":
+        yield Secret(f"sqlite:///{tmp_path}/mailroom.db")
+        return
+    name = f"mailroom_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = await asyncpg.connect(PG_ADMIN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield Secret(f"postgresql://postgres@127.0.0.1:5432/{name}")
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 @pytest.fixture

@@ -1,0 +1,473 @@
+"""Message records and idempotency keys, in SQLite (default) or PostgreSQL.
+
+One code path for both through SQLAlchemy's async Core: ``sqlite+aiosqlite`` (WAL, so the
+server and several workers on one host share the file safely) or ``postgresql+asyncpg``
+(workers on several hosts). The schema is created or upgraded when a process opens it.
+
+A record's ``status`` moves ``queued -> sending -> (retrying -> sending)* -> sent | failed``
+and every transition is appended to its ``history`` with a UTC time stamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from config import Settings
+from errors import MailroomError
+from messages import MailJob, addr_spec
+
+log = logging.getLogger(__name__)
+
+Status = Literal["queued", "sending", "retrying", "sent", "failed"]
+STATUSES: tuple[str, ...] = ("queued", "sending", "retrying", "sent", "failed")
+SCHEMA_VERSION = 1
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+class StoreUnavailable(MailroomError):
+    """The database could not be reached or refused the operation."""
+
+
+class IdempotencyConflict(MailroomError):
+    """The same Idempotency-Key was used before with a different request."""
+
+
+metadata = MetaData()
+
+messages_table = Table(
+    "mailroom_messages",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("recipients", JSON, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_error", Text),
+    Column("last_error_code", Integer),
+    Column("results", JSON, nullable=False),
+    Column("history", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+idempotency_table = Table(
+    "mailroom_idempotency",
+    metadata,
+    Column("client", String(64), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("message_id", String(32), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+schema_table = Table(
+    "mailroom_schema",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+_DB_ERRORS = (SQLAlchemyError, OSError, ConnectionError)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _expired(created_at: datetime) -> bool:
+    return created_at.replace(tzinfo=created_at.tzinfo or UTC) < now_utc() - IDEMPOTENCY_TTL
+
+
+def _iso(value: datetime | None) -> str | None:
+    aware = _aware(value)
+    return aware.isoformat(timespec="milliseconds") if aware else None
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """``pending`` (not tried or deferred by a 4xx), ``sent`` or ``refused`` (5xx, final)."""
+
+    status: Literal["pending", "sent", "refused"]
+    code: int | None = None
+    message: str | None = None
+
+
+@dataclass
+class MessageRecord:
+    id: str
+    recipients: list[str]
+    subject: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    last_error_code: int | None
+    results: dict[str, RecipientResult]
+    history: list[dict[str, Any]]
+    created_at: datetime
+    updated_at: datetime
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pending(self) -> list[str]:
+        """Envelope addresses still to be sent to (never the ones already accepted)."""
+        return [a for a, r in self.results.items() if r.status == "pending"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "recipients": [
+                {"address": a, "status": r.status, "code": r.code, "message": r.message}
+                for a, r in self.results.items()
+            ],
+            "subject": self.subject,
+            "attempts": self.attempts,
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "last_error": (
+                {"code": self.last_error_code, "message": self.last_error}
+                if self.last_error is not None
+                else None
+            ),
+            "history": self.history,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+def _record(row: Any) -> MessageRecord:
+    results = {a: RecipientResult(**r) for a, r in row.results.items()}
+    created = _aware(row.created_at)
+    updated = _aware(row.updated_at)
+    assert created is not None and updated is not None
+    return MessageRecord(
+        id=row.id,
+        recipients=list(row.recipients),
+        subject=row.subject,
+        status=row.status,
+        attempts=row.attempts,
+        next_attempt_at=_aware(row.next_attempt_at),
+        last_error=row.last_error,
+        last_error_code=row.last_error_code,
+        results=results,
+        history=list(row.history),
+        created_at=created,
+        updated_at=updated,
+    )
+
+
+def engine_url(database_url: str) -> str:
+    """Map the URLs users write to the async drivers: postgresql:// -> postgresql+asyncpg://."""
+    url = make_url(database_url)
+    if url.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
+        url = url.set(drivername="postgresql+asyncpg")
+    elif url.drivername in ("sqlite", "sqlite+aiosqlite"):
+        url = url.set(drivername="sqlite+aiosqlite")
+    else:
+        raise ValueError(f"unsupported database {url.drivername!r}: use sqlite or postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class Store:
+    """Async access to message records. Build with :meth:`open`, finish with :meth:`close`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Store:
+        url = engine_url(settings.database_url.get())
+        is_sqlite = url.startswith("sqlite")
+        if is_sqlite:
+            path = make_url(url).database
+            if path and path != ":memory:":
+                await _mkdir(Path(path).parent)
+        engine = create_async_engine(
+            url,
+            pool_pre_ping=not is_sqlite,
+            connect_args={"timeout": settings.connect_timeout} if not is_sqlite else {},
+        )
+        if is_sqlite:
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        store = cls(engine)
+        try:
+            await store._migrate()
+        except _DB_ERRORS as exc:
+            await engine.dispose()
+            raise StoreUnavailable(f"cannot open the database: {_describe(exc)}") from exc
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def _migrate(self) -> None:
+        for attempt in (1, 2):
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.run_sync(_create_or_upgrade)
+                return
+            except (IntegrityError, DBAPIError):
+                # Another process created the schema at the same moment: look again.
+                if attempt == 2:
+                    raise
+
+    # -- the server's side -------------------------------------------------------------
+
+    async def insert_queued(self, job: MailJob) -> None:
+        at = now_utc()
+        results = {
+            addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
+        }
+        await self._run(
+            insert(messages_table).values(
+                id=job.id,
+                recipients=list(job.to),
+                subject=job.subject,
+                status="queued",
+                attempts=0,
+                results=results,
+                history=[{"status": "queued", "at": _iso(at)}],
+                created_at=at,
+                updated_at=at,
+            )
+        )
+
+    async def claim_idempotency_key(
+        self, client: str, key: str, request_hash: str, message_id: str
+    ) -> str | None:
+        """Reserve ``key`` for ``message_id``; return the earlier message id if it was taken.
+
+        Raises :class:`IdempotencyConflict` when the key was used with another request.
+        """
+        table = idempotency_table
+        where = (table.c.client == client) & (table.c.key == key)
+        try:
+            async with self.engine.begin() as conn:
+                row = (await conn.execute(select(table).where(where))).first()
+                if row is not None and _expired(row.created_at):
+                    await conn.execute(delete(table).where(where))
+                    row = None
+                if row is None:
+                    await conn.execute(
+                        insert(table).values(
+                            client=client,
+                            key=key,
+                            request_hash=request_hash,
+                            message_id=message_id,
+                            created_at=now_utc(),
+                        )
+                    )
+                    return None
+        except IntegrityError:
+            # A concurrent request with the same key won the insert: read what it stored.
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(select(table).where(where))).first()
+            if row is None:
+                raise StoreUnavailable("idempotency key vanished during a race") from None
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        if row.request_hash != request_hash:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request body"
+            )
+        return str(row.message_id)
+
+    async def release_idempotency_key(self, client: str, key: str) -> None:
+        table = idempotency_table
+        await self._run(delete(table).where((table.c.client == client) & (table.c.key == key)))
+
+    async def purge_idempotency_keys(self) -> None:
+        cutoff = now_utc() - IDEMPOTENCY_TTL
+        await self._run(delete(idempotency_table).where(idempotency_table.c.created_at < cutoff))
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def get(self, message_id: str) -> MessageRecord | None:
+        try:
+            async with self.engine.connect() as conn:
+                row = (
+                    await conn.execute(
+                        select(messages_table).where(messages_table.c.id == message_id)
+                    )
+                ).first()
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return _record(row) if row is not None else None
+
+    async def list(self, status: str | None = None, limit: int = 50) -> list[MessageRecord]:
+        query = select(messages_table).order_by(
+            messages_table.c.created_at.desc(), messages_table.c.id.desc()
+        )
+        if status is not None:
+            query = query.where(messages_table.c.status == status)
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query.limit(limit))).all()
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return [_record(r) for r in rows]
+
+    # -- the worker's side -------------------------------------------------------------
+
+    async def begin_attempt(self, job: MailJob) -> MessageRecord:
+        """Mark ``job`` as being sent (creating its record if it has none).
+
+        Returns the record as it was *before* this call when it is already ``sent`` or
+        ``failed`` (the caller must not send again); otherwise the updated record.
+        """
+        try:
+            async with self.engine.begin() as conn:
+                record = await self._load(conn, job.id)
+                if record is None:
+                    await conn.execute(_insert_queued(job))
+                    record = await self._load(conn, job.id)
+                    assert record is not None
+                if record.status in ("sent", "failed"):
+                    return record
+                return await self._transition(
+                    conn, record, "sending", attempts=record.attempts + 1, next_attempt_at=None
+                )
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    async def finish(
+        self,
+        message_id: str,
+        status: Status,
+        results: dict[str, RecipientResult] | None = None,
+        error: str | None = None,
+        code: int | None = None,
+        next_attempt_at: datetime | None = None,
+        detail: str | None = None,
+    ) -> MessageRecord:
+        """Record the outcome of an attempt (or a re-queue by an operator)."""
+        try:
+            async with self.engine.begin() as conn:
+                record = await self._load(conn, message_id)
+                if record is None:
+                    raise StoreUnavailable(f"no record for message {message_id}")
+                merged = dict(record.results)
+                merged.update(results or {})
+                values: dict[str, Any] = {
+                    "results": merged,
+                    "next_attempt_at": next_attempt_at,
+                }
+                if error is not None:
+                    values.update(last_error=error, last_error_code=code)
+                return await self._transition(conn, record, status, detail=detail, **values)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    async def _load(self, conn: AsyncConnection, message_id: str) -> MessageRecord | None:
+        row = (
+            await conn.execute(select(messages_table).where(messages_table.c.id == message_id))
+        ).first()
+        return _record(row) if row is not None else None
+
+    async def _transition(
+        self,
+        conn: AsyncConnection,
+        record: MessageRecord,
+        status: str,
+        detail: str | None = None,
+        **values: Any,
+    ) -> MessageRecord:
+        at = now_utc()
+        entry: dict[str, Any] = {"status": status, "at": _iso(at)}
+        if detail:
+            entry["detail"] = detail
+        if "results" in values:
+            values["results"] = {
+                a: r if isinstance(r, dict) else r.__dict__ for a, r in values["results"].items()
+            }
+        await conn.execute(
+            update(messages_table)
+            .where(messages_table.c.id == record.id)
+            .values(status=status, history=[*record.history, entry], updated_at=at, **values)
+        )
+        updated = await self._load(conn, record.id)
+        assert updated is not None
+        return updated
+
+    async def _run(self, statement: Any) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(statement)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+
+def _insert_queued(job: MailJob) -> Any:
+    at = now_utc()
+    return insert(messages_table).values(
+        id=job.id,
+        recipients=list(job.to),
+        subject=job.subject,
+        status="queued",
+        attempts=0,
+        results={
+            addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
+        },
+        history=[{"status": "queued", "at": _iso(at)}],
+        created_at=at,
+        updated_at=at,
+    )
+
+
+def _create_or_upgrade(conn: Connection) -> None:
+    metadata.create_all(conn, checkfirst=True)
+    version = conn.execute(select(schema_table.c.version)).scalar()
+    if version is None:
+        conn.execute(insert(schema_table).values(version=SCHEMA_VERSION))
+    elif version > SCHEMA_VERSION:
+        raise StoreUnavailable(
+            f"the database schema is version {version}, newer than this program's "
+            f"{SCHEMA_VERSION}: upgrade Mailroom"
+        )
+    # Upgrades from older versions go here, one step per version, when there are any.
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
+async def _mkdir(path: Path) -> None:
+    await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
