@@ -1,0 +1,260 @@
+"""Transient failures are retried through delay queues; permanent ones fail at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from collections.abc import Callable
+from datetime import datetime
+
+import aio_pika
+from aiosmtpd.smtp import Envelope
+
+import admin
+from broker import Names
+from config import Secret, Settings
+from tests.conftest import running_app, running_worker, wait_ready
+from tests.support import (
+    AMQP_URL,
+    SMTP_PASS,
+    SMTP_USER,
+    SmtpRecorder,
+    get_messages,
+    queue_depth,
+    start_smtp,
+)
+from tests.test_status_api import wait_status
+
+
+async def test_transient_failures_are_retried_until_sent(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    answers = iter(["421 4.3.2 busy", "451 4.3.0 later"])
+
+    async def flaky(envelope: Envelope) -> str | None:
+        return next(answers, None)
+
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=flaky))
+    settings = make_settings(database_url=database_url, **smtp.settings_overrides(None, False))
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        started = datetime.now().astimezone()
+        response = await client.get("/?sendmail=a@example.com")
+        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+        record = await wait_status(client, message_id, "sent")
+        elapsed = (datetime.now().astimezone() - started).total_seconds()
+    assert len(smtp.recorder.received) == 1
+    assert record["attempts"] == 3
+    statuses = [h["status"] for h in record["history"]]
+    assert statuses == ["queued", "sending", "retrying", "sending", "retrying", "sending", "sent"]
+    assert "451" in record["last_error"]["message"] or record["last_error"]["code"] == 451
+    # Two waits in the delay tiers (0.2 s and 0.4 s, less up to 10% jitter).
+    assert elapsed >= 0.5
+    smtp.server.close()
+
+
+async def test_retries_exhausted_then_failed_and_dead_lettered(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async def busy(envelope: Envelope) -> str:
+        return "452 4.2.2 mailbox full"
+
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=busy))
+    settings = make_settings(**smtp.settings_overrides(None, False))
+    names = Names.of(settings)
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        response = await client.post(
+            "/api/messages", json={"to": "a@example.com", "subject": "s", "text": "t"}
+        )
+        message_id = (await response.get_json())["id"]
+        record = await wait_status(client, message_id, "failed")
+    assert record["attempts"] == len(settings.retry_delays) + 1
+    assert record["last_error"]["code"] == 452
+    (dead,) = await get_messages(names.dead_queue)
+    assert dead.message_id == message_id
+    assert "gave up after 4 attempts" in str(dead.headers["x-mailroom-error"])
+    smtp.server.close()
+
+
+async def test_permanent_failure_is_not_retried(make_settings: Callable[..., Settings]) -> None:
+    async def reject(envelope: Envelope) -> str:
+        return "554 5.7.1 message rejected as spam"
+
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=reject))
+    settings = make_settings(**smtp.settings_overrides(None, False))
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        response = await client.post(
+            "/api/messages", json={"to": "a@example.com", "subject": "s", "text": "t"}
+        )
+        record = await wait_status(client, (await response.get_json())["id"], "failed")
+    assert record["attempts"] == 1
+    assert record["last_error"] == {"code": 554, "message": "message rejected as spam"} or (
+        record["last_error"]["code"] == 554
+    )
+    assert [h["status"] for h in record["history"]] == ["queued", "sending", "failed"]
+    assert await queue_depth(Names.of(settings).dead_queue) == 1
+    smtp.server.close()
+
+
+async def test_partial_refusal_never_resends_to_accepted(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    tries: dict[str, int] = {}
+
+    async def rcpt(address: str) -> str | None:
+        tries[address] = tries.get(address, 0) + 1
+        if address.startswith("gone"):
+            return "550 5.1.1 no such user"
+        if address.startswith("later") and tries[address] == 1:
+            return "450 4.2.1 try later"
+        return None
+
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_rcpt=rcpt))
+    settings = make_settings(database_url=database_url, **smtp.settings_overrides(None, False))
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        body = {
+            "to": ["ok@example.com", "gone@example.com", "later@example.com"],
+            "subject": "s",
+            "text": "t",
+        }
+        response = await client.post("/api/messages", json=body)
+        record = await wait_status(client, (await response.get_json())["id"], "sent")
+    by_address = {r["address"]: r for r in record["recipients"]}
+    assert by_address["ok@example.com"]["status"] == "sent"
+    assert by_address["later@example.com"]["status"] == "sent"
+    assert by_address["gone@example.com"]["status"] == "refused"
+    assert by_address["gone@example.com"]["code"] == 550
+    delivered = [r for m in smtp.recorder.received for r in m.rcpt_tos]
+    assert sorted(delivered) == ["later@example.com", "ok@example.com"]  # ok@ only once
+    assert tries == {"ok@example.com": 1, "gone@example.com": 1, "later@example.com": 2}
+    smtp.server.close()
+
+
+async def test_refused_login_is_retried_not_failed(
+    make_settings: Callable[..., Settings], caplog: object
+) -> None:
+    import logging
+
+    import pytest
+
+    assert isinstance(caplog, pytest.LogCaptureFixture)
+    caplog.set_level(logging.INFO)
+    smtp = await start_smtp("none", None, auth=True)
+    overrides = smtp.settings_overrides(None, login=True)
+    overrides["smtp_password"] = Secret("wrong-password-123")
+    settings = make_settings(**overrides)
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        response = await client.get("/?sendmail=a@example.com")
+        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+        async with running_worker(settings):
+            record = await wait_status(client, message_id, "retrying")
+            # Let it fail more times than there are retry tiers: it must not be "failed".
+            async with asyncio.timeout(15):
+                while record["attempts"] <= len(settings.retry_delays) + 1:
+                    await asyncio.sleep(0.1)
+                    record = await (await client.get(f"/api/messages/{message_id}")).get_json()
+            assert record["status"] in ("retrying", "sending")
+        assert "LOGIN REFUSED" in caplog.text
+        assert "wrong-password-123" not in caplog.text
+        # The operator fixes the password: the same message goes out.
+        fixed = make_settings(**{**overrides, "smtp_password": Secret(SMTP_PASS)})
+        async with running_worker(fixed):
+            record = await wait_status(client, message_id, "sent")
+    assert smtp.recorder.received[0].login == SMTP_USER
+    assert await queue_depth(Names.of(settings).dead_queue) == 0
+    smtp.server.close()
+
+
+async def test_operator_lists_and_requeues_dead_letters(
+    make_settings: Callable[..., Settings],
+) -> None:
+    reject_all = True
+
+    async def rcpt(address: str) -> str | None:
+        return "550 5.1.1 unknown user" if reject_all else None
+
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_rcpt=rcpt))
+    settings = make_settings(**smtp.settings_overrides(None, False))
+    names = Names.of(settings)
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        ids = []
+        for n in range(3):
+            body = await (await client.get(f"/?sendmail=u{n}@example.com")).get_data(as_text=True)
+            ids.append(body.split("id ")[1][:32])
+        async with running_worker(settings):
+            for message_id in ids:
+                await wait_status(client, message_id, "failed")
+        assert await queue_depth(names.dead_queue) == 3
+
+        seen = await admin.dead_letters(settings, None, False)
+        assert sorted(s.id for s in seen) == sorted(ids)
+        assert all("unknown user" in s.error and s.smtp_code == 550 for s in seen)
+        assert await queue_depth(names.dead_queue) == 3  # listing takes nothing away
+
+        reject_all = False
+        await admin.dead_letters(settings, {ids[0]}, False)
+        assert await queue_depth(names.dead_queue) == 2
+        record = await (await client.get(f"/api/messages/{ids[0]}")).get_json()
+        assert record["status"] == "queued"
+        async with running_worker(settings):
+            await wait_status(client, ids[0], "sent")
+            await admin.dead_letters(settings, None, True)
+            for message_id in ids[1:]:
+                await wait_status(client, message_id, "sent")
+    assert await queue_depth(names.dead_queue) == 0
+    assert sorted(r for m in smtp.recorder.received for r in m.rcpt_tos) == [
+        "u0@example.com",
+        "u1@example.com",
+        "u2@example.com",
+    ]
+    smtp.server.close()
+
+
+async def test_admin_command_line(make_settings: Callable[..., Settings]) -> None:
+    """`python admin.py dead list` prints each dead letter with its reason."""
+    settings = make_settings()
+    names = Names.of(settings)
+    async with running_app(settings) as (app, _):
+        await wait_ready(app)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(names.exchange)
+        await exchange.publish(
+            aio_pika.Message(b"{}", message_id="f" * 32, headers={"x-mailroom-error": "boom"}),
+            "dead",
+        )
+    env = {"AMQP_URL": AMQP_URL, "QUEUE_PREFIX": settings.queue_prefix}
+    env["RETRY_DELAYS"] = ",".join(str(d) for d in settings.retry_delays)
+    env["DATABASE_URL"] = settings.database_url.get()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = await asyncio.to_thread(_run_admin, env, ["dead", "list"])
+    assert code == 0
+    assert f"{'f' * 32}" in out.getvalue() and "boom" in out.getvalue()
+    assert "1 dead letter(s)" in out.getvalue()
+
+
+def _run_admin(env: dict[str, str], argv: list[str]) -> int:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "admin.py"), *argv],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/",  # no stray .env
+    )
+    print(proc.stdout, end="")
+    return proc.returncode
