@@ -37,6 +37,7 @@ from errors import BrokerUnavailable
 log = logging.getLogger(__name__)
 
 SEND_KEY = "send"
+RECONNECT_INTERVAL = 1.0  # seconds between attempts of a robust connection to come back
 DEAD_KEY = "dead"
 
 # What aio-pika / aiormq raise when the broker is gone, refuses, or the channel died.
@@ -140,6 +141,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
             aio_pika.connect_robust(
                 settings.amqp_url.get(),
                 timeout=settings.connect_timeout,
+                reconnect_interval=RECONNECT_INTERVAL,
                 client_properties={"connection_name": name},
             ),
             timeout=settings.connect_timeout + 1,

@@ -352,20 +352,26 @@ class Store:
         Returns the record as it was *before* this call when it is already ``sent`` or
         ``failed`` (the caller must not send again); otherwise the updated record.
         """
-        try:
-            async with self.engine.begin() as conn:
-                record = await self._load(conn, job.id)
-                if record is None:
-                    await conn.execute(_insert_queued(job))
+        for attempt in (1, 2):
+            try:
+                async with self.engine.begin() as conn:
                     record = await self._load(conn, job.id)
-                    assert record is not None
-                if record.status in ("sent", "failed"):
-                    return record
-                return await self._transition(
-                    conn, record, "sending", attempts=record.attempts + 1, next_attempt_at=None
-                )
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+                    if record is None:
+                        await conn.execute(_insert_queued(job))
+                        record = await self._load(conn, job.id)
+                        assert record is not None
+                    if record.status in ("sent", "failed"):
+                        return record
+                    return await self._transition(
+                        conn, record, "sending", attempts=record.attempts + 1, next_attempt_at=None
+                    )
+            except IntegrityError as exc:
+                # The server created the record between our read and our insert: read again.
+                if attempt == 2:
+                    raise StoreUnavailable(_describe(exc)) from exc
+            except _DB_ERRORS as exc:
+                raise StoreUnavailable(_describe(exc)) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def finish(
         self,

@@ -134,13 +134,13 @@ class Worker:
             await asyncio.wait(pending, timeout=5)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        # aio-pika cancels its consumer callbacks when the channel dies. A send the SMTP
+        # server already accepted must still be recorded, or the redelivery would send it
+        # again: so the work runs in a task of our own, shielded from that cancellation.
+        task = asyncio.create_task(self._handle(message))
         self._inflight.add(task)
-        try:
-            await self._handle(message)
-        finally:
-            self._inflight.discard(task)
+        task.add_done_callback(self._inflight.discard)
+        await asyncio.shield(task)
 
     # -- one message ---------------------------------------------------------------------
 

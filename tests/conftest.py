@@ -71,7 +71,10 @@ async def delete_topology(names: Names) -> None:
 
 
 @pytest.fixture
-def make_settings(prefix: str, tmp_path: Path) -> Callable[..., Settings]:
+async def make_settings(prefix: str, tmp_path: Path) -> AsyncIterator[Callable[..., Settings]]:
+    """Settings for this test; every topology they name is deleted afterwards."""
+    made: list[Settings] = []
+
     def make(**overrides: Any) -> Settings:
         base = Settings(
             amqp_url=Secret(AMQP_URL),
@@ -85,9 +88,15 @@ def make_settings(prefix: str, tmp_path: Path) -> Callable[..., Settings]:
             database_url=Secret(f"sqlite:///{tmp_path}/mailroom.db"),
             retry_delays=TEST_RETRY_DELAYS,
         )
-        return dataclasses.replace(base, **overrides)
+        settings = dataclasses.replace(base, **overrides)
+        made.append(settings)
+        return settings
 
-    return make
+    yield make
+    for names in {Names.of(s) for s in made if s.queue_prefix != prefix}:
+        await delete_topology(names)
+    for delays in {s.retry_delays for s in made if s.queue_prefix == prefix}:
+        await delete_topology(Names.for_prefix(prefix, delays))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
