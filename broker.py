@@ -184,6 +184,7 @@ class Broker:
         self.channel: AbstractChannel | None = None
         self.topology: Topology | None = None
         self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -205,12 +206,13 @@ class Broker:
 
     async def _connect_forever(self) -> None:
         delay = 0.5
-        while True:
+        while not self._closing.is_set():
             try:
                 await self._connect_once()
             except BrokerUnavailable as exc:
                 log.warning("%s; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
                 delay = min(delay * 2, 15.0)
             else:
                 log.info("connected to %s", self.settings.amqp_url_redacted)
@@ -260,7 +262,11 @@ class Broker:
             raise BrokerUnavailable(f"RabbitMQ did not acknowledge the message: {confirm!r}")
 
     async def close(self) -> None:
+        self._closing.set()
         if self._task is not None:
+            # Let a connection attempt under way finish (it is bounded by CONNECT_TIMEOUT):
+            # cancelling aio-pika halfway through leaves its internal tasks behind.
+            await asyncio.wait({self._task}, timeout=self.settings.connect_timeout + 2)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

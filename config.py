@@ -16,6 +16,7 @@ from typing import Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
+from limits import parse_many
 
 from errors import ConfigError
 
@@ -88,16 +89,30 @@ class Settings:
     retry_delays: tuple[float, ...] = (30.0, 120.0, 600.0, 3600.0, 14400.0)
     queue_type: QueueType = "classic"
     delivery_limit: int = 20
+    api_tokens: tuple[Secret, ...] = ()
+    allow_loopback: bool = True
+    trusted_proxy_hops: int = 0
+    rate_limit_send: str = "20/minute;200/hour"
+    rate_limit_global: str = "600/minute"
+    rate_limit_recipient: str = "10/hour"
+    rate_limit_talktome: str = "60/minute"
+    rate_limit_exempt_loopback: bool = True
+    rate_limit_storage: Secret = field(default_factory=lambda: Secret("memory://"))
+    max_request_bytes: int = 10 * 1024 * 1024
+    max_recipients: int = 50
+    max_subject_chars: int = 998
+    max_body_chars: int = 5_000_000
 
     def __repr__(self) -> str:  # the URL carries a password: show it redacted
         shown = ", ".join(
             f"{name}={value!r}"
             for name, value in self.__dict__.items()
-            if name not in ("amqp_url", "database_url")
+            if name not in ("amqp_url", "database_url", "rate_limit_storage")
         )
         return (
             f"Settings(amqp_url={redact_url(self.amqp_url.get())!r}, "
-            f"database_url={redact_url(self.database_url.get())!r}, {shown})"
+            f"database_url={redact_url(self.database_url.get())!r}, "
+            f"rate_limit_storage={redact_url(self.rate_limit_storage.get())!r}, {shown})"
         )
 
     @property
@@ -172,6 +187,19 @@ def _parse(env: Mapping[str, str]) -> Settings:
         retry_delays=conv("RETRY_DELAYS", _delays, (30.0, 120.0, 600.0, 3600.0, 14400.0)),
         queue_type=conv("QUEUE_TYPE", _queue_type, "classic"),
         delivery_limit=conv("DELIVERY_LIMIT", _delivery_limit, 20),
+        api_tokens=conv("API_TOKEN", _tokens, ()),
+        allow_loopback=conv("ALLOW_LOOPBACK", _bool, True),
+        trusted_proxy_hops=conv("TRUSTED_PROXY_HOPS", _hops, 0),
+        rate_limit_send=conv("RATE_LIMIT_SEND", _rate, "20/minute;200/hour"),
+        rate_limit_global=conv("RATE_LIMIT_GLOBAL", _rate, "600/minute"),
+        rate_limit_recipient=conv("RATE_LIMIT_RECIPIENT", _rate, "10/hour"),
+        rate_limit_talktome=conv("RATE_LIMIT_TALKTOME", _rate, "60/minute"),
+        rate_limit_exempt_loopback=conv("RATE_LIMIT_EXEMPT_LOOPBACK", _bool, True),
+        rate_limit_storage=Secret(conv("RATE_LIMIT_STORAGE", _rate_storage, "memory://")),
+        max_request_bytes=conv("MAX_REQUEST_BYTES", _size(1024, 1024**3), 10 * 1024 * 1024),
+        max_recipients=conv("MAX_RECIPIENTS", _size(1, 10_000), 50),
+        max_subject_chars=conv("MAX_SUBJECT_CHARS", _size(1, 100_000), 998),
+        max_body_chars=conv("MAX_BODY_CHARS", _size(1, 1024**3), 5_000_000),
     )
 
 
@@ -263,6 +291,62 @@ def _delivery_limit(value: str) -> int:
     if not 1 <= number <= 1000:
         raise ValueError(f"must be between 1 and 1000, not {value}")
     return number
+
+
+def _tokens(value: str) -> tuple[Secret, ...]:
+    tokens = tuple(part.strip() for part in value.split(",") if part.strip())
+    if not tokens:
+        raise ValueError("must hold at least one token")
+    for token in tokens:
+        if len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token:
+            # Never echo the value: it is a secret, even when it is a bad one.
+            raise ValueError(
+                "each token must be at least 16 printable ASCII characters without spaces "
+                "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+    return tuple(Secret(t) for t in tokens)
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, not {value!r}")
+
+
+def _hops(value: str) -> int:
+    number = _whole(value)
+    if not 0 <= number <= 10:
+        raise ValueError(f"must be between 0 and 10, not {value}")
+    return number
+
+
+def _rate(value: str) -> str:
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ValueError(
+            f"must be rates like '20/minute' or '20/minute;200/hour', not {value!r}"
+        ) from None
+    return value
+
+
+def _rate_storage(value: str) -> str:
+    if value == "memory://" or value.startswith(("redis://", "rediss://")):
+        return value
+    raise ValueError("must be memory:// or redis://host:6379/0")
+
+
+def _size(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = _whole(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, not {value}")
+        return number
+
+    return parse
 
 
 def _log_level(value: str) -> str:

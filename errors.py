@@ -49,5 +49,12 @@ class PermanentDeliveryError(DeliveryError):
     """Trying again will not help: SMTP 5xx, every recipient refused, unbuildable mail."""
 
 
-class SmtpAuthError(TransientDeliveryError):
-    """The SMTP server refused our login: a configuration fault, not the message's."""
+class SmtpConfigError(TransientDeliveryError):
+    """The SMTP server and our settings do not fit (login, STARTTLS, AUTH): fix the settings.
+
+    Retried with backoff, never counted against the message.
+    """
+
+
+class SmtpAuthError(SmtpConfigError):
+    """The SMTP server refused our login."""

@@ -26,6 +26,7 @@ from errors import (
     DeliveryError,
     PermanentDeliveryError,
     SmtpAuthError,
+    SmtpConfigError,
     TransientDeliveryError,
 )
 from messages import MailJob, addr_spec
@@ -47,15 +48,18 @@ class SendResult:
 
 
 def envelope_address(address: str) -> str:
-    """The SMTP envelope form of an address: IDN domains in ASCII (punycode) where possible."""
+    """The SMTP envelope form of an address: an IDN domain in ASCII (punycode).
+
+    A UTF-8 local part stays as it is; sending it needs a server that offers SMTPUTF8.
+    """
     spec = addr_spec(address)
     if spec.isascii():
         return spec
     try:
-        ascii_form = validate_email(spec, check_deliverability=False).ascii_email
+        valid = validate_email(spec, check_deliverability=False)
     except EmailNotValidError:
         return spec
-    return ascii_form or spec
+    return valid.ascii_email or f"{valid.local_part}@{valid.ascii_domain}"
 
 
 def _header_address(address: str) -> Address:
@@ -112,7 +116,14 @@ def classify(exc: BaseException) -> DeliveryError:
             return PermanentDeliveryError(exc.message, exc.code)
         return TransientDeliveryError(f"unexpected reply: {exc.message}", exc.code)
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        return TransientDeliveryError(f"SMTP server lacks a needed feature: {exc}")
+        if "SMTPUTF8" in str(exc):
+            return PermanentDeliveryError(
+                "the SMTP server does not offer SMTPUTF8, which an address with non-ASCII "
+                "characters before the @ needs"
+            )
+        return SmtpConfigError(f"the SMTP server lacks a feature our settings need: {exc}")
+    if isinstance(exc, aiosmtplib.SMTPException) and "AUTH extension" in str(exc):
+        return SmtpConfigError(f"the SMTP server offers no login (AUTH): {exc}")
     if isinstance(exc, ssl.SSLError):
         return TransientDeliveryError(f"TLS error: {exc}")
     if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):

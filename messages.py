@@ -75,6 +75,15 @@ def strip_mailto(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class InputLimits:
+    """Size limits for what clients may ask for (MAX_RECIPIENTS, MAX_SUBJECT_CHARS, ...)."""
+
+    max_recipients: int = 50
+    max_subject_chars: int = 998
+    max_body_chars: int = 5_000_000
+
+
 @dataclass(frozen=True, kw_only=True)
 class MailJob:
     """One accepted message. ``id`` is a 32-character hex string."""
@@ -133,25 +142,37 @@ def new_job(
     reply_to: Any = None,
     job_id: str | None = None,
     created_at: Any = None,
+    limits: InputLimits | None = None,
 ) -> MailJob:
-    """Validate a message request and give it an id. Raises :class:`InvalidMessage`."""
+    """Validate a message request and give it an id. Raises :class:`InvalidMessage`.
+
+    ``limits`` applies the size limits for client requests (not to queued messages).
+    """
     if isinstance(to, str):
         to = [to]
     if not isinstance(to, list) or not to:
         raise InvalidMessage("to must be an address or a non-empty list of addresses", "to")
+    if limits and len(to) > limits.max_recipients:
+        raise InvalidMessage(f"to has more than {limits.max_recipients} recipients", "to")
     recipients = tuple(parse_address(item, "to") for item in to)
+    if len({addr_spec(r).lower() for r in recipients}) != len(recipients):
+        raise InvalidMessage("to names the same address twice", "to")
     if not isinstance(subject, str):
         raise InvalidMessage("subject must be a string", "subject")
     check_header_text(subject, "subject")
-    if not isinstance(text, str):
-        raise InvalidMessage("text must be a string", "text")
-    if "\0" in text:
-        raise InvalidMessage("text must not contain NUL", "text")
-    if html is not None:
-        if not isinstance(html, str):
-            raise InvalidMessage("html must be a string", "html")
-        if "\0" in html:
-            raise InvalidMessage("html must not contain NUL", "html")
+    if limits and len(subject) > limits.max_subject_chars:
+        raise InvalidMessage(
+            f"subject is longer than {limits.max_subject_chars} characters", "subject"
+        )
+    for name, value in (("text", text), ("html", html)):
+        if value is None and name == "html":
+            continue
+        if not isinstance(value, str):
+            raise InvalidMessage(f"{name} must be a string", name)
+        if "\0" in value:
+            raise InvalidMessage(f"{name} must not contain NUL", name)
+        if limits and len(value) > limits.max_body_chars:
+            raise InvalidMessage(f"{name} is longer than {limits.max_body_chars} characters", name)
     if reply_to is not None:
         reply_to = parse_address(reply_to, "reply_to")
     return MailJob(

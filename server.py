@@ -6,15 +6,20 @@ too (``app`` builds itself from the environment on first use). Routes:
 * ``GET /?talktome``            append the local time to TALKTOME_LOG
 * ``GET /?sendmail=<address>``  queue the fixed test mail (``mailto:`` accepted)
 * ``POST /api/messages``        queue a mail described by JSON
-* ``GET /healthz``, ``GET /readyz``
+* ``GET /api/messages[/<id>]``  what became of messages
+* ``GET /api/dead-letters``     what could not be sent, and why
+* ``GET /logs``                 the last lines of the talktome log
+* ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``
+
+Sending and reading need a token or a direct loopback client (see guard.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
-import json
 import logging
 import re
 import signal
@@ -24,13 +29,41 @@ from typing import Any
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
-from quart import Quart, Response, jsonify, request
+from quart import Quart, Response, g, jsonify, request
+from quart_schema import (
+    Info,
+    QuartSchema,
+    RequestSchemaValidationError,
+    ResponseReturnValue,
+    document_querystring,
+    document_response,
+    security_scheme,
+    validate_headers,
+    validate_querystring,
+    validate_request,
+)
+from werkzeug.exceptions import HTTPException
 
 from broker import Broker
 from config import Settings
+from deadletters import dead_letters
 from errors import BrokerUnavailable, ConfigError, InvalidMessage
-from messages import MailJob, legacy_job, new_job
-from store import STATUSES, IdempotencyConflict, Store, StoreUnavailable
+from guard import Denied, Guard, bearer_token, identify
+from messages import InputLimits, MailJob, addr_spec, legacy_job, new_job
+from schemas import (
+    DeadLetterList,
+    Error,
+    IdempotencyHeaders,
+    LegacyQuery,
+    ListQuery,
+    LogLines,
+    LogsQuery,
+    MessageList,
+    MessageRequest,
+    MessageView,
+    Queued,
+)
+from store import IdempotencyConflict, Store, StoreUnavailable
 from talklog import TalkLog
 
 log = logging.getLogger(__name__)
@@ -49,11 +82,10 @@ MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def client_identity() -> str:
-    """Who is asking, for idempotency keys: the credential if any, else the address."""
-    credential = request.headers.get("Authorization")
-    if credential:
-        return "auth:" + hashlib.sha256(credential.encode()).hexdigest()[:40]
-    return f"addr:{request.remote_addr}"[:64]
+    """Who is asking, for idempotency keys: the token if any, else the client address."""
+    if g.token:
+        return "token:" + hashlib.sha256(g.token.encode()).hexdigest()[:40]
+    return f"addr:{g.client.address}"[:64]
 
 
 def text(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -64,8 +96,23 @@ def create_app(settings: Settings) -> Quart:
     """Build the app. Connections are opened when serving starts, closed when it stops."""
     app = Quart(__name__)
     app.config["MAILROOM_SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    QuartSchema(
+        app,
+        info=Info(title="Mailroom", version="1.0"),
+        swagger_ui_path=None,
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        security_schemes={"token": {"type": "http", "scheme": "bearer"}},
+    )
     broker = Broker(settings, "mailroom-server")
     talklog = TalkLog(settings.talktome_log)
+    guard = Guard(settings)
+    limits = InputLimits(
+        max_recipients=settings.max_recipients,
+        max_subject_chars=settings.max_subject_chars,
+        max_body_chars=settings.max_body_chars,
+    )
     app.extensions["mailroom_broker"] = broker
     stores: list[Store] = []
 
@@ -83,7 +130,61 @@ def create_app(settings: Settings) -> Quart:
         await broker.close()
         for opened in stores:
             await opened.close()
+        await guard.close()
         await talklog.close()
+
+    # -- who may do what, before any route runs ------------------------------------------
+
+    @app.before_request
+    async def gate() -> Response | None:
+        client = identify(
+            request.remote_addr,
+            request.headers.getlist("X-Forwarded-For"),
+            "Forwarded" in request.headers,
+            settings.trusted_proxy_hops,
+        )
+        g.client = client
+        g.token = bearer_token(request.headers.get("Authorization"))
+        path, args = request.path, request.args
+        if path == "/" and "sendmail" in args:
+            tokens = args.getlist("token")
+            if len(tokens) > 1:
+                return text("Give at most one token.\n", 400)
+            g.token = g.token or (tokens[0] if tokens else None)
+            guard.authorize(client, g.token)
+            await guard.limit_send(client)
+        elif path.startswith("/api/") or path == "/logs":
+            guard.authorize(client, g.token)
+            if request.method == "POST" and path == "/api/messages":
+                await guard.limit_send(client)
+                if request.mimetype != "application/json":
+                    return json_error("send JSON with Content-Type: application/json", 415)
+        elif path == "/" and "talktome" in args:
+            await guard.limit_talktome(client)
+        return None
+
+    @app.errorhandler(Denied)
+    async def denied(exc: Denied) -> Response:
+        if exc.status == 429:
+            log.warning("rate limited %s on %s: %s", g.client.address, request.path, exc.message)
+        return error_response(exc.message, exc.status, exc.headers)
+
+    @app.errorhandler(RequestSchemaValidationError)
+    async def invalid_request(exc: RequestSchemaValidationError) -> Response:
+        field, reason = describe_validation(exc.validation_error)
+        return json_error(reason, 400, field=field)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        reasons = {
+            413: f"The request body is larger than {settings.max_request_bytes} bytes.",
+            405: f"{request.method} is not allowed here.",
+        }
+        code = exc.code or 500
+        message = reasons.get(code) or exc.description or exc.name
+        return error_response(message, code, dict(exc.get_headers()) if code == 405 else None)
+
+    # -- sending -------------------------------------------------------------------------
 
     async def enqueue(job: MailJob) -> None:
         """Publish (confirmed), then record. The record is best effort: the message is
@@ -93,14 +194,18 @@ def create_app(settings: Settings) -> Quart:
             await store().insert_queued(job)
         except StoreUnavailable as exc:
             log.warning("message %s: queued, but its record waits for the worker: %s", job.id, exc)
-        log.info("message %s: queued for %s", job.id, ", ".join(job.to))
+        log.info(
+            "message %s: queued for %d recipient(s) from %s", job.id, len(job.to), g.client.address
+        )
 
     def unavailable(exc: BrokerUnavailable, job: MailJob) -> str:
         log.error("message %s: not queued: %s", job.id, exc)
         return "the mail queue is unavailable; nothing was queued, try again shortly"
 
     @app.get("/")
+    @document_querystring(LegacyQuery)
     async def index() -> Response:
+        """The legacy API: ?talktome logs the time, ?sendmail=<address> queues a test mail."""
         args = request.args
         if "sendmail" in args:
             values = args.getlist("sendmail")
@@ -110,55 +215,55 @@ def create_app(settings: Settings) -> Quart:
                 job = legacy_job(values[0])
             except InvalidMessage as exc:
                 return text(f"Invalid address: {exc.reason}\n", 400)
+            await guard.limit_recipients(g.client, [addr_spec(a) for a in job.to])
             try:
                 await enqueue(job)
             except BrokerUnavailable as exc:
                 return text(f"{unavailable(exc, job)}\n", 503, RETRY)
             return text(f"Email to {job.to[0]} queued (id {job.id})\n")
         if "talktome" in args:
-            stamp = await talklog.append(f"talktome from {request.remote_addr}")
+            stamp = await talklog.append(f"talktome from {g.client.address}")
             return text(f"Logged the current time: {stamp}\n")
         return text(USAGE)
 
     @app.post("/api/messages")
-    async def create_message() -> tuple[Response, int] | tuple[Response, int, dict[str, str]]:
-        if not request.is_json:
-            return jsonify(error="send JSON with Content-Type: application/json"), 415
-        body: Any = await request.get_json(silent=True)
-        if not isinstance(body, dict):
-            return jsonify(error="the body must be a JSON object"), 400
-        unknown = sorted(set(body) - {"to", "subject", "text", "html", "reply_to"})
-        if unknown:
-            return jsonify(error=f"unknown field {unknown[0]!r}", field=unknown[0]), 400
-        for required in ("to", "subject", "text"):
-            if required not in body:
-                return jsonify(error=f"{required} is required", field=required), 400
+    @validate_request(MessageRequest)
+    @validate_headers(IdempotencyHeaders)
+    @document_response(Queued, 202)
+    @document_response(Error, 400)
+    @security_scheme([{"token": []}])
+    async def create_message(
+        data: MessageRequest, headers: IdempotencyHeaders
+    ) -> ResponseReturnValue:
+        """Queue a mail; 202 only after RabbitMQ confirmed it is stored."""
         try:
             job = new_job(
-                to=body["to"],
-                subject=body["subject"],
-                text=body["text"],
-                html=body.get("html"),
-                reply_to=body.get("reply_to"),
+                to=data.to,
+                subject=data.subject,
+                text=data.text,
+                html=data.html,
+                reply_to=data.reply_to,
+                limits=limits,
             )
         except InvalidMessage as exc:
-            return jsonify(error=exc.reason, field=exc.field), 400
-        key = request.headers.get("Idempotency-Key")
+            return json_error(exc.reason, 400, field=exc.field)
+        await guard.limit_recipients(g.client, [addr_spec(a) for a in job.to])
+        key = headers.idempotency_key
+        client = client_identity()
         if key is not None:
-            if not 1 <= len(key) <= 255 or not key.isprintable():
-                return jsonify(error="Idempotency-Key must be 1-255 printable characters"), 400
-            client = client_identity()
-            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            if not key.isprintable():
+                return json_error("Idempotency-Key must be printable characters", 400)
+            digest = hashlib.sha256(data.model_dump_json().encode()).hexdigest()
             try:
                 earlier = await store().claim_idempotency_key(client, key, digest, job.id)
             except IdempotencyConflict as exc:
-                return jsonify(error=str(exc)), 422
+                return json_error(str(exc), 422)
             except StoreUnavailable as exc:
                 log.error("message %s: idempotency store unavailable: %s", job.id, exc)
-                return jsonify(error="the message store is unavailable; try again"), 503, RETRY
+                return json_error("the message store is unavailable; try again", 503, RETRY)
             if earlier is not None:
                 if await store().get(earlier) is None:
-                    return jsonify(error="a request with this Idempotency-Key is in progress"), 409
+                    return json_error("a request with this Idempotency-Key is in progress", 409)
                 replay = {"Idempotent-Replayed": "true"}
                 return jsonify(id=earlier, status="queued"), 202, replay
         try:
@@ -166,52 +271,109 @@ def create_app(settings: Settings) -> Quart:
         except BrokerUnavailable as exc:
             if key is not None:
                 with contextlib.suppress(StoreUnavailable):
-                    await store().release_idempotency_key(client_identity(), key)
-            return jsonify(error=unavailable(exc, job)), 503, RETRY
+                    await store().release_idempotency_key(client, key)
+            return json_error(unavailable(exc, job), 503, RETRY)
         return jsonify(id=job.id, status="queued"), 202, {"Location": f"/api/messages/{job.id}"}
 
+    # -- reading -------------------------------------------------------------------------
+
     @app.get("/api/messages/<message_id>")
-    async def get_message(message_id: str) -> tuple[Response, int] | Response:
+    @document_response(MessageView)
+    @security_scheme([{"token": []}])
+    async def get_message(message_id: str) -> Response:
+        """What became of one message."""
         if not MESSAGE_ID.fullmatch(message_id):
-            return jsonify(error="no such message"), 404
+            return json_error("no such message", 404)
         try:
             record = await store().get(message_id)
         except StoreUnavailable as exc:
             log.error("message %s: store unavailable: %s", message_id, exc)
-            return jsonify(error="the message store is unavailable; try again"), 503
+            return json_error("the message store is unavailable; try again", 503, RETRY)
         if record is None:
-            return jsonify(error="no such message"), 404
+            return json_error("no such message", 404)
         return jsonify(record.to_json())
 
     @app.get("/api/messages")
-    async def list_messages() -> tuple[Response, int] | Response:
-        status = request.args.get("status")
-        if status is not None and status not in STATUSES:
-            return jsonify(error=f"status must be one of {', '.join(STATUSES)}"), 400
+    @validate_querystring(ListQuery)
+    @document_response(MessageList)
+    @security_scheme([{"token": []}])
+    async def list_messages(query_args: ListQuery) -> ResponseReturnValue:
+        """Messages, newest first, optionally of one status."""
         try:
-            limit = int(request.args.get("limit", "50"))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 500:
-            return jsonify(error="limit must be a whole number from 1 to 500"), 400
-        try:
-            records = await store().list(status, limit)
+            records = await store().list(query_args.status, query_args.limit)
         except StoreUnavailable as exc:
             log.error("listing messages: store unavailable: %s", exc)
-            return jsonify(error="the message store is unavailable; try again"), 503
+            return json_error("the message store is unavailable; try again", 503, RETRY)
         return jsonify(messages=[r.to_json() for r in records])
+
+    @app.get("/api/dead-letters")
+    @document_response(DeadLetterList)
+    @security_scheme([{"token": []}])
+    async def list_dead_letters() -> Response:
+        """What is in the dead-letter queue, and why (python admin.py re-queues)."""
+        try:
+            seen = await dead_letters(settings, None, False)
+        except BrokerUnavailable as exc:
+            log.error("listing dead letters: %s", exc)
+            return json_error("the mail queue is unavailable; try again", 503, RETRY)
+        return jsonify(dead_letters=[dataclasses.asdict(s) for s in seen])
+
+    @app.get("/logs")
+    @validate_querystring(LogsQuery)
+    @document_response(LogLines)
+    @security_scheme([{"token": []}])
+    async def logs(query_args: LogsQuery) -> ResponseReturnValue:
+        """The last lines of the ?talktome log."""
+        return jsonify(lines=await talklog.tail(query_args.lines))
 
     @app.get("/healthz")
     async def healthz() -> Response:
+        """The process is up."""
         return text("ok\n")
 
     @app.get("/readyz")
     async def readyz() -> Response:
+        """200 while the RabbitMQ connection is open."""
         if broker.is_ready:
             return text("ready\n")
         return text("not ready: no connection to RabbitMQ\n", 503)
 
     return app
+
+
+def describe_validation(error: Any) -> tuple[str | None, str]:
+    """The first problem of a pydantic ValidationError: (field, plain reason)."""
+    errors = error.errors() if hasattr(error, "errors") else []
+    if not errors:
+        return None, "the request body is not valid JSON for this endpoint"
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if not isinstance(part, int)]
+    field = loc[0] if loc else None
+    if first.get("type") == "extra_forbidden":
+        return field, f"unknown field {field!r}"
+    if first.get("type") == "missing":
+        return field, f"{field} is required"
+    message = str(first.get("msg", "is not valid"))
+    return field, f"{field}: {message}" if field else message
+
+
+def json_error(
+    message: str, status: int, headers: dict[str, str] | None = None, field: str | None = None
+) -> Response:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    """JSON for the JSON API, plain text for the legacy GET and everything else."""
+    if request.path.startswith("/api/"):
+        return json_error(message, status, headers)
+    return text(f"{message}\n", status, headers)
 
 
 def configure_logging(settings: Settings) -> None:

@@ -50,7 +50,28 @@ class TalkLog:
             raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
         return stamp
 
+    async def tail(self, count: int) -> list[str]:
+        """The last ``count`` lines of the file (read from its end, in a worker thread)."""
+        return await asyncio.to_thread(_tail, self.path, count)
+
     async def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             await asyncio.to_thread(os.close, fd)
+
+
+def _tail(path: Path, count: int, block: int = 65536) -> list[str]:
+    try:
+        with path.open("rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            data = b""
+            position = end
+            while position > 0 and data.count(b"\n") <= count:
+                step = min(block, position)
+                position -= step
+                handle.seek(position)
+                data = handle.read(step) + data
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return lines[-count:]

@@ -41,6 +41,7 @@ from errors import (
     InvalidMessage,
     PermanentDeliveryError,
     SmtpAuthError,
+    SmtpConfigError,
 )
 from mailer import SendResult, SmtpPool
 from messages import MailJob
@@ -171,7 +172,7 @@ class Worker:
         )
         try:
             result = await self.pool.send(job, pending)
-        except SmtpAuthError as exc:
+        except SmtpConfigError as exc:
             await self._config_fault(message, job, exc)
             return
         except PermanentDeliveryError as exc:
@@ -255,7 +256,7 @@ class Worker:
         except StoreUnavailable as exc:
             log.error("message %s: could not record the retry: %s", job.id, exc)
         log.warning(
-            "message %s: attempt failed (%s); retry %d in %.0fs",
+            "message %s: attempt failed (%s); retry %d in %.1fs",
             job.id,
             reason,
             retries + 1,
@@ -264,19 +265,22 @@ class Worker:
         await self._to_retry_tier(message, job, retries, headers, delay)
 
     async def _config_fault(
-        self, message: AbstractIncomingMessage, job: MailJob, exc: SmtpAuthError
+        self, message: AbstractIncomingMessage, job: MailJob, exc: SmtpConfigError
     ) -> None:
-        """A refused login is the operator's to fix: retry with backoff, never fail."""
+        """A refused login (or a similar settings fault) is the operator's to fix: retry
+        with backoff, never fail."""
         assert self.store is not None
         headers = dict(message.headers or {})
         faults = _int_header(headers, CONFIG_FAULTS_HEADER)
         headers[CONFIG_FAULTS_HEADER] = faults + 1
         tier = min(faults, len(self.names.retry_tiers) - 1)
         delay = self.names.retry_tiers[tier].delay
+        what = "SMTP LOGIN REFUSED" if isinstance(exc, SmtpAuthError) else "SMTP SETTINGS FAULT"
         log.error(
-            "message %s: SMTP LOGIN REFUSED by %s:%d (%s): check SMTP_USERNAME and "
-            "SMTP_PASSWORD; the message is kept and retried in %.0fs",
+            "message %s: %s by %s:%d (%s): check SMTP_USERNAME, SMTP_PASSWORD and "
+            "SMTP_SECURITY; the message is kept and retried in %.1fs",
             job.id,
+            what,
             self.settings.smtp_host,
             self.settings.smtp_port,
             exc,
@@ -289,7 +293,7 @@ class Worker:
                 error=str(exc),
                 code=exc.code,
                 next_attempt_at=now_utc() + timedelta(seconds=delay),
-                detail="configuration fault: SMTP login refused",
+                detail=f"configuration fault: {what.lower()}",
             )
         await self._to_retry_tier(message, job, tier, headers, delay)
 

@@ -9,13 +9,14 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import asyncpg
 import pytest
 import trustme
 from quart import Quart
+from quart.testing import QuartClient
 from quart.typing import TestClientProtocol as Client
 
 from broker import Names
@@ -26,6 +27,30 @@ from worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--broker-restart",
+        action="store_true",
+        help="also run tests that restart the local RabbitMQ (disturbs its other clients)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "broker_restart: restarts the local RabbitMQ; needs --broker-restart"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    restart = [item for item in items if "broker_restart" in item.keywords]
+    if not config.getoption("--broker-restart"):
+        skip = pytest.mark.skip(reason="restarts RabbitMQ: run with --broker-restart")
+        for item in restart:
+            item.add_marker(skip)
+    # Whatever restarts the broker runs last, after everything else.
+    items[:] = [item for item in items if item not in restart] + restart
 
 
 @pytest.fixture(scope="session")
@@ -127,10 +152,21 @@ async def smtp(server_tls: ssl.SSLContext) -> AsyncIterator[SmtpServer]:
     await server.server.wait_closed()
 
 
+class PeerClient(QuartClient):
+    """A test client whose requests come from ``peer`` (default: a loopback address)."""
+
+    peer: tuple[str, int] = ("127.0.0.1", 40000)
+
+    async def open(self, path: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs["scope_base"] = {"client": self.peer, **(kwargs.get("scope_base") or {})}
+        return await super().open(path, *args, **kwargs)
+
+
 @contextlib.asynccontextmanager
 async def running_app(settings: Settings) -> AsyncIterator[tuple[Quart, Client]]:
-    """The app with its serving lifecycle run, and a test client."""
+    """The app with its serving lifecycle run, and a test client (from 127.0.0.1)."""
     app = create_app(settings)
+    app.test_client_class = cast("type[Client]", PeerClient)
     async with app.test_app() as test_app:
         yield app, test_app.test_client()
 

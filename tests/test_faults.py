@@ -286,3 +286,40 @@ async def test_quorum_queues(make_settings: Callable[..., Settings]) -> None:
     assert all("\tquorum\t" in line for line in ours.values())
     assert "x-delivery-limit" in ours[Names.of(settings).send_queue]
     smtp.server.close()
+
+
+@pytest.mark.broker_restart
+async def test_real_broker_restart(make_settings: Callable[..., Settings]) -> None:
+    """RabbitMQ's own application restarts (stop_app/start_app) in the middle of traffic.
+
+    It disturbs every client of the node, so it runs only with --broker-restart (the test
+    command passes it) and after every other test.
+    """
+    smtp = await start_smtp("none", None, auth=False)
+    settings = make_settings(**smtp.settings_overrides(None, False))
+    accepted: list[str] = []
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        for n in range(10):
+            assert (await send(client, f"r{n}@example.com"))[0] == 200
+            accepted.append(f"r{n}@example.com")
+        await asyncio.to_thread(rabbitmqctl, "stop_app")
+        try:
+            status, elapsed = await send(client, "during@example.com")
+            assert status == 503
+            assert elapsed < settings.publish_timeout + 1
+        finally:
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+            await asyncio.to_thread(rabbitmqctl, "await_startup")
+        async with asyncio.timeout(30):
+            while (await client.get("/readyz")).status_code != 200:
+                await asyncio.sleep(0.1)
+        for n in range(10, 20):
+            async with asyncio.timeout(15):
+                while (status := (await send(client, f"r{n}@example.com"))[0]) != 200:
+                    assert status == 503
+                    await asyncio.sleep(0.2)
+            accepted.append(f"r{n}@example.com")
+        await wait_until(lambda: set(accepted) <= set(recipients(smtp.recorder)), timeout=40)
+    assert sorted(recipients(smtp.recorder)) == sorted(accepted)
+    smtp.server.close()

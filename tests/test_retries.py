@@ -11,7 +11,7 @@ from datetime import datetime
 import aio_pika
 from aiosmtpd.smtp import Envelope
 
-import admin
+import deadletters
 from broker import Names
 from config import Secret, Settings
 from tests.conftest import running_app, running_worker, wait_ready
@@ -192,19 +192,19 @@ async def test_operator_lists_and_requeues_dead_letters(
                 await wait_status(client, message_id, "failed")
         assert await queue_depth(names.dead_queue) == 3
 
-        seen = await admin.dead_letters(settings, None, False)
+        seen = await deadletters.dead_letters(settings, None, False)
         assert sorted(s.id for s in seen) == sorted(ids)
         assert all("unknown user" in s.error and s.smtp_code == 550 for s in seen)
         assert await queue_depth(names.dead_queue) == 3  # listing takes nothing away
 
         reject_all = False
-        await admin.dead_letters(settings, {ids[0]}, False)
+        await deadletters.dead_letters(settings, {ids[0]}, False)
         assert await queue_depth(names.dead_queue) == 2
         record = await (await client.get(f"/api/messages/{ids[0]}")).get_json()
         assert record["status"] == "queued"
         async with running_worker(settings):
             await wait_status(client, ids[0], "sent")
-            await admin.dead_letters(settings, None, True)
+            await deadletters.dead_letters(settings, None, True)
             for message_id in ids[1:]:
                 await wait_status(client, message_id, "sent")
     assert await queue_depth(names.dead_queue) == 0
