@@ -174,6 +174,10 @@ def create_app(settings: Settings) -> Quart:
         field, reason = describe_validation(exc.validation_error)
         return json_error(reason, 400, field=field)
 
+    @app.errorhandler(UnicodeDecodeError)
+    async def not_utf8(exc: UnicodeDecodeError) -> Response:
+        return error_response("The request is not valid UTF-8.", 400)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         reasons = {
