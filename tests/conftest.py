@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import signal
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,10 +24,9 @@ from quart.typing import TestClientProtocol as Client
 from broker import Names
 from config import Secret, Settings
 from server import create_app
-from tests.support import AMQP_URL, SmtpServer, start_smtp
+from tests.support import AMQP_URL, Proc, SmtpServer, finish, start_smtp
 from worker import Worker
 
-ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -199,3 +200,15 @@ async def app_client(
     async with running_app(make_settings()) as (app, client):
         await wait_ready(app)
         yield app, client
+
+
+@pytest.fixture
+async def stop_later() -> AsyncIterator[list[Proc]]:
+    """Processes a test started; whatever still runs at the end is killed."""
+    procs: list[Proc] = []
+    yield procs
+    for proc in procs:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        await finish(proc)

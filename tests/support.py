@@ -6,17 +6,21 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import sys
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, Literal
 
 import aio_pika
+import httpx
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ROOT = Path(__file__).resolve().parent.parent
 SMTP_USER = "mailer"
 SMTP_PASS = "s3cret-Passw0rd!"
 
@@ -108,8 +112,6 @@ class SmtpServer:
     server: asyncio.Server
 
     def settings_overrides(self, ca_file: str | None, login: bool = True) -> dict[str, Any]:
-        from pathlib import Path
-
         from config import Secret
 
         out: dict[str, Any] = {
@@ -275,3 +277,52 @@ async def closing_server(server: asyncio.Server) -> AsyncIterator[asyncio.Server
     finally:
         server.close()
         await server.wait_closed()
+
+
+Proc = asyncio.subprocess.Process
+
+
+def child_env(prefix: str, **extra: str | float | Path) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "AMQP_URL": AMQP_URL,
+        "QUEUE_PREFIX": prefix,
+        "LOG_LEVEL": "INFO",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+async def spawn(script: str, cwd: Path, env: dict[str, str], *args: str) -> Proc:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        *([str(ROOT / script)] if script.endswith(".py") else ["-m", script]),
+        *args,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so teardown can end all of it
+    )
+
+
+async def finish(proc: Proc, timeout: float = 20) -> tuple[int, str]:
+    assert proc.stdout is not None
+    out = await asyncio.wait_for(proc.stdout.read(), timeout)
+    await asyncio.wait_for(proc.wait(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def wait_http(url: str, proc: Proc, timeout: float = 20) -> None:
+    async with httpx.AsyncClient() as client, asyncio.timeout(timeout):
+        while True:
+            if proc.returncode is not None:
+                raise AssertionError(f"process exited: {await finish(proc)}")
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)

@@ -20,8 +20,16 @@ from quart.typing import TestClientProtocol as Client
 from broker import Names
 from config import Secret, Settings
 from tests.conftest import running_app, running_worker, wait_ready
-from tests.support import SmtpRecorder, TcpProxy, queue_depth, start_smtp
-from tests.test_processes import Proc, child_env, finish, spawn
+from tests.support import (
+    Proc,
+    SmtpRecorder,
+    TcpProxy,
+    child_env,
+    finish,
+    queue_depth,
+    spawn,
+    start_smtp,
+)
 from tests.test_status_api import wait_status
 
 

@@ -3,81 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
 import signal
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 from aiosmtpd.smtp import Envelope
 
 from broker import Names
 from config import Settings
 from tests.conftest import ROOT, running_app, wait_ready
-from tests.support import AMQP_URL, SmtpRecorder, free_port, queue_depth, start_smtp
+from tests.support import (
+    Proc,
+    SmtpRecorder,
+    child_env,
+    finish,
+    free_port,
+    queue_depth,
+    spawn,
+    start_smtp,
+    wait_http,
+)
 
-Proc = asyncio.subprocess.Process
-
-
-def child_env(prefix: str, **extra: str | float | Path) -> dict[str, str]:
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "AMQP_URL": AMQP_URL,
-        "QUEUE_PREFIX": prefix,
-        "LOG_LEVEL": "INFO",
-    }
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-async def spawn(script: str, cwd: Path, env: dict[str, str], *args: str) -> Proc:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        *([str(ROOT / script)] if script.endswith(".py") else ["-m", script]),
-        *args,
-        cwd=cwd,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so teardown can end all of it
-    )
-
-
-async def finish(proc: Proc, timeout: float = 20) -> tuple[int, str]:
-    assert proc.stdout is not None
-    out = await asyncio.wait_for(proc.stdout.read(), timeout)
-    await asyncio.wait_for(proc.wait(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
-
-
-async def wait_http(url: str, proc: Proc, timeout: float = 20) -> None:
-    async with httpx.AsyncClient() as client, asyncio.timeout(timeout):
-        while True:
-            if proc.returncode is not None:
-                raise AssertionError(f"process exited: {await finish(proc)}")
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def stop_later() -> AsyncIterator[list[Proc]]:
-    procs: list[Proc] = []
-    yield procs
-    for proc in procs:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        await finish(proc)
+__all__ = ["Proc", "child_env", "finish", "spawn", "wait_http"]  # used by other test files
 
 
 async def test_server_config_error_names_variable(prefix: str, tmp_path: Path) -> None:

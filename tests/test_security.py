@@ -5,18 +5,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import subprocess
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from quart.typing import TestClientProtocol as Client
 
 from broker import Names
 from config import Secret, Settings
 from tests.conftest import running_app, running_worker, wait_ready
-from tests.support import SMTP_PASS, SmtpRecorder, SmtpServer, queue_depth, start_smtp
+from tests.support import (
+    SMTP_PASS,
+    Proc,
+    SmtpRecorder,
+    SmtpServer,
+    child_env,
+    finish,
+    free_port,
+    queue_depth,
+    spawn,
+    start_smtp,
+    wait_http,
+)
 
 TOKEN = "tok-" + "a" * 28
 OTHER_TOKEN = "tok-" + "b" * 28
@@ -490,3 +505,39 @@ async def test_openapi_description_is_served(app_client: tuple[Any, Client]) -> 
     post = spec["paths"]["/api/messages"]["post"]
     assert "requestBody" in post and "202" in post["responses"]
     assert re.search("bearer", str(spec["components"]["securitySchemes"]), re.I)
+
+
+async def test_limits_hold_across_server_processes_with_redis(
+    prefix: str, tmp_path: Path, stop_later: list[Proc]
+) -> None:
+    """RATE_LIMIT_STORAGE=redis://... shares the counts between server processes."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", 6379), 2)
+        writer.close()
+    except (OSError, TimeoutError):
+        pytest.skip("no Redis on 127.0.0.1:6379 (only needed for shared rate limits)")
+    client_ip = f"2001:db8::{uuid.uuid4().hex[:4]}"  # fresh counters on every run
+    ports = [free_port(), free_port()]
+    for port in ports:
+        env = child_env(
+            prefix,
+            PORT=port,
+            TALKTOME_LOG=tmp_path / "talk.log",
+            DATABASE_URL=f"sqlite:///{tmp_path}/mailroom.db",
+            TRUSTED_PROXY_HOPS=1,
+            RATE_LIMIT_TALKTOME="4/minute",
+            RATE_LIMIT_STORAGE="redis://127.0.0.1:6379/0",
+        )
+        proc = await spawn("server.py", tmp_path, env)
+        stop_later.append(proc)
+        await wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    async with httpx.AsyncClient(headers={"X-Forwarded-For": client_ip}) as http:
+        codes = [
+            (await http.get(f"http://127.0.0.1:{ports[n % 2]}/?talktome")).status_code
+            for n in range(6)
+        ]
+    assert codes == [200, 200, 200, 200, 429, 429]
+    for proc in stop_later:
+        proc.send_signal(signal.SIGTERM)
+        code, out = await finish(proc)
+        assert code == 0, out
