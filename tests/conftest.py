@@ -25,6 +25,7 @@ from broker import Names
 from config import Secret, Settings
 from server import create_app
 from tests.support import AMQP_URL, Proc, SmtpServer, finish, start_smtp
+from tests.support import ROOT as ROOT  # re-exported for the test modules
 from worker import Worker
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
