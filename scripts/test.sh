@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# THE test command: set up .venv (with dev extras), make sure RabbitMQ (and, when it can
-# be had, PostgreSQL) runs, then run ruff check, ruff format --check, mypy and pytest.
+# THE test command: set up .venv (with dev extras), make sure RabbitMQ (and, when they
+# can be had, PostgreSQL and the nginx binary) is there, then run ruff check,
+# ruff format --check, mypy and pytest.
 # Every step runs; the exit status is non-zero if any failed. Extra arguments go to
 # pytest, e.g. scripts/test.sh -k talktome -x
 set -uo pipefail
@@ -12,6 +13,13 @@ bash scripts/setup-venv.sh </dev/null || die "could not set up .venv"
 bash scripts/ensure-rabbitmq.sh </dev/null || die "the tests need RabbitMQ (see above)"
 bash scripts/ensure-postgres.sh </dev/null ||
     warn "PostgreSQL is not available on 127.0.0.1:5432; tests that need it will skip"
+# tests/test_nginx.py runs the real nginx in front of the app; MAILROOM_NGINX tells it
+# where the binary is (and that a missing one is a failure, not a skip).
+if nginx_bin="$(bash scripts/ensure-nginx.sh </dev/null)" && [ -n "$nginx_bin" ]; then
+    export MAILROOM_NGINX="$nginx_bin"
+else
+    warn "nginx is not available; the tests in tests/test_nginx.py will skip"
+fi
 
 export PATH="$MAILROOM_ROOT/.venv/bin:$PATH"
 failed=()
