@@ -63,4 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module under its own name, so its loggers say "admin", not "__main__".
+    import admin
+
+    sys.exit(admin.main())

@@ -44,7 +44,7 @@ class OutboxHandler:
         ).encode()
         name = f"{datetime.now():%Y%m%d-%H%M%S-%f}-{next(self._counter)}.eml"
         path = await asyncio.to_thread(self._write, name, header + content)
-        log.info("devsmtp: stored mail for %s in %s", ", ".join(envelope.rcpt_tos), path)
+        log.info("stored mail for %s in %s", ", ".join(envelope.rcpt_tos), path)
         return "250 OK: stored in the outbox"
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         server = await start(args.host, args.port, args.outbox)
-        log.info("devsmtp: listening on %s:%d, writing to %s/", args.host, args.port, args.outbox)
+        log.info("listening on %s:%d, writing to %s/", args.host, args.port, args.outbox)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -85,4 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module under its own name, so its loggers say "devsmtp", not "__main__".
+    import devsmtp
+
+    sys.exit(devsmtp.main())

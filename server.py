@@ -440,4 +440,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module under its own name, so its loggers say "server", not "__main__".
+    import server
+
+    sys.exit(server.main())

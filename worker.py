@@ -83,7 +83,7 @@ class Worker:
             queue = await self._consume_queue()
             tag = await queue.consume(self._on_message, no_ack=False)
             log.info(
-                "worker: consuming %s (concurrency %d, SMTP %s:%d %s)",
+                "consuming %s (concurrency %d, SMTP %s:%d %s)",
                 queue.name,
                 self.settings.worker_concurrency,
                 self.settings.smtp_host,
@@ -92,7 +92,7 @@ class Worker:
             )
             self.ready.set()
             await self._stop.wait()
-            log.info("worker: stopping; %d message(s) in flight", len(self._inflight))
+            log.info("stopping; %d message(s) in flight", len(self._inflight))
             with contextlib.suppress(*AMQP_ERRORS):
                 await asyncio.wait_for(queue.cancel(tag), 5)
             await self._drain()
@@ -100,7 +100,7 @@ class Worker:
             await self.pool.close()
             await self.broker.close()
             await self.store.close()
-            log.info("worker: stopped")
+            log.info("stopped")
 
     async def _wait_connected(self) -> bool:
         connected = asyncio.ensure_future(self.broker.wait_connected())
@@ -126,7 +126,7 @@ class Worker:
         _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
         if pending:
             log.warning(
-                "worker: %d send(s) not finished after %gs; they return to the queue",
+                "%d send(s) not finished after %gs; they return to the queue",
                 len(pending),
                 grace,
             )
@@ -404,4 +404,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module under its own name, so its loggers say "worker", not "__main__".
+    import worker
+
+    sys.exit(worker.main())

@@ -79,7 +79,9 @@ async def prefix() -> AsyncIterator[str]:
     """A queue prefix of this test's own; its queues and exchange are deleted afterwards."""
     name = f"test-{uuid.uuid4().hex[:12]}"
     yield name
-    await delete_topology(Names.for_prefix(name, TEST_RETRY_DELAYS))
+    # Processes started with the default RETRY_DELAYS declare those tiers too.
+    for delays in (TEST_RETRY_DELAYS, Settings().retry_delays):
+        await delete_topology(Names.for_prefix(name, delays))
 
 
 TEST_RETRY_DELAYS = (0.2, 0.4, 0.8)
