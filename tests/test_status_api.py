@@ -154,3 +154,27 @@ async def test_key_released_when_broker_refuses(make_settings: Callable[..., Set
         assert (await client.post("/api/messages", json=BODY, headers=headers)).status_code == 503
         again = await client.post("/api/messages", json=BODY, headers=headers)
         assert again.status_code == 503  # not 409: the key did not stay taken
+
+
+async def test_idempotency_keys_expire_after_24_hours(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from store import Store, idempotency_table, now_utc
+
+    store = await Store.open(make_settings(database_url=database_url))
+    try:
+        assert await store.claim_idempotency_key("c", "k", "h1", "a" * 32) is None
+        assert await store.claim_idempotency_key("c", "k", "h1", "b" * 32) == "a" * 32
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                update(idempotency_table).values(created_at=now_utc() - timedelta(hours=25))
+            )
+        # A day later the key is free again, even with another body.
+        assert await store.claim_idempotency_key("c", "k", "h2", "c" * 32) is None
+        assert await store.claim_idempotency_key("c", "k", "h2", "d" * 32) == "c" * 32
+    finally:
+        await store.close()
