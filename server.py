@@ -119,14 +119,29 @@ def create_app(settings: Settings) -> Quart:
     def store() -> Store:
         return stores[0]
 
+    housekeeping: list[asyncio.Task[None]] = []
+
+    async def purge_hourly() -> None:
+        while True:
+            try:
+                await store().purge_idempotency_keys()
+            except StoreUnavailable as exc:
+                log.warning("could not purge old idempotency keys: %s", exc)
+            await asyncio.sleep(3600)
+
     @app.before_serving
     async def startup() -> None:
         await talklog.open()
         stores.append(await Store.open(settings))
         await broker.start()
+        housekeeping.append(asyncio.create_task(purge_hourly(), name="purge-idempotency-keys"))
 
     @app.after_serving
     async def shutdown() -> None:
+        for task in housekeeping:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await broker.close()
         for opened in stores:
             await opened.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,6 @@ from messages import MailJob, addr_spec
 log = logging.getLogger(__name__)
 
 Status = Literal["queued", "sending", "retrying", "sent", "failed"]
-STATUSES: tuple[str, ...] = ("queued", "sending", "retrying", "sent", "failed")
 SCHEMA_VERSION = 1
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
@@ -136,7 +135,6 @@ class MessageRecord:
     history: list[dict[str, Any]]
     created_at: datetime
     updated_at: datetime
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def pending(self) -> list[str]:
         """Envelope addresses still to be sent to (never the ones already accepted)."""
@@ -314,6 +312,7 @@ class Store:
         await self._run(delete(table).where((table.c.client == client) & (table.c.key == key)))
 
     async def purge_idempotency_keys(self) -> None:
+        """Forget keys older than 24 hours (the server does this hourly)."""
         cutoff = now_utc() - IDEMPOTENCY_TTL
         await self._run(delete(idempotency_table).where(idempotency_table.c.created_at < cutoff))
 

@@ -157,7 +157,7 @@ class Worker:
             record = await self.store.begin_attempt(job)
         except StoreUnavailable as exc:
             log.error("message %s: database unavailable (%s); retrying later", job.id, exc)
-            await self._to_retry_tier(message, job, tier=0, headers={})
+            await self._to_retry_tier(message, job, 0, dict(message.headers or {}))
             return
         if record.status in ("sent", "failed"):
             log.info("message %s: already %s; acking without sending", job.id, record.status)
