@@ -141,10 +141,10 @@ class Guard:
             return
         if self.settings.allow_loopback and client.direct_loopback:
             return
-        if presented is not None:
-            raise Denied(401, "The token is not valid.", {"WWW-Authenticate": "Bearer"})
         if not self._tokens:
             raise Denied(401, SETUP_HELP, {"WWW-Authenticate": "Bearer"})
+        if presented is not None:
+            raise Denied(401, "The token is not valid.", {"WWW-Authenticate": "Bearer"})
         raise Denied(
             401,
             "A token is required: send 'Authorization: Bearer <token>'.",
