@@ -53,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{letter.id}  {letter.failed_at}{code}  {letter.error}")
         print(f"{len(seen)} dead letter(s) in {Names.of(settings).dead_queue}")
         return 0
-    done = [s.id for s in seen if args.all or s.id in (selected or set())]
-    missing = sorted((selected or set()) - set(done))
+    done = [s.id for s in seen if s.requeued]
+    kept = [s.id for s in seen if not s.requeued and (args.all or s.id in (selected or set()))]
+    missing = sorted((selected or set()) - {s.id for s in seen})
     print(f"re-queued {len(done)} message(s)")
+    if kept:
+        print(f"kept (record not updatable): {', '.join(kept)}", file=sys.stderr)
     if missing:
         print(f"not in the dead-letter queue: {', '.join(missing)}", file=sys.stderr)
+    if kept or missing:
         return 1
     return 0
 

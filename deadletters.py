@@ -8,6 +8,7 @@ that refused it are tried again, recipients that already accepted it are not.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ class DeadLetter:
     error: str
     failed_at: str
     smtp_code: int | None
+    requeued: bool = False
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
@@ -81,9 +83,10 @@ async def dead_letters(
                 held.append(message)
             for message in held:
                 letter = describe(message)
-                seen.append(letter)
                 if requeue_all or (requeue is not None and letter.id in requeue):
-                    await _requeue(topology.exchange, message, store)
+                    done = await _requeue(topology.exchange, message, store)
+                    letter = dataclasses.replace(letter, requeued=done)
+                seen.append(letter)
     finally:
         if store is not None:
             await store.close()
@@ -92,7 +95,7 @@ async def dead_letters(
 
 async def _requeue(
     exchange: aio_pika.abc.AbstractExchange, message: AbstractIncomingMessage, store: Store | None
-) -> None:
+) -> bool:
     headers: dict[str, Any] = {
         k: v for k, v in (message.headers or {}).items() if k not in _RESET_HEADERS
     }
@@ -115,7 +118,12 @@ async def _requeue(
                 }
                 await store.finish(message_id, "queued", retry, detail="re-queued by an operator")
         except StoreUnavailable as exc:
-            log.warning("message %s: record not updated: %s", message_id, exc)
+            # Its record would still say failed, and the worker would drop it: keep it here.
+            log.error(
+                "message %s: not re-queued, its record cannot be updated: %s", message_id, exc
+            )
+            return False
     await exchange.publish(copy, SEND_KEY, mandatory=True)
     await message.ack()
     log.info("message %s: re-queued", message_id)
+    return True

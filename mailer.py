@@ -124,6 +124,8 @@ def classify(exc: BaseException) -> DeliveryError:
         return SmtpConfigError(f"the SMTP server lacks a feature our settings need: {exc}")
     if isinstance(exc, aiosmtplib.SMTPException) and "AUTH extension" in str(exc):
         return SmtpConfigError(f"the SMTP server offers no login (AUTH): {exc}")
+    if isinstance(exc, aiosmtplib.SMTPException) and "STARTTLS extension" in str(exc):
+        return SmtpConfigError(f"the SMTP server offers no STARTTLS (SMTP_SECURITY): {exc}")
     if isinstance(exc, ssl.SSLError):
         return TransientDeliveryError(f"TLS error: {exc}")
     if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):

@@ -100,6 +100,7 @@ class DeadLetterView(BaseModel):
     error: str
     failed_at: str
     smtp_code: int | None
+    requeued: bool
 
 
 class DeadLetterList(BaseModel):

@@ -73,7 +73,13 @@ USAGE = """Mailroom: asynchronous mail dispatch.
   GET  /?talktome                 log the current time
   GET  /?sendmail=<address>       queue a test mail to <address> (mailto: accepted)
   POST /api/messages              queue a mail: {"to", "subject", "text", "html"?, "reply_to"?}
+  GET  /api/messages[/<id>]       what became of messages (?status=, ?limit=)
+  GET  /api/dead-letters          what could not be sent, and why
+  GET  /logs?lines=N              the last lines of the talktome log
   GET  /healthz, /readyz          liveness, readiness
+  GET  /openapi.json              the API description
+
+Sending and reading need 'Authorization: Bearer <API_TOKEN>' unless you are on this machine.
 """
 
 
@@ -283,7 +289,7 @@ def create_app(settings: Settings) -> Quart:
             if earlier is not None:
                 if await store().get(earlier) is None:
                     return json_error("a request with this Idempotency-Key is in progress", 409)
-                replay = {"Idempotent-Replayed": "true"}
+                replay = {"Idempotent-Replayed": "true", "Location": f"/api/messages/{earlier}"}
                 return jsonify(id=earlier, status="queued"), 202, replay
         try:
             await enqueue(job)

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 RETRIES_HEADER = "x-mailroom-retries"  # transient failures so far
 CONFIG_FAULTS_HEADER = "x-mailroom-config-faults"  # refused logins so far (never fatal)
 JITTER = 0.1
+CONFIG_FAULT_MAX_WAIT = 600.0  # seconds: the longest retry tier used for settings faults
 
 
 class Worker:
@@ -138,12 +139,22 @@ class Worker:
         # aio-pika cancels its consumer callbacks when the channel dies. A send the SMTP
         # server already accepted must still be recorded, or the redelivery would send it
         # again: so the work runs in a task of our own, shielded from that cancellation.
-        task = asyncio.create_task(self._handle(message))
+        task = asyncio.create_task(self._handle_safely(message))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         await asyncio.shield(task)
 
     # -- one message ---------------------------------------------------------------------
+
+    async def _handle_safely(self, message: AbstractIncomingMessage) -> None:
+        """The edge: a bug must not leave a message unacked (holding a prefetch slot)
+        forever, nor crash the consumer; the message goes to the dead-letter queue with the
+        error, for an operator to look at and re-queue."""
+        try:
+            await self._handle(message)
+        except Exception as exc:  # the edge: reported and dead-lettered, never swallowed
+            log.exception("message %s: internal error", message.message_id)
+            await self._dead_letter(message, f"internal error: {type(exc).__name__}: {exc}", None)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         assert self.store is not None
@@ -162,6 +173,12 @@ class Worker:
         if record.status in ("sent", "failed"):
             log.info("message %s: already %s; acking without sending", job.id, record.status)
             await self._ack(message, job.id)
+            return
+        if message.redelivered and record.attempts > self.settings.delivery_limit:
+            # Delivered again and again without an outcome: something (a crash, an OOM
+            # kill) stops the worker on this message. Classic queues have no delivery limit.
+            reason = f"{record.attempts} attempts without an outcome; the worker may crash on it"
+            await self._fail(message, job, reason, None, {})
             return
         pending = record.pending()
         log.info(
@@ -273,7 +290,11 @@ class Worker:
         headers = dict(message.headers or {})
         faults = _int_header(headers, CONFIG_FAULTS_HEADER)
         headers[CONFIG_FAULTS_HEADER] = faults + 1
-        tier = min(faults, len(self.names.retry_tiers) - 1)
+        # Back off, but not past ten minutes: once the settings are fixed, mail should flow.
+        short = [
+            n for n, t in enumerate(self.names.retry_tiers) if t.delay <= CONFIG_FAULT_MAX_WAIT
+        ]
+        tier = min(faults, short[-1]) if short else 0
         delay = self.names.retry_tiers[tier].delay
         what = "SMTP LOGIN REFUSED" if isinstance(exc, SmtpAuthError) else "SMTP SETTINGS FAULT"
         log.error(

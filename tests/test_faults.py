@@ -331,3 +331,51 @@ async def test_real_broker_restart(make_settings: Callable[..., Settings]) -> No
         await wait_until(lambda: set(accepted) <= set(recipients(smtp.recorder)), timeout=40)
     assert sorted(recipients(smtp.recorder)) == sorted(accepted)
     smtp.server.close()
+
+
+async def test_message_that_keeps_killing_the_worker_is_failed(
+    prefix: str, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """Classic queues have no delivery limit: the record's attempts stop a crash loop."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hang(envelope: Envelope) -> str:
+        started.set()
+        await release.wait()
+        return "421 closing"
+
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=hang))
+    settings = make_settings(delivery_limit=2)
+    env = child_env(
+        prefix,
+        SMTP_HOST="127.0.0.1",
+        SMTP_PORT=smtp.port,
+        SMTP_SECURITY="none",
+        DELIVERY_LIMIT=2,
+        DATABASE_URL=settings.database_url.get(),
+        RETRY_DELAYS=",".join(str(d) for d in settings.retry_delays),
+    )
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        body = await (await client.get("/?sendmail=deadly@example.com")).get_data(as_text=True)
+        message_id = body.split("id ")[1][:32]
+        for _ in range(2):  # the worker dies on it, twice
+            started.clear()
+            worker = await spawn("worker.py", tmp_path, env)
+            await asyncio.wait_for(started.wait(), 20)
+            os.killpg(worker.pid, signal.SIGKILL)
+            await finish(worker)
+        worker = await spawn("worker.py", tmp_path, env)
+        try:
+            record = await wait_status(client, message_id, "failed", timeout=20)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            code, out = await finish(worker)
+        assert code == 0, out
+    release.set()
+    smtp.server.close()
+    assert record["attempts"] == 3
+    assert "without an outcome" in record["last_error"]["message"]
+    assert await queue_depth(Names.of(settings).dead_queue) == 1
+    assert await queue_depth(Names.of(settings).send_queue) == 0

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 from collections.abc import Callable
 from datetime import datetime
 
 import aio_pika
+import pytest
 from aiosmtpd.smtp import Envelope
 
 import deadletters
@@ -135,13 +137,8 @@ async def test_partial_refusal_never_resends_to_accepted(
 
 
 async def test_refused_login_is_retried_not_failed(
-    make_settings: Callable[..., Settings], caplog: object
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
-    import logging
-
-    import pytest
-
-    assert isinstance(caplog, pytest.LogCaptureFixture)
     caplog.set_level(logging.INFO)
     smtp = await start_smtp("none", None, auth=True)
     overrides = smtp.settings_overrides(None, login=True)
@@ -258,3 +255,28 @@ def _run_admin(env: dict[str, str], argv: list[str]) -> int:
     )
     print(proc.stdout, end="")
     return proc.returncode
+
+
+async def test_missing_starttls_is_a_settings_fault(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """SMTP_SECURITY=starttls against a server without it: kept and retried, not failed."""
+    caplog.set_level(logging.INFO)
+    smtp = await start_smtp("none", None, auth=False)
+    settings = make_settings(
+        **{**smtp.settings_overrides(None, False), "smtp_security": "starttls"}
+    )
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        response = await client.get("/?sendmail=a@example.com")
+        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+        async with asyncio.timeout(15):
+            while True:
+                record = await (await client.get(f"/api/messages/{message_id}")).get_json()
+                if record["attempts"] > len(settings.retry_delays) + 1:
+                    break
+                await asyncio.sleep(0.1)
+    assert record["status"] in ("retrying", "sending")
+    assert "SMTP SETTINGS FAULT" in caplog.text and "STARTTLS" in caplog.text
+    assert await queue_depth(Names.of(settings).dead_queue) == 0
+    smtp.server.close()

@@ -1,0 +1,1561 @@
+"""Benchmark Mailroom against the reference Flask + Celery stack, in one run, on loopback.
+
+    .venv/bin/python bench/bench.py                      # full run (about 4-6 minutes)
+    .venv/bin/python bench/bench.py -n 500 --repeat 1 --sweep ""    # quick look
+
+Everything listens on 127.0.0.1 and is started and stopped by this script:
+
+* the sink: postfix ``smtp-sink`` (installed with apt-get when missing and allowed),
+  appending every mail to a dump file on tmpfs, which is read incrementally to see each
+  recipient arrive (unique vs total: lost and duplicate mails);
+* the systems under test, one after the other: reference mode a and b through
+  ``stack.sh`` (then ``cleanup_rabbit.py``), Mailroom (``server.py`` + ``worker.py``
+  with a private QUEUE_PREFIX whose queues and exchange are deleted afterwards), and
+  Mailroom with two server processes (the client alternates between their ports);
+* a small asyncio HTTP/1.1 client (a new connection per request, like the reference
+  figures) sending ``GET /?sendmail=<unique address>`` with bounded concurrency.
+
+Per system: a warm-up, then ``--repeat`` measured batches; each metric is the median over
+the batches. A sweep over WORKER_CONCURRENCY measures Mailroom end to end and draining
+a backlog (worker started after the batch was queued). Results: a table on stdout,
+``bench/results.md`` and ``bench/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
+
+import aio_pika
+
+log = logging.getLogger("bench")
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+HOST = "127.0.0.1"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+MAIL_DOMAIN = "example.com"
+# The systems under test see only these variables of ours, plus their own settings: no
+# Mailroom or reference setting leaks in from the caller's environment.
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+def base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in BASE_ENV}
+
+
+class BenchError(Exception):
+    """Something needed for the benchmark is missing or broke; the message says what."""
+
+
+# --------------------------------------------------------------------------------------
+# Processes: everything started is registered here and stopped on any exit path.
+
+
+class Registry:
+    """What this run started: process groups, reference modes, RabbitMQ prefixes."""
+
+    def __init__(self) -> None:
+        self.processes: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
+        self.ref_modes: dict[str, Callable[[], None]] = {}
+        self.prefixes: set[str] = set()
+
+    def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        self.processes[proc.pid] = (name, proc)
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int | None:
+        """SIGTERM the process group, wait, then SIGKILL what is left of it."""
+        name = self.processes.pop(proc.pid, ("?", proc))[0]
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "%s (pid %d) ignored SIGTERM for %gs; killing it", name, proc.pid, timeout
+                )
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of its group, if any
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for stop in list(self.ref_modes.values()):
+            try:
+                stop()
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.error("could not stop a reference stack: %s", exc)
+        self.ref_modes.clear()
+        for _, proc in list(self.processes.values())[::-1]:
+            self.stop(proc, timeout=10)
+        if self.prefixes:
+            try:
+                asyncio.run(delete_mailroom_topology(sorted(self.prefixes)))
+            except (OSError, aio_pika.exceptions.AMQPException) as exc:
+                log.error("could not delete queues of %s: %s", sorted(self.prefixes), exc)
+            self.prefixes.clear()
+
+
+REGISTRY = Registry()
+
+
+def spawn(
+    name: str, argv: Sequence[str], logfile: Path, env: dict[str, str], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session (so Ctrl-C reaches only us), output to ``logfile``."""
+    with logfile.open("ab") as out:
+        proc = subprocess.Popen(  # noqa: S603 - fixed argv built by this script
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    REGISTRY.add(name, proc)
+    log.debug("started %s: pid %d", name, proc.pid)
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_port(port: int, within: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"process {proc.pid} exited ({proc.returncode}) before listening")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise BenchError(f"nothing listens on {HOST}:{port} after {within:g}s")
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------------------
+# /proc sampling: CPU time and memory of process trees.
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime+stime in ticks) of ``pid``, or None if it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def _all_parents() -> dict[int, int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                parents[int(entry)] = st[0]
+    return parents
+
+
+def process_tree(roots: Sequence[int]) -> list[int]:
+    parents = _all_parents()
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found: list[int] = []
+    todo = [r for r in roots if r in parents]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _status_kb(pid: int, key: bytes, file: str = "status") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_bytes().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def pids_named(comm: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().strip() == comm:
+                    found.append(int(entry))
+    return found
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine since boot, from /proc/stat."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    ticks = [int(x) for x in first[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def own_cpu_s() -> float:
+    """CPU time of this process (the load generator, samplers and sink reader)."""
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclass
+class Usage:
+    cpu_s: float = 0.0
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    peak_pss_mb: float = 0.0
+    processes: int = 0
+
+
+class Sampler:
+    """Samples the process trees under ``roles`` (name -> root pid): summed RSS (every
+    ``interval``), summed PSS (every second: smaps_rollup is costlier), and the CPU time
+    (utime+stime) each tree used between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, roles: dict[str, int], interval: float = 0.2) -> None:
+        self.roles = dict(roles)
+        self.interval = interval
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.role_of: dict[int, str] = {}
+        self.usage = Usage()
+        self._task: asyncio.Task[None] | None = None
+        self._last_pss = 0.0
+
+    def sample(self, *, baseline: bool = False) -> None:
+        pids: list[int] = []
+        for role, root in self.roles.items():
+            for pid in process_tree([root]):
+                self.role_of.setdefault(pid, role)
+                pids.append(pid)
+        rss = 0
+        for pid in pids:
+            st = _stat(pid)
+            if st is None:
+                continue
+            if baseline:
+                self.first[pid] = st[1]
+            else:
+                self.first.setdefault(pid, 0)  # born during the measurement
+            self.last[pid] = st[1]
+            rss += _status_kb(pid, b"VmRSS:")
+        self.usage.peak_rss_mb = max(self.usage.peak_rss_mb, rss / 1024)
+        self.usage.processes = max(self.usage.processes, len(pids))
+        now = time.monotonic()
+        if baseline or now - self._last_pss >= 1.0:
+            self._last_pss = now
+            pss = sum(_status_kb(pid, b"Pss:", "smaps_rollup") for pid in pids)
+            self.usage.peak_pss_mb = max(self.usage.peak_pss_mb, pss / 1024)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.sample()
+
+    def start(self) -> None:
+        self.sample(baseline=True)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> Usage:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.sample()
+        by_role = dict.fromkeys(self.roles, 0.0)
+        for pid, ticks in self.last.items():
+            by_role[self.role_of[pid]] += (ticks - self.first.get(pid, 0)) / CLK_TCK
+        self.usage.cpu_by_role = by_role
+        self.usage.cpu_s = sum(by_role.values())
+        return self.usage
+
+
+# --------------------------------------------------------------------------------------
+# The sink: postfix smtp-sink, dumping every mail to one file that we read as it grows.
+
+
+def ensure_smtp_sink(install: bool) -> str:
+    found = shutil.which("smtp-sink") or (
+        "/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None
+    )
+    if found:
+        return found
+    how = "DEBIAN_FRONTEND=noninteractive apt-get install -y postfix"
+    if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise BenchError(
+            "postfix's smtp-sink is missing; it is the SMTP server mail is delivered to.\n"
+            f"  Install it with:  {how}\n  (run as root, or pass --install to let bench.py do it)"
+        )
+    log.info("smtp-sink is missing; installing postfix (%s)", how)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(
+        ["apt-get", "install", "-y", "postfix"],  # noqa: S607 - apt-get from PATH, as documented
+        env=env,
+        check=True,
+        timeout=600,
+        stdout=subprocess.DEVNULL,
+    )
+    found = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not Path(found).exists():
+        raise BenchError("postfix was installed but smtp-sink is still not found")
+    return found
+
+
+class Sink:
+    """smtp-sink on a loopback port; tracks each recipient's arrival times by run tag."""
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.binary = binary
+        self.dir = directory
+        self.dump = self.dir / "dump"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
+        self._partial = b""
+        self.seen: dict[str, list[float]] = {}  # recipient -> arrival times (poll times)
+        self.ids: dict[str, int] = {}  # X-Mailroom-Id -> count
+        self.messages = 0
+
+    async def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        argv = [self.binary, "-c", "-m", "1024", "-D", str(self.dump)]
+        if os.geteuid() == 0:
+            # smtp-sink must drop root privileges (-u nobody) before it writes the dump.
+            shutil.chown(self.dir, user="nobody")
+            argv += ["-u", "nobody"]
+        argv += [f"{HOST}:{self.port}", "1024"]
+        self.proc = spawn("smtp-sink", argv, self.dir / "smtp-sink.log", base_env(), self.dir)
+        await wait_port(self.port, 10, self.proc)
+        log.info("sink: smtp-sink on %s:%d, dump %s", HOST, self.port, self.dump)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            REGISTRY.stop(self.proc, timeout=5)
+            self.proc = None
+
+    def poll(self) -> None:
+        """Read what was appended to the dump since the last poll."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"smtp-sink exited ({self.proc.returncode}); see {self.dir}")
+        try:
+            with self.dump.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if not data:
+            return
+        self._offset += len(data)
+        now = time.monotonic()
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.startswith(b"X-Rcpt-Args: "):
+                addr = line[13:].split(b">", 1)[0].lstrip(b"<").decode(errors="replace").lower()
+                self.seen.setdefault(addr, []).append(now)
+                self.messages += 1
+            elif line.startswith(b"X-Mailroom-Id: "):
+                key = line[15:].strip().decode(errors="replace")
+                self.ids[key] = self.ids.get(key, 0) + 1
+
+    def cpu_s(self) -> float:
+        st = _stat(self.proc.pid) if self.proc is not None else None
+        return st[1] / CLK_TCK if st is not None else 0.0
+
+    def counted(self, addrs: Sequence[str]) -> tuple[int, int]:
+        """(unique, total) arrivals among ``addrs``."""
+        unique = total = 0
+        for a in addrs:
+            times = self.seen.get(a)
+            if times:
+                unique += 1
+                total += len(times)
+        return unique, total
+
+    def with_tag(self, tag: str) -> dict[str, list[float]]:
+        prefix = f"bench-{tag}-"
+        return {a: t for a, t in self.seen.items() if a.startswith(prefix)}
+
+
+def addresses(tag: str, n: int) -> list[str]:
+    return [f"bench-{tag}-{i}@{MAIL_DOMAIN}" for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------
+# The load generator: a minimal asyncio HTTP/1.1 client, one connection per request.
+
+_STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3})")
+_JOB_ID = re.compile(rb"\(id ([0-9a-f]{32})\)")
+
+
+@dataclass
+class LoadResult:
+    requested: int
+    sent: int = 0
+    accepted: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # seconds, accepted requests
+    statuses: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    job_ids: list[str] = field(default_factory=list)
+    started: float = 0.0
+    ended: float = 0.0
+    timed_out: bool = False
+    client_cpu_s: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return max(self.ended - self.started, 1e-9)
+
+
+async def http_get(port: int, target: str, within: float) -> tuple[int, bytes]:
+    request = f"GET {target} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n"
+    async with asyncio.timeout(within):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            writer.write(request.encode())
+            data = await reader.read()  # to EOF: the server closes after the response
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = _STATUS.match(head)
+    if match is None:
+        raise ConnectionError(f"not an HTTP response: {head[:40]!r}")
+    return int(match.group(1)), body
+
+
+async def run_load(
+    ports: Sequence[int],
+    addrs: Sequence[str],
+    concurrency: int,
+    request_timeout: float,
+    total_timeout: float,
+) -> LoadResult:
+    """GET /?sendmail=<addr> for every address, ``concurrency`` at a time, ports round-robin."""
+    result = LoadResult(requested=len(addrs))
+    todo: Iterator[tuple[int, str]] = iter(enumerate(addrs))
+
+    async def one_worker() -> None:
+        for i, addr in todo:
+            port = ports[i % len(ports)]
+            t0 = time.perf_counter()
+            result.sent += 1
+            try:
+                status, body = await http_get(
+                    port, f"/?sendmail={quote(addr, safe='@')}", request_timeout
+                )
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                key = type(exc).__name__
+                result.errors[key] = result.errors.get(key, 0) + 1
+                continue
+            result.statuses[str(status)] = result.statuses.get(str(status), 0) + 1
+            if status == 200 and body.startswith(b"Email to"):
+                result.latencies.append(time.perf_counter() - t0)
+                result.accepted.append(addr)
+                match = _JOB_ID.search(body)
+                if match:
+                    result.job_ids.append(match.group(1).decode())
+
+    cpu0 = time.process_time()
+    result.started = time.monotonic()
+    try:
+        async with asyncio.timeout(total_timeout):
+            await asyncio.gather(*(one_worker() for _ in range(min(concurrency, len(addrs)))))
+    except TimeoutError:
+        result.timed_out = True
+        log.warning(
+            "load: stopped after %gs with %d of %d sent", total_timeout, result.sent, len(addrs)
+        )
+    result.ended = time.monotonic()
+    result.client_cpu_s = time.process_time() - cpu0
+    return result
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+# --------------------------------------------------------------------------------------
+# Systems under test.
+
+
+@dataclass(frozen=True)
+class Options:
+    requests: int
+    concurrency: int
+    warmup: int
+    repeat: int
+    request_timeout: float
+    load_timeout: float
+    delivery_timeout: float
+    stall_timeout: float
+    settle: float
+    ref_dir: Path
+    ref_venv: Path
+    mailroom_python: Path
+    mailroom_src: Path
+    mailroom_log_level: str | None
+    workdir: Path
+    sink_dir: Path
+
+
+class System:
+    name = "?"
+    label = "?"
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.ports: list[int] = []
+        self.notes: list[str] = []
+        self.extra: dict[str, Any] = {}
+        self.env: dict[str, str] = {}
+
+    def configure(self, smtp_port: int) -> None:
+        """Build the environment of the processes; mail goes to the sink on ``smtp_port``."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def roots(self) -> dict[str, int]:
+        """The root pid of each part (its process tree is sampled), by role."""
+        raise NotImplementedError
+
+
+class Reference(System):
+    """Reference stack mode a or b, through its own stack.sh."""
+
+    def __init__(self, opts: Options, mode: str) -> None:
+        super().__init__(opts)
+        self.mode = mode
+        self.name = f"ref-{mode}"
+        self.label = {
+            "a": "reference a (Flask dev + celery)",
+            "b": "reference b (gunicorn -w4 + celery -c8)",
+        }[mode]
+        self.run_dir = opts.workdir / self.name
+        self.port = free_port()
+        self.ports = [self.port]
+        self._roots: dict[str, int] = {}
+
+    def _env(self, smtp_port: int) -> dict[str, str]:
+        env = base_env()
+        env.update(
+            PORT=str(self.port),
+            SMTP_HOST=HOST,
+            SMTP_PORT=str(smtp_port),
+            VENV=str(self.opts.ref_venv),
+            RUN_DIR=str(self.run_dir),
+        )
+        return env
+
+    def _stack(self, action: str, env: dict[str, str], timeout: float) -> str:
+        done = subprocess.run(  # noqa: S603 - fixed argv
+            [str(self.opts.ref_dir / "stack.sh"), self.mode, action],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(
+                f"stack.sh {self.mode} {action} failed ({done.returncode}): {done.stderr.strip()}\n"
+                f"web log:\n{tail(self.run_dir / 'web.log')}\n"
+                f"worker log:\n{tail(self.run_dir / 'worker.log')}"
+            )
+        return done.stdout.strip()
+
+    def configure(self, smtp_port: int) -> None:
+        self.env = self._env(smtp_port)
+
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        REGISTRY.ref_modes[self.name] = self._stop_sync
+        await asyncio.to_thread(self._stack, "start", self.env, 120)
+        pids = self._stack("pids", self.env, 10)
+        web, worker = (int(p) for p in pids.split(","))
+        self._roots = {"web": web, "worker": worker}
+        log.info("%s: up on port %d (web %d, worker %d)", self.name, self.port, web, worker)
+
+    def roots(self) -> dict[str, int]:
+        return self._roots
+
+    def _stop_sync(self) -> None:
+        REGISTRY.ref_modes.pop(self.name, None)
+        try:
+            self._stack("stop", self.env, 120)
+        finally:
+            done = subprocess.run(  # noqa: S603 - fixed argv
+                [
+                    str(self.opts.ref_venv / "bin/python"),
+                    str(self.opts.ref_dir / "cleanup_rabbit.py"),
+                    "--exchanges",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            for line in done.stderr.splitlines():
+                left = re.match(r"deleted queue celery \((\d+) messages\)", line)
+                if (left and left.group(1) != "0") or line.startswith("kept"):
+                    self.notes.append(f"cleanup_rabbit.py: {line.strip()}")
+            if done.returncode != 0:
+                log.warning("cleanup_rabbit.py failed: %s", done.stderr.strip()[-400:])
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self._stop_sync)
+        log.info("%s: stopped", self.name)
+
+
+class Mailroom(System):
+    """``python server.py`` (one or more, each on its own port) + ``python worker.py``."""
+
+    def __init__(self, opts: Options, servers: int, concurrency: int | None, name: str) -> None:
+        super().__init__(opts)
+        self.name = name
+        cc = "default" if concurrency is None else str(concurrency)
+        self.label = f"Mailroom ({servers} server{'s' if servers > 1 else ''}, concurrency {cc})"
+        self.servers = servers
+        self.concurrency = concurrency
+        self.prefix = f"bench-{uuid.uuid4().hex[:10]}"
+        self.run_dir = opts.workdir / name
+        self.ports = [free_port() for _ in range(servers)]
+        self.server_procs: list[subprocess.Popen[bytes]] = []
+        self.worker_proc: subprocess.Popen[bytes] | None = None
+        self.worker_starts = 0
+
+    def configure(self, smtp_port: int) -> None:
+        env = base_env()
+        env.update(
+            AMQP_URL=AMQP_URL,
+            QUEUE_PREFIX=self.prefix,
+            SMTP_HOST=HOST,
+            SMTP_PORT=str(smtp_port),
+            SMTP_SECURITY="none",
+            HOST=HOST,
+            TALKTOME_LOG=str(self.run_dir / "talktome.log"),
+            # Mailroom's default store is SQLite under var/; give each system its own file.
+            DATABASE_URL=f"sqlite:///{self.run_dir / 'mailroom.db'}",
+            SHUTDOWN_GRACE="10",
+            PYTHONUNBUFFERED="1",
+        )
+        if self.concurrency is not None:
+            env["WORKER_CONCURRENCY"] = str(self.concurrency)
+        if self.opts.mailroom_log_level:
+            env["LOG_LEVEL"] = self.opts.mailroom_log_level
+        self.env = env
+
+    def _spawn(self, script: str, logname: str, **extra: str) -> subprocess.Popen[bytes]:
+        # cwd is the run directory, so no .env of a checkout is read.
+        return spawn(
+            f"{self.name} {logname}",
+            [str(self.opts.mailroom_python), str(self.opts.mailroom_src / script)],
+            self.run_dir / f"{logname}.log",
+            dict(self.env, **extra),
+            self.run_dir,
+        )
+
+    async def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        REGISTRY.prefixes.add(self.prefix)
+        for i, port in enumerate(self.ports):
+            self.server_procs.append(self._spawn("server.py", f"server{i}", PORT=str(port)))
+        for i, proc in enumerate(self.server_procs):
+            await self._wait_ready(self.ports[i], proc, self.run_dir / f"server{i}.log")
+        await self.start_worker()
+        log.info("%s: up on port(s) %s, queue prefix %s", self.name, self.ports, self.prefix)
+
+    async def _wait_ready(self, port: int, proc: subprocess.Popen[bytes], logfile: Path) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(
+                    f"{self.name}: server exited ({proc.returncode}):\n{tail(logfile)}"
+                )
+            with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+                status, _ = await http_get(port, "/readyz", 2)
+                if status == 200:
+                    return
+            await asyncio.sleep(0.1)
+        raise BenchError(f"{self.name}: server not ready after 30s:\n{tail(logfile)}")
+
+    async def start_worker(self) -> None:
+        self.worker_starts += 1
+        logfile = self.run_dir / f"worker{self.worker_starts}.log"
+        proc = self._spawn("worker.py", logfile.stem)
+        self.worker_proc = proc
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(
+                    f"{self.name}: worker exited ({proc.returncode}):\n{tail(logfile)}"
+                )
+            with contextlib.suppress(OSError):
+                if "worker: consuming" in logfile.read_text(errors="replace"):
+                    return
+            await asyncio.sleep(0.1)
+        raise BenchError(f"{self.name}: worker not consuming after 30s:\n{tail(logfile)}")
+
+    async def stop_worker(self) -> None:
+        if self.worker_proc is not None:
+            proc, self.worker_proc = self.worker_proc, None
+            code = await asyncio.to_thread(REGISTRY.stop, proc, 30.0)
+            if code != 0:
+                self.notes.append(f"worker exited with status {code} on SIGTERM")
+
+    def roots(self) -> dict[str, int]:
+        roles = {f"server{i}": p.pid for i, p in enumerate(self.server_procs)}
+        if self.worker_proc is not None:
+            roles["worker"] = self.worker_proc.pid
+        return roles
+
+    async def stop(self) -> None:
+        for proc in self.server_procs:
+            code = await asyncio.to_thread(REGISTRY.stop, proc, 20.0)
+            if code != 0:
+                self.notes.append(f"server exited with status {code} on SIGTERM")
+        self.server_procs = []
+        await self.stop_worker()
+        queues = await delete_mailroom_topology([self.prefix])
+        REGISTRY.prefixes.discard(self.prefix)
+        self.extra["queues_at_stop"] = queues
+        self.extra["log_problems"] = scan_logs(self.run_dir)
+        for name, messages in queues.items():
+            if messages:
+                self.notes.append(f"queue {name} held {messages} message(s) at stop")
+        log.info("%s: stopped; its queues and exchanges deleted", self.name)
+
+
+def rabbitmqctl(*args: str) -> list[list[str]]:
+    """Rows of ``rabbitmqctl -q <args>`` (tab-separated), without the header row."""
+    done = subprocess.run(  # noqa: S603 - fixed argv
+        ["rabbitmqctl", "-q", *args],  # noqa: S607 - from PATH, like cleanup_rabbit.py
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    rows = [line.split("\t") for line in done.stdout.splitlines() if line.strip()]
+    return rows[1:] if rows and rows[0][0] == "name" else rows
+
+
+async def delete_mailroom_topology(prefixes: Sequence[str]) -> dict[str, int]:
+    """Delete every queue named ``<prefix>.*`` and exchange ``<prefix>[.*]`` (whatever
+    topology the Mailroom version declares); return each deleted queue's message count."""
+    owned = tuple(prefixes)
+    dotted = tuple(f"{p}." for p in owned)
+    queue_rows = await asyncio.to_thread(rabbitmqctl, "list_queues", "name", "messages")
+    exchange_rows = await asyncio.to_thread(rabbitmqctl, "list_exchanges", "name")
+    queues = {r[0]: int(r[1]) for r in queue_rows if len(r) == 2 and r[0].startswith(dotted)}
+    exchanges = [r[0] for r in exchange_rows if r and (r[0] in owned or r[0].startswith(dotted))]
+    connection = await asyncio.wait_for(aio_pika.connect(AMQP_URL, timeout=5), 10)
+    async with connection:
+        for queue_name in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPException):
+                await channel.queue_delete(queue_name)
+                await channel.close()
+        for exchange in exchanges:
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.AMQPException):
+                await channel.exchange_delete(exchange)
+                await channel.close()
+    return queues
+
+
+_PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
+_NOISE = (
+    (re.compile(r"[0-9a-f]{32}"), "<id>"),
+    (re.compile(r"bench-[\w.-]+@[\w.-]+"), "<addr>"),
+    (re.compile(r"\b\d+(\.\d+)?s\b"), "<n>s"),
+)
+
+
+def scan_logs(run_dir: Path) -> dict[str, Any]:
+    """Count WARNING/ERROR/Traceback lines in Mailroom's logs, by distinct message."""
+    count = 0
+    kinds: dict[str, int] = {}
+    for path in sorted(run_dir.glob("*.log")):
+        role = re.sub(r"\d+$", "", path.stem)
+        for line in path.read_text(errors="replace").splitlines():
+            if not _PROBLEM.search(line):
+                continue
+            count += 1
+            text = line.split(" ", 2)[-1] if line[:2].isdigit() else line
+            for pattern, repl in _NOISE:
+                text = pattern.sub(repl, text)
+            key = f"{role}: {text[:300]}"
+            kinds[key] = kinds.get(key, 0) + 1
+    top = sorted(kinds.items(), key=lambda kv: -kv[1])[:10]
+    return {"lines": count, "kinds": dict(top)}
+
+
+# --------------------------------------------------------------------------------------
+# Measurements.
+
+
+@dataclass
+class Batch:
+    """One measured batch of requests against one system."""
+
+    requested: int
+    accepted: int
+    http_errors: int
+    accepted_per_s: float
+    p50_ms: float
+    p99_ms: float
+    all_delivered: bool
+    delivered: int
+    lost: int
+    duplicates: int
+    unexpected: int
+    to_all_delivered_s: float
+    e2e_mails_per_s: float
+    lag_after_load_s: float
+    peak_rss_mb: float
+    peak_pss_mb: float
+    processes: int
+    cpu_ms_per_mail: float
+    rabbit_cpu_ms_per_mail: float
+    client_cpu_ms_per_req: float
+    machine_busy_cores: float
+    other_cores: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+async def wait_delivered(
+    sink: Sink, addrs: Sequence[str], deadline: float, stall: float
+) -> tuple[int, float]:
+    """Poll until every address arrived, or no progress for ``stall`` s, or ``deadline``.
+    Returns (unique arrivals, time the last new one was seen)."""
+    last_count, last_change = -1, time.monotonic()
+    last_new = time.monotonic()
+    while True:
+        sink.poll()
+        unique, _ = sink.counted(addrs)
+        now = time.monotonic()
+        if unique != last_count:
+            last_count, last_change = unique, now
+            last_new = now
+        if unique >= len(addrs) or now > deadline or now - last_change > stall:
+            return unique, last_new
+        await asyncio.sleep(0.02)
+
+
+async def _poll_sink(sink: Sink) -> None:
+    while True:
+        sink.poll()
+        await asyncio.sleep(0.05)
+
+
+async def measure(system: System, sink: Sink, tag: str, n: int, opts: Options) -> Batch:
+    """Send ``n`` requests, wait for their mails, and measure the system while it works."""
+    addrs = addresses(tag, n)
+    app = Sampler(system.roots())
+    rabbit = Sampler(
+        {f"rabbitmq{i}": pid for i, pid in enumerate(pids_named("beam.smp"))}, interval=1.0
+    )
+    app.start()
+    rabbit.start()
+    busy0, total0 = cpu_jiffies()
+    own0, sink0 = own_cpu_s(), sink.cpu_s()
+    poller = asyncio.create_task(_poll_sink(sink))
+    try:
+        load = await run_load(
+            system.ports, addrs, opts.concurrency, opts.request_timeout, opts.load_timeout
+        )
+    finally:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+    deadline = time.monotonic() + opts.delivery_timeout
+    unique, last_new = await wait_delivered(sink, load.accepted, deadline, opts.stall_timeout)
+    usage = await app.stop()
+    rabbit_usage = await rabbit.stop()
+    busy1, total1 = cpu_jiffies()
+    ours = usage.cpu_s + rabbit_usage.cpu_s + own_cpu_s() - own0 + sink.cpu_s() - sink0
+    seconds = (total1 - total0) / CLK_TCK / (os.cpu_count() or 1)
+    busy_s = (busy1 - busy0) / CLK_TCK
+    await asyncio.sleep(opts.settle)  # late duplicates
+    sink.poll()
+    unique, total = sink.counted(load.accepted)
+    accepted_set = set(load.accepted)
+    arrived = sink.with_tag(tag)
+    unexpected = sum(1 for a in arrived if a not in accepted_set)
+    ids = [sink.ids.get(i, 0) for i in load.job_ids]
+    done = unique == len(load.accepted)
+    to_all = last_new - load.started
+    delivered_total = max(unique, 1)
+    batch = Batch(
+        requested=n,
+        accepted=len(load.accepted),
+        http_errors=n - len(load.accepted),
+        accepted_per_s=len(load.accepted) / load.seconds,
+        p50_ms=percentile(load.latencies, 50) * 1000,
+        p99_ms=percentile(load.latencies, 99) * 1000,
+        all_delivered=done,
+        delivered=unique,
+        lost=len(load.accepted) - unique,
+        duplicates=total - unique,
+        unexpected=unexpected,
+        to_all_delivered_s=to_all,
+        e2e_mails_per_s=unique / max(to_all, 1e-9),
+        lag_after_load_s=max(0.0, last_new - load.ended),
+        peak_rss_mb=usage.peak_rss_mb,
+        peak_pss_mb=usage.peak_pss_mb,
+        processes=usage.processes,
+        cpu_ms_per_mail=usage.cpu_s * 1000 / delivered_total,
+        rabbit_cpu_ms_per_mail=rabbit_usage.cpu_s * 1000 / delivered_total,
+        client_cpu_ms_per_req=load.client_cpu_s * 1000 / max(load.sent, 1),
+        machine_busy_cores=busy_s / max(seconds, 1e-9),
+        other_cores=max(0.0, busy_s - ours) / max(seconds, 1e-9),
+        detail={
+            "statuses": load.statuses,
+            "errors": load.errors,
+            "load_seconds": round(load.seconds, 3),
+            "load_timed_out": load.timed_out,
+            "job_ids": len(load.job_ids),
+            "job_ids_missing_at_sink": sum(1 for c in ids if c == 0),
+            "job_ids_duplicated_at_sink": sum(1 for c in ids if c > 1),
+            "cpu_ms_per_mail_by_role": {
+                role: round(cpu * 1000 / delivered_total, 3)
+                for role, cpu in usage.cpu_by_role.items()
+            },
+        },
+    )
+    log.info(
+        "%s %s: %d/%d accepted, %.0f req/s, p50 %.0f ms, p99 %.0f ms; %d delivered in %.2fs"
+        " (%.0f mails/s), lost %d, dup %d; CPU %.2f ms/mail (+RabbitMQ %.2f), RSS %.0f MB",
+        system.name,
+        tag,
+        batch.accepted,
+        n,
+        batch.accepted_per_s,
+        batch.p50_ms,
+        batch.p99_ms,
+        unique,
+        to_all,
+        batch.e2e_mails_per_s,
+        batch.lost,
+        batch.duplicates,
+        batch.cpu_ms_per_mail,
+        batch.rabbit_cpu_ms_per_mail,
+        batch.peak_rss_mb,
+    )
+    return batch
+
+
+async def warm_up(system: System, sink: Sink, tag: str, opts: Options) -> None:
+    if opts.warmup <= 0:
+        return
+    load = await run_load(
+        system.ports, addresses(tag, opts.warmup), opts.concurrency, opts.request_timeout, 60
+    )
+    unique, _ = await wait_delivered(sink, load.accepted, time.monotonic() + 60, 20)
+    log.info(
+        "%s: warm-up %d/%d accepted, %d delivered",
+        system.name,
+        len(load.accepted),
+        opts.warmup,
+        unique,
+    )
+    if not load.accepted:
+        raise BenchError(f"{system.name}: the warm-up got no request accepted: {load.errors}")
+
+
+METRICS: tuple[tuple[str, str, str], ...] = (
+    # (Batch field, label, format)
+    ("accepted_per_s", "accepted req/s", "{:.0f}"),
+    ("p50_ms", "accept latency p50 (ms)", "{:.0f}"),
+    ("p99_ms", "accept latency p99 (ms)", "{:.0f}"),
+    ("e2e_mails_per_s", "end-to-end mails/s (all delivered)", "{:.0f}"),
+    ("to_all_delivered_s", "time until all delivered (s)", "{:.2f}"),
+    ("lag_after_load_s", "last mail after last accept (s)", "{:.2f}"),
+    ("lost", "lost mails", "{:.0f}"),
+    ("duplicates", "duplicate mails", "{:.0f}"),
+    ("http_errors", "requests not accepted", "{:.0f}"),
+    ("peak_rss_mb", "peak RSS, app processes (MB)", "{:.0f}"),
+    ("peak_pss_mb", "peak PSS, app processes (MB)", "{:.0f}"),
+    ("cpu_ms_per_mail", "CPU per mail, app (ms)", "{:.2f}"),
+    ("rabbit_cpu_ms_per_mail", "CPU per mail, RabbitMQ (ms)", "{:.2f}"),
+    ("total_cpu_ms_per_mail", "CPU per mail, app + RabbitMQ (ms)", "{:.2f}"),
+    ("client_cpu_ms_per_req", "CPU per request, load generator (ms)", "{:.2f}"),
+    ("machine_busy_cores", "machine CPU busy during batch (cores)", "{:.2f}"),
+    ("other_cores", "CPU used by unrelated processes (cores)", "{:.2f}"),
+)
+COUNT_METRICS = {"lost", "duplicates", "http_errors"}
+
+
+def summarize(batches: Sequence[Batch]) -> dict[str, float]:
+    """Median of each metric over the batches (sums for the loss counters)."""
+    out: dict[str, float] = {}
+    for key, _, _ in METRICS:
+        if key == "total_cpu_ms_per_mail":
+            values = [b.cpu_ms_per_mail + b.rabbit_cpu_ms_per_mail for b in batches]
+        else:
+            values = [float(getattr(b, key)) for b in batches]
+        out[key] = float(sum(values)) if key in COUNT_METRICS else statistics.median(values)
+    return out
+
+
+async def run_system(system: System, sink: Sink, opts: Options, run_id: str) -> dict[str, Any]:
+    system.configure(sink.port)
+    batches: list[Batch] = []
+    log.info("=== %s: %s", system.name, system.label)
+    try:
+        await system.start()
+        await warm_up(system, sink, f"{run_id}.{system.name}.w", opts)
+        for r in range(opts.repeat):
+            batches.append(
+                await measure(system, sink, f"{run_id}.{system.name}.{r}", opts.requests, opts)
+            )
+    finally:
+        await system.stop()
+    roles = batches[0].detail["cpu_ms_per_mail_by_role"] if batches else {}
+    return {
+        "name": system.name,
+        "label": system.label,
+        "median": summarize(batches),
+        "cpu_ms_per_mail_by_role": {
+            role: statistics.median(b.detail["cpu_ms_per_mail_by_role"][role] for b in batches)
+            for role in roles
+        },
+        "batches": [asdict(b) for b in batches],
+        "notes": system.notes,
+        **system.extra,
+    }
+
+
+async def sweep_one(
+    concurrency: int, sink: Sink, opts: Options, run_id: str, n: int
+) -> dict[str, Any]:
+    """Mailroom with one WORKER_CONCURRENCY: end to end, then draining a queued backlog."""
+    system = Mailroom(opts, 1, concurrency, f"sweep-c{concurrency}")
+    system.configure(sink.port)
+    log.info("=== sweep: WORKER_CONCURRENCY=%d", concurrency)
+    try:
+        await system.start()
+        await warm_up(system, sink, f"{run_id}.{system.name}.w", opts)
+        e2e = await measure(system, sink, f"{run_id}.{system.name}.e2e", n, opts)
+        # Backlog: queue n mails with the worker stopped, then time the worker alone.
+        await system.stop_worker()
+        tag = f"{run_id}.{system.name}.drain"
+        load = await run_load(
+            system.ports,
+            addresses(tag, n),
+            opts.concurrency,
+            opts.request_timeout,
+            opts.load_timeout,
+        )
+        sink.poll()
+        before = len(sink.with_tag(tag))
+        await system.start_worker()
+        sampler = Sampler(system.roots())
+        sampler.start()
+        unique, _ = await wait_delivered(
+            sink, load.accepted, time.monotonic() + opts.delivery_timeout, opts.stall_timeout
+        )
+        usage = await sampler.stop()
+        await asyncio.sleep(opts.settle)
+        sink.poll()
+        unique, total = sink.counted(load.accepted)
+        firsts = sorted(times[0] for times in sink.with_tag(tag).values())
+        span = firsts[-1] - firsts[0] if len(firsts) > 1 else float("nan")
+        k95 = max(1, int(0.95 * len(firsts)) - 1)
+        span95 = firsts[k95] - firsts[0] if len(firsts) > 1 else float("nan")
+        drain = {
+            "server_alone_req_per_s": len(load.accepted) / load.seconds,
+            "server_alone_p99_ms": percentile(load.latencies, 99) * 1000,
+            "queued": len(load.accepted),
+            "delivered_before_worker": before,
+            "delivered": unique,
+            "lost": len(load.accepted) - unique,
+            "duplicates": total - unique,
+            "seconds_first_to_last": span,
+            "mails_per_s": (len(firsts) - 1) / span if span > 0 else 0.0,
+            "mails_per_s_first_95pct": k95 / span95 if span95 > 0 else 0.0,
+            "cpu_ms_per_mail": usage.cpu_s * 1000 / max(unique, 1),
+            "peak_rss_mb": usage.peak_rss_mb,
+        }
+        log.info(
+            "sweep c=%d drain: %d mails in %.2fs = %.0f mails/s, lost %d, dup %d, CPU %.2f ms/mail",
+            concurrency,
+            unique,
+            span,
+            drain["mails_per_s"],
+            drain["lost"],
+            drain["duplicates"],
+            drain["cpu_ms_per_mail"],
+        )
+    finally:
+        await system.stop()
+    return {
+        "concurrency": concurrency,
+        "e2e": asdict(e2e),
+        "drain": drain,
+        "notes": system.notes,
+        **system.extra,
+    }
+
+
+def recommend(sweep: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Smallest concurrency whose backlog drain rate is within 5% of the best one."""
+    if not sweep:
+        return {}
+    rates = {s["concurrency"]: float(s["drain"]["mails_per_s"]) for s in sweep}
+    best = max(rates, key=lambda c: rates[c])
+    near = sorted(c for c, r in rates.items() if r >= 0.95 * rates[best])
+    return {"fastest": best, "within_5pct": near, "recommended": near[0], "drain_rates": rates}
+
+
+# --------------------------------------------------------------------------------------
+# Report.
+
+
+def fmt(value: float, pattern: str) -> str:
+    if value != value:  # NaN
+        return "n/a"
+    return pattern.format(value)
+
+
+def ratio(a: float, b: float) -> str:
+    if a != a or b != b:
+        return "n/a"
+    if b == 0:
+        return "=" if a == 0 else "n/a"
+    return f"{a / b:.2f}x"
+
+
+def render(results: dict[str, Any]) -> str:
+    systems = {s["name"]: s for s in results["systems"]}
+    cfg = results["config"]
+    env = results["environment"]
+    out = [
+        "# Mailroom vs reference stack",
+        "",
+        f"Measured {results['date']} on {env['machine']}; N={cfg['requests']} requests per batch, "
+        f"concurrency {cfg['concurrency']}, a new HTTP connection per request, warm-up "
+        f"{cfg['warmup']}, median of {cfg['repeat']} batch(es) (lost/duplicates/not accepted: "
+        f"sums). Load average before the run: {env['loadavg_before']}.",
+        "",
+    ]
+    order = [n for n in ("ref-a", "ref-b", "mailroom", "mailroom-2srv") if n in systems]
+    head = ["metric", *[f"{n}" for n in order]]
+    pairs = [(m, r) for m in ("mailroom", "mailroom-2srv") for r in ("ref-a", "ref-b")]
+    pairs = [(m, r) for m, r in pairs if m in systems and r in systems]
+    short = {
+        "mailroom": "Mailroom",
+        "mailroom-2srv": "Mailroom 2srv",
+        "ref-a": "ref a",
+        "ref-b": "ref b",
+    }
+    head += [f"{short[m]} / {short[r]}" for m, r in pairs]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for key, label, pattern in METRICS:
+        row = [label]
+        for n in order:
+            row.append(fmt(systems[n]["median"][key], pattern))
+        for m, r in pairs:
+            row.append(ratio(systems[m]["median"][key], systems[r]["median"][key]))
+        out.append("| " + " | ".join(row) + " |")
+    out += [
+        "",
+        "Ratios are Mailroom divided by the reference: above 1x is better for req/s and mails/s, "
+        "below 1x is better for latency, time, memory and CPU (`=`: both zero).",
+        "",
+    ]
+    for n in order:
+        split = ", ".join(
+            f"{role} {ms:.2f}" for role, ms in systems[n]["cpu_ms_per_mail_by_role"].items()
+        )
+        out.append(f"- `{n}`: {systems[n]['label']}; CPU ms per mail by process tree: {split}")
+    mailroom = results.get("mailroom", {})
+    if mailroom:
+        out.append(f"- Mailroom source: {', '.join(f'{k}: {v}' for k, v in mailroom.items())}")
+    out.append("")
+    sweep = results.get("sweep") or []
+    if sweep:
+        rec = results["recommendation"]
+        out += [
+            "## WORKER_CONCURRENCY sweep (Mailroom, 1 server)",
+            "",
+            f"One fresh Mailroom per value, warm-up, then two batches of {cfg['sweep_requests']} "
+            "requests. End to end (e2e): HTTP load and worker at once, as above. Drain: the batch "
+            "is queued with the worker stopped, then a new worker is timed alone from the first "
+            "mail to the last (all) and to the 95th percentile mail (first 95%: ignores "
+            "stragglers such as retried mails). With the worker stopped the server alone "
+            "accepted "
+            + ", ".join(f"{x['drain']['server_alone_req_per_s']:.0f}" for x in sweep)
+            + " req/s.",
+            "",
+            "| WORKER_CONCURRENCY | e2e accepted req/s | e2e p99 (ms) | e2e mails/s "
+            "| last mail after last accept (s) | e2e CPU ms/mail | drain mails/s (all) "
+            "| drain mails/s (first 95%) | drain worker CPU ms/mail | lost | dup |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in sweep:
+            e, d = s["e2e"], s["drain"]
+            out.append(
+                f"| {s['concurrency']} | {e['accepted_per_s']:.0f} | {e['p99_ms']:.0f} | "
+                f"{e['e2e_mails_per_s']:.0f} | "
+                f"{e['lag_after_load_s']:.2f} | {e['cpu_ms_per_mail']:.2f} | "
+                f"{d['mails_per_s']:.0f} | {d['mails_per_s_first_95pct']:.0f} | "
+                f"{d['cpu_ms_per_mail']:.2f} | {e['lost'] + d['lost']} | "
+                f"{e['duplicates'] + d['duplicates']} |"
+            )
+        out += [
+            "",
+            f"Fastest drain: {rec['fastest']}; within 5% of it: {rec['within_5pct']}; "
+            f"recommended (smallest of those): **{rec['recommended']}**.",
+            "",
+        ]
+    notes = [
+        f"- {s['name']}: {note}"
+        for s in [
+            *results["systems"],
+            *[{"name": f"sweep c={x['concurrency']}", **x} for x in sweep],
+        ]
+        for note in s.get("notes", [])
+    ]
+    problems = []
+    for s in [*results["systems"], *sweep]:
+        found = s.get("log_problems", {})
+        if found.get("lines"):
+            name = s.get("name") or f"sweep c={s['concurrency']}"
+            problems.append(f"- {name}: {found['lines']} warning/error line(s) in its logs:")
+            problems += [f"  - {count} x `{text}`" for text, count in found["kinds"].items()]
+    if notes or problems:
+        out += ["## Notes", "", *notes, *problems, ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------
+# Main.
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(  # noqa: S603 - fixed argv
+        ["git", "-C", str(REPO), *args],  # noqa: S607 - git from PATH
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def mailroom_source(rev: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """Where to run Mailroom from: ``worktree`` (the checkout as it is, other people's
+    uncommitted edits included) or a git revision exported with ``git archive``."""
+    if rev == "worktree":
+        dirty = [
+            line[3:] for line in git("status", "--porcelain", "--", "*.py").splitlines() if line
+        ]
+        head = git("rev-parse", "--short=10", "HEAD")
+        return REPO, {"source": "worktree", "head": head, "uncommitted_py": dirty}
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise BenchError(
+            f"--mailroom-src {rev!r} is neither 'worktree' nor a git revision"
+        ) from None
+    dest = workdir / f"mailroom-{commit[:10]}"
+    archive = subprocess.run(  # noqa: S603 - fixed argv
+        ["git", "-C", str(REPO), "archive", "--format=tar", commit],  # noqa: S607
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    subject = git("log", "-1", "--format=%s", commit)
+    return dest, {"source": f"git archive {rev}", "commit": commit[:10], "subject": subject}
+
+
+def preflight(opts: Options, systems: Sequence[str], install: bool) -> str:
+    sink = ensure_smtp_sink(install)
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        if sock.connect_ex((HOST, 5672)) != 0:
+            raise BenchError(
+                "RabbitMQ does not answer on 127.0.0.1:5672 (start it: scripts/ensure-rabbitmq.sh)"
+            )
+    if any(s.startswith("ref-") for s in systems):
+        if not (opts.ref_dir / "stack.sh").is_file():
+            raise BenchError(f"no reference stack at {opts.ref_dir}")
+        if not (opts.ref_venv / "bin/celery").exists():
+            log.info("creating the reference venv at %s (setup.sh)", opts.ref_venv)
+            subprocess.run(  # noqa: S603 - fixed argv
+                [str(opts.ref_dir / "setup.sh")],
+                env=dict(os.environ, VENV=str(opts.ref_venv)),
+                check=True,
+                timeout=600,
+                stdout=subprocess.DEVNULL,
+            )
+    if not opts.mailroom_python.exists():
+        raise BenchError(f"no Python at {opts.mailroom_python} (create the venv first)")
+    return sink
+
+
+async def run(
+    opts: Options,
+    systems: Sequence[str],
+    sweep: Sequence[int],
+    sweep_requests: int,
+    sink_binary: str,
+) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:6]
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "run_id": run_id,
+        "config": {
+            "requests": opts.requests,
+            "concurrency": opts.concurrency,
+            "warmup": opts.warmup,
+            "repeat": opts.repeat,
+            "systems": list(systems),
+            "sweep": list(sweep),
+            "sweep_requests": sweep_requests,
+            "mailroom_log_level": opts.mailroom_log_level or "default (INFO)",
+            "http": "HTTP/1.1, Connection: close (a new connection per request)",
+        },
+        "environment": {
+            "machine": f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}",
+            "python": platform.python_version(),
+            "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "sink": "postfix smtp-sink -D <dump file on tmpfs>",
+            "storage": "logs and Mailroom's SQLite file on disk (tempfile.mkdtemp)",
+        },
+        "systems": [],
+        "sweep": [],
+    }
+    sink = Sink(sink_binary, opts.sink_dir)
+    await sink.start()
+    try:
+        for name in systems:
+            system: System
+            if name in ("ref-a", "ref-b"):
+                system = Reference(opts, name[-1])
+            elif name == "mailroom":
+                system = Mailroom(opts, 1, None, name)
+            elif name == "mailroom-2srv":
+                system = Mailroom(opts, 2, None, name)
+            else:
+                raise BenchError(f"unknown system {name!r}")
+            results["systems"].append(await run_system(system, sink, opts, run_id))
+        for c in sweep:
+            results["sweep"].append(await sweep_one(c, sink, opts, run_id, sweep_requests))
+        results["recommendation"] = recommend(results["sweep"])
+        results["sink_messages_total"] = sink.messages
+    finally:
+        sink.stop()
+    return results
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-n", "--requests", type=int, default=2000, help="requests per batch (2000)")
+    p.add_argument("-c", "--concurrency", type=int, default=64, help="requests in flight (64)")
+    p.add_argument("--warmup", type=int, default=200, help="warm-up requests per system (200)")
+    p.add_argument("--repeat", type=int, default=3, help="measured batches per system (3)")
+    p.add_argument(
+        "--systems",
+        default="ref-a,ref-b,mailroom,mailroom-2srv",
+        help="comma-separated, from ref-a, ref-b, mailroom, mailroom-2srv (all)",
+    )
+    p.add_argument(
+        "--sweep",
+        default="4,16,32,64",
+        help="WORKER_CONCURRENCY values to sweep; '' skips (4,16,32,64)",
+    )
+    p.add_argument(
+        "--sweep-requests", type=int, default=1000, help="requests per sweep batch (1000)"
+    )
+    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds per request (30)")
+    p.add_argument(
+        "--load-timeout", type=float, default=180.0, help="seconds per batch's load (180)"
+    )
+    p.add_argument(
+        "--delivery-timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for mails after load (180)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="give up waiting after this long without a new mail (30)",
+    )
+    p.add_argument(
+        "--settle", type=float, default=1.0, help="seconds to wait for late duplicates (1)"
+    )
+    p.add_argument("--ref-dir", type=Path, default=Path("/work/shared/reference"))
+    p.add_argument("--ref-venv", type=Path, default=Path(os.environ.get("VENV", "/tmp/refvenv")))  # noqa: S108
+    p.add_argument("--mailroom-python", type=Path, default=REPO / ".venv/bin/python")
+    p.add_argument(
+        "--mailroom-src",
+        default="HEAD",
+        help="git revision of Mailroom to run (exported with git archive), or 'worktree' "
+        "for the checkout as it is (HEAD)",
+    )
+    p.add_argument(
+        "--mailroom-log-level", default=None, help="LOG_LEVEL for Mailroom (its default: INFO)"
+    )
+    p.add_argument("--no-install", action="store_true", help="never apt-get install postfix")
+    p.add_argument("--out", type=Path, default=BENCH_DIR, help="where results.md/.json go (bench/)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, dump)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
+    if args.requests < 1 or args.concurrency < 1 or args.repeat < 1:
+        log.error("--requests, --concurrency and --repeat must be at least 1")
+        return 2
+    # Logs and Mailroom's SQLite file on disk, as in a deployment; the sink's dump on tmpfs
+    # so that the sink stays fast.
+    workdir = Path(tempfile.mkdtemp(prefix="mailroom-bench-"))
+    workdir.chmod(0o755)
+    shm = Path("/dev/shm")  # noqa: S108 - mkdtemp makes a private directory in it
+    sink_dir = Path(
+        tempfile.mkdtemp(prefix="mailroom-bench-sink-", dir=shm if shm.is_dir() else None)
+    )
+    sink_dir.chmod(0o755)
+    try:
+        mailroom_src, mailroom_info = mailroom_source(args.mailroom_src, workdir)
+    except (BenchError, subprocess.SubprocessError, OSError, tarfile.TarError) as exc:
+        log.error("bench: cannot get Mailroom's source: %s", exc)
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(sink_dir, ignore_errors=True)
+        return 1
+    log.info("Mailroom from %s", mailroom_info)
+    opts = Options(
+        requests=args.requests,
+        concurrency=args.concurrency,
+        warmup=args.warmup,
+        repeat=args.repeat,
+        request_timeout=args.request_timeout,
+        load_timeout=args.load_timeout,
+        delivery_timeout=args.delivery_timeout,
+        stall_timeout=args.stall_timeout,
+        settle=args.settle,
+        ref_dir=args.ref_dir,
+        ref_venv=args.ref_venv,
+        mailroom_python=args.mailroom_python,
+        mailroom_src=mailroom_src,
+        mailroom_log_level=args.mailroom_log_level,
+        workdir=workdir,
+        sink_dir=sink_dir,
+    )
+    signal.signal(signal.SIGTERM, _terminate)
+    # Also when started in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    started = time.monotonic()
+    try:
+        sink_binary = preflight(opts, systems, install=not args.no_install)
+        results = asyncio.run(run(opts, systems, sweep, args.sweep_requests, sink_binary))
+        results["mailroom"] = mailroom_info
+    except BenchError as exc:
+        log.error("bench: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        log.error("bench: interrupted; stopping everything it started")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish cleaning up
+        REGISTRY.stop_all()
+        if args.keep:
+            log.info("work directories kept: %s (logs), %s (sink)", workdir, sink_dir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(sink_dir, ignore_errors=True)
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    report = render(results) + f"\nTotal benchmark time: {results['duration_s']:.0f} s.\n"
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(report)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s and %s", args.out / "results.md", args.out / "results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
