@@ -11,6 +11,7 @@ and every transition is appended to its ``history`` with a UTC time stamp.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -195,12 +196,20 @@ def engine_url(database_url: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling off: _sqlite_begin starts every transaction.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # Take the write lock up front: a deferred transaction that reads and then writes
+    # fails at once with "database is locked" when another process writes meanwhile.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Store:
@@ -217,13 +226,19 @@ class Store:
             path = make_url(url).database
             if path and path != ":memory:":
                 await _mkdir(Path(path).parent)
-        engine = create_async_engine(
-            url,
-            pool_pre_ping=not is_sqlite,
-            connect_args={"timeout": settings.connect_timeout} if not is_sqlite else {},
-        )
         if is_sqlite:
-            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            # One connection per process: SQLite takes one writer at a time anyway, and
+            # queueing here is cheaper than connections fighting over the file lock.
+            engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
+            event.listen(engine.sync_engine, "connect", _sqlite_connect)
+            event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        else:
+            engine = create_async_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=10,
+                connect_args={"timeout": settings.connect_timeout},
+            )
         store = cls(engine)
         try:
             await store._migrate()
@@ -249,23 +264,14 @@ class Store:
     # -- the server's side -------------------------------------------------------------
 
     async def insert_queued(self, job: MailJob) -> None:
-        at = now_utc()
-        results = {
-            addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
-        }
-        await self._run(
-            insert(messages_table).values(
-                id=job.id,
-                recipients=list(job.to),
-                subject=job.subject,
-                status="queued",
-                attempts=0,
-                results=results,
-                history=[{"status": "queued", "at": _iso(at)}],
-                created_at=at,
-                updated_at=at,
-            )
-        )
+        """Create the record of an accepted message (a no-op if a worker already did)."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(_insert_queued(job))
+        except IntegrityError:
+            return
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
 
     async def claim_idempotency_key(
         self, client: str, key: str, request_hash: str, message_id: str
@@ -422,14 +428,17 @@ class Store:
             values["results"] = {
                 a: r if isinstance(r, dict) else r.__dict__ for a, r in values["results"].items()
             }
+        history = [*record.history, entry]
         await conn.execute(
             update(messages_table)
             .where(messages_table.c.id == record.id)
-            .values(status=status, history=[*record.history, entry], updated_at=at, **values)
+            .values(status=status, history=history, updated_at=at, **values)
         )
-        updated = await self._load(conn, record.id)
-        assert updated is not None
-        return updated
+        # The new state, without reading it back.
+        changes = {k: v for k, v in values.items() if k != "results"}
+        if "results" in values:
+            changes["results"] = {a: RecipientResult(**r) for a, r in values["results"].items()}
+        return dataclasses.replace(record, status=status, history=history, updated_at=at, **changes)
 
     async def _run(self, statement: Any) -> None:
         try:
