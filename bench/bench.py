@@ -1046,6 +1046,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("other_cores", "CPU used by unrelated processes (cores)", "{:.2f}"),
 )
 COUNT_METRICS = {"lost", "duplicates", "http_errors"}
+CONTEXT_METRICS = {"client_cpu_ms_per_req", "machine_busy_cores", "other_cores"}  # no ratios
 
 
 def summarize(batches: Sequence[Batch]) -> dict[str, float]:
@@ -1088,73 +1089,87 @@ async def run_system(system: System, sink: Sink, opts: Options, run_id: str) -> 
     }
 
 
+async def drain_once(
+    system: Mailroom, sink: Sink, opts: Options, tag: str, n: int
+) -> dict[str, Any]:
+    """Queue ``n`` mails with the worker stopped, then time a new worker alone."""
+    await system.stop_worker()
+    load = await run_load(
+        system.ports, addresses(tag, n), opts.concurrency, opts.request_timeout, opts.load_timeout
+    )
+    sink.poll()
+    before = len(sink.with_tag(tag))
+    await system.start_worker()
+    sampler = Sampler(system.roots())
+    sampler.start()
+    await wait_delivered(
+        sink, load.accepted, time.monotonic() + opts.delivery_timeout, opts.stall_timeout
+    )
+    usage = await sampler.stop()
+    await asyncio.sleep(opts.settle)
+    sink.poll()
+    unique, total = sink.counted(load.accepted)
+    firsts = sorted(times[0] for times in sink.with_tag(tag).values())
+    span = firsts[-1] - firsts[0] if len(firsts) > 1 else float("nan")
+    k95 = max(1, int(0.95 * len(firsts)) - 1)
+    span95 = firsts[k95] - firsts[0] if len(firsts) > 1 else float("nan")
+    drain = {
+        "server_alone_req_per_s": len(load.accepted) / load.seconds,
+        "server_alone_p99_ms": percentile(load.latencies, 99) * 1000,
+        "queued": len(load.accepted),
+        "delivered_before_worker": before,
+        "delivered": unique,
+        "lost": len(load.accepted) - unique,
+        "duplicates": total - unique,
+        "seconds_first_to_last": span,
+        "mails_per_s": (len(firsts) - 1) / span if span > 0 else 0.0,
+        "mails_per_s_first_95pct": k95 / span95 if span95 > 0 else 0.0,
+        "cpu_ms_per_mail": usage.cpu_s * 1000 / max(unique, 1),
+        "peak_rss_mb": usage.peak_rss_mb,
+    }
+    log.info(
+        "%s drain: %d mails in %.2fs = %.0f mails/s (first 95%%: %.0f), lost %d, dup %d, "
+        "worker CPU %.2f ms/mail; server alone took %.0f req/s",
+        system.name,
+        unique,
+        span,
+        drain["mails_per_s"],
+        drain["mails_per_s_first_95pct"],
+        drain["lost"],
+        drain["duplicates"],
+        drain["cpu_ms_per_mail"],
+        drain["server_alone_req_per_s"],
+    )
+    return drain
+
+
 async def sweep_one(
-    concurrency: int, sink: Sink, opts: Options, run_id: str, n: int
+    concurrency: int, sink: Sink, opts: Options, run_id: str, n: int, repeat: int
 ) -> dict[str, Any]:
     """Mailroom with one WORKER_CONCURRENCY: end to end, then draining a queued backlog."""
     system = Mailroom(opts, 1, concurrency, f"sweep-c{concurrency}")
     system.configure(sink.port)
     log.info("=== sweep: WORKER_CONCURRENCY=%d", concurrency)
+    e2e: list[Batch] = []
+    drains: list[dict[str, Any]] = []
     try:
         await system.start()
         await warm_up(system, sink, f"{run_id}.{system.name}.w", opts)
-        e2e = await measure(system, sink, f"{run_id}.{system.name}.e2e", n, opts)
-        # Backlog: queue n mails with the worker stopped, then time the worker alone.
-        await system.stop_worker()
-        tag = f"{run_id}.{system.name}.drain"
-        load = await run_load(
-            system.ports,
-            addresses(tag, n),
-            opts.concurrency,
-            opts.request_timeout,
-            opts.load_timeout,
-        )
-        sink.poll()
-        before = len(sink.with_tag(tag))
-        await system.start_worker()
-        sampler = Sampler(system.roots())
-        sampler.start()
-        unique, _ = await wait_delivered(
-            sink, load.accepted, time.monotonic() + opts.delivery_timeout, opts.stall_timeout
-        )
-        usage = await sampler.stop()
-        await asyncio.sleep(opts.settle)
-        sink.poll()
-        unique, total = sink.counted(load.accepted)
-        firsts = sorted(times[0] for times in sink.with_tag(tag).values())
-        span = firsts[-1] - firsts[0] if len(firsts) > 1 else float("nan")
-        k95 = max(1, int(0.95 * len(firsts)) - 1)
-        span95 = firsts[k95] - firsts[0] if len(firsts) > 1 else float("nan")
-        drain = {
-            "server_alone_req_per_s": len(load.accepted) / load.seconds,
-            "server_alone_p99_ms": percentile(load.latencies, 99) * 1000,
-            "queued": len(load.accepted),
-            "delivered_before_worker": before,
-            "delivered": unique,
-            "lost": len(load.accepted) - unique,
-            "duplicates": total - unique,
-            "seconds_first_to_last": span,
-            "mails_per_s": (len(firsts) - 1) / span if span > 0 else 0.0,
-            "mails_per_s_first_95pct": k95 / span95 if span95 > 0 else 0.0,
-            "cpu_ms_per_mail": usage.cpu_s * 1000 / max(unique, 1),
-            "peak_rss_mb": usage.peak_rss_mb,
-        }
-        log.info(
-            "sweep c=%d drain: %d mails in %.2fs = %.0f mails/s, lost %d, dup %d, CPU %.2f ms/mail",
-            concurrency,
-            unique,
-            span,
-            drain["mails_per_s"],
-            drain["lost"],
-            drain["duplicates"],
-            drain["cpu_ms_per_mail"],
-        )
+        for r in range(repeat):
+            e2e.append(await measure(system, sink, f"{run_id}.{system.name}.e{r}", n, opts))
+            drains.append(await drain_once(system, sink, opts, f"{run_id}.{system.name}.d{r}", n))
     finally:
         await system.stop()
+    drain = {
+        key: (sum if key in ("lost", "duplicates") else statistics.median)(d[key] for d in drains)
+        for key in drains[0]
+    }
     return {
         "concurrency": concurrency,
-        "e2e": asdict(e2e),
+        "e2e": summarize(e2e),
         "drain": drain,
+        "e2e_batches": [asdict(b) for b in e2e],
+        "drain_batches": drains,
         "notes": system.notes,
         **system.extra,
     }
@@ -1167,7 +1182,12 @@ def recommend(sweep: Sequence[dict[str, Any]]) -> dict[str, Any]:
     rates = {s["concurrency"]: float(s["drain"]["mails_per_s"]) for s in sweep}
     best = max(rates, key=lambda c: rates[c])
     near = sorted(c for c, r in rates.items() if r >= 0.95 * rates[best])
-    return {"fastest": best, "within_5pct": near, "recommended": near[0], "drain_rates": rates}
+    return {
+        "fastest": best,
+        "within_5pct": near,
+        "smallest_within_5pct": near[0],
+        "drain_rates": rates,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -1198,7 +1218,8 @@ def render(results: dict[str, Any]) -> str:
         f"Measured {results['date']} on {env['machine']}; N={cfg['requests']} requests per batch, "
         f"concurrency {cfg['concurrency']}, a new HTTP connection per request, warm-up "
         f"{cfg['warmup']}, median of {cfg['repeat']} batch(es) (lost/duplicates/not accepted: "
-        f"sums). Load average before the run: {env['loadavg_before']}.",
+        f"sums). Load average before the run: {env['loadavg_before']}, after: "
+        f"{env.get('loadavg_after', '?')}.",
         "",
     ]
     order = [n for n in ("ref-a", "ref-b", "mailroom", "mailroom-2srv") if n in systems]
@@ -1219,7 +1240,8 @@ def render(results: dict[str, Any]) -> str:
         for n in order:
             row.append(fmt(systems[n]["median"][key], pattern))
         for m, r in pairs:
-            row.append(ratio(systems[m]["median"][key], systems[r]["median"][key]))
+            mine, theirs = systems[m]["median"][key], systems[r]["median"][key]
+            row.append("" if key in CONTEXT_METRICS else ratio(mine, theirs))
         out.append("| " + " | ".join(row) + " |")
     out += [
         "",
@@ -1242,12 +1264,13 @@ def render(results: dict[str, Any]) -> str:
         out += [
             "## WORKER_CONCURRENCY sweep (Mailroom, 1 server)",
             "",
-            f"One fresh Mailroom per value, warm-up, then two batches of {cfg['sweep_requests']} "
-            "requests. End to end (e2e): HTTP load and worker at once, as above. Drain: the batch "
-            "is queued with the worker stopped, then a new worker is timed alone from the first "
-            "mail to the last (all) and to the 95th percentile mail (first 95%: ignores "
-            "stragglers such as retried mails). With the worker stopped the server alone "
-            "accepted "
+            f"One fresh Mailroom (1 server) per value and a warm-up, then {cfg['sweep_repeat']} "
+            f"rounds of an e2e batch and a drain batch of {cfg['sweep_requests']} requests each; "
+            "medians (lost/dup: sums). End to end (e2e): HTTP load and worker at once, as above. "
+            "Drain: the batch is queued with the worker stopped, then a new worker is timed "
+            "alone from the first mail to the last (all) and to the 95th percentile mail "
+            "(first 95%: leaves out stragglers such as retried mails). With the worker stopped "
+            "the server alone accepted "
             + ", ".join(f"{x['drain']['server_alone_req_per_s']:.0f}" for x in sweep)
             + " req/s.",
             "",
@@ -1263,13 +1286,15 @@ def render(results: dict[str, Any]) -> str:
                 f"{e['e2e_mails_per_s']:.0f} | "
                 f"{e['lag_after_load_s']:.2f} | {e['cpu_ms_per_mail']:.2f} | "
                 f"{d['mails_per_s']:.0f} | {d['mails_per_s_first_95pct']:.0f} | "
-                f"{d['cpu_ms_per_mail']:.2f} | {e['lost'] + d['lost']} | "
-                f"{e['duplicates'] + d['duplicates']} |"
+                f"{d['cpu_ms_per_mail']:.2f} | {e['lost'] + d['lost']:.0f} | "
+                f"{e['duplicates'] + d['duplicates']:.0f} |"
             )
         out += [
             "",
-            f"Fastest drain: {rec['fastest']}; within 5% of it: {rec['within_5pct']}; "
-            f"recommended (smallest of those): **{rec['recommended']}**.",
+            f"Fastest drain on this sink: WORKER_CONCURRENCY={rec['fastest']}; within 5% of it: "
+            f"{rec['within_5pct']}. The sink answers at once, so this measures Mailroom's own "
+            "cost per mail, not how well concurrency hides a remote server's latency (at best "
+            "concurrency / seconds per SMTP transaction).",
             "",
         ]
     notes = [
@@ -1289,6 +1314,7 @@ def render(results: dict[str, Any]) -> str:
             problems += [f"  - {count} x `{text}`" for text, count in found["kinds"].items()]
     if notes or problems:
         out += ["## Notes", "", *notes, *problems, ""]
+    out += [f"Total benchmark time: {results.get('duration_s', 0):.0f} s.", ""]
     return "\n".join(out)
 
 
@@ -1365,6 +1391,7 @@ async def run(
     systems: Sequence[str],
     sweep: Sequence[int],
     sweep_requests: int,
+    sweep_repeat: int,
     sink_binary: str,
 ) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:6]
@@ -1379,6 +1406,7 @@ async def run(
             "systems": list(systems),
             "sweep": list(sweep),
             "sweep_requests": sweep_requests,
+            "sweep_repeat": sweep_repeat,
             "mailroom_log_level": opts.mailroom_log_level or "default (INFO)",
             "http": "HTTP/1.1, Connection: close (a new connection per request)",
         },
@@ -1407,7 +1435,9 @@ async def run(
                 raise BenchError(f"unknown system {name!r}")
             results["systems"].append(await run_system(system, sink, opts, run_id))
         for c in sweep:
-            results["sweep"].append(await sweep_one(c, sink, opts, run_id, sweep_requests))
+            results["sweep"].append(
+                await sweep_one(c, sink, opts, run_id, sweep_requests, sweep_repeat)
+            )
         results["recommendation"] = recommend(results["sweep"])
         results["sink_messages_total"] = sink.messages
     finally:
@@ -1435,6 +1465,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sweep-requests", type=int, default=1000, help="requests per sweep batch (1000)"
+    )
+    p.add_argument(
+        "--sweep-repeat", type=int, default=2, help="e2e and drain batches per sweep value (2)"
     )
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds per request (30)")
     p.add_argument(
@@ -1469,6 +1502,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-install", action="store_true", help="never apt-get install postfix")
     p.add_argument("--out", type=Path, default=BENCH_DIR, help="where results.md/.json go (bench/)")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="only render results.md (into --out) from an earlier results.json",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, dump)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -1485,6 +1524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    if args.report_only is not None:
+        write_report(json.loads(args.report_only.read_text()), args.out)
+        return 0
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
     if args.requests < 1 or args.concurrency < 1 or args.repeat < 1:
@@ -1531,7 +1573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         sink_binary = preflight(opts, systems, install=not args.no_install)
-        results = asyncio.run(run(opts, systems, sweep, args.sweep_requests, sink_binary))
+        results = asyncio.run(
+            run(opts, systems, sweep, args.sweep_requests, args.sweep_repeat, sink_binary)
+        )
         results["mailroom"] = mailroom_info
     except BenchError as exc:
         log.error("bench: %s", exc)
@@ -1548,13 +1592,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(sink_dir, ignore_errors=True)
     results["duration_s"] = round(time.monotonic() - started, 1)
-    report = render(results) + f"\nTotal benchmark time: {results['duration_s']:.0f} s.\n"
-    print(report)
+    results["environment"]["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(report)
     (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    log.info("wrote %s and %s", args.out / "results.md", args.out / "results.json")
+    write_report(results, args.out)
     return 0
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    report = render(results)
+    print(report)
+    (out / "results.md").write_text(report)
+    log.info("wrote %s (and results.json)", out / "results.md")
 
 
 if __name__ == "__main__":
