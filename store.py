@@ -11,8 +11,10 @@ and every transition is appended to its ``history`` with a UTC time stamp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -212,11 +214,68 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-class Store:
-    """Async access to message records. Build with :meth:`open`, finish with :meth:`close`."""
+Work = Callable[[AsyncConnection], Awaitable[Any]]
 
-    def __init__(self, engine: AsyncEngine) -> None:
+
+class Store:
+    """Async access to message records. Build with :meth:`open`, finish with :meth:`close`.
+
+    With SQLite, writes are group-committed: the writes that arrive while one transaction
+    runs go together into the next, so a burst costs a few file locks, not one per mail.
+    """
+
+    def __init__(self, engine: AsyncEngine, group_commit: bool = False) -> None:
         self.engine = engine
+        self._group_commit = group_commit
+        self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def _write(self, work: Work) -> Any:
+        """Run ``work(conn)`` in a write transaction; return its result after the commit."""
+        if not self._group_commit:
+            async with self.engine.begin() as conn:
+                return await work(conn)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((work, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_forever(), name="store-group-commit")
+        self._wake.set()
+        return await future
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                results = [await work(conn) for work, _ in batch]
+        except Exception:  # noqa: BLE001 - rolled back; each runs alone below, errors go to its caller
+            if len(batch) == 1:
+                await self._run_alone(*batch[0])
+                return
+            for work, future in batch:
+                await self._run_alone(work, future)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _run_alone(self, work: Work, future: asyncio.Future[Any]) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                result = await work(conn)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller that asked for this write
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
 
     @classmethod
     async def open(cls, settings: Settings) -> Store:
@@ -239,7 +298,7 @@ class Store:
                 pool_size=10,
                 connect_args={"timeout": settings.connect_timeout},
             )
-        store = cls(engine)
+        store = cls(engine, group_commit=is_sqlite)
         try:
             await store._migrate()
         except _DB_ERRORS as exc:
@@ -248,6 +307,18 @@ class Store:
         return store
 
     async def close(self) -> None:
+        if self._flusher is not None:
+
+            async def nothing(conn: AsyncConnection) -> None:
+                return None
+
+            # Writes are flushed in order: once this one is done, all before it are too.
+            with contextlib.suppress(*_DB_ERRORS):
+                await self._write(nothing)
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
         await self.engine.dispose()
 
     async def _migrate(self) -> None:
@@ -265,9 +336,12 @@ class Store:
 
     async def insert_queued(self, job: MailJob) -> None:
         """Create the record of an accepted message (a no-op if a worker already did)."""
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(_insert_queued(job))
+
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(_insert_queued(job))
+            await self._write(work)
         except IntegrityError:
             return
         except _DB_ERRORS as exc:
@@ -357,19 +431,23 @@ class Store:
         Returns the record as it was *before* this call when it is already ``sent`` or
         ``failed`` (the caller must not send again); otherwise the updated record.
         """
+
+        async def work(conn: AsyncConnection) -> MessageRecord:
+            record = await self._load(conn, job.id)
+            if record is None:
+                await conn.execute(_insert_queued(job))
+                record = await self._load(conn, job.id)
+                assert record is not None
+            if record.status in ("sent", "failed"):
+                return record
+            return await self._transition(
+                conn, record, "sending", attempts=record.attempts + 1, next_attempt_at=None
+            )
+
         for attempt in (1, 2):
             try:
-                async with self.engine.begin() as conn:
-                    record = await self._load(conn, job.id)
-                    if record is None:
-                        await conn.execute(_insert_queued(job))
-                        record = await self._load(conn, job.id)
-                        assert record is not None
-                    if record.status in ("sent", "failed"):
-                        return record
-                    return await self._transition(
-                        conn, record, "sending", attempts=record.attempts + 1, next_attempt_at=None
-                    )
+                result: MessageRecord = await self._write(work)
+                return result
             except IntegrityError as exc:
                 # The server created the record between our read and our insert: read again.
                 if attempt == 2:
@@ -389,22 +467,23 @@ class Store:
         detail: str | None = None,
     ) -> MessageRecord:
         """Record the outcome of an attempt (or a re-queue by an operator)."""
+
+        async def work(conn: AsyncConnection) -> MessageRecord:
+            record = await self._load(conn, message_id)
+            if record is None:
+                raise StoreUnavailable(f"no record for message {message_id}")
+            merged = dict(record.results)
+            merged.update(results or {})
+            values: dict[str, Any] = {"results": merged, "next_attempt_at": next_attempt_at}
+            if error is not None:
+                values.update(last_error=error, last_error_code=code)
+            return await self._transition(conn, record, status, detail=detail, **values)
+
         try:
-            async with self.engine.begin() as conn:
-                record = await self._load(conn, message_id)
-                if record is None:
-                    raise StoreUnavailable(f"no record for message {message_id}")
-                merged = dict(record.results)
-                merged.update(results or {})
-                values: dict[str, Any] = {
-                    "results": merged,
-                    "next_attempt_at": next_attempt_at,
-                }
-                if error is not None:
-                    values.update(last_error=error, last_error_code=code)
-                return await self._transition(conn, record, status, detail=detail, **values)
+            result: MessageRecord = await self._write(work)
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
+        return result
 
     async def _load(self, conn: AsyncConnection, message_id: str) -> MessageRecord | None:
         row = (
