@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     event,
     insert,
@@ -338,7 +339,7 @@ class Store:
         """Create the record of an accepted message (a no-op if a worker already did)."""
 
         async def work(conn: AsyncConnection) -> None:
-            await conn.execute(_insert_queued(job))
+            await _insert_queued(conn, job)
 
         try:
             await self._write(work)
@@ -435,7 +436,7 @@ class Store:
         async def work(conn: AsyncConnection) -> MessageRecord:
             record = await self._load(conn, job.id)
             if record is None:
-                await conn.execute(_insert_queued(job))
+                await _insert_queued(conn, job)
                 record = await self._load(conn, job.id)
                 assert record is not None
             if record.status in ("sent", "failed"):
@@ -486,9 +487,7 @@ class Store:
         return result
 
     async def _load(self, conn: AsyncConnection, message_id: str) -> MessageRecord | None:
-        row = (
-            await conn.execute(select(messages_table).where(messages_table.c.id == message_id))
-        ).first()
+        row = (await conn.execute(_SELECT_ONE, {"message_id": message_id})).first()
         return _record(row) if row is not None else None
 
     async def _transition(
@@ -509,9 +508,9 @@ class Store:
             }
         history = [*record.history, entry]
         await conn.execute(
-            update(messages_table)
-            .where(messages_table.c.id == record.id)
-            .values(status=status, history=history, updated_at=at, **values)
+            _UPDATE_ONE,
+            {"message_id": record.id, "status": status, "history": history, "updated_at": at}
+            | values,
         )
         # The new state, without reading it back.
         changes = {k: v for k, v in values.items() if k != "results"}
@@ -527,20 +526,32 @@ class Store:
             raise StoreUnavailable(_describe(exc)) from exc
 
 
-def _insert_queued(job: MailJob) -> Any:
+# Built once: executing them with parameters skips building a statement per call.
+_SELECT_ONE = select(messages_table).where(messages_table.c.id == bindparam("message_id"))
+_UPDATE_ONE = update(messages_table).where(messages_table.c.id == bindparam("message_id"))
+_INSERT = insert(messages_table)
+
+
+async def _insert_queued(conn: AsyncConnection, job: MailJob) -> None:
     at = now_utc()
-    return insert(messages_table).values(
-        id=job.id,
-        recipients=list(job.to),
-        subject=job.subject,
-        status="queued",
-        attempts=0,
-        results={
-            addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
+    await conn.execute(
+        _INSERT,
+        {
+            "id": job.id,
+            "recipients": list(job.to),
+            "subject": job.subject,
+            "status": "queued",
+            "attempts": 0,
+            "next_attempt_at": None,
+            "last_error": None,
+            "last_error_code": None,
+            "results": {
+                addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
+            },
+            "history": [{"status": "queued", "at": _iso(at)}],
+            "created_at": at,
+            "updated_at": at,
         },
-        history=[{"status": "queued", "at": _iso(at)}],
-        created_at=at,
-        updated_at=at,
     )
 
 
