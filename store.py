@@ -140,6 +140,15 @@ class MessageRecord:
     created_at: datetime
     updated_at: datetime
 
+    def unfinished_attempts(self) -> int:
+        """How many attempts in a row were started (``sending``) and never finished."""
+        count = 0
+        for entry in reversed(self.history):
+            if entry.get("status") != "sending":
+                break
+            count += 1
+        return count
+
     def pending(self) -> list[str]:
         """Envelope addresses still to be sent to (never the ones already accepted)."""
         return [a for a, r in self.results.items() if r.status == "pending"]

@@ -174,10 +174,11 @@ class Worker:
             log.info("message %s: already %s; acking without sending", job.id, record.status)
             await self._ack(message, job.id)
             return
-        if message.redelivered and record.attempts > self.settings.delivery_limit:
-            # Delivered again and again without an outcome: something (a crash, an OOM
-            # kill) stops the worker on this message. Classic queues have no delivery limit.
-            reason = f"{record.attempts} attempts without an outcome; the worker may crash on it"
+        unfinished = record.unfinished_attempts()
+        if message.redelivered and unfinished > self.settings.delivery_limit:
+            # Started again and again without an outcome: something (a crash, an OOM kill)
+            # stops the worker on this message. Classic queues have no delivery limit.
+            reason = f"{unfinished} attempts without an outcome; the worker may crash on it"
             await self._fail(message, job, reason, None, {})
             return
         pending = record.pending()
