@@ -280,3 +280,52 @@ async def test_missing_starttls_is_a_settings_fault(
     assert "SMTP SETTINGS FAULT" in caplog.text and "STARTTLS" in caplog.text
     assert await queue_depth(Names.of(settings).dead_queue) == 0
     smtp.server.close()
+
+
+async def test_dropped_and_stalled_smtp_connections_are_retried(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The SMTP server drops the connection in DATA, then stalls past SMTP_TIMEOUT, then
+    accepts: the mail goes out once, after two recorded failures."""
+    from aiosmtpd.smtp import SMTP
+
+    behaviour = iter(["drop", "stall"])
+    servers: list[SMTP] = []
+    never = asyncio.Event()
+
+    async def misbehave(envelope: Envelope) -> str | None:
+        what = next(behaviour, None)
+        if what == "drop":
+            transport = servers[-1].transport
+            assert isinstance(transport, asyncio.Transport)
+            transport.abort()  # the connection dies under the client
+            return None
+        if what == "stall":
+            await never.wait()  # never answers: the client's timeout must fire
+        return None
+
+    recorder = SmtpRecorder(on_data=misbehave)
+    loop = asyncio.get_running_loop()
+
+    def factory() -> SMTP:
+        servers.append(SMTP(recorder, hostname="flaky.test"))
+        return servers[-1]
+
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = make_settings(
+        smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", smtp_timeout=1.0
+    )
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        response = await client.get("/?sendmail=a@example.com")
+        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+        record = await wait_status(client, message_id, "sent", timeout=20)
+    never.set()
+    server.close()
+    statuses = [h["status"] for h in record["history"]]
+    assert statuses.count("retrying") == 2
+    assert record["attempts"] == 3
+    # The dropped DATA was never accepted; the stalled one was abandoned by the client.
+    # Only the third attempt counts as delivered by our side.
+    assert record["recipients"][0]["status"] == "sent"
