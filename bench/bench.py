@@ -752,10 +752,9 @@ class Mailroom(System):
                 raise BenchError(
                     f"{self.name}: worker exited ({proc.returncode}):\n{tail(logfile)}"
                 )
-            with contextlib.suppress(OSError):
-                if "worker: consuming" in logfile.read_text(errors="replace"):
-                    return
-            await asyncio.sleep(0.1)
+            if await consumers(f"{self.prefix}.send") > 0:
+                return
+            await asyncio.sleep(0.2)
         raise BenchError(f"{self.name}: worker not consuming after 30s:\n{tail(logfile)}")
 
     async def stop_worker(self) -> None:
@@ -786,6 +785,21 @@ class Mailroom(System):
             if messages:
                 self.notes.append(f"queue {name} held {messages} message(s) at stop")
         log.info("%s: stopped; its queues and exchanges deleted", self.name)
+
+
+async def consumers(queue_name: str) -> int:
+    """How many consumers ``queue_name`` has (0 if it does not exist yet)."""
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(AMQP_URL, timeout=5), 10)
+    except (OSError, TimeoutError, aio_pika.exceptions.AMQPException):
+        return 0
+    async with connection:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(queue_name, passive=True)
+        except aio_pika.exceptions.AMQPException:
+            return 0
+        return queue.declaration_result.consumer_count or 0
 
 
 def rabbitmqctl(*args: str) -> list[list[str]]:
@@ -1253,7 +1267,13 @@ def render(results: dict[str, Any]) -> str:
         split = ", ".join(
             f"{role} {ms:.2f}" for role, ms in systems[n]["cpu_ms_per_mail_by_role"].items()
         )
-        out.append(f"- `{n}`: {systems[n]['label']}; CPU ms per mail by process tree: {split}")
+        batches = ", ".join(
+            f"{b['accepted_per_s']:.0f}/{b['e2e_mails_per_s']:.0f}" for b in systems[n]["batches"]
+        )
+        out.append(
+            f"- `{n}`: {systems[n]['label']}; each batch's accepted req/s / e2e mails/s: "
+            f"{batches}; CPU ms per mail by process tree: {split}"
+        )
     mailroom = results.get("mailroom", {})
     if mailroom:
         out.append(f"- Mailroom source: {', '.join(f'{k}: {v}' for k, v in mailroom.items())}")
@@ -1274,8 +1294,8 @@ def render(results: dict[str, Any]) -> str:
             + ", ".join(f"{x['drain']['server_alone_req_per_s']:.0f}" for x in sweep)
             + " req/s.",
             "",
-            "| WORKER_CONCURRENCY | e2e accepted req/s | e2e p99 (ms) | e2e mails/s "
-            "| last mail after last accept (s) | e2e CPU ms/mail | drain mails/s (all) "
+            "| WORKER_CONCURRENCY | e2e accepted req/s | e2e p99 (ms) | e2e mails/s (each round) "
+            "| last mail after last accept (s) | e2e CPU ms/mail | drain mails/s (all; each round) "
             "| drain mails/s (first 95%) | drain worker CPU ms/mail | lost | dup |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -1283,9 +1303,13 @@ def render(results: dict[str, Any]) -> str:
             e, d = s["e2e"], s["drain"]
             out.append(
                 f"| {s['concurrency']} | {e['accepted_per_s']:.0f} | {e['p99_ms']:.0f} | "
-                f"{e['e2e_mails_per_s']:.0f} | "
+                f"{e['e2e_mails_per_s']:.0f} ("
+                + ", ".join(f"{b['e2e_mails_per_s']:.0f}" for b in s.get("e2e_batches", []))
+                + ") | "
                 f"{e['lag_after_load_s']:.2f} | {e['cpu_ms_per_mail']:.2f} | "
-                f"{d['mails_per_s']:.0f} | {d['mails_per_s_first_95pct']:.0f} | "
+                f"{d['mails_per_s']:.0f} ("
+                + ", ".join(f"{x['mails_per_s']:.0f}" for x in s.get("drain_batches", []))
+                + f") | {d['mails_per_s_first_95pct']:.0f} | "
                 f"{d['cpu_ms_per_mail']:.2f} | {e['lost'] + d['lost']:.0f} | "
                 f"{e['duplicates'] + d['duplicates']:.0f} |"
             )
@@ -1357,8 +1381,9 @@ def mailroom_source(rev: str, workdir: Path) -> tuple[Path, dict[str, Any]]:
     ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
-    subject = git("log", "-1", "--format=%s", commit)
-    return dest, {"source": f"git archive {rev}", "commit": commit[:10], "subject": subject}
+    # The last commit that changed Mailroom itself (bench/ commits do not).
+    code = git("log", "-1", "--format=%h %s", commit, "--", ".", ":(exclude)bench")
+    return dest, {"source": f"git archive {rev}", "commit": commit[:10], "last_code_change": code}
 
 
 def preflight(opts: Options, systems: Sequence[str], install: bool) -> str:
