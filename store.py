@@ -37,7 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from config import Settings
@@ -212,16 +212,30 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # The driver's own transaction handling off: _sqlite_begin starts every transaction.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=10000")  # only while switching to WAL, just below
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    # No busy handler: SQLite's sleeps (up to 100 ms, in the driver's thread) stall every
+    # request of the process. A locked write is retried by Store._transaction instead.
+    cursor.execute("PRAGMA busy_timeout=0")
     cursor.close()
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    # Take the write lock up front: a deferred transaction that reads and then writes
-    # fails at once with "database is locked" when another process writes meanwhile.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    if conn.get_execution_options().get(_WRITE):
+        # Take the write lock up front: a deferred transaction that reads and then writes
+        # cannot get it later when another process wrote meanwhile.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")  # a reader: WAL never makes it wait
+
+
+_WRITE = "mailroom_write"
+LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
+
+
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc)
 
 
 Work = Callable[[AsyncConnection], Awaitable[Any]]
@@ -236,6 +250,7 @@ class Store:
 
     def __init__(self, engine: AsyncEngine, group_commit: bool = False) -> None:
         self.engine = engine
+        self._writer = engine.execution_options(**{_WRITE: True})
         self._group_commit = group_commit
         self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
@@ -244,14 +259,28 @@ class Store:
     async def _write(self, work: Work) -> Any:
         """Run ``work(conn)`` in a write transaction; return its result after the commit."""
         if not self._group_commit:
-            async with self.engine.begin() as conn:
-                return await work(conn)
+            return await self._transaction(work)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((work, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_forever(), name="store-group-commit")
         self._wake.set()
         return await future
+
+    async def _transaction(self, work: Work) -> Any:
+        """One write transaction; a BEGIN refused because another process holds the
+        SQLite write lock is retried after a short pause, for up to LOCK_WAIT seconds."""
+        pause = 0.001
+        deadline = asyncio.get_running_loop().time() + LOCK_WAIT
+        while True:
+            try:
+                async with self._writer.begin() as conn:
+                    return await work(conn)
+            except OperationalError as exc:
+                if not _locked(exc) or asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
     async def _flush_forever(self) -> None:
         while True:
@@ -262,9 +291,11 @@ class Store:
                 await self._flush(batch)
 
     async def _flush(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
+        async def all_of_them(conn: AsyncConnection) -> list[Any]:
+            return [await work(conn) for work, _ in batch]
+
         try:
-            async with self.engine.begin() as conn:
-                results = [await work(conn) for work, _ in batch]
+            results = await self._transaction(all_of_them)
         except Exception:  # noqa: BLE001 - rolled back; each runs alone below, errors go to its caller
             if len(batch) == 1:
                 await self._run_alone(*batch[0])
@@ -278,8 +309,7 @@ class Store:
 
     async def _run_alone(self, work: Work, future: asyncio.Future[Any]) -> None:
         try:
-            async with self.engine.begin() as conn:
-                result = await work(conn)
+            result = await self._transaction(work)
         except Exception as exc:  # noqa: BLE001 - handed to the caller that asked for this write
             if not future.done():
                 future.set_exception(exc)
@@ -334,8 +364,11 @@ class Store:
     async def _migrate(self) -> None:
         for attempt in (1, 2):
             try:
-                async with self.engine.begin() as conn:
+
+                async def work(conn: AsyncConnection) -> None:
                     await conn.run_sync(_create_or_upgrade)
+
+                await self._transaction(work)
                 return
             except (IntegrityError, DBAPIError):
                 # Another process created the schema at the same moment: look again.
@@ -366,23 +399,28 @@ class Store:
         """
         table = idempotency_table
         where = (table.c.client == client) & (table.c.key == key)
-        try:
-            async with self.engine.begin() as conn:
-                row = (await conn.execute(select(table).where(where))).first()
-                if row is not None and _expired(row.created_at):
-                    await conn.execute(delete(table).where(where))
-                    row = None
-                if row is None:
-                    await conn.execute(
-                        insert(table).values(
-                            client=client,
-                            key=key,
-                            request_hash=request_hash,
-                            message_id=message_id,
-                            created_at=now_utc(),
-                        )
+
+        async def work(conn: AsyncConnection) -> Any:
+            row = (await conn.execute(select(table).where(where))).first()
+            if row is not None and _expired(row.created_at):
+                await conn.execute(delete(table).where(where))
+                row = None
+            if row is None:
+                await conn.execute(
+                    insert(table).values(
+                        client=client,
+                        key=key,
+                        request_hash=request_hash,
+                        message_id=message_id,
+                        created_at=now_utc(),
                     )
-                    return None
+                )
+            return row
+
+        try:
+            row = await self._write(work)
+            if row is None:
+                return None
         except IntegrityError:
             # A concurrent request with the same key won the insert: read what it stored.
             async with self.engine.connect() as conn:
@@ -528,9 +566,11 @@ class Store:
         return dataclasses.replace(record, status=status, history=history, updated_at=at, **changes)
 
     async def _run(self, statement: Any) -> None:
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(statement)
+
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(statement)
+            await self._write(work)
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
