@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -234,6 +236,11 @@ _WRITE = "mailroom_write"
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
 
 
+def _unlock(fd: int, acquired: asyncio.Future[None]) -> None:
+    if not acquired.cancelled() and acquired.exception() is None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def _locked(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and "database is locked" in str(exc)
 
@@ -248,8 +255,12 @@ class Store:
     runs go together into the next, so a burst costs a few file locks, not one per mail.
     """
 
-    def __init__(self, engine: AsyncEngine, group_commit: bool = False) -> None:
+    def __init__(
+        self, engine: AsyncEngine, group_commit: bool = False, lock_path: Path | None = None
+    ) -> None:
         self.engine = engine
+        self._lock_path = lock_path
+        self._lock_fd: int | None = None
         self._writer = engine.execution_options(**{_WRITE: True})
         self._group_commit = group_commit
         self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
@@ -268,8 +279,34 @@ class Store:
         return await future
 
     async def _transaction(self, work: Work) -> Any:
-        """One write transaction; a BEGIN refused because another process holds the
-        SQLite write lock is retried after a short pause, for up to LOCK_WAIT seconds."""
+        """One write transaction.
+
+        With a SQLite file, Mailroom's processes first take an flock on ``<db>.lock`` (the
+        wait happens in a thread, and the kernel wakes the next writer the moment the lock
+        is free): SQLite's own lock can only be polled. A BEGIN that still finds the
+        database locked (another program writes to it) is retried after short pauses, for
+        up to LOCK_WAIT seconds.
+        """
+        if self._lock_path is None:
+            return await self._transaction_retrying(work)
+        if self._lock_fd is None:
+            self._lock_fd = await asyncio.to_thread(
+                os.open, self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        fd = self._lock_fd
+        acquire = asyncio.ensure_future(asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX))
+        try:
+            await asyncio.shield(acquire)
+        except asyncio.CancelledError:
+            # The thread still gets the lock: give it back as soon as it does.
+            acquire.add_done_callback(lambda done: _unlock(fd, done))
+            raise
+        try:
+            return await self._transaction_retrying(work)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # releasing never waits
+
+    async def _transaction_retrying(self, work: Work) -> Any:
         pause = 0.001
         deadline = asyncio.get_running_loop().time() + LOCK_WAIT
         while True:
@@ -321,10 +358,9 @@ class Store:
     async def open(cls, settings: Settings) -> Store:
         url = engine_url(settings.database_url.get())
         is_sqlite = url.startswith("sqlite")
-        if is_sqlite:
-            path = make_url(url).database
-            if path and path != ":memory:":
-                await _mkdir(Path(path).parent)
+        path = make_url(url).database if is_sqlite else None
+        if is_sqlite and path and path != ":memory:":
+            await _mkdir(Path(path).parent)
         if is_sqlite:
             # One connection per process: SQLite takes one writer at a time anyway, and
             # queueing here is cheaper than connections fighting over the file lock.
@@ -338,7 +374,10 @@ class Store:
                 pool_size=10,
                 connect_args={"timeout": settings.connect_timeout},
             )
-        store = cls(engine, group_commit=is_sqlite)
+        lock_path = None
+        if is_sqlite and path and path != ":memory:":
+            lock_path = Path(f"{path}.lock")
+        store = cls(engine, group_commit=is_sqlite, lock_path=lock_path)
         try:
             await store._migrate()
         except _DB_ERRORS as exc:
@@ -360,6 +399,9 @@ class Store:
                 await self._flusher
             self._flusher = None
         await self.engine.dispose()
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            await asyncio.to_thread(os.close, fd)
 
     async def _migrate(self) -> None:
         for attempt in (1, 2):

@@ -178,3 +178,27 @@ async def test_idempotency_keys_expire_after_24_hours(
         assert await store.claim_idempotency_key("c", "k", "h2", "d" * 32) == "c" * 32
     finally:
         await store.close()
+
+
+async def test_two_writers_share_one_sqlite_file(make_settings: Callable[..., Settings]) -> None:
+    """As the server and a worker do: two stores on one file, writing at once, lose nothing."""
+    from messages import legacy_job
+    from store import Store
+
+    settings = make_settings()
+    first, second = await Store.open(settings), await Store.open(settings)
+    try:
+        jobs = [legacy_job(f"w{n}@example.com") for n in range(300)]
+        await asyncio.gather(
+            *(first.insert_queued(job) for job in jobs),
+            *(second.begin_attempt(job) for job in jobs),
+        )
+        await asyncio.gather(*(first.finish(job.id, "sent") for job in jobs[::2]))
+        records = await second.list(limit=500)
+    finally:
+        await first.close()
+        await second.close()
+    assert len(records) == 300
+    statuses = sorted(r.status for r in records)
+    assert statuses == ["sending"] * 150 + ["sent"] * 150
+    assert all(r.attempts == 1 for r in records)
