@@ -293,6 +293,22 @@ def child_env(prefix: str, **extra: str | float | Path) -> dict[str, str]:
     return env
 
 
+def worker_env(
+    prefix: str, settings: Any, smtp_port: int, **extra: str | float | Path
+) -> dict[str, str]:
+    """For ``python worker.py``: ``settings``' queues, database and retry tiers, sending to a
+    plain SMTP server on 127.0.0.1:``smtp_port``."""
+    return child_env(
+        prefix,
+        SMTP_HOST="127.0.0.1",
+        SMTP_PORT=smtp_port,
+        SMTP_SECURITY="none",
+        DATABASE_URL=settings.database_url.get(),
+        RETRY_DELAYS=",".join(str(d) for d in settings.retry_delays),
+        **extra,
+    )
+
+
 async def spawn(script: str, cwd: Path, env: dict[str, str], *args: str) -> Proc:
     return await asyncio.create_subprocess_exec(
         sys.executable,

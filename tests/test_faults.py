@@ -24,11 +24,11 @@ from tests.support import (
     Proc,
     SmtpRecorder,
     TcpProxy,
-    child_env,
     finish,
     queue_depth,
     spawn,
     start_smtp,
+    worker_env,
 )
 from tests.test_status_api import wait_status
 
@@ -106,15 +106,7 @@ async def test_worker_killed_mid_burst_loses_nothing(
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=slowish))
     settings = make_settings()
     count = 60
-    env = child_env(
-        prefix,
-        SMTP_HOST="127.0.0.1",
-        SMTP_PORT=smtp.port,
-        SMTP_SECURITY="none",
-        WORKER_CONCURRENCY=4,
-        DATABASE_URL=settings.database_url.get(),
-        RETRY_DELAYS=",".join(str(d) for d in settings.retry_delays),
-    )
+    env = worker_env(prefix, settings, smtp.port, WORKER_CONCURRENCY=4)
     workers: list[Proc] = []
     try:
         async with running_app(settings) as (app, client):
@@ -347,15 +339,7 @@ async def test_message_that_keeps_killing_the_worker_is_failed(
 
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=hang))
     settings = make_settings(delivery_limit=2)
-    env = child_env(
-        prefix,
-        SMTP_HOST="127.0.0.1",
-        SMTP_PORT=smtp.port,
-        SMTP_SECURITY="none",
-        DELIVERY_LIMIT=2,
-        DATABASE_URL=settings.database_url.get(),
-        RETRY_DELAYS=",".join(str(d) for d in settings.retry_delays),
-    )
+    env = worker_env(prefix, settings, smtp.port, DELIVERY_LIMIT=2)
     async with running_app(settings) as (app, client):
         await wait_ready(app)
         body = await (await client.get("/?sendmail=deadly@example.com")).get_data(as_text=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -17,6 +17,7 @@ from tests.conftest import ROOT, running_app, wait_ready
 from tests.support import (
     Proc,
     SmtpRecorder,
+    SmtpServer,
     child_env,
     finish,
     free_port,
@@ -24,6 +25,7 @@ from tests.support import (
     spawn,
     start_smtp,
     wait_http,
+    worker_env,
 )
 
 __all__ = ["Proc", "child_env", "finish", "spawn", "wait_http"]  # used by other test files
@@ -101,6 +103,30 @@ async def test_hypercorn_server_app(prefix: str, tmp_path: Path, stop_later: lis
     assert "talktome" in (tmp_path / "t.log").read_text()
 
 
+async def sigterm_mid_send(
+    prefix: str,
+    tmp_path: Path,
+    settings: Settings,
+    stop_later: list[Proc],
+    on_data: Callable[[Envelope], Awaitable[str | None]],
+    started: asyncio.Event,
+    grace: float,
+) -> tuple[int, str, SmtpServer]:
+    """Queue one mail, start ``python worker.py``, SIGTERM it once the SMTP server is in
+    DATA (``on_data`` sets ``started``); return its exit status, output and the server."""
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=on_data))
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        assert (await client.get("/?sendmail=a@example.com")).status_code == 200
+    env = worker_env(prefix, settings, smtp.port, SHUTDOWN_GRACE=grace)
+    worker = await spawn("worker.py", tmp_path, env)
+    stop_later.append(worker)
+    await asyncio.wait_for(started.wait(), 20)
+    worker.send_signal(signal.SIGTERM)
+    code, out = await finish(worker)
+    return code, out, smtp
+
+
 async def test_sigterm_drains_in_flight_sends(
     prefix: str, tmp_path: Path, make_settings: Callable[..., Settings], stop_later: list[Proc]
 ) -> None:
@@ -110,19 +136,9 @@ async def test_sigterm_drains_in_flight_sends(
         started.set()
         await asyncio.sleep(1.5)  # a slow SMTP server: the worker must wait for it
 
-    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=slow))
-    settings = make_settings()
-    async with running_app(settings) as (app, client):
-        await wait_ready(app)
-        assert (await client.get("/?sendmail=a@example.com")).status_code == 200
-    env = child_env(
-        prefix, SMTP_HOST="127.0.0.1", SMTP_PORT=smtp.port, SMTP_SECURITY="none", SHUTDOWN_GRACE=20
+    code, out, smtp = await sigterm_mid_send(
+        prefix, tmp_path, make_settings(), stop_later, slow, started, grace=20
     )
-    worker = await spawn("worker.py", tmp_path, env)
-    stop_later.append(worker)
-    await asyncio.wait_for(started.wait(), 20)
-    worker.send_signal(signal.SIGTERM)
-    code, out = await finish(worker)
     assert code == 0, out
     assert len(smtp.recorder.received) == 1
     assert await queue_depth(Names.for_prefix(prefix).send_queue) == 0
@@ -141,19 +157,9 @@ async def test_sigterm_past_grace_returns_message_to_queue(
         await never.wait()
         return "421 shutting down"
 
-    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=stuck))
-    settings = make_settings()
-    async with running_app(settings) as (app, client):
-        await wait_ready(app)
-        assert (await client.get("/?sendmail=a@example.com")).status_code == 200
-    env = child_env(
-        prefix, SMTP_HOST="127.0.0.1", SMTP_PORT=smtp.port, SMTP_SECURITY="none", SHUTDOWN_GRACE=0.5
+    code, out, smtp = await sigterm_mid_send(
+        prefix, tmp_path, make_settings(), stop_later, stuck, started, grace=0.5
     )
-    worker = await spawn("worker.py", tmp_path, env)
-    stop_later.append(worker)
-    await asyncio.wait_for(started.wait(), 20)
-    worker.send_signal(signal.SIGTERM)
-    code, out = await finish(worker)
     assert code == 0, out
     assert await queue_depth(Names.for_prefix(prefix).send_queue) == 1  # not lost
     never.set()
