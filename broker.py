@@ -48,6 +48,8 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
+# Connecting can also fail on a URL the client library cannot use (ValueError).
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (*AMQP_ERRORS, ValueError)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
             ),
             timeout=settings.connect_timeout + 1,
         )
-    except AMQP_ERRORS as exc:
+    except CONNECT_ERRORS as exc:
         raise BrokerUnavailable(
             f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: "
             f"{type(exc).__name__}: {exc}"

@@ -9,11 +9,12 @@ in a repr, a log line or a traceback.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from limits import parse_many
@@ -54,13 +55,21 @@ class Secret:
 
 
 def redact_url(url: str) -> str:
-    """``amqp://user:pass@host/`` -> ``amqp://user:***@host/`` (safe to log)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """``amqp://user:pass@host/`` -> ``amqp://user:***@host/`` (safe to log).
+
+    Plain string work, not a URL parser: a password with an unencoded ``#``, ``?`` or
+    ``/`` must not slip through. ``password=`` query parameters are masked too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{host}" if colon else rest
+    masked = f"{scheme}{sep}{rest}"
+    return _PASSWORD_PARAM.sub(r"\1***", masked)
+
+
+_PASSWORD_PARAM = re.compile(r"((?:^|[?&;])password=)[^&;]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,6 +256,12 @@ def _concurrency(value: str) -> int:
 
 def _amqp_url(value: str) -> str:
     parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed authority
+    except ValueError:
+        raise ValueError(
+            "has a malformed host:port (percent-encode #, ?, / or @ in the password)"
+        ) from None
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ValueError("must look like amqp://user:password@host:5672/vhost")
     return value

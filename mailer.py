@@ -283,6 +283,12 @@ class SmtpPool:
                     if client is not None:
                         await self._discard(client)
                     raise classify(exc) from exc
+                except BaseException:
+                    # Anything else (a cancelled send at shutdown, a flattening error): the
+                    # connection is in an unknown state; close it, never back to the pool.
+                    if client is not None:
+                        client.close()
+                    raise
                 self._idle.append((client, time.monotonic()))
                 return SendResult(
                     accepted=tuple(orig for env, orig in envelope.items() if env not in refused),

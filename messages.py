@@ -8,6 +8,7 @@ off the queue), so the worker never sees a header it cannot trust.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -21,14 +22,17 @@ from errors import InvalidMessage
 FORMAT_VERSION = 1
 LEGACY_SUBJECT = "Test email"
 LEGACY_TEXT = "This is a test email sent from the messaging system.\n"
-_FORBIDDEN = ("\r", "\n", "\0")
+# Anything a mail library may take for a line break, or that has no place in a header:
+# C0 controls but TAB (CR, LF, NUL, VT, FF, FS, GS, RS ...), DEL, C1 controls, U+2028/9.
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def check_header_text(value: str, field: str) -> str:
-    """Refuse CR, LF and NUL in anything that ends up in a mail header."""
-    for char in _FORBIDDEN:
-        if char in value:
-            raise InvalidMessage(f"{field} must not contain {char!r}", field)
+    """Refuse CR, LF, NUL and every other control or line-separator character in anything
+    that ends up in a mail header."""
+    found = _FORBIDDEN.search(value)
+    if found:
+        raise InvalidMessage(f"{field} must not contain {found.group()!r}", field)
     return value
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -236,8 +237,24 @@ _WRITE = "mailroom_write"
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
 
 
-def _unlock(fd: int, acquired: asyncio.Future[None]) -> None:
-    if not acquired.cancelled() and acquired.exception() is None:
+def _flock_within(fd: int, seconds: float) -> bool:
+    """Try for the lock for up to ``seconds`` (in a worker thread); True once held."""
+    end = time.monotonic() + seconds
+    pause = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() > end:
+                return False
+            time.sleep(pause)  # a worker thread, never the event loop
+            pause = min(pause * 2, 0.005)
+        else:
+            return True
+
+
+def _unlock(fd: int, acquired: asyncio.Future[bool]) -> None:
+    if not acquired.cancelled() and acquired.exception() is None and acquired.result():
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
@@ -294,13 +311,21 @@ class Store:
                 os.open, self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
         fd = self._lock_fd
-        acquire = asyncio.ensure_future(asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX))
-        try:
-            await asyncio.shield(acquire)
-        except asyncio.CancelledError:
-            # The thread still gets the lock: give it back as soon as it does.
-            acquire.add_done_callback(lambda done: _unlock(fd, done))
-            raise
+        deadline = asyncio.get_running_loop().time() + LOCK_WAIT
+        while True:
+            acquire = asyncio.ensure_future(asyncio.to_thread(_flock_within, fd, 0.5))
+            try:
+                got = await asyncio.shield(acquire)
+            except asyncio.CancelledError:
+                # The thread may still get the lock: give it back as soon as it does.
+                acquire.add_done_callback(lambda done: _unlock(fd, done))
+                raise
+            if got:
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise StoreUnavailable(
+                    f"another process has held {self._lock_path} for over {LOCK_WAIT:g}s"
+                )
         try:
             return await self._transaction_retrying(work)
         finally:
@@ -372,7 +397,8 @@ class Store:
                 url,
                 pool_pre_ping=True,
                 pool_size=10,
-                connect_args={"timeout": settings.connect_timeout},
+                # Bounded waits: connecting, and every statement (asyncpg has no limit).
+                connect_args={"timeout": settings.connect_timeout, "command_timeout": 30},
             )
         lock_path = None
         if is_sqlite and path and path != ":memory:":

@@ -50,6 +50,7 @@ from store import RecipientResult, Store, StoreUnavailable, now_utc
 log = logging.getLogger(__name__)
 
 RETRIES_HEADER = "x-mailroom-retries"  # transient failures so far
+SENT_HEADER = "x-mailroom-sent"  # recipients that accepted it already (comma-separated)
 CONFIG_FAULTS_HEADER = "x-mailroom-config-faults"  # refused logins so far (never fatal)
 JITTER = 0.1
 CONFIG_FAULT_MAX_WAIT = 600.0  # seconds: the longest retry tier used for settings faults
@@ -170,9 +171,15 @@ class Worker:
             log.error("message %s: database unavailable (%s); retrying later", job.id, exc)
             await self._to_retry_tier(message, job, 0, dict(message.headers or {}))
             return
-        if record.status in ("sent", "failed"):
-            log.info("message %s: already %s; acking without sending", job.id, record.status)
+        if record.status == "sent":
+            log.info("message %s: already sent; acking without sending", job.id)
             await self._ack(message, job.id)
+            return
+        if record.status == "failed":
+            # Failed, but it may not have reached the dead-letter queue (the connection
+            # died in between): put it there (again) rather than drop it.
+            log.info("message %s: already failed; dead-lettering it", job.id)
+            await self._dead_letter(message, record.last_error or "failed", record.last_error_code)
             return
         unfinished = record.unfinished_attempts()
         if message.redelivered and unfinished > self.settings.delivery_limit:
@@ -181,7 +188,10 @@ class Worker:
             reason = f"{unfinished} attempts without an outcome; the worker may crash on it"
             await self._fail(message, job, reason, None, {})
             return
-        pending = record.pending()
+        # Recipients that accepted it, carried on the retry copy in case the record could
+        # not say so (the database failed then): never sent to twice.
+        sent_before = set(_list_header(message.headers or {}, SENT_HEADER))
+        pending = [a for a in record.pending() if a not in sent_before]
         log.info(
             "message %s: attempt %d, sending to %d recipient(s)",
             job.id,
@@ -266,6 +276,10 @@ class Worker:
             )
             return
         headers[RETRIES_HEADER] = retries + 1
+        accepted = {a for a, r in results.items() if r.status == "sent"}
+        accepted |= set(_list_header(headers, SENT_HEADER))
+        if accepted:
+            headers[SENT_HEADER] = ",".join(sorted(accepted))
         delay = self.names.retry_tiers[retries].delay * (1 - JITTER * random.random())
         try:
             await self.store.finish(
@@ -355,6 +369,7 @@ class Worker:
         except BrokerUnavailable as exc:
             # Not acked: RabbitMQ delivers it again once the channel is back.
             log.error("message %s: could not schedule the retry (%s)", job.id, exc)
+            await asyncio.sleep(1)  # no tight redelivery loop while RabbitMQ is in trouble
             with contextlib.suppress(*AMQP_ERRORS):
                 await asyncio.wait_for(message.nack(requeue=True), 5)
             return
@@ -390,6 +405,13 @@ class Worker:
             return
         log.info("message %s: dead-lettered: %s", message_id, reason)
         await self._ack(message, message_id)
+
+
+def _list_header(headers: Any, name: str) -> list[str]:
+    value = headers.get(name)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return [part for part in value.split(",") if part] if isinstance(value, str) else []
 
 
 def _int_header(headers: dict[str, Any], name: str) -> int:

@@ -89,6 +89,25 @@ def test_secrets_never_show(caplog: pytest.LogCaptureFixture) -> None:
     assert settings.amqp_url.get().endswith("@rabbit.example:5672/prod")
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://guest:pa#ss@localhost/", "amqp://guest:***@localhost/"),
+        ("amqp://u:p/a?s@host:5672/v", "amqp://u:***@host:5672/v"),
+        (
+            "postgresql://u@db.example/mail?password=s3cret",
+            "postgresql://u@db.example/mail?password=***",
+        ),
+        ("postgresql://u:s3cret@db.example/mail", "postgresql://u:***@db.example/mail"),
+        ("sqlite:///var/mailroom.db", "sqlite:///var/mailroom.db"),
+    ],
+)
+def test_urls_are_redacted_even_when_odd(url: str, shown: str) -> None:
+    from config import redact_url
+
+    assert redact_url(url) == shown
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings.from_env({}, env_file=None)
     with pytest.raises(AttributeError):

@@ -306,6 +306,12 @@ async def test_hostile_legacy_input_is_a_clear_4xx(
 HOSTILE_BODIES: list[tuple[Any, str | None]] = [
     ({**BODY, "subject": "hi\r\nBcc: x@example.com"}, "subject"),
     ({**BODY, "subject": "nul\0"}, "subject"),
+    ({**BODY, "subject": "Hi\x0bReply-To :attacker@evil.example"}, "subject"),
+    ({**BODY, "subject": "form\x0cfeed"}, "subject"),
+    ({**BODY, "subject": "line\u2028separator"}, "subject"),
+    ({**BODY, "subject": "c1\x85next line"}, "subject"),
+    ({**BODY, "to": '"Ann\x0bX-Evil :1" <a@example.com>'}, "to"),
+    ({**BODY, "reply_to": "Ann\x1c <a@example.com>"}, "reply_to"),
     ({**BODY, "reply_to": "a@example.com\nBcc: x@example.com"}, "reply_to"),
     ({**BODY, "to": '"Evil\r\nBcc: x@example.com" <a@example.com>'}, "to"),
     ({**BODY, "to": "Evil\0 <a@example.com>"}, "to"),
