@@ -274,10 +274,16 @@ def create_app(settings: Settings) -> Quart:
             return json_error(exc.reason, 400, field=exc.field)
         await guard.limit_recipients(g.client, [addr_spec(a) for a in job.to])
         key = headers.idempotency_key
-        client = client_identity()
+        if key is not None and not key.isprintable():
+            return json_error("Idempotency-Key must be printable characters", 400)
+        # Shielded: a client that hangs up must not leave a key claimed for a message that
+        # was never queued (every retry would then answer 409 for a day).
+        return await asyncio.shield(accept(job, data, key, client_identity()))
+
+    async def accept(
+        job: MailJob, data: MessageRequest, key: str | None, client: str
+    ) -> ResponseReturnValue:
         if key is not None:
-            if not key.isprintable():
-                return json_error("Idempotency-Key must be printable characters", 400)
             digest = hashlib.sha256(data.model_dump_json().encode()).hexdigest()
             try:
                 earlier = await store().claim_idempotency_key(client, key, digest, job.id)
@@ -295,8 +301,10 @@ def create_app(settings: Settings) -> Quart:
             await enqueue(job)
         except BrokerUnavailable as exc:
             if key is not None:
-                with contextlib.suppress(StoreUnavailable):
+                try:
                     await store().release_idempotency_key(client, key)
+                except StoreUnavailable as release_error:
+                    log.error("message %s: key not released: %s", job.id, release_error)
             return json_error(unavailable(exc, job), 503, RETRY)
         return jsonify(id=job.id, status="queued"), 202, {"Location": f"/api/messages/{job.id}"}
 

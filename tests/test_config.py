@@ -35,6 +35,7 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         ({"SMTP_PORT": "0"}, "SMTP_PORT"),
         ({"SMTP_SECURITY": "tls"}, "SMTP_SECURITY"),
         ({"AMQP_URL": "http://rabbit/"}, "AMQP_URL"),
+        ({"AMQP_URL": "amqp://guest:pa#ss@localhost:5x72/"}, "AMQP_URL"),
         ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY"),
         ({"SMTP_TIMEOUT": "-1"}, "SMTP_TIMEOUT"),
         ({"PUBLISH_TIMEOUT": "soon"}, "PUBLISH_TIMEOUT"),
