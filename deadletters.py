@@ -69,10 +69,12 @@ async def dead_letters(
         )
     except AMQP_ERRORS as exc:
         raise BrokerUnavailable(f"cannot connect to {settings.amqp_url_redacted}: {exc}") from exc
-    store = await Store.open(settings) if (requeue or requeue_all) else None
     seen: list[DeadLetter] = []
+    store: Store | None = None
     try:
         async with connection:
+            if requeue or requeue_all:
+                store = await Store.open(settings)
             channel = await connection.channel(publisher_confirms=True)
             topology = await declare_topology(channel, settings)
             queue = await channel.get_queue(names.dead_queue)

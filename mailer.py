@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 _UTF8 = Charset("utf-8")
 _UTF8.body_encoding = QP
 
+# Bodies longer than this (characters) are encoded in a worker thread.
+LARGE_BODY_CHARS = 100_000
 # A pooled connection idle longer than this is checked with NOOP before it is reused.
 IDLE_CHECK_SECONDS = 5.0
 # A pooled connection idle longer than this is closed instead of reused.
@@ -246,7 +248,11 @@ class SmtpPool:
         was refused); anything else that goes wrong raises a :class:`DeliveryError`.
         """
         try:
-            message = build_mime(job, self.settings.mail_from)
+            if len(job.text) + len(job.html or "") > LARGE_BODY_CHARS:
+                # Encoding megabytes takes a while: not on the event loop.
+                message = await asyncio.to_thread(build_mime, job, self.settings.mail_from)
+            else:
+                message = build_mime(job, self.settings.mail_from)
         except (ValueError, TypeError) as exc:
             raise PermanentDeliveryError(f"cannot build the message: {exc}") from exc
         sender = envelope_address(self.settings.mail_from)
