@@ -32,7 +32,7 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 
 from config import Settings
-from errors import BrokerUnavailable
+from errors import BrokerUnavailable, PublishUnconfirmed
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +249,17 @@ class Broker:
             raise BrokerUnavailable("not connected to RabbitMQ")
         message = build_message(body, message_id, headers, expiration)
         timeout = self.settings.publish_timeout
+        publish = asyncio.ensure_future(
+            self.topology.exchange.publish(message, routing_key, mandatory=True)
+        )
         try:
-            confirm = await asyncio.wait_for(
-                self.topology.exchange.publish(message, routing_key, mandatory=True),
-                timeout,
-            )
+            # Shielded: on a timeout the publish goes on, and its late outcome is reported.
+            confirm = await asyncio.wait_for(asyncio.shield(publish), timeout)
         except TimeoutError:
-            raise BrokerUnavailable(f"RabbitMQ did not confirm within {timeout:g}s") from None
+            raise PublishUnconfirmed(
+                f"RabbitMQ did not confirm within {timeout:g}s",
+                _late_outcome(publish, message_id, LATE_CONFIRM_WAIT),
+            ) from None
         except aio_pika.exceptions.DeliveryError as exc:
             raise BrokerUnavailable(f"RabbitMQ refused the message: {exc}") from exc
         except AMQP_ERRORS as exc:
@@ -277,6 +281,31 @@ class Broker:
             await _close_quietly(self.connection)
             self.connection = None
         self._connected.clear()
+
+
+LATE_CONFIRM_WAIT = 60.0  # seconds to keep waiting for a confirm that came too late
+
+
+def _late_outcome(
+    publish: asyncio.Future[Any], message_id: str, wait: float
+) -> asyncio.Future[bool]:
+    """Whether a publish that timed out was stored after all (bounded by ``wait``)."""
+
+    async def outcome() -> bool:
+        try:
+            confirm = await asyncio.wait_for(publish, wait)
+        except TimeoutError:
+            log.error("message %s: no confirm from RabbitMQ after %gs either", message_id, wait)
+            return False
+        except CONNECT_ERRORS as exc:  # DeliveryError is an AMQPException too
+            log.warning("message %s: not stored after all: %s", message_id, exc)
+            return False
+        stored = isinstance(confirm, Basic.Ack)
+        verdict = "stored" if stored else "refused"
+        log.warning("message %s: RabbitMQ %s it late", message_id, verdict)
+        return stored
+
+    return asyncio.ensure_future(outcome())
 
 
 async def _close_quietly(connection: AbstractRobustConnection) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 
 class MailroomError(Exception):
     """Base class of every error Mailroom raises on purpose."""
@@ -30,6 +32,17 @@ class InvalidMessage(MailroomError, ValueError):
 
 class BrokerUnavailable(MailroomError):
     """RabbitMQ could not be reached, or did not confirm a publish in time."""
+
+
+class PublishUnconfirmed(BrokerUnavailable):
+    """RabbitMQ has not confirmed in time: the message may still be stored, or not.
+
+    ``outcome`` resolves to True once RabbitMQ confirms it, False when it will not be.
+    """
+
+    def __init__(self, reason: str, outcome: asyncio.Future[bool]) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
 
 
 class DeliveryError(MailroomError):

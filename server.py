@@ -47,7 +47,7 @@ from werkzeug.exceptions import HTTPException
 from broker import Broker
 from config import Settings
 from deadletters import dead_letters
-from errors import BrokerUnavailable, ConfigError, InvalidMessage
+from errors import BrokerUnavailable, ConfigError, InvalidMessage, PublishUnconfirmed
 from guard import Denied, Guard, bearer_token, identify
 from messages import InputLimits, MailJob, addr_spec, legacy_job, new_job
 from schemas import (
@@ -144,7 +144,7 @@ def create_app(settings: Settings) -> Quart:
 
     @app.after_serving
     async def shutdown() -> None:
-        for task in housekeeping:
+        for task in list(housekeeping):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -211,20 +211,48 @@ def create_app(settings: Settings) -> Quart:
 
     # -- sending -------------------------------------------------------------------------
 
-    async def enqueue(job: MailJob) -> None:
-        """Publish (confirmed), then record. The record is best effort: the message is
-        safe in RabbitMQ once confirmed, and a worker creates a missing record."""
-        await broker.publish(job.to_bytes(), job.id)
+    async def record(job: MailJob) -> None:
+        """The record is best effort: the message is safe in RabbitMQ once confirmed, and
+        a worker creates a missing record."""
         try:
             await store().insert_queued(job)
         except StoreUnavailable as exc:
             log.warning("message %s: queued, but its record waits for the worker: %s", job.id, exc)
+
+    async def enqueue(job: MailJob, key: str | None = None, client: str = "") -> None:
+        """Publish (confirmed), then record."""
+        try:
+            await broker.publish(job.to_bytes(), job.id)
+        except PublishUnconfirmed as exc:
+            late = asyncio.ensure_future(settle_late(job, key, client, exc.outcome))
+            housekeeping.append(late)
+            late.add_done_callback(housekeeping.remove)
+            raise
+        await record(job)
         log.info(
             "message %s: queued for %d recipient(s) from %s", job.id, len(job.to), g.client.address
         )
 
+    async def settle_late(
+        job: MailJob, key: str | None, client: str, outcome: asyncio.Future[bool]
+    ) -> None:
+        """A publish that RabbitMQ confirmed too late: record it if it was stored after
+        all (a retry with the same Idempotency-Key then gets its id); else free the key."""
+        if await outcome:
+            await record(job)
+        elif key is not None:
+            try:
+                await store().release_idempotency_key(client, key)
+            except StoreUnavailable as exc:
+                log.error("message %s: key not released: %s", job.id, exc)
+
     def unavailable(exc: BrokerUnavailable, job: MailJob) -> str:
         log.error("message %s: not queued: %s", job.id, exc)
+        if isinstance(exc, PublishUnconfirmed):
+            return (
+                f"RabbitMQ did not confirm message {job.id} in time; it may still be stored. "
+                "A retry with the same Idempotency-Key answers with its id if it was."
+            )
         return "the mail queue is unavailable; nothing was queued, try again shortly"
 
     @app.get("/")
@@ -298,9 +326,10 @@ def create_app(settings: Settings) -> Quart:
                 replay = {"Idempotent-Replayed": "true", "Location": f"/api/messages/{earlier}"}
                 return jsonify(id=earlier, status="queued"), 202, replay
         try:
-            await enqueue(job)
+            await enqueue(job, key, client)
         except BrokerUnavailable as exc:
-            if key is not None:
+            # Unconfirmed: the key stays until settle_late knows whether it was stored.
+            if key is not None and not isinstance(exc, PublishUnconfirmed):
                 try:
                     await store().release_idempotency_key(client, key)
                 except StoreUnavailable as release_error:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -363,3 +364,30 @@ async def test_message_that_keeps_killing_the_worker_is_failed(
     assert "without an outcome" in record["last_error"]["message"]
     assert await queue_depth(Names.of(settings).dead_queue) == 1
     assert await queue_depth(Names.of(settings).send_queue) == 0
+
+
+async def test_late_confirm_keeps_the_idempotency_key(
+    make_settings: Callable[..., Settings], proxy: TcpProxy
+) -> None:
+    """RabbitMQ confirms after PUBLISH_TIMEOUT: the caller got 503, but a retry with the
+    same key finds the stored message instead of queueing a second one."""
+    settings = make_settings(amqp_url=via(proxy), publish_timeout=1.0)
+    body = {"to": "late@example.com", "subject": "s", "text": "t"}
+    headers = {"Idempotency-Key": "late-confirm"}
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        proxy.frozen = True  # the publish goes out; its confirm does not come back yet
+        first = await client.post("/api/messages", json=body, headers=headers)
+        assert first.status_code == 503
+        message_id = re.search(r"[0-9a-f]{32}", (await first.get_json())["error"])
+        assert message_id
+        retry_early = await client.post("/api/messages", json=body, headers=headers)
+        assert retry_early.status_code == 409  # still unknown: not a second message
+        proxy.frozen = False  # the confirm arrives, late
+        async with asyncio.timeout(15):
+            while (await client.get(f"/api/messages/{message_id.group()}")).status_code != 200:
+                await asyncio.sleep(0.05)
+        again = await client.post("/api/messages", json=body, headers=headers)
+        assert again.status_code == 202
+        assert (await again.get_json())["id"] == message_id.group()
+    assert await queue_depth(Names.of(settings).send_queue) == 1
