@@ -8,6 +8,7 @@ in a repr, a log line or a traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -140,6 +141,16 @@ class Settings:
             values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
         values.update(os.environ if environ is None else environ)
         return _parse(values)
+
+
+def configure_logging(settings: Settings) -> None:
+    """For the entry points (server, worker): one line per event, at LOG_LEVEL."""
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
 
 
 def _parse(env: Mapping[str, str]) -> Settings:

@@ -45,7 +45,7 @@ from quart_schema import (
 from werkzeug.exceptions import HTTPException
 
 from broker import Broker
-from config import Settings
+from config import Settings, configure_logging
 from deadletters import dead_letters
 from errors import BrokerUnavailable, ConfigError, InvalidMessage, PublishUnconfirmed
 from guard import Denied, Guard, bearer_token, identify
@@ -436,15 +436,6 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
     if request.path.startswith("/api/"):
         return json_error(message, status, headers)
     return text(f"{message}\n", status, headers)
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
 
 
 class _LazyApp:

@@ -33,7 +33,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from broker import AMQP_ERRORS, DEAD_KEY, Broker, Names
-from config import Settings
+from config import Settings, configure_logging
 from errors import (
     BrokerUnavailable,
     ConfigError,
@@ -426,12 +426,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"worker: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    configure_logging(settings)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

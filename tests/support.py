@@ -8,7 +8,7 @@ import socket
 import ssl
 import sys
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -259,24 +259,6 @@ async def get_messages(queue_name: str) -> list[aio_pika.abc.AbstractIncomingMes
             await message.ack()
             out.append(message)
     return out
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.05
-) -> None:
-    """Poll ``check`` until it is true, failing after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(interval)
-
-
-@contextlib.asynccontextmanager
-async def closing_server(server: asyncio.Server) -> AsyncIterator[asyncio.Server]:
-    try:
-        yield server
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 Proc = asyncio.subprocess.Process

@@ -28,8 +28,6 @@ from tests.support import (
     worker_env,
 )
 
-__all__ = ["Proc", "child_env", "finish", "spawn", "wait_http"]  # used by other test files
-
 
 async def test_server_config_error_names_variable(prefix: str, tmp_path: Path) -> None:
     proc = await spawn("server.py", tmp_path, child_env(prefix, PORT="abc"))
