@@ -298,11 +298,11 @@ class Store:
     async def _transaction(self, work: Work) -> Any:
         """One write transaction.
 
-        With a SQLite file, Mailroom's processes first take an flock on ``<db>.lock`` (the
-        wait happens in a thread, and the kernel wakes the next writer the moment the lock
-        is free): SQLite's own lock can only be polled. A BEGIN that still finds the
-        database locked (another program writes to it) is retried after short pauses, for
-        up to LOCK_WAIT seconds.
+        With a SQLite file, Mailroom's processes first take an flock on ``<db>.lock``,
+        tried every 0.5-5 ms in a worker thread (off the event loop, finer than SQLite's
+        busy handler) for up to LOCK_WAIT seconds. A BEGIN that still finds the database
+        locked (another program writes to it) is retried after short pauses, for up to
+        LOCK_WAIT seconds too.
         """
         if self._lock_path is None:
             return await self._transaction_retrying(work)
