@@ -39,11 +39,17 @@ log = logging.getLogger(__name__)
 SEND_KEY = "send"
 RECONNECT_INTERVAL = 1.0  # seconds between attempts of a robust connection to come back
 DEAD_KEY = "dead"
+# Which copy of a message a queue message is: 0 (or absent) for the accepted one, then +1
+# for each retry copy and operator re-queue. The record keeps the newest (see store.py).
+COPY_HEADER = "x-mailroom-copy"
 
 # What aio-pika / aiormq raise when the broker is gone, refuses, or the channel died.
+# ChannelInvalidStateError (a RuntimeError) is what a publish, ack, nack or reject on a
+# channel that has just died raises.
 AMQP_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPException,
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,

@@ -94,6 +94,7 @@ class Settings:
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
     shutdown_grace: float = 30.0
+    attempt_lease: float = 30.0
     log_level: str = "INFO"
     database_url: Secret = field(default_factory=lambda: Secret("sqlite:///var/mailroom.db"))
     retry_delays: tuple[float, ...] = (30.0, 120.0, 600.0, 3600.0, 14400.0)
@@ -202,6 +203,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         publish_timeout=conv("PUBLISH_TIMEOUT", _positive_float, 5.0),
         connect_timeout=conv("CONNECT_TIMEOUT", _positive_float, 5.0),
         shutdown_grace=conv("SHUTDOWN_GRACE", _positive_float, 30.0),
+        attempt_lease=conv("ATTEMPT_LEASE", _lease, 30.0),
         log_level=conv("LOG_LEVEL", _log_level, "INFO"),
         database_url=Secret(conv("DATABASE_URL", _database_url, "sqlite:///var/mailroom.db")),
         retry_delays=conv("RETRY_DELAYS", _delays, (30.0, 120.0, 600.0, 3600.0, 14400.0)),
@@ -256,6 +258,13 @@ def _positive_float(value: str) -> float:
     if not number > 0:
         raise ValueError(f"must be a positive number of seconds, not {value}")
     return number
+
+
+def _lease(value: str) -> float:
+    seconds = _positive_float(value)
+    if not 1 <= seconds <= 3600:
+        raise ValueError(f"must be between 1 and 3600 seconds, not {value!r}")
+    return seconds
 
 
 def _concurrency(value: str) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from broker import AMQP_ERRORS, SEND_KEY, Names, declare_topology
+from broker import AMQP_ERRORS, COPY_HEADER, SEND_KEY, Names, declare_topology
 from config import Settings
 from errors import BrokerUnavailable
 from store import RecipientResult, Store, StoreUnavailable
@@ -101,13 +101,6 @@ async def _requeue(
     headers: dict[str, Any] = {
         k: v for k, v in (message.headers or {}).items() if k not in _RESET_HEADERS
     }
-    copy = aio_pika.Message(
-        message.body,
-        message_id=message.message_id,
-        content_type=message.content_type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        headers=headers,
-    )
     message_id = message.message_id or ""
     if store is not None and message_id:
         try:
@@ -118,14 +111,24 @@ async def _requeue(
                     for a, r in record.results.items()
                     if r.status == "refused"
                 }
-                await store.finish(message_id, "queued", retry, detail="re-queued by an operator")
+                copy_number = await store.requeue(message_id, retry, "re-queued by an operator")
+                if copy_number is not None:
+                    # The newest copy: any older one still around is dropped by the worker.
+                    headers[COPY_HEADER] = copy_number
         except StoreUnavailable as exc:
             # Its record would still say failed, and the worker would drop it: keep it here.
             log.error(
                 "message %s: not re-queued, its record cannot be updated: %s", message_id, exc
             )
             return False
-    await exchange.publish(copy, SEND_KEY, mandatory=True)
+    again = aio_pika.Message(
+        message.body,
+        message_id=message.message_id,
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers=headers,
+    )
+    await exchange.publish(again, SEND_KEY, mandatory=True)
     await message.ack()
     log.info("message %s: re-queued", message_id)
     return True

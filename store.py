@@ -6,6 +6,20 @@ server and several workers on one host share the file safely) or ``postgresql+as
 
 A record's ``status`` moves ``queued -> sending -> (retrying -> sending)* -> sent | failed``
 and every transition is appended to its ``history`` with a UTC time stamp.
+
+Who may send, and which copy counts (see the README's delivery guarantees):
+
+* **Final states stay final.** An attempt's outcome is written only while the record is
+  still ``sending`` under that very attempt (owner and attempt number: a compare-and-set).
+  A late outcome of an attempt that lost its claim goes to the history, nothing else.
+* **One attempt at a time.** :meth:`Store.claim` makes the caller the owner of the next
+  attempt, with a lease (``ATTEMPT_LEASE``) that the owner renews while it sends. Another
+  delivery of the message finds the lease held and waits; a lease whose owner died (it
+  expired, or its process is gone on this host) is taken over.
+* **Only the newest copy is sent.** Every copy of a message in RabbitMQ carries its
+  number (``x-mailroom-copy``: 0 for the accepted message, +1 for each retry copy or
+  operator re-queue); the record keeps the newest number it has seen, and an older copy
+  (one whose attempt handed over to a retry copy, but whose ack was lost) is dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,7 +64,8 @@ from messages import MailJob, addr_spec
 log = logging.getLogger(__name__)
 
 Status = Literal["queued", "sending", "retrying", "sent", "failed"]
-SCHEMA_VERSION = 1
+FINAL = frozenset({"sent", "failed", "cancelled"})
+SCHEMA_VERSION = 2
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
@@ -79,6 +94,11 @@ messages_table = Table(
     Column("history", JSON, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Attempt ownership (schema 2): who holds the current attempt, until when, and the
+    # newest copy number seen.
+    Column("owner", String(96)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("copy", Integer, nullable=False, server_default="0"),
 )
 
 idempotency_table = Table(
@@ -142,6 +162,9 @@ class MessageRecord:
     history: list[dict[str, Any]]
     created_at: datetime
     updated_at: datetime
+    owner: str | None = None
+    lease_until: datetime | None = None
+    copy: int = 0
 
     def unfinished_attempts(self) -> int:
         """How many attempts in a row were started (``sending``) and never finished."""
@@ -196,7 +219,37 @@ def _record(row: Any) -> MessageRecord:
         history=list(row.history),
         created_at=created,
         updated_at=updated,
+        owner=row.owner,
+        lease_until=_aware(row.lease_until),
+        copy=row.copy or 0,
     )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The attempt a worker holds: it may record an outcome only while it still holds it."""
+
+    message_id: str
+    number: int  # the record's ``attempts`` once this one began
+    owner: str
+
+
+ClaimKind = Literal["claimed", "final", "stale", "busy"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`Store.claim` found.
+
+    * ``claimed``: the caller now holds ``attempt``; ``record`` is the updated record.
+    * ``final``: the record is ``sent``, ``failed`` or ``cancelled``: do not send.
+    * ``stale``: a newer copy of the message exists (``record.copy``): drop this one.
+    * ``busy``: another owner's lease runs until ``record.lease_until``: wait for it.
+    """
+
+    kind: ClaimKind
+    record: MessageRecord
+    attempt: Attempt | None = None
 
 
 def engine_url(database_url: str) -> str:
@@ -541,28 +594,56 @@ class Store:
 
     # -- the worker's side -------------------------------------------------------------
 
-    async def begin_attempt(self, job: MailJob) -> MessageRecord:
-        """Mark ``job`` as being sent (creating its record if it has none).
-
-        Returns the record as it was *before* this call when it is already ``sent`` or
-        ``failed`` (the caller must not send again); otherwise the updated record.
+    async def claim(
+        self,
+        job: MailJob,
+        owner: str,
+        copy: int,
+        lease: float,
+        owner_alive: Callable[[str], bool] = lambda owner: True,
+    ) -> Claim:
+        """Try to become the owner of the next attempt at ``job`` (creating its record if
+        it has none). ``copy`` is the number of the queue copy being handled; ``lease`` how
+        long the claim holds unless renewed; ``owner_alive`` says whether another owner is
+        still running (False only when that is known for sure).
         """
 
-        async def work(conn: AsyncConnection) -> MessageRecord:
+        async def work(conn: AsyncConnection) -> Claim:
             record = await self._load(conn, job.id)
             if record is None:
                 await _insert_queued(conn, job)
                 record = await self._load(conn, job.id)
                 assert record is not None
-            if record.status in ("sent", "failed"):
-                return record
-            return await self._transition(
-                conn, record, "sending", attempts=record.attempts + 1, next_attempt_at=None
+            if record.status in FINAL:
+                return Claim("final", record)
+            if copy < record.copy:
+                return Claim("stale", record)
+            now = now_utc()
+            held = (
+                record.status == "sending"
+                and record.owner is not None
+                and record.owner != owner
+                and record.lease_until is not None
+                and record.lease_until > now
             )
+            if held and owner_alive(record.owner or ""):
+                return Claim("busy", record)
+            number = record.attempts + 1
+            updated = await self._transition(
+                conn,
+                record,
+                "sending",
+                attempts=number,
+                next_attempt_at=None,
+                owner=owner,
+                lease_until=now + timedelta(seconds=lease),
+                copy=copy,
+            )
+            return Claim("claimed", updated, Attempt(job.id, number, owner))
 
         for attempt in (1, 2):
             try:
-                result: MessageRecord = await self._write(work)
+                result: Claim = await self._write(work)
                 return result
             except IntegrityError as exc:
                 # The server created the record between our read and our insert: read again.
@@ -574,32 +655,125 @@ class Store:
 
     async def finish(
         self,
-        message_id: str,
+        attempt: Attempt,
         status: Status,
         results: dict[str, RecipientResult] | None = None,
         error: str | None = None,
         code: int | None = None,
         next_attempt_at: datetime | None = None,
         detail: str | None = None,
-    ) -> MessageRecord:
-        """Record the outcome of an attempt (or a re-queue by an operator)."""
+        copy: int | None = None,
+    ) -> bool:
+        """Record the outcome of ``attempt``; True if it was applied.
 
-        async def work(conn: AsyncConnection) -> MessageRecord:
-            record = await self._load(conn, message_id)
+        Applied only while the record is ``sending`` under this attempt. Otherwise (the
+        claim was taken over, or the record is final) the outcome is only appended to the
+        history as a late outcome, and False is returned.
+        """
+
+        async def work(conn: AsyncConnection) -> bool:
+            record = await self._load(conn, attempt.message_id)
             if record is None:
-                raise StoreUnavailable(f"no record for message {message_id}")
+                raise StoreUnavailable(f"no record for message {attempt.message_id}")
+            if not _holds(record, attempt):
+                note = f"late outcome of attempt {attempt.number}, not applied"
+                if error:
+                    note += f": {error[:200]}"
+                await self._append_history(conn, record, status, note)
+                return False
             merged = dict(record.results)
             merged.update(results or {})
-            values: dict[str, Any] = {"results": merged, "next_attempt_at": next_attempt_at}
+            values: dict[str, Any] = {
+                "results": merged,
+                "next_attempt_at": next_attempt_at,
+                "lease_until": None,
+            }
+            if copy is not None:
+                values["copy"] = max(copy, record.copy)
             if error is not None:
                 values.update(last_error=error, last_error_code=code)
-            return await self._transition(conn, record, status, detail=detail, **values)
+            await self._transition(conn, record, status, detail=detail, **values)
+            return True
 
         try:
-            result: MessageRecord = await self._write(work)
+            applied: bool = await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return applied
+
+    async def release(self, attempt: Attempt) -> None:
+        """Give up ``attempt`` without an outcome: the next delivery need not wait."""
+        table = messages_table
+        await self._run(
+            update(table)
+            .where(
+                (table.c.id == attempt.message_id)
+                & (table.c.status == "sending")
+                & (table.c.owner == attempt.owner)
+                & (table.c.attempts == attempt.number)
+            )
+            .values(lease_until=None)
+        )
+
+    async def renew(self, attempts: Sequence[Attempt], lease: float) -> None:
+        """Extend the leases of attempts still running (one statement for all of them)."""
+        if not attempts:
+            return
+        table = messages_table
+        owners = {a.owner for a in attempts}
+        assert len(owners) == 1, "one owner renews its own attempts"
+        await self._run(
+            update(table)
+            .where(
+                table.c.id.in_([a.message_id for a in attempts])
+                & (table.c.status == "sending")
+                & (table.c.owner == owners.pop())
+            )
+            .values(lease_until=now_utc() + timedelta(seconds=lease))
+        )
+
+    async def requeue(
+        self, message_id: str, results: dict[str, RecipientResult], detail: str
+    ) -> int | None:
+        """An operator sends a dead-lettered message again: back to ``queued``.
+
+        Returns the copy number the re-queued copy must carry (newer than any before),
+        or None when the message has no record.
+        """
+
+        async def work(conn: AsyncConnection) -> int | None:
+            record = await self._load(conn, message_id)
+            if record is None:
+                return None
+            merged = dict(record.results)
+            merged.update(results)
+            copy = record.copy + 1
+            await self._transition(
+                conn,
+                record,
+                "queued",
+                detail=detail,
+                results=merged,
+                next_attempt_at=None,
+                owner=None,
+                lease_until=None,
+                copy=copy,
+            )
+            return copy
+
+        try:
+            result: int | None = await self._write(work)
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return result
+
+    async def _append_history(
+        self, conn: AsyncConnection, record: MessageRecord, status: str, detail: str
+    ) -> None:
+        entry = {"status": status, "at": _iso(now_utc()), "detail": detail}
+        await conn.execute(
+            _UPDATE_ONE, {"message_id": record.id, "history": [*record.history, entry]}
+        )
 
     async def _load(self, conn: AsyncConnection, message_id: str) -> MessageRecord | None:
         row = (await conn.execute(_SELECT_ONE, {"message_id": message_id})).first()
@@ -672,6 +846,14 @@ async def _insert_queued(conn: AsyncConnection, job: MailJob) -> None:
     )
 
 
+def _holds(record: MessageRecord, attempt: Attempt) -> bool:
+    return (
+        record.status == "sending"
+        and record.owner == attempt.owner
+        and record.attempts == attempt.number
+    )
+
+
 def _create_or_upgrade(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
     version = conn.execute(select(schema_table.c.version)).scalar()
@@ -682,7 +864,17 @@ def _create_or_upgrade(conn: Connection) -> None:
             f"the database schema is version {version}, newer than this program's "
             f"{SCHEMA_VERSION}: upgrade Mailroom"
         )
-    # Upgrades from older versions go here, one step per version, when there are any.
+    elif version < SCHEMA_VERSION:
+        if version < 2:
+            # Attempt ownership: an owner, its lease, and the newest copy number.
+            for ddl in (
+                "ALTER TABLE mailroom_messages ADD COLUMN owner VARCHAR(96)",
+                "ALTER TABLE mailroom_messages ADD COLUMN lease_until TIMESTAMP"
+                + (" WITH TIME ZONE" if conn.dialect.name == "postgresql" else ""),
+                "ALTER TABLE mailroom_messages ADD COLUMN copy INTEGER NOT NULL DEFAULT 0",
+            ):
+                conn.exec_driver_sql(ddl)
+        conn.execute(update(schema_table).values(version=SCHEMA_VERSION))
 
 
 def _describe(exc: BaseException) -> str:

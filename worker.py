@@ -24,15 +24,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
+import socket
 import sys
+import uuid
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from broker import AMQP_ERRORS, DEAD_KEY, Broker, Names
+from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, Broker, Names
 from config import Settings, configure_logging
 from errors import (
     BrokerUnavailable,
@@ -45,7 +48,7 @@ from errors import (
 )
 from mailer import SendResult, SmtpPool
 from messages import MailJob
-from store import RecipientResult, Store, StoreUnavailable, now_utc
+from store import Attempt, Claim, RecipientResult, Store, StoreUnavailable, now_utc
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ SENT_HEADER = "x-mailroom-sent"  # recipients that accepted it already (comma-se
 CONFIG_FAULTS_HEADER = "x-mailroom-config-faults"  # refused logins so far (never fatal)
 JITTER = 0.1
 CONFIG_FAULT_MAX_WAIT = 600.0  # seconds: the longest retry tier used for settings faults
+LEASE_POLL = 0.5  # seconds between looks at a record whose attempt another worker holds
 
 
 class Worker:
@@ -68,8 +72,13 @@ class Worker:
         self.pool = SmtpPool(settings, settings.worker_concurrency)
         self.store: Store | None = None
         self.ready = asyncio.Event()
+        # Who holds an attempt: this process, told apart from any other on any host.
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
         self._inflight: set[asyncio.Task[Any]] = set()
+        # The attempts running here, by message id: a redelivered copy waits for them.
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._attempts: dict[str, Attempt] = {}
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain and return (safe to call from a signal handler)."""
@@ -79,6 +88,7 @@ class Worker:
         """Consume until :meth:`stop`; then drain in-flight sends and close everything."""
         self.store = await Store.open(self.settings)
         await self.broker.start()
+        renewer = asyncio.create_task(self._renew_leases(), name="renew-leases")
         try:
             if not await self._wait_connected():
                 return
@@ -99,6 +109,9 @@ class Worker:
                 await asyncio.wait_for(queue.cancel(tag), 5)
             await self._drain()
         finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
             await self.pool.close()
             await self.broker.close()
             await self.store.close()
@@ -136,6 +149,33 @@ class Worker:
                 task.cancel()
             await asyncio.wait(pending, timeout=5)
 
+    async def _renew_leases(self) -> None:
+        """Keep the leases of long attempts alive, in one write for all of them."""
+        lease = self.settings.attempt_lease
+        while True:
+            await asyncio.sleep(lease / 3)
+            assert self.store is not None
+            try:
+                await self.store.renew(list(self._attempts.values()), lease)
+            except StoreUnavailable as exc:
+                log.error(
+                    "could not renew the leases of %d attempt(s): %s", len(self._attempts), exc
+                )
+
+    def _owner_alive(self, owner: str) -> bool:
+        """False only when ``owner`` is known dead: a process of this host that is gone."""
+        host, _, rest = owner.partition("/")
+        pid_text = rest.partition("/")[0]
+        if host != socket.gethostname() or not pid_text.isdigit() or owner == self.owner:
+            return True
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # aio-pika cancels its consumer callbacks when the channel dies. A send the SMTP
         # server already accepted must still be recorded, or the redelivery would send it
@@ -158,21 +198,62 @@ class Worker:
             await self._dead_letter(message, f"internal error: {type(exc).__name__}: {exc}", None)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        assert self.store is not None
         try:
             job = MailJob.from_bytes(message.body)
         except InvalidMessage as exc:
             log.error("message %s: cannot be decoded: %s", message.message_id, exc)
             await self._dead_letter(message, f"undecodable: {exc}", None)
             return
+        # A copy redelivered while an attempt at it still runs here (the channel died
+        # under it) waits for that attempt's outcome instead of sending alongside it.
+        while (running := self._running.get(job.id)) is not None:
+            log.info("message %s: an attempt is still running here; waiting for it", job.id)
+            await asyncio.wait({running})
+        self._running[job.id] = asyncio.current_task()  # type: ignore[assignment]
         try:
-            record = await self.store.begin_attempt(job)
-        except StoreUnavailable as exc:
-            log.error("message %s: database unavailable (%s); retrying later", job.id, exc)
-            await self._to_retry_tier(message, job, 0, dict(message.headers or {}))
+            await self._handle_job(message, job)
+        finally:
+            self._running.pop(job.id, None)
+            self._attempts.pop(job.id, None)
+
+    async def _claim(self, message: AbstractIncomingMessage, job: MailJob) -> Claim | None:
+        """Claim the next attempt; wait while another live worker holds one. None when the
+        database is unavailable (the message then went to a retry tier)."""
+        assert self.store is not None
+        copy = _int_header(message.headers or {}, COPY_HEADER)
+        while True:
+            try:
+                claim = await self.store.claim(
+                    job, self.owner, copy, self.settings.attempt_lease, self._owner_alive
+                )
+            except StoreUnavailable as exc:
+                log.error("message %s: database unavailable (%s); retrying later", job.id, exc)
+                await self._to_retry_tier(message, job, 0, dict(message.headers or {}))
+                return None
+            if claim.kind != "busy":
+                return claim
+            until = claim.record.lease_until
+            wait = (until - now_utc()).total_seconds() if until else 0.0
+            log.info(
+                "message %s: attempt %d is held by %s; waiting for its outcome",
+                job.id,
+                claim.record.attempts,
+                claim.record.owner,
+            )
+            await asyncio.sleep(min(max(wait, 0.05), LEASE_POLL))
+
+    async def _handle_job(self, message: AbstractIncomingMessage, job: MailJob) -> None:
+        claim = await self._claim(message, job)
+        if claim is None:
             return
-        if record.status == "sent":
-            log.info("message %s: already sent; acking without sending", job.id)
+        record = claim.record
+        if claim.kind == "stale":
+            log.info(
+                "message %s: copy %d is superseded by copy %d; dropping it",
+                job.id,
+                _int_header(message.headers or {}, COPY_HEADER),
+                record.copy,
+            )
             await self._ack(message, job.id)
             return
         if record.status == "failed":
@@ -181,17 +262,30 @@ class Worker:
             log.info("message %s: already failed; dead-lettering it", job.id)
             await self._dead_letter(message, record.last_error or "failed", record.last_error_code)
             return
+        if claim.kind == "final":
+            log.info("message %s: already %s; acking without sending", job.id, record.status)
+            await self._ack(message, job.id)
+            return
+        assert claim.attempt is not None
+        attempt = claim.attempt
+        self._attempts[job.id] = attempt
         unfinished = record.unfinished_attempts()
         if message.redelivered and unfinished > self.settings.delivery_limit:
             # Started again and again without an outcome: something (a crash, an OOM kill)
             # stops the worker on this message. Classic queues have no delivery limit.
             reason = f"{unfinished} attempts without an outcome; the worker may crash on it"
-            await self._fail(message, job, reason, None, {})
+            await self._fail(message, attempt, reason, None, {})
             return
         # Recipients that accepted it, carried on the retry copy in case the record could
         # not say so (the database failed then): never sent to twice.
         sent_before = set(_list_header(message.headers or {}, SENT_HEADER))
         pending = [a for a in record.pending() if a not in sent_before]
+        already_sent = bool(sent_before) or any(r.status == "sent" for r in record.results.values())
+        if not pending:
+            # Nothing left to send (every recipient accepted or refused it already).
+            log.info("message %s: no recipient left to send to", job.id)
+            await self._settle(message, attempt, SendResult(()), already_sent, sent_before)
+            return
         log.info(
             "message %s: attempt %d, sending to %d recipient(s)",
             job.id,
@@ -201,27 +295,28 @@ class Worker:
         try:
             result = await self.pool.send(job, pending)
         except SmtpConfigError as exc:
-            await self._config_fault(message, job, exc)
+            await self._config_fault(message, attempt, exc)
             return
         except PermanentDeliveryError as exc:
-            await self._fail(message, job, str(exc), exc.code, {})
+            await self._fail(message, attempt, str(exc), exc.code, {})
             return
         except DeliveryError as exc:
-            await self._retry_or_fail(message, job, str(exc), exc.code, {})
+            await self._retry_or_fail(message, attempt, str(exc), exc.code, {})
             return
-        already_sent = any(r.status == "sent" for r in record.results.values())
-        await self._settle(message, job, result, already_sent)
+        await self._settle(message, attempt, result, already_sent, sent_before)
 
     async def _settle(
         self,
         message: AbstractIncomingMessage,
-        job: MailJob,
+        attempt: Attempt,
         result: SendResult,
         already_sent: bool,
+        sent_before: set[str],
     ) -> None:
         """Record per-recipient results; then sent, retry (4xx refusals) or failed."""
         assert self.store is not None
-        results = {a: RecipientResult("sent") for a in result.accepted}
+        job_id = attempt.message_id
+        results = {a: RecipientResult("sent") for a in (*result.accepted, *sent_before)}
         deferred: list[str] = []
         for address, (code, text) in result.refused.items():
             if 400 <= code < 500:
@@ -233,16 +328,16 @@ class Worker:
         first_code = next(iter(result.refused.values()))[0] if result.refused else None
         if deferred:
             await self._retry_or_fail(
-                message, job, f"recipients deferred: {refused_text}", first_code, results
+                message, attempt, f"recipients deferred: {refused_text}", first_code, results
             )
             return
         if not result.accepted and not already_sent:
             reason = f"every recipient refused: {refused_text}"
-            await self._fail(message, job, reason, first_code, results)
+            await self._fail(message, attempt, reason, first_code, results)
             return
         try:
-            await self.store.finish(
-                job.id,
+            applied = await self.store.finish(
+                attempt,
                 "sent",
                 results,
                 error=f"recipients refused: {refused_text}" if result.refused else None,
@@ -250,29 +345,32 @@ class Worker:
             )
         except StoreUnavailable as exc:
             # The mail went out; if the ack below also lands, nothing is lost or repeated.
-            log.error("message %s: sent, but could not record it: %s", job.id, exc)
-            await self._ack(message, job.id)
+            log.error("message %s: sent, but could not record it: %s", job_id, exc)
+            await self._ack(message, job_id)
             return
-        if result.refused:
-            log.warning("message %s: sent; refused for %s", job.id, refused_text)
+        if not applied:
+            log.warning(
+                "message %s: sent, but attempt %d had lost its claim", job_id, attempt.number
+            )
+        elif result.refused:
+            log.warning("message %s: sent; refused for %s", job_id, refused_text)
         else:
-            log.info("message %s: sent", job.id)
-        await self._ack(message, job.id)
+            log.info("message %s: sent", job_id)
+        await self._ack(message, job_id)
 
     async def _retry_or_fail(
         self,
         message: AbstractIncomingMessage,
-        job: MailJob,
+        attempt: Attempt,
         reason: str,
         code: int | None,
         results: dict[str, RecipientResult],
     ) -> None:
-        assert self.store is not None
         headers = dict(message.headers or {})
         retries = _int_header(headers, RETRIES_HEADER)
         if retries >= len(self.names.retry_tiers):
             await self._fail(
-                message, job, f"gave up after {retries + 1} attempts: {reason}", code, results
+                message, attempt, f"gave up after {retries + 1} attempts: {reason}", code, results
             )
             return
         headers[RETRIES_HEADER] = retries + 1
@@ -281,27 +379,30 @@ class Worker:
         if accepted:
             headers[SENT_HEADER] = ",".join(sorted(accepted))
         delay = self.names.retry_tiers[retries].delay * (1 - JITTER * random.random())
-        try:
-            await self.store.finish(
-                job.id, "retrying", results, reason, code, now_utc() + timedelta(seconds=delay)
-            )
-        except StoreUnavailable as exc:
-            log.error("message %s: could not record the retry: %s", job.id, exc)
         log.warning(
-            "message %s: attempt failed (%s); retry %d in %.1fs",
-            job.id,
+            "message %s: attempt %d failed (%s); retry %d in %.1fs",
+            attempt.message_id,
+            attempt.number,
             reason,
             retries + 1,
             delay,
         )
-        await self._to_retry_tier(message, job, retries, headers, delay)
+        await self._hand_over(
+            message,
+            attempt,
+            retries,
+            headers,
+            delay,
+            results=results,
+            error=reason,
+            code=code,
+        )
 
     async def _config_fault(
-        self, message: AbstractIncomingMessage, job: MailJob, exc: SmtpConfigError
+        self, message: AbstractIncomingMessage, attempt: Attempt, exc: SmtpConfigError
     ) -> None:
         """A refused login (or a similar settings fault) is the operator's to fix: retry
         with backoff, never fail."""
-        assert self.store is not None
         headers = dict(message.headers or {})
         faults = _int_header(headers, CONFIG_FAULTS_HEADER)
         headers[CONFIG_FAULTS_HEADER] = faults + 1
@@ -315,39 +416,99 @@ class Worker:
         log.error(
             "message %s: %s by %s:%d (%s): check SMTP_USERNAME, SMTP_PASSWORD and "
             "SMTP_SECURITY; the message is kept and retried in %.1fs",
-            job.id,
+            attempt.message_id,
             what,
             self.settings.smtp_host,
             self.settings.smtp_port,
             exc,
             delay,
         )
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.finish(
-                job.id,
-                "retrying",
-                error=str(exc),
-                code=exc.code,
-                next_attempt_at=now_utc() + timedelta(seconds=delay),
-                detail=f"configuration fault: {what.lower()}",
-            )
-        await self._to_retry_tier(message, job, tier, headers, delay)
+        await self._hand_over(
+            message,
+            attempt,
+            tier,
+            headers,
+            delay,
+            error=str(exc),
+            code=exc.code,
+            detail=f"configuration fault: {what.lower()}",
+        )
 
     async def _fail(
         self,
         message: AbstractIncomingMessage,
-        job: MailJob,
+        attempt: Attempt,
         reason: str,
         code: int | None,
         results: dict[str, RecipientResult],
     ) -> None:
         assert self.store is not None
-        log.error("message %s: failed: %s", job.id, reason)
+        job_id = attempt.message_id
         try:
-            await self.store.finish(job.id, "failed", results, reason, code)
+            applied = await self.store.finish(attempt, "failed", results, reason, code)
         except StoreUnavailable as exc:
-            log.error("message %s: could not record the failure: %s", job.id, exc)
+            log.error("message %s: could not record the failure: %s", job_id, exc)
+        else:
+            if not applied:
+                # Another attempt took over (its outcome stands): this copy is done.
+                log.warning(
+                    "message %s: attempt %d failed (%s) after losing its claim; not applied",
+                    job_id,
+                    attempt.number,
+                    reason,
+                )
+                await self._ack(message, job_id)
+                return
+        log.error("message %s: failed: %s", job_id, reason)
         await self._dead_letter(message, reason, code)
+
+    async def _hand_over(
+        self,
+        message: AbstractIncomingMessage,
+        attempt: Attempt,
+        tier: int,
+        headers: dict[str, Any],
+        delay: float,
+        results: dict[str, RecipientResult] | None = None,
+        error: str | None = None,
+        code: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Pass the message on to a retry tier as a new copy, record ``retrying``, ack.
+
+        The copy is published (and confirmed) first: only then may the record name it as
+        the newest, so that this copy, should it come back, is dropped as superseded.
+        """
+        assert self.store is not None
+        job_id = attempt.message_id
+        copy = _int_header(headers, COPY_HEADER) + 1
+        headers[COPY_HEADER] = copy
+        if not await self._publish_retry(message, job_id, tier, headers, delay):
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release(attempt)
+            return
+        try:
+            applied = await self.store.finish(
+                attempt,
+                "retrying",
+                results,
+                error,
+                code,
+                now_utc() + timedelta(seconds=delay),
+                detail=detail,
+                copy=copy,
+            )
+        except StoreUnavailable as exc:
+            log.error("message %s: could not record the retry: %s", job_id, exc)
+        else:
+            if not applied:
+                log.warning(
+                    "message %s: attempt %d had lost its claim; its retry copy will find "
+                    "the record's outcome",
+                    job_id,
+                    attempt.number,
+                )
+        await self._ack(message, job_id)
 
     async def _to_retry_tier(
         self,
@@ -355,33 +516,64 @@ class Worker:
         job: MailJob,
         tier: int,
         headers: dict[str, Any],
-        delay: float | None = None,
     ) -> None:
+        """The database is unavailable: the same copy waits in a retry tier (no attempt)."""
+        if await self._publish_retry(message, job.id, tier, headers, None):
+            await self._ack(message, job.id)
+
+    async def _publish_retry(
+        self,
+        message: AbstractIncomingMessage,
+        job_id: str,
+        tier: int,
+        headers: dict[str, Any],
+        delay: float | None,
+    ) -> bool:
+        """Publish to retry tier ``tier``; False (and the message handed back) if that fails."""
         retry = self.names.retry_tiers[tier]
         try:
             await self.broker.publish(
                 message.body,
-                job.id,
+                job_id,
                 retry.routing_key,
                 headers,
                 expiration=delay if delay is not None and delay < retry.delay else None,
             )
         except BrokerUnavailable as exc:
             # Not acked: RabbitMQ delivers it again once the channel is back.
-            log.error("message %s: could not schedule the retry (%s)", job.id, exc)
+            log.error("message %s: could not schedule the retry (%s)", job_id, exc)
             await asyncio.sleep(1)  # no tight redelivery loop while RabbitMQ is in trouble
-            with contextlib.suppress(*AMQP_ERRORS):
-                await asyncio.wait_for(message.nack(requeue=True), 5)
-            return
-        await self._ack(message, job.id)
+            await self._settle_delivery(message, job_id, "nack")
+            return False
+        return True
 
     async def _ack(self, message: AbstractIncomingMessage, job_id: str | None) -> None:
+        await self._settle_delivery(message, job_id or message.message_id or "", "ack")
+
+    async def _settle_delivery(
+        self,
+        message: AbstractIncomingMessage,
+        job_id: str,
+        how: Literal["ack", "nack", "reject"],
+    ) -> None:
+        """Ack, nack (requeue) or reject (dead-letter) one delivery, within a bound.
+
+        On a channel that died meanwhile none of them can land; RabbitMQ has then put the
+        message back already and delivers it again, which the record makes safe.
+        """
+        if how == "ack":
+            action = message.ack()
+        elif how == "nack":
+            action = message.nack(requeue=True)
+        else:
+            action = message.reject(requeue=False)
         try:
-            await asyncio.wait_for(message.ack(), self.settings.publish_timeout)
+            await asyncio.wait_for(action, self.settings.publish_timeout)
         except AMQP_ERRORS as exc:
             log.warning(
-                "message %s: ack failed (%s); RabbitMQ will deliver it again",
-                job_id or message.message_id,
+                "message %s: %s failed (%s); RabbitMQ will deliver it again",
+                job_id,
+                how,
                 type(exc).__name__,
             )
 
@@ -399,9 +591,8 @@ class Worker:
             await self.broker.publish(message.body, message_id, DEAD_KEY, headers)
         except BrokerUnavailable as exc:
             log.error("message %s: could not dead-letter (%s); rejecting it", message_id, exc)
-            with contextlib.suppress(*AMQP_ERRORS):
-                # The work queue dead-letters rejected messages to the same place.
-                await asyncio.wait_for(message.reject(requeue=False), 5)
+            # The work queue dead-letters rejected messages to the same place.
+            await self._settle_delivery(message, message_id, "reject")
             return
         log.info("message %s: dead-lettered: %s", message_id, reason)
         await self._ack(message, message_id)

@@ -183,7 +183,7 @@ async def test_idempotency_keys_expire_after_24_hours(
 async def test_two_writers_share_one_sqlite_file(make_settings: Callable[..., Settings]) -> None:
     """As the server and a worker do: two stores on one file, writing at once, lose nothing."""
     from messages import legacy_job
-    from store import Store
+    from store import Attempt, Store
 
     settings = make_settings()
     first, second = await Store.open(settings), await Store.open(settings)
@@ -191,9 +191,10 @@ async def test_two_writers_share_one_sqlite_file(make_settings: Callable[..., Se
         jobs = [legacy_job(f"w{n}@example.com") for n in range(300)]
         await asyncio.gather(
             *(first.insert_queued(job) for job in jobs),
-            *(second.begin_attempt(job) for job in jobs),
+            *(second.claim(job, "w1", 0, 30) for job in jobs),
         )
-        await asyncio.gather(*(first.finish(job.id, "sent") for job in jobs[::2]))
+        attempts = [Attempt(job.id, 1, "w1") for job in jobs[::2]]
+        await asyncio.gather(*(first.finish(attempt, "sent") for attempt in attempts))
         records = await second.list(limit=500)
     finally:
         await first.close()

@@ -1,0 +1,263 @@
+"""One attempt at a time, final states that stay final, and no second send when a
+connection is lost (issue 7, points 1-3), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+
+import aio_pika
+import pytest
+from aiosmtpd.smtp import Envelope
+
+from broker import COPY_HEADER, Names
+from config import Secret, Settings
+from messages import legacy_job
+from store import Store
+from tests.conftest import running_app, running_worker, wait_ready
+from tests.support import SmtpRecorder, TcpProxy, queue_depth, start_smtp
+from tests.test_faults import recipients, send, via, wait_until
+from tests.test_status_api import wait_status
+from worker import SENT_HEADER
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    name = f"mailroom-test-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    rabbitmqctl("delete_vhost", name)
+
+
+async def close_connections(vhost: str, name: str) -> int:
+    """Have RabbitMQ close the connections called ``name`` in ``vhost``; how many."""
+    listing = await asyncio.to_thread(
+        rabbitmqctl, "list_connections", "-p", vhost, "pid", "client_properties"
+    )
+    pids = [line.split("\t")[0] for line in listing.splitlines() if f'"{name}"' in line]
+    for pid in pids:
+        await asyncio.to_thread(rabbitmqctl, "close_connection", pid, "mailroom fault test")
+    return len(pids)
+
+
+class Gate:
+    """An SMTP DATA hook that holds every mail until released, counting who waits."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.waiting = 0
+
+    async def __call__(self, envelope: Envelope) -> None:
+        self.waiting += 1
+        await self.open.wait()
+
+
+async def test_redelivery_waits_for_the_attempt_still_running(
+    database_url: Secret,
+    vhost: str,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RabbitMQ closes the worker's connection while its sends are in DATA: the copies it
+    delivers again wait for those sends instead of sending a second time, and the acks
+    that can no longer land (dead channel) are not mistaken for internal errors."""
+    caplog.set_level(logging.INFO)
+    gate = Gate()
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=gate))
+    settings = make_settings(
+        database_url=database_url,
+        amqp_url=Secret(f"amqp://guest:guest@127.0.0.1:5672/{vhost}"),
+        worker_concurrency=8,
+        smtp_timeout=20.0,  # the gate may hold a mail for a while on a busy machine
+        **smtp.settings_overrides(None, False),
+    )
+    count = 12
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        for n in range(count):
+            assert (await send(client, f"c{n}@example.com"))[0] == 200
+        await wait_until(lambda: gate.waiting == 8)  # 8 in DATA, 4 waiting in the queue
+        assert await close_connections(vhost, "mailroom-worker") == 1
+        # The consumer comes back and RabbitMQ delivers the 8 unacked copies again: they
+        # wait (or, as before the fix, start second sends that the gate holds too).
+        await wait_until(
+            lambda: caplog.text.count("still running here; waiting") >= 8 or gate.waiting > 8
+        )
+        gate.open.set()
+        await wait_until(lambda: len(recipients(smtp.recorder)) >= count, timeout=30)
+        ids = [r.message["X-Mailroom-Id"] for r in smtp.recorder.received]
+        for message_id in ids:
+            await wait_status(client, message_id, "sent")
+        await wait_until(lambda: "already sent; acking without sending" in caplog.text)
+    assert sorted(recipients(smtp.recorder)) == sorted(f"c{n}@example.com" for n in range(count))
+    assert "internal error" not in caplog.text
+    names = Names.of(settings)
+    vhost_url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    assert await depth(vhost_url, names.dead_queue) == 0
+    assert await depth(vhost_url, names.send_queue) == 0
+    smtp.server.close()
+
+
+async def depth(url: str, queue_name: str) -> int:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, passive=True)
+        count = queue.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def test_other_worker_waits_for_the_live_owner(
+    database_url: Secret,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Worker A's connection dies mid-DATA; RabbitMQ hands its messages to worker B, which
+    waits for A's outcome (A's lease) and then acks without sending."""
+    caplog.set_level(logging.INFO)
+    gate = Gate()
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=gate))
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    common = {
+        "database_url": database_url,
+        "smtp_timeout": 20.0,
+        **smtp.settings_overrides(None, False),
+    }
+    settings_a = make_settings(amqp_url=via(proxy), **common)
+    settings_b = make_settings(**common)
+    count = 6
+    try:
+        async with running_app(settings_b) as (app, client), running_worker(settings_a):
+            await wait_ready(app)
+            for n in range(count):
+                assert (await send(client, f"o{n}@example.com"))[0] == 200
+            await wait_until(lambda: gate.waiting == count)  # A holds all of them
+            async with running_worker(settings_b):
+                proxy.accepting = False
+                proxy.cut()  # A loses RabbitMQ; its unacked messages go to B
+                await wait_until(
+                    lambda: (
+                        caplog.text.count("waiting for its outcome") >= count
+                        or gate.waiting > count
+                    )
+                )
+                gate.open.set()
+                await wait_until(lambda: len(recipients(smtp.recorder)) >= count)
+                for received in smtp.recorder.received:
+                    await wait_status(client, received.message["X-Mailroom-Id"], "sent")
+                await wait_until(lambda: caplog.text.count("already sent; acking") >= count)
+                assert await queue_depth(Names.of(settings_b).send_queue) == 0
+    finally:
+        await proxy.close()
+        smtp.server.close()
+    assert sorted(recipients(smtp.recorder)) == sorted(f"o{n}@example.com" for n in range(count))
+    assert await queue_depth(Names.of(settings_b).dead_queue) == 0
+
+
+async def test_abandoned_attempt_is_taken_over_when_its_lease_ends(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """A worker on another host claimed the message and vanished: once its lease has run
+    out, the message is sent (once)."""
+    recorder_smtp = await start_smtp("none", None, auth=False)
+    settings = make_settings(
+        database_url=database_url, **recorder_smtp.settings_overrides(None, False)
+    )
+    job = legacy_job("orphan@example.com")
+    store = await Store.open(settings)
+    try:
+        claim = await store.claim(job, "elsewhere/4242/abcd", 0, lease=2.0)
+        assert claim.kind == "claimed"
+    finally:
+        await store.close()
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        await app.extensions["mailroom_broker"].publish(job.to_bytes(), job.id)
+        record = await wait_status(client, job.id, "sent", timeout=15)
+    assert recipients(recorder_smtp.recorder) == ["orphan@example.com"]
+    assert record["attempts"] == 2
+    recorder_smtp.server.close()
+
+
+async def test_a_late_outcome_never_overwrites_a_final_status(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    job = legacy_job("final@example.com")
+    try:
+        first = await store.claim(job, "worker-a", 0, lease=30)
+        assert first.kind == "claimed" and first.attempt is not None
+        # Worker b finds a's lease held, and takes over only once a is known dead.
+        held = await store.claim(job, "worker-b", 0, lease=30)
+        assert held.kind == "busy"
+        second = await store.claim(job, "worker-b", 0, 30, owner_alive=lambda owner: False)
+        assert second.kind == "claimed" and second.attempt is not None
+        assert await store.finish(second.attempt, "sent")
+        # a's late 451 must not turn "sent" back into "retrying".
+        assert not await store.finish(first.attempt, "retrying", error="451 4.3.0 later")
+        assert not await store.finish(first.attempt, "failed", error="550 no")
+        record = await store.get(job.id)
+        assert record is not None
+        assert record.status == "sent"
+        assert record.last_error is None
+        late = [h for h in record.history if "late outcome" in h.get("detail", "")]
+        assert [h["status"] for h in late] == ["retrying", "failed"]
+        # Nor does a new claim send it again.
+        assert (await store.claim(job, "worker-c", 0, 30)).kind == "final"
+    finally:
+        await store.close()
+
+
+async def test_an_older_copy_is_dropped(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """Once a retry copy (copy 1) exists, the copy it replaced (copy 0) is stale."""
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    job = legacy_job("copies@example.com")
+    try:
+        claim = await store.claim(job, "worker-a", 0, lease=30)
+        assert claim.attempt is not None
+        assert await store.finish(claim.attempt, "retrying", error="451 later", copy=1)
+        assert (await store.claim(job, "worker-b", 0, 30)).kind == "stale"
+        newer = await store.claim(job, "worker-b", 1, 30)
+        assert newer.kind == "claimed" and newer.record.copy == 1
+    finally:
+        await store.close()
+
+
+async def test_nothing_left_to_send_is_recorded_without_smtp(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """A retry copy whose recipients all accepted the mail already (they ride on it in
+    x-mailroom-sent) is recorded sent and acked without an SMTP connection."""
+    smtp = await start_smtp("none", None, auth=False)
+    settings = make_settings(database_url=database_url, **smtp.settings_overrides(None, False))
+    job = legacy_job("done@example.com")
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        broker = app.extensions["mailroom_broker"]
+        await broker.publish(
+            job.to_bytes(), job.id, headers={SENT_HEADER: "done@example.com", COPY_HEADER: 1}
+        )
+        async with running_worker(settings):
+            record = await wait_status(client, job.id, "sent")
+    assert smtp.recorder.connections == 0
+    assert smtp.recorder.received == []
+    assert record["recipients"][0]["status"] == "sent"
+    assert await queue_depth(Names.of(settings).send_queue) == 0
+    assert await queue_depth(Names.of(settings).dead_queue) == 0
+    smtp.server.close()
