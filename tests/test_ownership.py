@@ -4,10 +4,15 @@ connection is lost (issue 7, points 1-3), on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
+import random
+import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -18,7 +23,16 @@ from config import Secret, Settings
 from messages import legacy_job
 from store import Store
 from tests.conftest import running_app, running_worker, wait_ready
-from tests.support import SmtpRecorder, TcpProxy, queue_depth, start_smtp
+from tests.support import (
+    Proc,
+    SmtpRecorder,
+    TcpProxy,
+    finish,
+    queue_depth,
+    spawn,
+    start_smtp,
+    worker_env,
+)
 from tests.test_faults import recipients, send, via, wait_until
 from tests.test_status_api import wait_status
 from worker import SENT_HEADER
@@ -261,3 +275,176 @@ async def test_nothing_left_to_send_is_recorded_without_smtp(
     assert await queue_depth(Names.of(settings).send_queue) == 0
     assert await queue_depth(Names.of(settings).dead_queue) == 0
     smtp.server.close()
+
+
+async def test_server_connection_closed_during_a_burst_answers_503_never_500(
+    vhost: str, make_settings: Callable[..., Settings]
+) -> None:
+    """RabbitMQ closes the server's connection again and again under load: each request
+    is queued (200/202) or refused with 503 + Retry-After, never a 500, and a refused
+    request with an Idempotency-Key has its key released (or kept only when the confirm
+    is merely late)."""
+    settings = make_settings(amqp_url=Secret(f"amqp://guest:guest@127.0.0.1:5672/{vhost}"))
+    statuses: list[int] = []
+    refused_keys: list[str] = []
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+
+        async def one(n: int) -> None:
+            if n % 2:
+                response = await client.get("/", query_string={"sendmail": f"b{n}@example.com"})
+            else:
+                key = f"burst-{n}"
+                response = await client.post(
+                    "/api/messages",
+                    json={"to": f"b{n}@example.com", "subject": "s", "text": "t"},
+                    headers={"Idempotency-Key": key},
+                )
+                if response.status_code == 503:
+                    refused_keys.append(key)
+            if response.status_code == 503:
+                assert response.headers["Retry-After"] == "5"
+            statuses.append(response.status_code)
+
+        closed = asyncio.Event()
+        numbers = iter(range(100_000))
+
+        async def sender() -> None:  # keeps sending until the closes are over
+            while not closed.is_set():
+                await one(next(numbers))
+
+        async def closer() -> None:
+            try:
+                for _ in range(3):
+                    await wait_until(lambda: app.extensions["mailroom_broker"].is_ready)
+                    await asyncio.sleep(0.15)  # some traffic on the new connection first
+                    await close_connections(vhost, "mailroom-server")
+            finally:
+                closed.set()
+
+        async with asyncio.timeout(40):
+            await asyncio.gather(closer(), *(sender() for _ in range(16)))
+        assert set(statuses) <= {200, 202, 503}, sorted(set(statuses))
+        assert 503 in statuses  # the closes did land in the middle of the burst
+        await wait_until(lambda: app.extensions["mailroom_broker"].is_ready)
+        for key in refused_keys:  # a retry with the key is never stuck at 409
+            n = int(key.split("-")[1])
+            async with asyncio.timeout(20):
+                while True:
+                    again = await client.post(
+                        "/api/messages",
+                        json={"to": f"b{n}@example.com", "subject": "s", "text": "t"},
+                        headers={"Idempotency-Key": key},
+                    )
+                    if again.status_code != 409:
+                        break
+                    await asyncio.sleep(0.2)
+            assert again.status_code == 202, await again.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+async def test_long_mixed_fault_scenario(
+    database_url: Secret,
+    vhost: str,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """Slow SMTP, first tries deferred, the server's and the workers' connections closed
+    again and again, and a worker SIGKILLed, all during one burst: every accepted mail is
+    delivered, none twice beyond the SIGKILL window, and nothing delivered is
+    dead-lettered."""
+    deferred_once: set[str] = set()
+
+    async def slow_and_deferring(envelope: Envelope) -> str | None:
+        content = bytes(envelope.original_content or b"")
+        message_id = content.split(b"X-Mailroom-Id: ", 1)[1][:32].decode()
+        await asyncio.sleep(random.uniform(0.0, 0.25))
+        if int(message_id, 16) % 4 == 0 and message_id not in deferred_once:
+            deferred_once.add(message_id)
+            return "451 4.3.0 try again later"
+        return None
+
+    smtp = await start_smtp(
+        "none", None, auth=False, recorder=SmtpRecorder(on_data=slow_and_deferring)
+    )
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    settings = make_settings(
+        database_url=database_url,
+        amqp_url=Secret(url),
+        retry_delays=(0.5, 1.0, 2.0, 4.0),
+        **smtp.settings_overrides(None, False),
+    )
+    env = worker_env(
+        settings.queue_prefix,
+        settings,
+        smtp.port,
+        AMQP_URL=url,
+        WORKER_CONCURRENCY=8,
+        ATTEMPT_LEASE=3,
+    )
+    workers: list[Proc] = []
+    accepted: dict[str, str] = {}  # message id -> recipient
+    count = 240
+    try:
+        async with running_app(settings) as (app, client):
+            await wait_ready(app)
+            workers += [await spawn("worker.py", tmp_path, env) for _ in range(2)]
+            broker = app.extensions["mailroom_broker"]
+
+            async def submit(n: int) -> None:
+                address = f"m{n}@example.com"
+                async with asyncio.timeout(40):
+                    while True:
+                        response = await client.get("/", query_string={"sendmail": address})
+                        if response.status_code == 200:
+                            body = await response.get_data(as_text=True)
+                            accepted[body.split("id ")[1][:32]] = address
+                            return
+                        assert response.status_code == 503
+                        await asyncio.sleep(0.2)
+
+            async def traffic() -> None:
+                semaphore = asyncio.Semaphore(8)
+
+                async def limited(n: int) -> None:
+                    async with semaphore:
+                        await submit(n)
+
+                await asyncio.gather(*(limited(n) for n in range(count)))
+
+            def more(than: int) -> bool:
+                return len(smtp.recorder.received) >= than
+
+            async def chaos() -> None:
+                for round_, progress in enumerate((20, 70, 120)):
+                    await wait_until(functools.partial(more, progress), 40)
+                    await close_connections(vhost, "mailroom-worker")
+                    await wait_until(lambda: broker.is_ready)
+                    await close_connections(vhost, "mailroom-server")
+                    if round_ == 1:
+                        os.killpg(workers[0].pid, signal.SIGKILL)
+                        await finish(workers[0])
+                        workers.append(await spawn("worker.py", tmp_path, env))
+
+            await asyncio.gather(traffic(), chaos())
+            await wait_until(
+                lambda: set(accepted.values()) <= set(recipients(smtp.recorder)), timeout=60
+            )
+            for message_id in accepted:
+                await wait_status(client, message_id, "sent", timeout=30)
+    finally:
+        for proc in workers:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                code, out = await finish(proc, timeout=30)
+                assert code == 0, out[-3000:]
+        smtp.server.close()
+    delivered = recipients(smtp.recorder)
+    assert len(accepted) == count
+    assert set(delivered) == set(accepted.values())
+    # The only duplicates allowed: mails in flight when the worker was SIGKILLed.
+    assert len(delivered) - len(set(delivered)) <= 8
+    names = Names.of(settings)
+    assert await depth(url, names.dead_queue) == 0
+    for queue in (names.send_queue, *(t.queue for t in names.retry_tiers)):
+        assert await depth(url, queue) == 0
