@@ -62,7 +62,7 @@ def raw_body(**fields: str) -> str:
 
 # -- 7: lone surrogates, deep nesting ---------------------------------------------------
 
-SURROGATES = [
+SURROGATES: list[tuple[str, str | None]] = [
     (raw_body(subject="\\ud800"), "subject"),
     (raw_body(subject="ok \\udfff"), "subject"),
     (raw_body(text="\\ud800"), "text"),
@@ -72,7 +72,7 @@ SURROGATES = [
     ('{"to": ["b@example.com", "Ann\\udc00 <c@example.com>"], "subject": "s", "text": "t"}', "to"),
     ('{"to": "a@example.com", "subject": "s", "text": "t", "\\ud800": 1}', None),
 ]
-DEEP = [
+DEEP: list[tuple[str, str | None]] = [
     ("[" * 100_000, None),
     ('{"a":' * 100_000, None),
     ("[" * 900 + "]" * 900, None),  # deep, but within what the parser manages
