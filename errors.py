@@ -30,6 +30,19 @@ class InvalidMessage(MailroomError, ValueError):
         self.field = field
 
 
+class InvalidJSON(MailroomError):
+    """A request body that is not acceptable JSON (syntax, a duplicate key, too deep).
+
+    Not a ValueError on purpose: Quart turns a ValueError from its JSON parser into a bare
+    400, and this one should reach the client with its reason (and ``field``, if any).
+    """
+
+    def __init__(self, reason: str, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
 class BrokerUnavailable(MailroomError):
     """RabbitMQ could not be reached, or did not confirm a publish in time."""
 

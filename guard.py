@@ -12,6 +12,11 @@
   together, per recipient, and for ``?talktome``. Direct loopback clients are exempt
   unless ``RATE_LIMIT_EXEMPT_LOOPBACK=false``. ``RATE_LIMIT_STORAGE=memory://`` counts in
   each process; ``redis://...`` shares the counts between processes and hosts.
+* **A refused request spends nothing:** a send is checked against every limit it touches
+  first (``test``), and only a request that passes them all, with a valid body, is counted
+  (``hit``). Between the two another request may take the last unit of a window; that
+  hit then fails and the request is refused (429) with the units before it spent: a limit
+  is never exceeded, and only such a race spends anything on a refused request.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from limits.storage import storage_from_string
 
 from config import Settings
 from errors import MailroomError
+
+# Rate-limit items, the key they count under, and what a 429 says.
+_Limit = tuple[list[RateLimitItem], tuple[str, ...], str]
 
 SETUP_HELP = (
     "Sending from here needs a token. Put API_TOKEN=<a long random string> in the server's "
@@ -74,12 +82,12 @@ def identify(
     """Work out the real client address from the peer and the forwarding headers.
 
     ``x_forwarded_for`` holds every X-Forwarded-For header line; ``forwarded`` says whether
-    there was a ``Forwarded`` header.
+    there was a ``Forwarded`` header. Either header present means proxied, whatever it
+    holds (empty, only commas or spaces): only a proxy or a client playing one sends it.
     """
-    forwarded_for = [
-        part.strip() for line in x_forwarded_for for part in line.split(",") if part.strip()
-    ]
-    proxied = bool(forwarded_for) or forwarded
+    lines = list(x_forwarded_for)
+    forwarded_for = [part.strip() for line in lines for part in line.split(",") if part.strip()]
+    proxied = bool(lines) or forwarded
     direct = peer or "unknown"
     address = direct
     if trusted_hops and len(forwarded_for) >= trusted_hops:
@@ -154,35 +162,56 @@ class Guard:
     def exempt(self, client: Client) -> bool:
         return self.settings.rate_limit_exempt_loopback and client.direct_loopback
 
-    async def limit_send(self, client: Client) -> None:
-        """Per-client and global send limits (before the request is even read)."""
-        if self.exempt(client):
-            return
-        await self._hit(self._send, ("send", client.address), "Too many messages from you")
-        await self._hit(self._global, ("global",), "Too many messages right now")
+    def _send_limits(self, client: Client) -> list[_Limit]:
+        return [
+            (self._send, ("send", client.address), "Too many messages from you"),
+            (self._global, ("global",), "Too many messages right now"),
+        ]
 
-    async def limit_recipients(self, client: Client, recipients: Iterable[str]) -> None:
+    async def check_send(self, client: Client) -> None:
+        """Refuse (429) a client whose per-client or global send limit is used up, before
+        its request body is read. Spends nothing: :meth:`spend_send` counts the send."""
         if self.exempt(client):
             return
-        for address in recipients:
-            await self._hit(
-                self._recipient,
-                ("rcpt", address.lower()),
-                f"Too many messages to {address}",
-            )
+        await self._test(self._send_limits(client))
+
+    async def spend_send(self, client: Client, recipients: Iterable[str]) -> None:
+        """Count one valid send: per client, globally and per recipient. Every limit is
+        tested before any is hit, so a 429 for one recipient spends nothing for the others."""
+        if self.exempt(client):
+            return
+        limits = self._send_limits(client) + [
+            (self._recipient, ("rcpt", address.lower()), f"Too many messages to {address}")
+            for address in recipients
+        ]
+        await self._test(limits)
+        for items, key, message in limits:
+            for item in items:
+                if not await self._limiter.hit(item, *key):
+                    # Another request took the last unit since the test: refuse all the
+                    # same, so that no limit is ever exceeded (see the module docstring).
+                    await self._refuse(item, key, message)
 
     async def limit_talktome(self, client: Client) -> None:
         if self.exempt(client):
             return
-        await self._hit(self._talktome, ("talktome", client.address), "Too many requests")
-
-    async def _hit(self, items: list[RateLimitItem], key: tuple[str, ...], message: str) -> None:
-        for item in items:
+        key = ("talktome", client.address)
+        await self._test([(self._talktome, key, "Too many requests")])
+        for item in self._talktome:
             if not await self._limiter.hit(item, *key):
-                stats = await self._limiter.get_window_stats(item, *key)
-                retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-                raise Denied(
-                    429,
-                    f"{message}: the limit is {item}; try again in {retry_after}s.",
-                    {"Retry-After": str(retry_after)},
-                )
+                await self._refuse(item, key, "Too many requests")
+
+    async def _test(self, limits: list[_Limit]) -> None:
+        for items, key, message in limits:
+            for item in items:
+                if not await self._limiter.test(item, *key):
+                    await self._refuse(item, key, message)
+
+    async def _refuse(self, item: RateLimitItem, key: tuple[str, ...], message: str) -> None:
+        stats = await self._limiter.get_window_stats(item, *key)
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        raise Denied(
+            429,
+            f"{message}: the limit is {item}; try again in {retry_after}s.",
+            {"Retry-After": str(retry_after)},
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from email.message import EmailMessage, Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTPUTF8
-from email.utils import format_datetime, formataddr, getaddresses
+from email.utils import format_datetime, getaddresses, quote
 
 import aiosmtplib
 from email_validator import EmailNotValidError, validate_email
@@ -48,6 +49,10 @@ LARGE_BODY_CHARS = 100_000
 IDLE_CHECK_SECONDS = 5.0
 # A pooled connection idle longer than this is closed instead of reused.
 IDLE_CLOSE_SECONDS = 60.0
+# RFC 5322 2.1.1: a line MUST NOT be longer than 998 characters, SHOULD be at most 78.
+MAX_LINE = 998
+# What makes a display name a quoted string (RFC 5322 specials, as email.utils has them).
+_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,10 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
     header-parsing EmailMessage API; CR, LF and NUL never get this far (messages.py
     refuses them). An address with a UTF-8 local part needs SMTPUTF8 and a UTF-8
     header, which only the modern API writes: :func:`_build_utf8` does those.
+
+    Header lines are folded to 78 characters where whitespace allows and never exceed
+    998: non-ASCII text and words too long to fold become RFC 2047 encoded words (which
+    can be split anywhere), and messages.py limits display names (MAX_NAME_CHARS).
     """
     addresses = [mail_from, *job.to, *([job.reply_to] if job.reply_to else [])]
     if not all(envelope_address(a).isascii() for a in addresses):
@@ -100,7 +109,8 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
         msg.attach(_text_part(job.html, "html"))
     msg["From"] = _format_address(mail_from)
     msg["To"] = ", ".join(_format_address(a) for a in job.to)
-    msg["Subject"] = job.subject if job.subject.isascii() else Header(job.subject, "utf-8").encode()
+    # compat32 folds a Header itself (the stubs only know str values).
+    msg["Subject"] = _unstructured("Subject", job.subject)  # type: ignore[assignment]
     msg["Date"] = format_datetime(_created(job))
     msg["Message-ID"] = _message_id(job, mail_from)
     if job.reply_to:
@@ -114,9 +124,30 @@ def _text_part(body: str, subtype: str) -> MIMEText:
     return MIMEText(body, subtype, _UTF8)  # type: ignore[arg-type]
 
 
+def _unstructured(name: str, value: str) -> Header:
+    """Plain text folded at whitespace; encoded words if it is not ASCII, or if a word is
+    too long for a 998-character line."""
+    if value.isascii():
+        plain = Header(value, "us-ascii", header_name=name)
+        lines = f"{name}: {plain.encode()}".split("\n")
+        if max(len(line) for line in lines) <= MAX_LINE:
+            return plain
+    return Header(value, "utf-8", header_name=name)
+
+
 def _format_address(address: str) -> str:
     name, spec = getaddresses([address])[0]
-    return formataddr((name, envelope_address(spec)), charset="utf-8")
+    spec = envelope_address(spec)  # may keep a UTF-8 local part (the SMTPUTF8 builder)
+    if not name:
+        return spec
+    if name.isascii():
+        shown = f'"{quote(name)}"' if _SPECIALS.search(name) else name
+        if max(len(word) for word in shown.split(" ")) <= 70:
+            return f"{shown} <{spec}>"
+    # Not ASCII, or a word too long to fold: encoded words. (formataddr would make one
+    # of any length, RFC 2047 allows 75 characters; Header splits the name into several,
+    # separated by spaces to fold at.)
+    return f"{Header(name, 'utf-8').encode(linesep='')} <{spec}>"
 
 
 def _message_id(job: MailJob, mail_from: str) -> str:

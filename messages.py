@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
-from errors import InvalidMessage
+from errors import InvalidJSON, InvalidMessage
 
 FORMAT_VERSION = 1
 LEGACY_SUBJECT = "Test email"
@@ -25,15 +26,64 @@ LEGACY_TEXT = "This is a test email sent from the messaging system.\n"
 # Anything a mail library may take for a line break, or that has no place in a header:
 # C0 controls but TAB (CR, LF, NUL, VT, FF, FS, GS, RS ...), DEL, C1 controls, U+2028/9.
 _FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# A lone UTF-16 surrogate (JSON allows \ud800) is not a character: it cannot be encoded.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A display name ("Name" in "Name <a@b>") longer than this is refused: together with the
+# address it must fit in one header line (RFC 5322: 998 octets) when it cannot be folded.
+MAX_NAME_CHARS = 200
+
+
+def check_unicode(value: str, field: str) -> str:
+    """Refuse a lone surrogate, which no UTF-8 mail (or JSON answer) can carry."""
+    found = _SURROGATE.search(value)
+    if found:
+        raise InvalidMessage(
+            f"{field} is not valid Unicode: lone surrogate U+{ord(found.group()):04X}", field
+        )
+    return value
 
 
 def check_header_text(value: str, field: str) -> str:
     """Refuse CR, LF, NUL and every other control or line-separator character in anything
     that ends up in a mail header."""
+    check_unicode(value, field)
     found = _FORBIDDEN.search(value)
     if found:
         raise InvalidMessage(f"{field} must not contain {found.group()!r}", field)
     return value
+
+
+def strict_query(raw: bytes) -> bool:
+    """Whether a raw query string is valid UTF-8, percent-decoded too. (Werkzeug would
+    keep ``%ff`` as the literal text ``%FF``; we refuse it instead.)"""
+    try:
+        urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def parse_json(text: str) -> Any:
+    """A request body as JSON, stricter than :func:`json.loads`: a key given twice, a key
+    that is not valid Unicode and nesting too deep for the parser raise :class:`InvalidJSON`
+    (a 400), and so does text that is not JSON at all."""
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if _SURROGATE.search(key):
+                raise InvalidJSON("a key is not valid Unicode (lone surrogate)")
+            if key in seen:
+                raise InvalidJSON(f"duplicate key {key!r}", key)
+            seen[key] = value
+        return seen
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except RecursionError:
+        raise InvalidJSON("the JSON is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
 
 
 def parse_address(value: str, field: str = "to") -> str:
@@ -51,6 +101,10 @@ def parse_address(value: str, field: str = "to") -> str:
     if len(parsed) != 1 or not parsed[0][1]:
         raise InvalidMessage(f"{field} is not one email address: {value!r}", field)
     name, addr = parsed[0]
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidMessage(
+            f"{field}: a display name is longer than {MAX_NAME_CHARS} characters", field
+        )
     try:
         normalized = validate_email(addr, check_deliverability=False).normalized
     except EmailNotValidError as exc:
@@ -173,6 +227,7 @@ def new_job(
             continue
         if not isinstance(value, str):
             raise InvalidMessage(f"{name} must be a string", name)
+        check_unicode(value, name)
         if "\0" in value:
             raise InvalidMessage(f"{name} must not contain NUL", name)
         if limits and len(value) > limits.max_body_chars:

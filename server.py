@@ -30,6 +30,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart, Response, g, jsonify, request
+from quart.json.provider import JSONProvider
 from quart_schema import (
     Info,
     QuartSchema,
@@ -47,9 +48,9 @@ from werkzeug.exceptions import HTTPException
 from broker import Broker
 from config import Settings, configure_logging
 from deadletters import dead_letters
-from errors import BrokerUnavailable, ConfigError, InvalidMessage, PublishUnconfirmed
+from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
 from guard import Denied, Guard, bearer_token, identify
-from messages import InputLimits, MailJob, addr_spec, legacy_job, new_job
+from messages import InputLimits, MailJob, addr_spec, legacy_job, new_job, parse_json, strict_query
 from schemas import (
     DeadLetterList,
     Error,
@@ -94,6 +95,24 @@ def client_identity() -> str:
     return f"addr:{g.client.address}"[:64]
 
 
+class StrictJSON(JSONProvider):
+    """quart-schema's JSON provider, but request bodies are parsed by
+    :func:`messages.parse_json` (duplicate keys, nesting depth: a 400 with a reason)."""
+
+    def __init__(self, app: Quart, inner: JSONProvider) -> None:
+        super().__init__(app)
+        self.inner = inner
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return self.inner.dumps(obj, **kwargs)
+
+    def response(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.response(*args, **kwargs)
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return parse_json(s.decode() if isinstance(s, bytes) else s)
+
+
 def text(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status=status, mimetype="text/plain", headers=headers)
 
@@ -111,6 +130,7 @@ def create_app(settings: Settings) -> Quart:
         scalar_ui_path=None,
         security_schemes={"token": {"type": "http", "scheme": "bearer"}},
     )
+    app.json = StrictJSON(app, app.json)
     broker = Broker(settings, "mailroom-server")
     talklog = TalkLog(settings.talktome_log)
     guard = Guard(settings)
@@ -166,18 +186,27 @@ def create_app(settings: Settings) -> Quart:
         )
         g.client = client
         g.token = bearer_token(request.headers.get("Authorization"))
+        if "Content-Length" in request.headers and "Transfer-Encoding" in request.headers:
+            # RFC 9112 6.1: h11 would frame by Transfer-Encoding; we refuse, and close.
+            message = "Send Content-Length or Transfer-Encoding, not both."
+            return error_response(message, 400, {"Connection": "close"})
+        if not strict_query(request.query_string):
+            return error_response("The query string is not valid UTF-8 percent-encoding.", 400)
         path, args = request.path, request.args
+        if path == "/" and ("sendmail" in args or "talktome" in args) and request.method != "GET":
+            # HEAD (which Quart routes to GET handlers) and the rest must change nothing.
+            return text(f"{request.method} does not send or log; use GET.\n", 405, {"Allow": "GET"})
         if path == "/" and "sendmail" in args:
             tokens = args.getlist("token")
             if len(tokens) > 1:
                 return text("Give at most one token.\n", 400)
             g.token = g.token or (tokens[0] if tokens else None)
             guard.authorize(client, g.token)
-            await guard.limit_send(client)
+            await guard.check_send(client)
         elif path.startswith("/api/") or path == "/logs":
             guard.authorize(client, g.token)
             if request.method == "POST" and path == "/api/messages":
-                await guard.limit_send(client)
+                await guard.check_send(client)
                 if request.mimetype != "application/json":
                     return json_error("send JSON with Content-Type: application/json", 415)
         elif path == "/" and "talktome" in args:
@@ -194,6 +223,10 @@ def create_app(settings: Settings) -> Quart:
     async def invalid_request(exc: RequestSchemaValidationError) -> Response:
         field, reason = describe_validation(exc.validation_error)
         return json_error(reason, 400, field=field)
+
+    @app.errorhandler(InvalidJSON)
+    async def invalid_json(exc: InvalidJSON) -> Response:
+        return json_error(exc.reason, 400, field=exc.field)
 
     @app.errorhandler(UnicodeDecodeError)
     async def not_utf8(exc: UnicodeDecodeError) -> Response:
@@ -268,7 +301,7 @@ def create_app(settings: Settings) -> Quart:
                 job = legacy_job(values[0])
             except InvalidMessage as exc:
                 return text(f"Invalid address: {exc.reason}\n", 400)
-            await guard.limit_recipients(g.client, [addr_spec(a) for a in job.to])
+            await guard.spend_send(g.client, [addr_spec(a) for a in job.to])
             try:
                 await enqueue(job)
             except BrokerUnavailable as exc:
@@ -300,10 +333,10 @@ def create_app(settings: Settings) -> Quart:
             )
         except InvalidMessage as exc:
             return json_error(exc.reason, 400, field=exc.field)
-        await guard.limit_recipients(g.client, [addr_spec(a) for a in job.to])
         key = headers.idempotency_key
         if key is not None and not key.isprintable():
             return json_error("Idempotency-Key must be printable characters", 400)
+        await guard.spend_send(g.client, [addr_spec(a) for a in job.to])
         # Shielded: a client that hangs up must not leave a key claimed for a message that
         # was never queued (every retry would then answer 409 for a day).
         return await asyncio.shield(accept(job, data, key, client_identity()))
