@@ -94,7 +94,7 @@ def parse_address(value: str, field: str = "to") -> str:
     """
     if not isinstance(value, str):
         raise InvalidMessage(f"{field} must be a string", field)
-    value = check_header_text(value.strip(), field)
+    value = check_header_text(value, field).strip()
     if not value:
         raise InvalidMessage(f"{field} must not be empty", field)
     parsed = getaddresses([value])
