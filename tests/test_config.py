@@ -39,6 +39,8 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY"),
         ({"SMTP_TIMEOUT": "-1"}, "SMTP_TIMEOUT"),
         ({"PUBLISH_TIMEOUT": "soon"}, "PUBLISH_TIMEOUT"),
+        ({"ATTEMPT_LEASE": "0.5"}, "ATTEMPT_LEASE"),
+        ({"ATTEMPT_LEASE": "forever"}, "ATTEMPT_LEASE"),
         ({"SMTP_PASSWORD": "x"}, "SMTP_USERNAME"),
         ({"SMTP_USERNAME": "x@example.com"}, "SMTP_PASSWORD"),
         ({"MAIL_FROM": "nobody"}, "MAIL_FROM"),

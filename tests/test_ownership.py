@@ -448,3 +448,32 @@ async def test_long_mixed_fault_scenario(
     assert await depth(url, names.dead_queue) == 0
     for queue in (names.send_queue, *(t.queue for t in names.retry_tiers)):
         assert await depth(url, queue) == 0
+
+
+async def test_schema_1_database_is_upgraded(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """A database written by the previous version (schema 1, no ownership columns) is
+    upgraded in place when a process opens it, keeping its records."""
+    from sqlalchemy import text
+
+    settings = make_settings(database_url=database_url)
+    job = legacy_job("old@example.com")
+    store = await Store.open(settings)
+    try:
+        await store.insert_queued(job)
+        async with store.engine.begin() as conn:  # back to what schema 1 looked like
+            for column in ("owner", "lease_until", "copy"):
+                await conn.execute(text(f"ALTER TABLE mailroom_messages DROP COLUMN {column}"))
+            await conn.execute(text("UPDATE mailroom_schema SET version = 1"))
+    finally:
+        await store.close()
+    store = await Store.open(settings)
+    try:
+        claim = await store.claim(job, "worker-a", 0, lease=30)
+        assert claim.kind == "claimed" and claim.record.copy == 0
+        async with store.engine.connect() as conn:
+            version = (await conn.execute(text("SELECT version FROM mailroom_schema"))).scalar()
+        assert version == 2
+    finally:
+        await store.close()
