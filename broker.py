@@ -261,6 +261,13 @@ class Broker:
         try:
             # Shielded: on a timeout the publish goes on, and its late outcome is reported.
             confirm = await asyncio.wait_for(asyncio.shield(publish), timeout)
+        except asyncio.CancelledError:
+            # The channel closed under the publish and aio-pika cancelled it: that is a
+            # broker failure, unless this request itself is being cancelled.
+            task = asyncio.current_task()
+            if publish.cancelled() and task is not None and not task.cancelling():
+                raise BrokerUnavailable("publish cancelled: the channel closed") from None
+            raise
         except TimeoutError:
             raise PublishUnconfirmed(
                 f"RabbitMQ did not confirm within {timeout:g}s",
