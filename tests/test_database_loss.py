@@ -78,6 +78,9 @@ async def test_removed_sqlite_file_is_refused_rescued_and_restored(
         assert first.status_code == 202, first.text
         sent_id = first.json()["id"]
         await smtp.recorder.wait_for(1)
+        async with asyncio.timeout(10):  # the outcome is recorded before the file goes
+            while (await client.get(f"/api/messages/{sent_id}")).json()["status"] != "sent":
+                await asyncio.sleep(0.05)
 
         await asyncio.to_thread(db.unlink)  # -wal and -shm stay, as in the report
 
