@@ -54,31 +54,33 @@ def _file_id(path: Path) -> FileId | None:
 
 
 def preflight(path: Path) -> str | None:
-    """Why a process must not create a new database at ``path`` now (blocking; in a thread).
+    """Why a process must not open the database at ``path`` now (blocking; in a thread).
 
     A missing database file with its ``-wal`` or ``-shm`` still there was removed while a
     process had it open (or before a crash): SQLite would pair a new file with the old
-    journal (the "disk I/O error" of a restarted process). A missing file with a rescue
-    copy next to it was lost while in use: a new empty database would silently drop the
-    records and idempotency keys that the copy holds.
+    journal (the "disk I/O error" of a restarted process). A rescue copy next to it means
+    the file was lost while in use: opening a new empty (or another) database would
+    silently drop the records and idempotency keys that the copy holds, so an operator
+    decides first.
     """
-    if path.exists():
-        return None
-    leftovers = [str(p) for p in (Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
     rescued = sorted(str(p) for p in path.parent.glob(f"{path.name}.rescued-*"))
-    if leftovers:
+    missing = not path.exists()
+    leftovers = [str(p) for p in (Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
+    if missing and leftovers:
         return (
-            f"database file {path} is missing but {' and '.join(leftovers)} exist: the file "
-            "was removed while a Mailroom process still had it open (or before a crash). "
-            "Stop every process that uses it and remove those files (they belong to the "
-            f"removed file), then move a rescue copy ({path}.rescued-*) or a backup to "
-            f"{path}, or start with an empty database"
+            f"database file {path} is missing but {' and '.join(leftovers)} "
+            f"{'exist' if len(leftovers) > 1 else 'exists'}: the file was removed while a "
+            "Mailroom process still had it open (or before a crash). Stop every process "
+            "that uses it and delete those files (they belong to the removed file); then "
+            f"move a rescue copy ({path}.rescued-*) or a backup to {path}, or start with "
+            "an empty database"
         )
     if rescued:
         return (
-            f"database file {path} is missing and {rescued[-1]} holds the records and "
-            "idempotency keys rescued when it was removed while in use: move that copy to "
-            f"{path} to keep them, or move it elsewhere to start with an empty database"
+            f"{rescued[-1]} holds the records and idempotency keys rescued when {path} was "
+            f"removed or replaced while in use. To keep them: stop every process, delete "
+            f"{path}-wal and {path}-shm, move that copy to {path} and the other copies "
+            "away. To go on without them: move every rescue copy away"
         )
     return None
 

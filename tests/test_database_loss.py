@@ -169,6 +169,12 @@ async def test_no_write_lands_in_a_removed_file(
         assert await store.get(lost.id) is None
     finally:
         await store.close()
+    # Its rescue copy is there: no process opens a database beside it until someone chose.
+    copies = list(tmp_path.glob("mailroom.db.rescued-*"))
+    assert len(copies) == 1
+    why = "is missing but" if how == "removed" else f"{copies[0]} holds the records"
+    with pytest.raises(StoreUnavailable, match=why):
+        await Store.open(make_settings(database_url=Secret(f"sqlite:///{db}")))
 
 
 async def test_dropped_postgresql_database_makes_readyz_and_keyed_sends_503(
