@@ -428,10 +428,12 @@ def create_app(settings: Settings) -> Quart:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        """200 while the RabbitMQ connection is open."""
-        if broker.is_ready:
-            return text("ready\n")
-        return text("not ready: no connection to RabbitMQ\n", 503)
+        """200 while the RabbitMQ connection is open and the database usable."""
+        if not broker.is_ready:
+            return text("not ready: no connection to RabbitMQ\n", 503)
+        if problem := await store().check():
+            return text(f"not ready: {problem}\n", 503)
+        return text("ready\n")
 
     return app
 

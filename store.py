@@ -58,6 +58,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlch
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from config import Settings
+from dbwatch import FileWatch, Probe, preflight
 from errors import MailroomError
 from messages import MailJob, addr_spec
 
@@ -336,6 +337,9 @@ class Store:
         self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        # Is the database still usable (dbwatch.py): a SQLite file watch, or SELECT 1.
+        self._file_watch: FileWatch | None = None
+        self._probe: Probe | None = None
 
     async def _write(self, work: Work) -> Any:
         """Run ``work(conn)`` in a write transaction; return its result after the commit."""
@@ -390,7 +394,9 @@ class Store:
         while True:
             try:
                 async with self._writer.begin() as conn:
-                    return await work(conn)
+                    result = await work(conn)
+                    await self._before_commit()
+                    return result
             except OperationalError as exc:
                 if not _locked(exc) or asyncio.get_running_loop().time() > deadline:
                     raise
@@ -432,6 +438,33 @@ class Store:
             if not future.done():
                 future.set_result(result)
 
+    # -- is the database still usable (dbwatch.py) --------------------------------------
+
+    async def _before_commit(self) -> None:
+        """Roll back rather than commit into a SQLite file that was removed or replaced."""
+        if self._file_watch is not None and (problem := await self._file_watch.verify()):
+            raise StoreUnavailable(problem)
+
+    async def check(self) -> str | None:
+        """Why the database is not usable now, or None (an answer at most a second old)."""
+        if self._file_watch is not None:
+            return await self._file_watch.check()
+        if self._probe is not None:
+            return await self._probe.problem()
+        return None
+
+    @property
+    def lost(self) -> str | None:
+        """Set for good once the SQLite file this process opened was removed or replaced."""
+        return self._file_watch.lost if self._file_watch is not None else None
+
+    async def wait_lost(self) -> str:
+        """Return :attr:`lost` once it is set (never, for PostgreSQL)."""
+        if self._file_watch is None:
+            await asyncio.Event().wait()
+        assert self._file_watch is not None
+        return await self._file_watch.wait_lost()
+
     @classmethod
     async def open(cls, settings: Settings) -> Store:
         url = engine_url(settings.database_url.get())
@@ -439,6 +472,8 @@ class Store:
         path = make_url(url).database if is_sqlite else None
         if is_sqlite and path and path != ":memory:":
             await _mkdir(Path(path).parent)
+            if refused := await asyncio.to_thread(preflight, Path(path)):
+                raise StoreUnavailable(f"cannot open the database: {refused}")
         if is_sqlite:
             # One connection per process: SQLite takes one writer at a time anyway, and
             # queueing here is cheaper than connections fighting over the file lock.
@@ -462,6 +497,11 @@ class Store:
         except _DB_ERRORS as exc:
             await engine.dispose()
             raise StoreUnavailable(f"cannot open the database: {_describe(exc)}") from exc
+        if lock_path is not None and path:
+            store._file_watch = FileWatch(Path(path), engine)
+            await store._file_watch.start()
+        elif not is_sqlite:
+            store._probe = Probe(engine, min(settings.connect_timeout, 2.0))
         return store
 
     async def close(self) -> None:
@@ -471,12 +511,14 @@ class Store:
                 return None
 
             # Writes are flushed in order: once this one is done, all before it are too.
-            with contextlib.suppress(*_DB_ERRORS):
+            with contextlib.suppress(StoreUnavailable, *_DB_ERRORS):
                 await self._write(nothing)
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
+        if self._file_watch is not None:
+            await self._file_watch.close()  # after a rescue copy in progress is written
         await self.engine.dispose()
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None

@@ -103,11 +103,14 @@ class Worker:
                 self.settings.smtp_security,
             )
             self.ready.set()
-            await self._stop.wait()
+            lost = await self._wait_stop_or_database_lost()
             log.info("stopping; %d message(s) in flight", len(self._inflight))
             with contextlib.suppress(*AMQP_ERRORS):
                 await asyncio.wait_for(queue.cancel(tag), 5)
             await self._drain()
+            if lost is not None:
+                # Loudly (exit 1): a process manager restarting us finds out why at once.
+                raise StoreUnavailable(f"{lost}; stopped taking messages")
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -116,6 +119,16 @@ class Worker:
             await self.broker.close()
             await self.store.close()
             log.info("stopped")
+
+    async def _wait_stop_or_database_lost(self) -> str | None:
+        """Until :meth:`stop`, or until the SQLite file was removed or replaced (then why)."""
+        assert self.store is not None
+        stopped = asyncio.ensure_future(self._stop.wait())
+        lost = asyncio.ensure_future(self.store.wait_lost())
+        await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
+        for fut in (stopped, lost):
+            fut.cancel()
+        return self.store.lost
 
     async def _wait_connected(self) -> bool:
         connected = asyncio.ensure_future(self.broker.wait_connected())
