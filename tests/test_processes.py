@@ -74,7 +74,10 @@ async def test_several_server_processes_share_the_log_intact(
         stop_later.append(proc)
         await wait_http(f"http://127.0.0.1:{port}/healthz", proc)
     limits = httpx.Limits(max_connections=40)
-    async with httpx.AsyncClient(limits=limits) as client:
+    # A busy machine may take a while: this checks the log's integrity, not speed, so a
+    # request may wait for one of the 40 connections longer than httpx's default 5 s.
+    timeout = httpx.Timeout(10.0, pool=40.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         responses = await asyncio.gather(
             *(client.get(f"http://127.0.0.1:{ports[n % 2]}/?talktome") for n in range(400))
         )
