@@ -26,7 +26,6 @@ import signal
 import sys
 from typing import Any
 
-from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart, Response, g, jsonify, request
@@ -48,6 +47,7 @@ from broker import Broker
 from config import Settings, configure_logging
 from deadletters import dead_letters
 from errors import BrokerUnavailable, ConfigError, InvalidMessage, PublishUnconfirmed
+from graceful import serve
 from guard import Denied, Guard, bearer_token, identify
 from messages import InputLimits, MailJob, addr_spec, legacy_job, new_job
 from schemas import (
@@ -474,7 +474,9 @@ def main() -> int:
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.errorlog = None  # our own logging (configured above) reports what matters
-    config.graceful_timeout = 10
+    # Time for the requests in flight at shutdown to finish (a publish waits at most
+    # PUBLISH_TIMEOUT) before after_serving closes the broker and the store.
+    config.graceful_timeout = max(10.0, settings.publish_timeout + 5)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -482,7 +484,7 @@ def main() -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("serving on http://%s:%d", settings.host, settings.port)
-        await serve(quart_app, config, shutdown_trigger=stop.wait)
+        await serve(quart_app, config, stop)
 
     asyncio.run(run())
     return 0
