@@ -45,7 +45,7 @@ from werkzeug.exceptions import HTTPException
 
 from broker import Broker
 from config import Settings, configure_logging
-from deadletters import dead_letters
+from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidMessage, PublishUnconfirmed
 from graceful import serve
 from guard import Denied, Guard, bearer_token, identify
@@ -120,6 +120,7 @@ def create_app(settings: Settings) -> Quart:
         max_body_chars=settings.max_body_chars,
     )
     app.extensions["mailroom_broker"] = broker
+    dead_letter_listings = DeadLetterListings(settings)
     stores: list[Store] = []
 
     def store() -> Store:
@@ -370,11 +371,17 @@ def create_app(settings: Settings) -> Quart:
 
     @app.get("/api/dead-letters")
     @document_response(DeadLetterList)
+    @document_response(Error, 503)
     @security_scheme([{"token": []}])
     async def list_dead_letters() -> Response:
-        """What is in the dead-letter queue, and why (python admin.py re-queues)."""
+        """Every letter in the dead-letter queue, in queue order, and why (python admin.py
+        re-queues). 503 when RabbitMQ is unreachable or another listing or re-queue held
+        the queue for 10 s."""
         try:
-            seen = await dead_letters(settings, None, False)
+            seen = await dead_letter_listings.read()
+        except DeadLettersBusy as exc:
+            log.warning("listing dead letters: %s", exc)
+            return json_error(f"{exc}; try again", 503, RETRY)
         except BrokerUnavailable as exc:
             log.error("listing dead letters: %s", exc)
             return json_error("the mail queue is unavailable; try again", 503, RETRY)
