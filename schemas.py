@@ -104,7 +104,9 @@ class DeadLetterView(BaseModel):
 
 
 class DeadLetterList(BaseModel):
-    dead_letters: list[DeadLetterView]
+    dead_letters: list[DeadLetterView] = Field(
+        description="Every letter in the dead-letter queue, in queue order."
+    )
 
 
 class IdempotencyHeaders(BaseModel):

@@ -26,7 +26,6 @@ import signal
 import sys
 from typing import Any
 
-from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart, Response, g, jsonify, request
@@ -47,8 +46,9 @@ from werkzeug.exceptions import HTTPException
 
 from broker import Broker
 from config import Settings, configure_logging
-from deadletters import dead_letters
+from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
+from graceful import serve
 from guard import Denied, Guard, bearer_token, identify
 from messages import InputLimits, MailJob, addr_spec, legacy_job, new_job, parse_json, strict_query
 from schemas import (
@@ -140,6 +140,7 @@ def create_app(settings: Settings) -> Quart:
         max_body_chars=settings.max_body_chars,
     )
     app.extensions["mailroom_broker"] = broker
+    dead_letter_listings = DeadLetterListings(settings)
     stores: list[Store] = []
 
     def store() -> Store:
@@ -403,11 +404,17 @@ def create_app(settings: Settings) -> Quart:
 
     @app.get("/api/dead-letters")
     @document_response(DeadLetterList)
+    @document_response(Error, 503)
     @security_scheme([{"token": []}])
     async def list_dead_letters() -> Response:
-        """What is in the dead-letter queue, and why (python admin.py re-queues)."""
+        """Every letter in the dead-letter queue, in queue order, and why (python admin.py
+        re-queues). 503 when RabbitMQ is unreachable or another listing or re-queue held
+        the queue for 10 s."""
         try:
-            seen = await dead_letters(settings, None, False)
+            seen = await dead_letter_listings.read()
+        except DeadLettersBusy as exc:
+            log.warning("listing dead letters: %s", exc)
+            return json_error(f"{exc}; try again", 503, RETRY)
         except BrokerUnavailable as exc:
             log.error("listing dead letters: %s", exc)
             return json_error("the mail queue is unavailable; try again", 503, RETRY)
@@ -509,7 +516,9 @@ def main() -> int:
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.errorlog = None  # our own logging (configured above) reports what matters
-    config.graceful_timeout = 10
+    # Time for the requests in flight at shutdown to finish (a publish waits at most
+    # PUBLISH_TIMEOUT) before after_serving closes the broker and the store.
+    config.graceful_timeout = max(10.0, settings.publish_timeout + 5)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -517,7 +526,7 @@ def main() -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("serving on http://%s:%d", settings.host, settings.port)
-        await serve(quart_app, config, shutdown_trigger=stop.wait)
+        await serve(quart_app, config, stop)
 
     asyncio.run(run())
     return 0

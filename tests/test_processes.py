@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import h11
 import httpx
 from aiosmtpd.smtp import Envelope
 
 from broker import Names
 from config import Settings
+from messages import MailJob
 from tests.conftest import ROOT, running_app, wait_ready
 from tests.support import (
     Proc,
@@ -21,6 +24,7 @@ from tests.support import (
     child_env,
     finish,
     free_port,
+    get_messages,
     queue_depth,
     spawn,
     start_smtp,
@@ -165,3 +169,137 @@ async def test_sigterm_past_grace_returns_message_to_queue(
     assert await queue_depth(Names.for_prefix(prefix).send_queue) == 1  # not lost
     never.set()
     smtp.server.close()
+
+
+class KeepAlive:
+    """One raw HTTP/1.1 keep-alive connection (h11 on the client side)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, port: int) -> KeepAlive:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def exchange(self, method: str, url: str, body: bytes = b"") -> tuple[int, str]:
+        """One request and its whole answer; h11.RemoteProtocolError or ConnectionError
+        if the connection closes first."""
+        headers = [("Host", "127.0.0.1"), ("Content-Length", str(len(body)))]
+        if body:
+            headers.append(("Content-Type", "application/json"))
+        send = self.conn.send
+        self.writer.write(send(h11.Request(method=method, target=url, headers=headers)))
+        self.writer.write(send(h11.Data(data=body)) + send(h11.EndOfMessage()))
+        await self.writer.drain()
+        status, text = 0, b""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await asyncio.wait_for(self.reader.read(65536), 20))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                text += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                return status, text.decode()
+            else:
+                raise h11.RemoteProtocolError(f"closed before an answer: {event!r}")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tagged_request(tag: str, k: int) -> tuple[str, str, bytes]:
+    """A mail whose tag can be found in the queue: the subject (POST) or the address."""
+    if k % 2:
+        return "GET", f"/?sendmail={tag}@example.com", b""
+    mail = {"to": "a@example.com", "subject": tag, "text": "x"}
+    return "POST", "/api/messages", json.dumps(mail).encode()
+
+
+async def test_sigterm_under_keep_alive_load_answers_every_accepted_request(
+    prefix: str, tmp_path: Path, stop_later: list[Proc]
+) -> None:
+    """SIGTERM while keep-alive clients keep sending: a request the server took (its mail
+    is queued) got its whole answer; a request it did not take queued nothing.
+
+    What went wrong: a request arriving on an idle keep-alive connection just as the
+    server stopped was read and queued, and its connection closed without the answer.
+    Here idle keep-alive connections get requests one by one around the SIGTERM (until
+    the server is seen closing connections, and a while after), while httpx clients keep
+    sending on theirs."""
+    port = free_port()
+    env = child_env(
+        prefix,
+        PORT=port,
+        TALKTOME_LOG=tmp_path / "t.log",
+        DATABASE_URL=f"sqlite:///{tmp_path}/mailroom.db",
+        LOG_LEVEL="WARNING",
+    )
+    proc = await spawn("server.py", tmp_path, env)
+    stop_later.append(proc)
+    base = f"http://127.0.0.1:{port}"
+    await wait_http(f"{base}/readyz", proc)
+    answered: dict[str, tuple[int, str]] = {}
+    failed: dict[str, str] = {}
+    flowing = asyncio.Event()  # the httpx clients have answers
+    closing = asyncio.Event()  # a connection closed without an answer: the server stops
+
+    async def keep_sending(n: int, client: httpx.AsyncClient) -> None:
+        for k in range(1000):
+            tag = f"h{n}r{k}"
+            method, url, body = tagged_request(tag, k)
+            headers = {"Content-Type": "application/json"} if body else {}
+            try:
+                response = await client.request(method, url, content=body, headers=headers)
+            except httpx.TransportError as exc:
+                failed[tag] = repr(exc)
+                closing.set()
+                if isinstance(exc, httpx.ConnectError):
+                    return  # the server no longer accepts connections
+                continue
+            answered[tag] = (response.status_code, response.text)
+            flowing.set()
+
+    async def send_on(connection: KeepAlive, tag: str, k: int) -> None:
+        try:
+            answered[tag] = await connection.exchange(*tagged_request(tag, k))
+        except (ConnectionError, h11.RemoteProtocolError) as exc:
+            failed[tag] = repr(exc)
+            closing.set()
+        finally:
+            connection.close()
+
+    idle = [await KeepAlive.open(port) for _ in range(60)]
+    warm = await asyncio.gather(*(c.exchange("GET", "/healthz") for c in idle))
+    assert {status for status, _ in warm} == {200}
+    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=20) as client:
+        senders = [asyncio.create_task(keep_sending(n, client)) for n in range(8)]
+        await asyncio.wait_for(flowing.wait(), 10)
+        tasks, after_close = [], 0
+        for k, connection in enumerate(idle):
+            if k == 3:
+                proc.send_signal(signal.SIGTERM)
+            if after_close >= 15:
+                connection.close()  # idle, the server closes it: nothing to check
+                continue
+            tasks.append(asyncio.create_task(send_on(connection, f"k{k}", k)))
+            after_close += closing.is_set()
+            await asyncio.sleep(0.0002)
+        await asyncio.wait_for(asyncio.gather(*senders, *tasks), 30)
+    code, out = await finish(proc)
+    assert code == 0, out
+    assert closing.is_set() and answered, "the SIGTERM did not land mid-load"
+    queued: dict[str, str] = {}
+    for message in await get_messages(Names.for_prefix(prefix).send_queue):
+        job = MailJob.from_bytes(message.body)
+        tag = job.subject if job.to[0] == "a@example.com" else job.to[0].partition("@")[0]
+        queued[tag] = job.id
+    unanswered = sorted(set(queued) - set(answered))
+    assert not unanswered, f"queued without an answer: {unanswered}; {failed}; {out}"
+    for tag, (status, text) in answered.items():
+        assert status in (200, 202) and queued.get(tag, "?") in text, (tag, status, text)

@@ -1,0 +1,113 @@
+"""Serve with Hypercorn and stop without dropping an answer.
+
+How Hypercorn (0.17, 0.18; asyncio) stops once its shutdown trigger returns: it sets
+``terminated``, closes the listening sockets, waits up to ``graceful_timeout`` for the
+open connections, then runs the app's ``after_serving``. A connection with a request in
+progress closes after the answer. An idle keep-alive connection has an idle task waiting
+on ``terminated`` (or the keep-alive timeout), which then closes it, concurrently with the
+task that reads the connection. When a request arrives at that moment, the reader may
+already hold its bytes (on Python 3.11 ``asyncio.wait_for`` runs the read in a task of its
+own, so they wait in a finished task), and it parses them after the close: the request
+runs to the end, the mail is queued, and the answer goes into a closed socket. The client
+sees "Server disconnected without response". The same race exists at every keep-alive
+timeout.
+
+:func:`serve` makes the close and the start of a request exclude each other. Both run
+without a pause in between, so one of them comes first:
+
+* the idle close happens only while no request has started on the connection; a request
+  that started is answered, then its connection closes (at shutdown) or stays open (at
+  the keep-alive timeout);
+* once an idle connection is closed, nothing more read from it is parsed: a request that
+  was still on its way was never taken (the client sees the connection closed before an
+  answer and may retry; with ``Idempotency-Key`` for a POST, to be sure).
+
+Once stopping, every answer also says ``Connection: close``, so no client sends another
+request on a connection that is about to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from ssl import SSLError
+from typing import Any
+
+import hypercorn.asyncio.run
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+
+ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+
+
+class _TCPServer(TCPServer):
+    """Hypercorn's connection, whose idle close and next request cannot overlap."""
+
+    _request_started = False  # a request was parsed and has not been answered yet
+    _closed_idle = False  # the idle close happened: read nothing more
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            # Set before anything awaits: the protocol reports a request (idle=False)
+            # as soon as it has parsed its head, before the app runs.
+            self._request_started = not event.idle
+        await super().protocol_send(event)
+
+    async def _initiate_server_close(self) -> None:
+        if self._request_started:
+            return  # answered first; then closed after the answer (or kept alive)
+        self._closed_idle = True
+        await super()._initiate_server_close()
+
+    async def _read_data(self) -> None:
+        # Hypercorn's loop, with the one check: bytes read before an idle close but
+        # handled after it are dropped, never parsed into a request.
+        while not self.reader.at_eof():
+            try:
+                data = await asyncio.wait_for(self.reader.read(MAX_RECV), self.config.read_timeout)
+            except (TimeoutError, ConnectionError, OSError, SSLError):
+                break
+            if self._closed_idle:
+                break
+            await self.protocol.handle(RawData(data))
+        await self.protocol.handle(Closed())
+
+
+def _install() -> None:
+    # worker_serve looks the class up in its module for every new connection.
+    hypercorn.asyncio.run.TCPServer = _TCPServer  # type: ignore[attr-defined]
+
+
+def close_when(stopping: asyncio.Event, app: ASGIApp) -> ASGIApp:
+    """``app``, whose HTTP answers say ``Connection: close`` once ``stopping`` is set."""
+
+    async def wrapped(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_closing(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start" and stopping.is_set():
+                headers: list[Any] = [
+                    (name, value)
+                    for name, value in message.get("headers", [])
+                    if name.lower() != b"connection"
+                ]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await app(scope, receive, send_closing)
+
+    return wrapped
+
+
+async def serve(app: ASGIApp, config: Config, stopping: asyncio.Event) -> None:
+    """Serve ``app`` until ``stopping`` is set; then stop taking connections, answer every
+    request already read, close idle connections, and run the app's shutdown."""
+    _install()
+    await hypercorn_serve(
+        close_when(stopping, app), config, shutdown_trigger=stopping.wait, mode="asgi"
+    )
