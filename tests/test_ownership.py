@@ -55,11 +55,18 @@ def vhost() -> Iterator[str]:
 
 
 async def close_connections(vhost: str, name: str) -> int:
-    """Have RabbitMQ close the connections called ``name`` in ``vhost``; how many."""
+    """Have RabbitMQ close the connections called ``name`` in ``vhost``; how many.
+
+    (``list_connections`` lists every vhost's connections: filter on the vhost column.)
+    """
     listing = await asyncio.to_thread(
-        rabbitmqctl, "list_connections", "-p", vhost, "pid", "client_properties"
+        rabbitmqctl, "list_connections", "pid", "vhost", "client_properties"
     )
-    pids = [line.split("\t")[0] for line in listing.splitlines() if f'"{name}"' in line]
+    pids = [
+        fields[0]
+        for line in listing.splitlines()
+        if len(fields := line.split("\t")) >= 3 and fields[1] == vhost and f'"{name}"' in fields[2]
+    ]
     for pid in pids:
         await asyncio.to_thread(rabbitmqctl, "close_connection", pid, "mailroom fault test")
     return len(pids)
