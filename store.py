@@ -31,7 +31,8 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,9 +54,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import SingletonThreadPool
 
 from config import Settings
 from dbwatch import FileWatch, Probe, preflight
@@ -278,16 +280,27 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_connect_writer(dbapi_connection: Any, _record: Any) -> None:
+    # The writer thread may wait: SQLite's own busy handler covers other programs'
+    # writes (Mailroom's processes queue on the file lock first).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT * 1000)}")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin_writer(conn: Connection) -> None:
+    # Take the write lock up front: a deferred transaction that reads and then writes
+    # cannot get it later when another process wrote meanwhile.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _sqlite_begin(conn: Connection) -> None:
-    if conn.get_execution_options().get(_WRITE):
-        # Take the write lock up front: a deferred transaction that reads and then writes
-        # cannot get it later when another process wrote meanwhile.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-    else:
-        conn.exec_driver_sql("BEGIN")  # a reader: WAL never makes it wait
+    conn.exec_driver_sql("BEGIN")  # a reader: WAL never makes it wait
 
 
-_WRITE = "mailroom_write"
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
 
 
@@ -307,101 +320,50 @@ def _flock_within(fd: int, seconds: float) -> bool:
             return True
 
 
-def _unlock(fd: int, acquired: asyncio.Future[bool]) -> None:
-    if not acquired.cancelled() and acquired.exception() is None and acquired.result():
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-def _locked(exc: BaseException) -> bool:
-    return isinstance(exc, OperationalError) and "database is locked" in str(exc)
-
-
-Work = Callable[[AsyncConnection], Awaitable[Any]]
+Unit = Callable[[Connection], Any]
 
 
 class Store:
     """Async access to message records. Build with :meth:`open`, finish with :meth:`close`.
 
-    With SQLite, writes are group-committed: the writes that arrive while one transaction
-    runs go together into the next, so a burst costs a few file locks, not one per mail.
+    The writer, in one paragraph: every write is a *unit*, a small synchronous function of
+    a SQLAlchemy ``Connection``, queued by its caller, who awaits its result. One writer
+    task per process takes everything queued and runs it as one transaction: for SQLite in
+    a single hop to a thread of its own that holds the process's only write connection
+    (the file lock, SQLite's lock and the commit wait there, never on the event loop);
+    for PostgreSQL on one pooled asyncpg connection. After the commit every caller gets its
+    result; when a unit fails, the batch is rolled back and its units run again one at a
+    time, so only that caller sees the error. What arrives while a batch runs makes up the
+    next one: the busier the process, the bigger the batches and the fewer commits per mail.
     """
 
     def __init__(
-        self, engine: AsyncEngine, group_commit: bool = False, lock_path: Path | None = None
+        self, engine: AsyncEngine, sqlite_writer: Engine | None, lock_path: Path | None
     ) -> None:
-        self.engine = engine
+        self.engine = engine  # reads; and writes, for PostgreSQL
+        self._sqlite_writer = sqlite_writer
+        self._thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="mailroom-writer")
+            if sqlite_writer is not None
+            else None
+        )
         self._lock_path = lock_path
-        self._lock_fd: int | None = None
-        self._writer = engine.execution_options(**{_WRITE: True})
-        self._group_commit = group_commit
-        self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
+        self._lock_fd: int | None = None  # opened and used in the writer thread only
+        self._queue: list[tuple[Unit, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         # Is the database still usable (dbwatch.py): a SQLite file watch, or SELECT 1.
         self._file_watch: FileWatch | None = None
         self._probe: Probe | None = None
 
-    async def _write(self, work: Work) -> Any:
-        """Run ``work(conn)`` in a write transaction; return its result after the commit."""
-        if not self._group_commit:
-            return await self._transaction(work)
+    async def _write(self, unit: Unit) -> Any:
+        """Run ``unit(conn)`` in the next write transaction; its result after the commit."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((work, future))
+        self._queue.append((unit, future))
         if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_forever(), name="store-group-commit")
+            self._flusher = asyncio.create_task(self._flush_forever(), name="store-writer")
         self._wake.set()
         return await future
-
-    async def _transaction(self, work: Work) -> Any:
-        """One write transaction.
-
-        With a SQLite file, Mailroom's processes first take an flock on ``<db>.lock``,
-        tried every 0.5-5 ms in a worker thread (off the event loop, finer than SQLite's
-        busy handler) for up to LOCK_WAIT seconds. A BEGIN that still finds the database
-        locked (another program writes to it) is retried after short pauses, for up to
-        LOCK_WAIT seconds too.
-        """
-        if self._lock_path is None:
-            return await self._transaction_retrying(work)
-        if self._lock_fd is None:
-            self._lock_fd = await asyncio.to_thread(
-                os.open, self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-        fd = self._lock_fd
-        deadline = asyncio.get_running_loop().time() + LOCK_WAIT
-        while True:
-            acquire = asyncio.ensure_future(asyncio.to_thread(_flock_within, fd, 0.5))
-            try:
-                got = await asyncio.shield(acquire)
-            except asyncio.CancelledError:
-                # The thread may still get the lock: give it back as soon as it does.
-                acquire.add_done_callback(lambda done: _unlock(fd, done))
-                raise
-            if got:
-                break
-            if asyncio.get_running_loop().time() > deadline:
-                raise StoreUnavailable(
-                    f"another process has held {self._lock_path} for over {LOCK_WAIT:g}s"
-                )
-        try:
-            return await self._transaction_retrying(work)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # releasing never waits
-
-    async def _transaction_retrying(self, work: Work) -> Any:
-        pause = 0.001
-        deadline = asyncio.get_running_loop().time() + LOCK_WAIT
-        while True:
-            try:
-                async with self._writer.begin() as conn:
-                    result = await work(conn)
-                    await self._before_commit()
-                    return result
-            except OperationalError as exc:
-                if not _locked(exc) or asyncio.get_running_loop().time() > deadline:
-                    raise
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.02)
 
     async def _flush_forever(self) -> None:
         while True:
@@ -411,39 +373,67 @@ class Store:
             if batch:
                 await self._flush(batch)
 
-    async def _flush(self, batch: list[tuple[Work, asyncio.Future[Any]]]) -> None:
-        async def all_of_them(conn: AsyncConnection) -> list[Any]:
-            return [await work(conn) for work, _ in batch]
-
+    async def _flush(self, batch: list[tuple[Unit, asyncio.Future[Any]]]) -> None:
         try:
-            results = await self._transaction(all_of_them)
-        except Exception:  # noqa: BLE001 - rolled back; each runs alone below, errors go to its caller
-            if len(batch) == 1:
-                await self._run_alone(*batch[0])
-                return
-            for work, future in batch:
-                await self._run_alone(work, future)
+            results = await self._transaction([unit for unit, _ in batch])
+        except Exception:  # noqa: BLE001 - rolled back; each unit runs alone below, errors go to its caller
+            for unit, future in batch:
+                try:
+                    result = (await self._transaction([unit]))[0]
+                except Exception as exc:  # noqa: BLE001 - handed to the caller of this unit
+                    if not future.done():
+                        future.set_exception(exc)
+                else:
+                    if not future.done():
+                        future.set_result(result)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
-    async def _run_alone(self, work: Work, future: asyncio.Future[Any]) -> None:
+    async def _transaction(self, units: list[Unit]) -> list[Any]:
+        """One write transaction running ``units`` in order; their results."""
+        if self._sqlite_writer is None:
+            async with self.engine.begin() as conn:
+                results: list[Any] = await conn.run_sync(_run_units, units)
+                return results
+        loop = asyncio.get_running_loop()
         try:
-            result = await self._transaction(work)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller that asked for this write
-            if not future.done():
-                future.set_exception(exc)
-        else:
-            if not future.done():
-                future.set_result(result)
+            return await loop.run_in_executor(self._thread, self._sqlite_transaction, units)
+        except StoreUnavailable:
+            if self._file_watch is not None:
+                await self._file_watch.verify()  # declares a lost file (rescue copy, ERROR)
+            raise
+
+    def _sqlite_transaction(self, units: list[Unit]) -> list[Any]:
+        """In the writer thread: take Mailroom's file lock (processes queue on it, bounded
+        by LOCK_WAIT), run the units, and commit unless the file was removed or replaced."""
+        assert self._sqlite_writer is not None
+        fd = self._lock_fd
+        if fd is None and self._lock_path is not None:
+            fd = self._lock_fd = os.open(
+                self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        if fd is not None and not _flock_within(fd, LOCK_WAIT):
+            raise StoreUnavailable(
+                f"another process has held {self._lock_path} for over {LOCK_WAIT:g}s"
+            )
+        try:
+            with self._sqlite_writer.begin() as conn:
+                results = _run_units(conn, units)
+                if self._file_watch is not None:
+                    try:
+                        problem = self._file_watch.files.problem()
+                    except OSError as exc:
+                        problem = f"cannot check database file {self._lock_path}: {exc}"
+                    if problem is not None:
+                        raise StoreUnavailable(problem)  # rolled back: nothing goes to a ghost
+                return results
+        finally:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     # -- is the database still usable (dbwatch.py) --------------------------------------
-
-    async def _before_commit(self) -> None:
-        """Roll back rather than commit into a SQLite file that was removed or replaced."""
-        if self._file_watch is not None and (problem := await self._file_watch.verify()):
-            raise StoreUnavailable(problem)
 
     async def check(self) -> str | None:
         """Why the database is not usable now, or None (an answer at most a second old)."""
@@ -474,12 +464,20 @@ class Store:
             await _mkdir(Path(path).parent)
             if refused := await asyncio.to_thread(preflight, Path(path)):
                 raise StoreUnavailable(f"cannot open the database: {refused}")
+        writer: Engine | None = None
         if is_sqlite:
-            # One connection per process: SQLite takes one writer at a time anyway, and
-            # queueing here is cheaper than connections fighting over the file lock.
+            # Reads: one connection per process (WAL: they never wait for the writer).
             engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
             event.listen(engine.sync_engine, "connect", _sqlite_connect)
             event.listen(engine.sync_engine, "begin", _sqlite_begin)
+            # Writes: one plain connection, used only in the writer thread.
+            writer = create_engine(
+                make_url(url).set(drivername="sqlite+pysqlite"),
+                poolclass=SingletonThreadPool,
+                pool_size=1,
+            )
+            event.listen(writer, "connect", _sqlite_connect_writer)
+            event.listen(writer, "begin", _sqlite_begin_writer)
         else:
             engine = create_async_engine(
                 url,
@@ -491,13 +489,17 @@ class Store:
         lock_path = None
         if is_sqlite and path and path != ":memory:":
             lock_path = Path(f"{path}.lock")
-        store = cls(engine, group_commit=is_sqlite, lock_path=lock_path)
+        store = cls(engine, writer, lock_path)
         try:
             await store._migrate()
         except _DB_ERRORS as exc:
-            await engine.dispose()
+            await store._dispose()
             raise StoreUnavailable(f"cannot open the database: {_describe(exc)}") from exc
         if lock_path is not None and path:
+            # Open the read connection now, on this file: the rescue copy of a removed
+            # file is read through it (a connection opened later would make a new file).
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
             store._file_watch = FileWatch(Path(path), engine)
             await store._file_watch.start()
         elif not is_sqlite:
@@ -506,32 +508,36 @@ class Store:
 
     async def close(self) -> None:
         if self._flusher is not None:
-
-            async def nothing(conn: AsyncConnection) -> None:
-                return None
-
             # Writes are flushed in order: once this one is done, all before it are too.
             with contextlib.suppress(StoreUnavailable, *_DB_ERRORS):
-                await self._write(nothing)
+                await self._write(_nothing)
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
         if self._file_watch is not None:
             await self._file_watch.close()  # after a rescue copy in progress is written
+        await self._dispose()
+
+    async def _dispose(self) -> None:
         await self.engine.dispose()
+        if self._thread is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._thread, self._close_writer)
+            self._thread.shutdown(wait=False)
+
+    def _close_writer(self) -> None:
+        """In the writer thread, which owns the write connection and the lock file."""
+        assert self._sqlite_writer is not None
+        self._sqlite_writer.dispose()
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
-            await asyncio.to_thread(os.close, fd)
+            os.close(fd)
 
     async def _migrate(self) -> None:
         for attempt in (1, 2):
             try:
-
-                async def work(conn: AsyncConnection) -> None:
-                    await conn.run_sync(_create_or_upgrade)
-
-                await self._transaction(work)
+                await self._transaction([_create_or_upgrade])
                 return
             except (IntegrityError, DBAPIError):
                 # Another process created the schema at the same moment: look again.
@@ -543,8 +549,8 @@ class Store:
     async def insert_queued(self, job: MailJob) -> None:
         """Create the record of an accepted message (a no-op if a worker already did)."""
 
-        async def work(conn: AsyncConnection) -> None:
-            await _insert_queued(conn, job)
+        def work(conn: Connection) -> None:
+            _insert_queued(conn, job)
 
         try:
             await self._write(work)
@@ -563,13 +569,13 @@ class Store:
         table = idempotency_table
         where = (table.c.client == client) & (table.c.key == key)
 
-        async def work(conn: AsyncConnection) -> Any:
-            row = (await conn.execute(select(table).where(where))).first()
+        def work(conn: Connection) -> Any:
+            row = conn.execute(select(table).where(where)).first()
             if row is not None and _expired(row.created_at):
-                await conn.execute(delete(table).where(where))
+                conn.execute(delete(table).where(where))
                 row = None
             if row is None:
-                await conn.execute(
+                conn.execute(
                     insert(table).values(
                         client=client,
                         key=key,
@@ -650,11 +656,11 @@ class Store:
         still running (False only when that is known for sure).
         """
 
-        async def work(conn: AsyncConnection) -> Claim:
-            record = await self._load(conn, job.id)
+        def work(conn: Connection) -> Claim:
+            record = self._load(conn, job.id)
             if record is None:
-                await _insert_queued(conn, job)
-                record = await self._load(conn, job.id)
+                _insert_queued(conn, job)
+                record = self._load(conn, job.id)
                 assert record is not None
             if record.status in FINAL:
                 return Claim("final", record)
@@ -671,7 +677,7 @@ class Store:
             if held and owner_alive(record.owner or ""):
                 return Claim("busy", record)
             number = record.attempts + 1
-            updated = await self._transition(
+            updated = self._transition(
                 conn,
                 record,
                 "sending",
@@ -713,15 +719,15 @@ class Store:
         history as a late outcome, and False is returned.
         """
 
-        async def work(conn: AsyncConnection) -> bool:
-            record = await self._load(conn, attempt.message_id)
+        def work(conn: Connection) -> bool:
+            record = self._load(conn, attempt.message_id)
             if record is None:
                 raise StoreUnavailable(f"no record for message {attempt.message_id}")
             if not _holds(record, attempt):
                 note = f"late outcome of attempt {attempt.number}, not applied"
                 if error:
                     note += f": {error[:200]}"
-                await self._append_history(conn, record, status, note)
+                self._append_history(conn, record, status, note)
                 return False
             merged = dict(record.results)
             merged.update(results or {})
@@ -734,7 +740,7 @@ class Store:
                 values["copy"] = max(copy, record.copy)
             if error is not None:
                 values.update(last_error=error, last_error_code=code)
-            await self._transition(conn, record, status, detail=detail, **values)
+            self._transition(conn, record, status, detail=detail, **values)
             return True
 
         try:
@@ -783,14 +789,14 @@ class Store:
         or None when the message has no record.
         """
 
-        async def work(conn: AsyncConnection) -> int | None:
-            record = await self._load(conn, message_id)
+        def work(conn: Connection) -> int | None:
+            record = self._load(conn, message_id)
             if record is None:
                 return None
             merged = dict(record.results)
             merged.update(results)
             copy = record.copy + 1
-            await self._transition(
+            self._transition(
                 conn,
                 record,
                 "queued",
@@ -809,21 +815,19 @@ class Store:
             raise StoreUnavailable(_describe(exc)) from exc
         return result
 
-    async def _append_history(
-        self, conn: AsyncConnection, record: MessageRecord, status: str, detail: str
+    def _append_history(
+        self, conn: Connection, record: MessageRecord, status: str, detail: str
     ) -> None:
         entry = {"status": status, "at": _iso(now_utc()), "detail": detail}
-        await conn.execute(
-            _UPDATE_ONE, {"message_id": record.id, "history": [*record.history, entry]}
-        )
+        conn.execute(_UPDATE_ONE, {"message_id": record.id, "history": [*record.history, entry]})
 
-    async def _load(self, conn: AsyncConnection, message_id: str) -> MessageRecord | None:
-        row = (await conn.execute(_SELECT_ONE, {"message_id": message_id})).first()
+    def _load(self, conn: Connection, message_id: str) -> MessageRecord | None:
+        row = conn.execute(_SELECT_ONE, {"message_id": message_id}).first()
         return _record(row) if row is not None else None
 
-    async def _transition(
+    def _transition(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         record: MessageRecord,
         status: str,
         detail: str | None = None,
@@ -838,7 +842,7 @@ class Store:
                 a: r if isinstance(r, dict) else r.__dict__ for a, r in values["results"].items()
             }
         history = [*record.history, entry]
-        await conn.execute(
+        conn.execute(
             _UPDATE_ONE,
             {"message_id": record.id, "status": status, "history": history, "updated_at": at}
             | values,
@@ -850,8 +854,8 @@ class Store:
         return dataclasses.replace(record, status=status, history=history, updated_at=at, **changes)
 
     async def _run(self, statement: Any) -> None:
-        async def work(conn: AsyncConnection) -> None:
-            await conn.execute(statement)
+        def work(conn: Connection) -> None:
+            conn.execute(statement)
 
         try:
             await self._write(work)
@@ -865,9 +869,9 @@ _UPDATE_ONE = update(messages_table).where(messages_table.c.id == bindparam("mes
 _INSERT = insert(messages_table)
 
 
-async def _insert_queued(conn: AsyncConnection, job: MailJob) -> None:
+def _insert_queued(conn: Connection, job: MailJob) -> None:
     at = now_utc()
-    await conn.execute(
+    conn.execute(
         _INSERT,
         {
             "id": job.id,
@@ -886,6 +890,14 @@ async def _insert_queued(conn: AsyncConnection, job: MailJob) -> None:
             "updated_at": at,
         },
     )
+
+
+def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
+    return [unit(conn) for unit in units]
+
+
+def _nothing(conn: Connection) -> None:
+    return None
 
 
 def _holds(record: MessageRecord, attempt: Attempt) -> bool:
