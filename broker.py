@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,6 +279,26 @@ class Broker:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(confirm, Basic.Ack):
             raise BrokerUnavailable(f"RabbitMQ did not acknowledge the message: {confirm!r}")
+
+    async def publish_many(
+        self, messages: Sequence[tuple[bytes, str]]
+    ) -> list[BrokerUnavailable | None]:
+        """Publish ``(body, message_id)`` pairs at once, their confirms pipelined on the one
+        channel; for each, in order, None once RabbitMQ confirmed it, else the
+        :class:`BrokerUnavailable` (or :class:`PublishUnconfirmed`) :meth:`publish` raised.
+
+        All the publishes start together and each is bounded by ``PUBLISH_TIMEOUT``, so the
+        whole is too."""
+        outcomes = await asyncio.gather(
+            *(self.publish(body, message_id) for body, message_id in messages),
+            return_exceptions=True,
+        )
+        results: list[BrokerUnavailable | None] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerUnavailable):
+                raise outcome
+            results.append(outcome)
+        return results
 
     async def close(self) -> None:
         self._closing.set()

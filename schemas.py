@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+MAX_BATCH = 500  # messages in one POST /api/messages/batch
 
 
 class _Strict(BaseModel):
@@ -35,6 +37,33 @@ class Queued(BaseModel):
 class Error(BaseModel):
     error: str
     field: str | None = None
+
+
+class BatchRequest(RootModel[list[MessageRequest]]):
+    """The body of ``POST /api/messages/batch`` (documented; each item is validated on its
+    own, so one bad item does not refuse the others)."""
+
+    root: list[MessageRequest] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description=f"1 to {MAX_BATCH} messages, each what POST /api/messages takes.",
+    )
+
+
+class BatchResult(BaseModel):
+    code: int = Field(
+        description="What POST /api/messages would have answered for this item: 202 (queued), "
+        "400 (invalid), 429 (a rate limit, named in error) or 503 (not queued)."
+    )
+    id: str | None = Field(default=None, pattern="^[0-9a-f]{32}$", description="When queued.")
+    status: Literal["queued"] | None = Field(default=None, description="When queued.")
+    error: str | None = Field(default=None, description="When not queued: why.")
+    field: str | None = Field(default=None, description="The offending field, if one.")
+
+
+class BatchAnswer(BaseModel):
+    queued: int = Field(description="How many items were queued.")
+    results: list[BatchResult] = Field(description="One per item, in request order.")
 
 
 class RecipientView(BaseModel):

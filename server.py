@@ -6,6 +6,7 @@ too (``app`` builds itself from the environment on first use). Routes:
 * ``GET /?talktome``            append the local time to TALKTOME_LOG
 * ``GET /?sendmail=<address>``  queue the fixed test mail (``mailto:`` accepted)
 * ``POST /api/messages``        queue a mail described by JSON
+* ``POST /api/messages/batch``  queue up to 500 of them (batch.py)
 * ``GET /api/messages[/<id>]``  what became of messages
 * ``GET /api/dead-letters``     what could not be sent, and why
 * ``GET /logs``                 the last lines of the talktome log
@@ -44,6 +45,7 @@ from quart_schema import (
 )
 from werkzeug.exceptions import HTTPException
 
+import batch
 from broker import Broker
 from config import Settings, configure_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
@@ -74,6 +76,7 @@ USAGE = """Mailroom: asynchronous mail dispatch.
   GET  /?talktome                 log the current time
   GET  /?sendmail=<address>       queue a test mail to <address> (mailto: accepted)
   POST /api/messages              queue a mail: {"to", "subject", "text", "html"?, "reply_to"?}
+  POST /api/messages/batch        queue up to 500 mails: a JSON array of those objects
   GET  /api/messages[/<id>]       what became of messages (?status=, ?limit=)
   GET  /api/dead-letters          what could not be sent, and why
   GET  /logs?lines=N              the last lines of the talktome log
@@ -206,7 +209,7 @@ def create_app(settings: Settings) -> Quart:
             await guard.check_send(client)
         elif path.startswith("/api/") or path == "/logs":
             guard.authorize(client, g.token)
-            if request.method == "POST" and path == "/api/messages":
+            if request.method == "POST" and path in ("/api/messages", "/api/messages/batch"):
                 await guard.check_send(client)
                 if request.mimetype != "application/json":
                     return json_error("send JSON with Content-Type: application/json", 415)
@@ -258,14 +261,19 @@ def create_app(settings: Settings) -> Quart:
         try:
             await broker.publish(job.to_bytes(), job.id)
         except PublishUnconfirmed as exc:
-            late = asyncio.ensure_future(settle_late(job, key, client, exc.outcome))
-            housekeeping.append(late)
-            late.add_done_callback(housekeeping.remove)
+            watch_late(job, exc, key, client)
             raise
         await record(job)
         log.info(
             "message %s: queued for %d recipient(s) from %s", job.id, len(job.to), g.client.address
         )
+
+    def watch_late(
+        job: MailJob, exc: PublishUnconfirmed, key: str | None = None, client: str = ""
+    ) -> None:
+        late = asyncio.ensure_future(settle_late(job, key, client, exc.outcome))
+        housekeeping.append(late)
+        late.add_done_callback(housekeeping.remove)
 
     async def settle_late(
         job: MailJob, key: str | None, client: str, outcome: asyncio.Future[bool]
@@ -370,6 +378,20 @@ def create_app(settings: Settings) -> Quart:
                     log.error("message %s: key not released: %s", job.id, release_error)
             return json_error(unavailable(exc, job), 503, RETRY)
         return jsonify(id=job.id, status="queued"), 202, {"Location": f"/api/messages/{job.id}"}
+
+    batch.register(
+        app,
+        batch.Accepting(
+            broker=broker,
+            guard=guard,
+            limits=limits,
+            store=store,
+            record=record,
+            watch_late=watch_late,
+            client_identity=client_identity,
+            describe_validation=describe_validation,
+        ),
+    )
 
     # -- reading -------------------------------------------------------------------------
 

@@ -114,6 +114,16 @@ idempotency_table = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
 )
 
+# The first answer of a batch (POST /api/messages/batch) sent with an Idempotency-Key: the
+# key maps to the batch id in mailroom_idempotency, the batch id to its answer here.
+batch_answers_table = Table(
+    "mailroom_batch_answers",
+    metadata,
+    Column("batch_id", String(32), primary_key=True),
+    Column("answer", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
 schema_table = Table(
     "mailroom_schema",
     metadata,
@@ -607,6 +617,37 @@ class Store:
     async def release_idempotency_key(self, client: str, key: str) -> None:
         table = idempotency_table
         await self._run(delete(table).where((table.c.client == client) & (table.c.key == key)))
+
+    async def save_batch_answer(self, batch_id: str, answer: str) -> None:
+        """Keep the first answer of a batch for a replay (and forget those of the batches
+        older than its key's 24 hours, in the same transaction)."""
+        table = batch_answers_table
+
+        async def work(conn: AsyncConnection) -> None:
+            await conn.execute(
+                delete(table).where(table.c.created_at < now_utc() - IDEMPOTENCY_TTL)
+            )
+            await conn.execute(
+                insert(table).values(batch_id=batch_id, answer=answer, created_at=now_utc())
+            )
+
+        try:
+            await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    async def batch_answer(self, batch_id: str) -> str | None:
+        """The answer :meth:`save_batch_answer` kept, or None (the batch is still running)."""
+        table = batch_answers_table
+        try:
+            async with self.engine.connect() as conn:
+                found = await conn.execute(
+                    select(table.c.answer).where(table.c.batch_id == batch_id)
+                )
+                answer = found.scalar()
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return None if answer is None else str(answer)
 
     async def purge_idempotency_keys(self) -> None:
         """Forget keys older than 24 hours (the server does this hourly)."""
