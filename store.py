@@ -623,11 +623,9 @@ class Store:
         older than its key's 24 hours, in the same transaction)."""
         table = batch_answers_table
 
-        async def work(conn: AsyncConnection) -> None:
-            await conn.execute(
-                delete(table).where(table.c.created_at < now_utc() - IDEMPOTENCY_TTL)
-            )
-            await conn.execute(
+        def work(conn: Connection) -> None:
+            conn.execute(delete(table).where(table.c.created_at < now_utc() - IDEMPOTENCY_TTL))
+            conn.execute(
                 insert(table).values(batch_id=batch_id, answer=answer, created_at=now_utc())
             )
 
