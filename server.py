@@ -27,6 +27,7 @@ import signal
 import sys
 from typing import Any
 
+import uvloop
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart, Response, g, jsonify, request
@@ -550,7 +551,7 @@ def main() -> int:
         log.info("serving on http://%s:%d", settings.host, settings.port)
         await serve(quart_app, config, stop)
 
-    asyncio.run(run())
+    uvloop.run(run())
     return 0
 
 

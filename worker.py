@@ -33,6 +33,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+import uvloop
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, Broker, Names
@@ -639,7 +640,7 @@ def main() -> int:
         await worker.run()
 
     try:
-        asyncio.run(serve())
+        uvloop.run(serve())
     except StoreUnavailable as exc:
         print(f"worker: {exc} (DATABASE_URL)", file=sys.stderr)
         return 1
