@@ -138,10 +138,17 @@ REGISTRY = Registry()
 
 async def create_database(name: str) -> None:
     """A fresh PostgreSQL database ``name``, registered to be dropped on any exit."""
-    admin = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=10)
+    try:
+        admin = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise BenchError(
+            f"PostgreSQL does not answer at {PG_SERVER} (user postgres): {exc}"
+        ) from exc
     try:
         REGISTRY.databases.add(name)
         await admin.execute(f'CREATE DATABASE "{name}"', timeout=30)
+    except (TimeoutError, asyncpg.PostgresError) as exc:
+        raise BenchError(f"cannot create the PostgreSQL database {name}: {exc}") from exc
     finally:
         await admin.close(timeout=5)
 
