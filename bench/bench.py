@@ -2318,6 +2318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    try:  # the bench code this run uses (HEAD may move while it runs)
+        bench_commit = git("rev-parse", "--short=10", "HEAD")
+        if git("status", "--porcelain", "--", "bench/bench.py"):
+            bench_commit += "-dirty"
+    except (subprocess.SubprocessError, OSError):
+        bench_commit = "?"
     try:
         sink_binary = preflight(opts, systems, install=not args.no_install)
         results = asyncio.run(
@@ -2340,10 +2346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(sink_dir, ignore_errors=True)
     results["duration_s"] = round(time.monotonic() - started, 1)
     results["environment"]["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        results["bench_commit"] = git("rev-parse", "--short=10", "HEAD")
-    except (subprocess.SubprocessError, OSError):
-        results["bench_commit"] = "?"
+    results["bench_commit"] = bench_commit
     commit = mailroom_info.get("commit") or mailroom_info.get("head", "unknown")
     if mailroom_info.get("uncommitted_py"):
         commit += "-dirty"
