@@ -51,6 +51,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aio_pika
+import asyncpg
 
 log = logging.getLogger("bench")
 
@@ -58,6 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
 HOST = "127.0.0.1"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"  # trust auth on this machine
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 MAIL_DOMAIN = "example.com"
@@ -85,6 +87,7 @@ class Registry:
         self.processes: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
         self.ref_modes: dict[str, Callable[[], None]] = {}
         self.prefixes: set[str] = set()
+        self.databases: set[str] = set()
 
     def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         self.processes[proc.pid] = (name, proc)
@@ -122,9 +125,41 @@ class Registry:
             except (OSError, aio_pika.exceptions.AMQPException) as exc:
                 log.error("could not delete queues of %s: %s", sorted(self.prefixes), exc)
             self.prefixes.clear()
+        for name in sorted(self.databases):
+            try:
+                asyncio.run(drop_database(name))
+            except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+                log.error("could not drop PostgreSQL database %s: %s", name, exc)
+        self.databases.clear()
 
 
 REGISTRY = Registry()
+
+
+async def create_database(name: str) -> None:
+    """A fresh PostgreSQL database ``name``, registered to be dropped on any exit."""
+    try:
+        admin = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise BenchError(
+            f"PostgreSQL does not answer at {PG_SERVER} (user postgres): {exc}"
+        ) from exc
+    try:
+        REGISTRY.databases.add(name)
+        await admin.execute(f'CREATE DATABASE "{name}"', timeout=30)
+    except (TimeoutError, asyncpg.PostgresError) as exc:
+        raise BenchError(f"cannot create the PostgreSQL database {name}: {exc}") from exc
+    finally:
+        await admin.close(timeout=5)
+
+
+async def drop_database(name: str) -> None:
+    admin = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', timeout=60)
+        REGISTRY.databases.discard(name)
+    finally:
+        await admin.close(timeout=5)
 
 
 def spawn(
@@ -433,10 +468,19 @@ def addresses(tag: str, n: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# The load generator: a minimal asyncio HTTP/1.1 client, one connection per request.
+# The load generator: a minimal asyncio HTTP/1.1 client. Two modes: a new connection per
+# request ("close", what curl does) and keep-alive ("keepalive": each of the
+# ``concurrency`` client connections is reused for request after request, reopened only
+# when the server closes it). The batch endpoint is driven over keep-alive connections.
 
-_STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3})")
+_STATUS = re.compile(rb"^HTTP/1\.([01]) (\d{3})")
 _JOB_ID = re.compile(rb"\(id ([0-9a-f]{32})\)")
+MODES = ("close", "keepalive")
+MODE_LABEL = {
+    "close": "a new connection per request",
+    "keepalive": "keep-alive clients",
+    "batch": "batch endpoint",
+}
 
 
 @dataclass
@@ -452,10 +496,15 @@ class LoadResult:
     ended: float = 0.0
     timed_out: bool = False
     client_cpu_s: float = 0.0
+    connections: int = 0  # TCP connections opened
+    http_requests: int = 0  # HTTP requests answered (a batch request counts once)
 
     @property
     def seconds(self) -> float:
         return max(self.ended - self.started, 1e-9)
+
+    def error(self, key: str) -> None:
+        self.errors[key] = self.errors.get(key, 0) + 1
 
 
 async def http_get(port: int, target: str, within: float) -> tuple[int, bytes]:
@@ -473,7 +522,117 @@ async def http_get(port: int, target: str, within: float) -> tuple[int, bytes]:
     match = _STATUS.match(head)
     if match is None:
         raise ConnectionError(f"not an HTTP response: {head[:40]!r}")
-    return int(match.group(1)), body
+    return int(match.group(2)), body
+
+
+class KeepAliveConnection:
+    """One client connection reused for many HTTP/1.1 requests, reopened when the server
+    closes it (``Connection: close``, a response delimited by EOF, or an HTTP/1.0 answer
+    without ``keep-alive``). ``opened`` counts the TCP connections it made."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.opened = 0
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        within: float,
+        body: bytes = b"",
+        content_type: str | None = None,
+    ) -> tuple[int, bytes]:
+        head = f"{method} {target} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
+        if body or method == "POST":
+            head += f"Content-Length: {len(body)}\r\n"
+        if content_type:
+            head += f"Content-Type: {content_type}\r\n"
+        try:
+            async with asyncio.timeout(within):
+                if self._writer is None:
+                    self._reader, self._writer = await asyncio.open_connection(HOST, self.port)
+                    self.opened += 1
+                assert self._reader is not None
+                self._writer.write(head.encode() + b"\r\n" + body)
+                status, data, keep = await _read_response(self._reader)
+        except BaseException:
+            await self.close()
+            raise
+        if not keep:
+            await self.close()
+        return status, data
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, whether the connection stays open) of one HTTP/1.x response."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    match = _STATUS.match(head)
+    if match is None:
+        raise ConnectionError(f"not an HTTP response: {head[:40]!r}")
+    minor, status = match.group(1), int(match.group(2))
+    headers: dict[bytes, bytes] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().lower()] = value.strip().lower()
+    connection = headers.get(b"connection", b"")
+    keep = b"close" not in connection and (minor == b"1" or b"keep-alive" in connection)
+    if b"chunked" in headers.get(b"transfer-encoding", b""):
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")  # no trailers expected
+                break
+            parts.append(await reader.readexactly(size + 2))
+        return status, b"".join(p[:-2] for p in parts), keep
+    if b"content-length" in headers:
+        return status, await reader.readexactly(int(headers[b"content-length"])), keep
+    if status in (204, 304) or 100 <= status < 200:
+        return status, b"", keep
+    return status, await reader.read(), False  # delimited by EOF
+
+
+def _count(result: LoadResult, status: int) -> None:
+    result.http_requests += 1
+    result.statuses[str(status)] = result.statuses.get(str(status), 0) + 1
+
+
+async def _bounded(result: LoadResult, workers: Sequence[Any], total_timeout: float) -> None:
+    cpu0 = time.process_time()
+    result.started = time.monotonic()
+    try:
+        async with asyncio.timeout(total_timeout):
+            await asyncio.gather(*workers)
+    except TimeoutError:
+        result.timed_out = True
+        log.warning(
+            "load: stopped after %gs with %d of %d sent",
+            total_timeout,
+            result.sent,
+            result.requested,
+        )
+    result.ended = time.monotonic()
+    result.client_cpu_s = time.process_time() - cpu0
+
+
+def _accept_legacy(result: LoadResult, addr: str, status: int, body: bytes, t0: float) -> None:
+    _count(result, status)
+    if status == 200 and body.startswith(b"Email to"):
+        result.latencies.append(time.perf_counter() - t0)
+        result.accepted.append(addr)
+        match = _JOB_ID.search(body)
+        if match:
+            result.job_ids.append(match.group(1).decode())
 
 
 async def run_load(
@@ -482,44 +641,145 @@ async def run_load(
     concurrency: int,
     request_timeout: float,
     total_timeout: float,
+    mode: str = "close",
 ) -> LoadResult:
-    """GET /?sendmail=<addr> for every address, ``concurrency`` at a time, ports round-robin."""
+    """GET /?sendmail=<addr> for every address, ``concurrency`` at a time. ``close``: a new
+    connection per request, ports round-robin; ``keepalive``: ``concurrency`` connections
+    (spread over the ports), each reused for many requests."""
     result = LoadResult(requested=len(addrs))
     todo: Iterator[tuple[int, str]] = iter(enumerate(addrs))
 
-    async def one_worker() -> None:
+    async def close_worker() -> None:
         for i, addr in todo:
             port = ports[i % len(ports)]
             t0 = time.perf_counter()
             result.sent += 1
+            result.connections += 1
             try:
                 status, body = await http_get(
                     port, f"/?sendmail={quote(addr, safe='@')}", request_timeout
                 )
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                key = type(exc).__name__
-                result.errors[key] = result.errors.get(key, 0) + 1
+                result.error(type(exc).__name__)
                 continue
-            result.statuses[str(status)] = result.statuses.get(str(status), 0) + 1
-            if status == 200 and body.startswith(b"Email to"):
-                result.latencies.append(time.perf_counter() - t0)
-                result.accepted.append(addr)
-                match = _JOB_ID.search(body)
-                if match:
-                    result.job_ids.append(match.group(1).decode())
+            _accept_legacy(result, addr, status, body, t0)
 
-    cpu0 = time.process_time()
-    result.started = time.monotonic()
-    try:
-        async with asyncio.timeout(total_timeout):
-            await asyncio.gather(*(one_worker() for _ in range(min(concurrency, len(addrs)))))
-    except TimeoutError:
-        result.timed_out = True
-        log.warning(
-            "load: stopped after %gs with %d of %d sent", total_timeout, result.sent, len(addrs)
-        )
-    result.ended = time.monotonic()
-    result.client_cpu_s = time.process_time() - cpu0
+    async def keepalive_worker(k: int) -> None:
+        conn = KeepAliveConnection(ports[k % len(ports)])
+        try:
+            for _, addr in todo:
+                t0 = time.perf_counter()
+                result.sent += 1
+                try:
+                    status, body = await conn.request(
+                        "GET", f"/?sendmail={quote(addr, safe='@')}", request_timeout
+                    )
+                except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                    result.error(type(exc).__name__)
+                    continue
+                except (ValueError, asyncio.LimitOverrunError) as exc:  # malformed answer
+                    result.error(type(exc).__name__)
+                    continue
+                _accept_legacy(result, addr, status, body, t0)
+        finally:
+            result.connections += conn.opened
+            await conn.close()
+
+    n = min(concurrency, len(addrs))
+    if mode == "close":
+        workers = [close_worker() for _ in range(n)]
+    elif mode == "keepalive":
+        workers = [keepalive_worker(k) for k in range(n)]
+    else:
+        raise ValueError(f"unknown load mode {mode!r}")
+    await _bounded(result, workers, total_timeout)
+    return result
+
+
+class BatchUnavailable(Exception):
+    """The server has no ``POST /api/messages/batch`` (it answered 404 or 405)."""
+
+
+def batch_body(addrs: Sequence[str]) -> bytes:
+    return json.dumps(
+        [{"to": a, "subject": "bench", "text": "This is a benchmark mail."} for a in addrs]
+    ).encode()
+
+
+def batch_items(payload: Any) -> list[Any]:
+    """The per-item results of a batch answer: the JSON array itself, or the first array
+    under "results"/"items"/"messages"."""
+    if isinstance(payload, list):
+        return payload
+    if isinstance(payload, dict):
+        for key in ("results", "items", "messages"):
+            if isinstance(payload.get(key), list):
+                return list(payload[key])
+    raise ValueError("no per-item results in the batch answer")
+
+
+async def run_batch_load(
+    ports: Sequence[int],
+    addrs: Sequence[str],
+    batch_size: int,
+    concurrency: int,
+    request_timeout: float,
+    total_timeout: float,
+) -> LoadResult:
+    """POST /api/messages/batch with ``batch_size`` mails per request, ``concurrency``
+    requests in flight over keep-alive connections. An item counts as accepted when its
+    result (same position as in the request) has an "id" and no "error"."""
+    result = LoadResult(requested=len(addrs))
+    chunks = iter([addrs[i : i + batch_size] for i in range(0, len(addrs), batch_size)])
+    unavailable: list[int] = []
+
+    async def worker(k: int) -> None:
+        conn = KeepAliveConnection(ports[k % len(ports)])
+        try:
+            for chunk in chunks:
+                t0 = time.perf_counter()
+                result.sent += len(chunk)
+                try:
+                    status, body = await conn.request(
+                        "POST",
+                        "/api/messages/batch",
+                        request_timeout,
+                        batch_body(chunk),
+                        "application/json",
+                    )
+                except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                    result.error(type(exc).__name__)
+                    continue
+                except (ValueError, asyncio.LimitOverrunError) as exc:
+                    result.error(type(exc).__name__)
+                    continue
+                _count(result, status)
+                if status in (404, 405):
+                    unavailable.append(status)
+                    return
+                if not 200 <= status < 300:
+                    continue
+                try:
+                    items = batch_items(json.loads(body))
+                except ValueError:
+                    result.error("bad batch answer")
+                    continue
+                if len(items) != len(chunk):
+                    result.error("batch answer of another length")
+                elapsed = time.perf_counter() - t0
+                for addr, item in zip(chunk, items, strict=False):
+                    if isinstance(item, dict) and item.get("id") and not item.get("error"):
+                        result.accepted.append(addr)
+                        result.latencies.append(elapsed)
+                        result.job_ids.append(str(item["id"]))
+        finally:
+            result.connections += conn.opened
+            await conn.close()
+
+    n = max(1, min(concurrency, -(-len(addrs) // batch_size)))
+    await _bounded(result, [worker(k) for k in range(n)], total_timeout)
+    if unavailable and not result.accepted:
+        raise BatchUnavailable(f"POST /api/messages/batch answered {unavailable[0]}")
     return result
 
 
@@ -554,6 +814,11 @@ class Options:
     mailroom_log_level: str | None
     workdir: Path
     sink_dir: Path
+    load_concurrencies: tuple[int, ...] = ()
+    load_repeat: int = 1
+    modes: tuple[str, ...] = MODES
+    batch_size: int = 100
+    batch_concurrency: int = 4
 
 
 class System:
@@ -672,11 +937,22 @@ class Reference(System):
 class Mailroom(System):
     """``python server.py`` (one or more, each on its own port) + ``python worker.py``."""
 
-    def __init__(self, opts: Options, servers: int, concurrency: int | None, name: str) -> None:
+    def __init__(
+        self,
+        opts: Options,
+        servers: int,
+        concurrency: int | None,
+        name: str,
+        postgres: bool = False,
+    ) -> None:
         super().__init__(opts)
         self.name = name
         cc = "default" if concurrency is None else str(concurrency)
-        self.label = f"Mailroom ({servers} server{'s' if servers > 1 else ''}, concurrency {cc})"
+        db = "PostgreSQL" if postgres else "SQLite"
+        self.label = (
+            f"Mailroom ({servers} server{'s' if servers > 1 else ''}, concurrency {cc}, {db})"
+        )
+        self.database = f"bench_{uuid.uuid4().hex[:12]}" if postgres else None
         self.servers = servers
         self.concurrency = concurrency
         self.prefix = f"bench-{uuid.uuid4().hex[:10]}"
@@ -696,8 +972,13 @@ class Mailroom(System):
             SMTP_SECURITY="none",
             HOST=HOST,
             TALKTOME_LOG=str(self.run_dir / "talktome.log"),
-            # Mailroom's default store is SQLite under var/; give each system its own file.
-            DATABASE_URL=f"sqlite:///{self.run_dir / 'mailroom.db'}",
+            # Mailroom's default store is SQLite under var/; give each system its own file
+            # (or, for mailroom-pg, a PostgreSQL database created and dropped by the bench).
+            DATABASE_URL=(
+                f"{PG_SERVER}/{self.database}"
+                if self.database
+                else f"sqlite:///{self.run_dir / 'mailroom.db'}"
+            ),
             SHUTDOWN_GRACE="10",
             PYTHONUNBUFFERED="1",
         )
@@ -720,6 +1001,8 @@ class Mailroom(System):
     async def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         REGISTRY.prefixes.add(self.prefix)
+        if self.database:
+            await create_database(self.database)
         for i, port in enumerate(self.ports):
             self.server_procs.append(self._spawn("server.py", f"server{i}", PORT=str(port)))
         for i, proc in enumerate(self.server_procs):
@@ -779,6 +1062,8 @@ class Mailroom(System):
         await self.stop_worker()
         queues = await delete_mailroom_topology([self.prefix])
         REGISTRY.prefixes.discard(self.prefix)
+        if self.database and self.database in REGISTRY.databases:
+            await drop_database(self.database)
         self.extra["queues_at_stop"] = queues
         self.extra["log_problems"] = scan_logs(self.run_dir)
         for name, messages in queues.items():
@@ -897,6 +1182,9 @@ class Batch:
     machine_busy_cores: float
     other_cores: float
     detail: dict[str, Any] = field(default_factory=dict)
+    mode: str = "close"
+    concurrency: int = 0
+    connections_per_request: float = 0.0
 
 
 async def wait_delivered(
@@ -924,8 +1212,18 @@ async def _poll_sink(sink: Sink) -> None:
         await asyncio.sleep(0.05)
 
 
-async def measure(system: System, sink: Sink, tag: str, n: int, opts: Options) -> Batch:
-    """Send ``n`` requests, wait for their mails, and measure the system while it works."""
+async def measure(
+    system: System,
+    sink: Sink,
+    tag: str,
+    n: int,
+    opts: Options,
+    mode: str = "close",
+    concurrency: int | None = None,
+) -> Batch:
+    """Send ``n`` mails (``mode``: close, keepalive or batch), wait for them, and measure
+    the system while it works."""
+    concurrency = opts.concurrency if concurrency is None else concurrency
     addrs = addresses(tag, n)
     app = Sampler(system.roots())
     rabbit = Sampler(
@@ -937,9 +1235,23 @@ async def measure(system: System, sink: Sink, tag: str, n: int, opts: Options) -
     own0, sink0 = own_cpu_s(), sink.cpu_s()
     poller = asyncio.create_task(_poll_sink(sink))
     try:
-        load = await run_load(
-            system.ports, addrs, opts.concurrency, opts.request_timeout, opts.load_timeout
-        )
+        if mode == "batch":
+            load = await run_batch_load(
+                system.ports,
+                addrs,
+                opts.batch_size,
+                concurrency,
+                opts.request_timeout,
+                opts.load_timeout,
+            )
+        else:
+            load = await run_load(
+                system.ports, addrs, concurrency, opts.request_timeout, opts.load_timeout, mode
+            )
+    except BaseException:
+        await app.stop()
+        await rabbit.stop()
+        raise
     finally:
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -985,7 +1297,12 @@ async def measure(system: System, sink: Sink, tag: str, n: int, opts: Options) -
         client_cpu_ms_per_req=load.client_cpu_s * 1000 / max(load.sent, 1),
         machine_busy_cores=busy_s / max(seconds, 1e-9),
         other_cores=max(0.0, busy_s - ours) / max(seconds, 1e-9),
+        mode=mode,
+        concurrency=concurrency,
+        connections_per_request=load.connections / max(load.http_requests, 1),
         detail={
+            "http_requests": load.http_requests,
+            "connections": load.connections,
             "statuses": load.statuses,
             "errors": load.errors,
             "load_seconds": round(load.seconds, 3),
@@ -1000,10 +1317,12 @@ async def measure(system: System, sink: Sink, tag: str, n: int, opts: Options) -
         },
     )
     log.info(
-        "%s %s: %d/%d accepted, %.0f req/s, p50 %.0f ms, p99 %.0f ms; %d delivered in %.2fs"
+        "%s %s %s c=%d: %d/%d accepted, %.0f req/s, p50 %.0f ms, p99 %.0f ms; %d delivered in %.2fs"
         " (%.0f mails/s), lost %d, dup %d; CPU %.2f ms/mail (+RabbitMQ %.2f), RSS %.0f MB",
         system.name,
         tag,
+        mode,
+        concurrency,
         batch.accepted,
         n,
         batch.accepted_per_s,
@@ -1058,9 +1377,17 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("client_cpu_ms_per_req", "CPU per request, load generator (ms)", "{:.2f}"),
     ("machine_busy_cores", "machine CPU busy during batch (cores)", "{:.2f}"),
     ("other_cores", "CPU used by unrelated processes (cores)", "{:.2f}"),
+    ("connections_per_request", "TCP connections per HTTP request", "{:.2f}"),
 )
 COUNT_METRICS = {"lost", "duplicates", "http_errors"}
-CONTEXT_METRICS = {"client_cpu_ms_per_req", "machine_busy_cores", "other_cores"}  # no ratios
+CONTEXT_METRICS = {
+    "client_cpu_ms_per_req",
+    "machine_busy_cores",
+    "other_cores",
+    "connections_per_request",
+}
+# No ratio either: a ratio to a lag of about 0 s says nothing (the targets row says it).
+NO_RATIO = CONTEXT_METRICS | {"lag_after_load_s"}  # no ratios
 
 
 def summarize(batches: Sequence[Batch]) -> dict[str, float]:
@@ -1075,32 +1402,97 @@ def summarize(batches: Sequence[Batch]) -> dict[str, float]:
     return out
 
 
-async def run_system(system: System, sink: Sink, opts: Options, run_id: str) -> dict[str, Any]:
-    system.configure(sink.port)
-    batches: list[Batch] = []
-    log.info("=== %s: %s", system.name, system.label)
+async def probe_batch(system: System, opts: Options, tag: str) -> str | None:
+    """None when ``POST /api/messages/batch`` takes a one-item batch, else why not."""
+    conn = KeepAliveConnection(system.ports[0])
     try:
-        await system.start()
-        await warm_up(system, sink, f"{run_id}.{system.name}.w", opts)
-        for r in range(opts.repeat):
-            batches.append(
-                await measure(system, sink, f"{run_id}.{system.name}.{r}", opts.requests, opts)
-            )
+        status, body = await conn.request(
+            "POST",
+            "/api/messages/batch",
+            opts.request_timeout,
+            batch_body(addresses(tag, 1)),
+            "application/json",
+        )
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+        return f"the probe failed: {type(exc).__name__}: {exc}"
     finally:
-        await system.stop()
-    roles = batches[0].detail["cpu_ms_per_mail_by_role"] if batches else {}
+        await conn.close()
+    if status in (404, 405):
+        return f"not available (POST /api/messages/batch answered {status})"
+    if not 200 <= status < 300:
+        return f"the probe answered {status}: {body[:200].decode(errors='replace')}"
+    return None
+
+
+def group(batches: Sequence[Batch]) -> dict[str, Any]:
     return {
-        "name": system.name,
-        "label": system.label,
         "median": summarize(batches),
         "cpu_ms_per_mail_by_role": {
             role: statistics.median(b.detail["cpu_ms_per_mail_by_role"][role] for b in batches)
-            for role in roles
+            for role in (batches[0].detail["cpu_ms_per_mail_by_role"] if batches else {})
         },
         "batches": [asdict(b) for b in batches],
-        "notes": system.notes,
-        **system.extra,
     }
+
+
+async def run_system(system: System, sink: Sink, opts: Options, run_id: str) -> dict[str, Any]:
+    """Start, warm up, then for each load mode and client concurrency measure batches
+    (``--repeat`` at ``--concurrency``, ``--load-repeat`` at the other concurrencies),
+    and the batch endpoint for Mailroom; stop."""
+    system.configure(sink.port)
+    log.info("=== %s: %s", system.name, system.label)
+    out: dict[str, Any] = {"name": system.name, "label": system.label, "modes": {}}
+    concurrencies = sorted({opts.concurrency, *opts.load_concurrencies})
+    try:
+        await system.start()
+        await warm_up(system, sink, f"{run_id}.{system.name}.w", opts)
+        for mode in opts.modes:
+            by_c: dict[str, Any] = {}
+            for c in concurrencies:
+                rounds = opts.repeat if c == opts.concurrency else opts.load_repeat
+                batches = [
+                    await measure(
+                        system,
+                        sink,
+                        f"{run_id}.{system.name}.{mode[0]}{c}-{r}",
+                        opts.requests,
+                        opts,
+                        mode,
+                        c,
+                    )
+                    for r in range(rounds)
+                ]
+                by_c[str(c)] = group(batches)
+            out["modes"][mode] = by_c
+        if isinstance(system, Mailroom) and opts.batch_size > 0:
+            why = await probe_batch(system, opts, f"{run_id}.{system.name}.bp")
+            if why is None:
+                batches = [
+                    await measure(
+                        system,
+                        sink,
+                        f"{run_id}.{system.name}.b-{r}",
+                        opts.requests,
+                        opts,
+                        "batch",
+                        opts.batch_concurrency,
+                    )
+                    for r in range(opts.repeat)
+                ]
+                out["batch"] = group(batches)
+            else:
+                log.info("%s: batch endpoint %s", system.name, why)
+                out["batch"] = {"unavailable": why}
+    finally:
+        await system.stop()
+    main = out["modes"].get("close", out["modes"].get("keepalive", {})).get(str(opts.concurrency))
+    if main:  # the headline figures: connection per request at --concurrency
+        out["median"] = main["median"]
+        out["cpu_ms_per_mail_by_role"] = main["cpu_ms_per_mail_by_role"]
+        out["batches"] = main["batches"]
+    out["notes"] = system.notes
+    out.update(system.extra)
+    return out
 
 
 async def drain_once(
@@ -1222,61 +1614,302 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
 
+REF = "ref-b"  # the issue's targets are ratios to reference b
+TARGET_SYSTEM = "mailroom"
+ORDER = ("ref-a", "ref-b", "mailroom", "mailroom-pg", "mailroom-2srv")
+
+
+def _median(system: dict[str, Any] | None, mode: str, c: int) -> dict[str, float] | None:
+    if system is None:
+        return None
+    if mode == "batch":
+        found = system.get("batch", {})
+    else:
+        found = system.get("modes", {}).get(mode, {}).get(str(c), {})
+    median: dict[str, float] | None = found.get("median")
+    return median
+
+
+def _all_batches(system: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [
+        b for by_c in system.get("modes", {}).values() for g in by_c.values() for b in g["batches"]
+    ]
+    return found + list(system.get("batch", {}).get("batches", []))
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the value measured in this run and whether it is met."""
+    systems = {s["name"]: s for s in results["systems"]}
+    c = results["config"]["concurrency"]
+    me, ref, pg = systems.get(TARGET_SYSTEM), systems.get(REF), systems.get("mailroom-pg")
+    rows: list[dict[str, Any]] = []
+
+    def add(target: str, measured: str, met: bool | None) -> None:
+        rows.append({"target": target, "measured": measured, "met": met})
+
+    def r(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    for mode, want in (("keepalive", 2.2), ("close", 1.6)):
+        mine, theirs = _median(me, mode, c), _median(ref, mode, c)
+        label = f"end-to-end mails/s, {MODE_LABEL[mode]}: >= {want}x {REF}"
+        if mine and theirs:
+            x = r(mine["e2e_mails_per_s"], theirs["e2e_mails_per_s"])
+            add(
+                label,
+                f"{x:.2f}x ({mine['e2e_mails_per_s']:.0f} vs {theirs['e2e_mails_per_s']:.0f})",
+                x >= want,
+            )
+        else:
+            add(label, "not measured", None)
+    lags = {m: _median(me, m, c) for m in (*MODES, "batch")}
+    lag = {m: v["lag_after_load_s"] for m, v in lags.items() if v}
+    add(
+        "last mail <= 1 s after the last accepted request",
+        ", ".join(f"{MODE_LABEL[m]} {v:.2f} s" for m, v in lag.items()) or "not measured",
+        max(lag.values()) <= 1.0 if lag else None,
+    )
+    for key, label, want in (
+        ("total_cpu_ms_per_mail", f"CPU per mail (app + RabbitMQ) <= 0.6x {REF}", 0.6),
+        ("p99_ms", f"accept p99 <= 0.6x {REF} at concurrency {c}", 0.6),
+    ):
+        parts, oks = [], []
+        for mode in MODES:
+            mine, theirs = _median(me, mode, c), _median(ref, mode, c)
+            if mine and theirs:
+                x = r(mine[key], theirs[key])
+                parts.append(
+                    f"{MODE_LABEL[mode]} {x:.2f}x ({mine[key]:.2f} vs {theirs[key]:.2f})"
+                    if key != "p99_ms"
+                    else f"{MODE_LABEL[mode]} {x:.2f}x ({mine[key]:.0f} vs {theirs[key]:.0f} ms)"
+                )
+                oks.append(x <= want)
+        add(label, "; ".join(parts) or "not measured", all(oks) if oks else None)
+    batch = (me or {}).get("batch", {})
+    ref_best = max(
+        (m["e2e_mails_per_s"] for mode in MODES if (m := _median(ref, mode, c))), default=0.0
+    )
+    label = f"batch endpoint mails/s >= 4x {REF} (its best mode)"
+    if batch.get("median") and ref_best:
+        x = r(batch["median"]["e2e_mails_per_s"], ref_best)
+        add(label, f"{x:.2f}x ({batch['median']['e2e_mails_per_s']:.0f} vs {ref_best:.0f})", x >= 4)
+    else:
+        add(label, batch.get("unavailable", "not measured"), None)
+    if me:
+        every = _all_batches(me)
+        lost = sum(b["lost"] + b["unexpected"] for b in every)
+        dup = sum(b["duplicates"] for b in every)
+        mails = sum(b["accepted"] for b in every)
+        add(
+            "0 lost and 0 duplicates (issue: at N=20000)",
+            f"{lost} lost, {dup} duplicates over {mails} accepted mails in {len(every)} batches "
+            f"(largest batch {max((b['requested'] for b in every), default=0)})",
+            lost == 0 and dup == 0,
+        )
+        rss = max((b["peak_rss_mb"] for b in every), default=float("nan"))
+        add("peak RSS server + worker <= 150 MB", f"{rss:.0f} MB (max over batches)", rss <= 150)
+    parts, oks = [], []
+    for mode in (*MODES, "batch"):
+        a, b = _median(pg, mode, c), _median(me, mode, c)
+        if a and b:
+            x = r(a["e2e_mails_per_s"], b["e2e_mails_per_s"])
+            parts.append(
+                f"{MODE_LABEL[mode]} {x:.2f}x "
+                f"({a['e2e_mails_per_s']:.0f} vs {b['e2e_mails_per_s']:.0f})"
+            )
+            oks.append(x >= 0.8)
+    add(
+        "PostgreSQL mails/s within 20% of SQLite (>= 0.8x)",
+        "; ".join(parts) or "not measured",
+        all(oks) if oks else None,
+    )
+    return rows
+
+
+def keepalive_support(results: dict[str, Any]) -> list[str]:
+    """Whether each server kept the keep-alive clients' connections open: TCP connections
+    opened against the client connections (one per client if the server keeps them all)."""
+    lines = []
+    for s in results["systems"]:
+        batches = [
+            b for g in s.get("modes", {}).get("keepalive", {}).values() for b in g["batches"]
+        ]
+        if not batches:
+            continue
+        opened = sum(b["detail"].get("connections", 0) for b in batches)
+        answered = sum(b["detail"].get("http_requests", 0) for b in batches)
+        clients = sum(min(b["concurrency"], b["requested"]) for b in batches)
+        if not answered:
+            continue
+        if opened >= 0.9 * answered:
+            verdict = (
+                "**does not keep connections alive**: it "
+                "closed the connection after every response, so its keep-alive figures are "
+                "connection-per-request figures"
+            )
+        elif opened <= clients * 1.05:
+            verdict = "keeps connections alive (one connection per client)"
+        else:
+            verdict = "closed some connections (the clients reopened them)"
+        lines.append(
+            f"- `{s['name']}`: {opened} TCP connections for {answered} requests from "
+            f"{clients} client connections: {verdict}."
+        )
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     systems = {s["name"]: s for s in results["systems"]}
     cfg = results["config"]
     env = results["environment"]
+    c = cfg["concurrency"]
+    modes = cfg.get("modes", ["close"])
+    mailroom = results.get("mailroom", {})
+    others = ", ".join(str(x) for x in cfg.get("load_concurrencies", [c]) if x != c)
     out = [
         "# Mailroom vs reference stack",
         "",
-        f"Measured {results['date']} on {env['machine']}; N={cfg['requests']} requests per batch, "
-        f"concurrency {cfg['concurrency']}, a new HTTP connection per request, warm-up "
-        f"{cfg['warmup']}, median of {cfg['repeat']} batch(es) (lost/duplicates/not accepted: "
-        f"sums). Load average before the run: {env['loadavg_before']}, after: "
-        f"{env.get('loadavg_after', '?')}.",
+        f"Measured {results['date']}; Mailroom "
+        + ", ".join(f"{k}: {v}" for k, v in mailroom.items())
+        + f"; bench at {results.get('bench_commit', '?')}.",
+        "",
+        f"Machine: {env['machine']}; Python {env.get('python', '?')}; load average before the "
+        f"run: {env['loadavg_before']}, after: {env.get('loadavg_after', '?')}.",
+        "",
+        f"Load: N={cfg['requests']} mails per batch; client concurrency {c} (median of "
+        f"{cfg['repeat']} batch(es)) and {others or 'no other'} "
+        f"({cfg.get('load_repeat', 1)} batch(es) each); HTTP/1.1 modes: {cfg['http']}; "
+        "batch endpoint: "
+        f"{cfg.get('batch_size', 0)} mails per request, {cfg.get('batch_concurrency', 0)} requests "
+        f"in flight, keep-alive. Warm-up {cfg['warmup']}. Lost/duplicates/not accepted: sums. "
+        "All ratios come from this one run.",
         "",
     ]
-    order = [n for n in ("ref-a", "ref-b", "mailroom", "mailroom-2srv") if n in systems]
-    head = ["metric", *[f"{n}" for n in order]]
-    pairs = [(m, r) for m in ("mailroom", "mailroom-2srv") for r in ("ref-a", "ref-b")]
-    pairs = [(m, r) for m, r in pairs if m in systems and r in systems]
-    short = {
-        "mailroom": "Mailroom",
-        "mailroom-2srv": "Mailroom 2srv",
-        "ref-a": "ref a",
-        "ref-b": "ref b",
-    }
-    head += [f"{short[m]} / {short[r]}" for m, r in pairs]
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "---|" * len(head))
-    for key, label, pattern in METRICS:
-        row = [label]
-        for n in order:
-            row.append(fmt(systems[n]["median"][key], pattern))
-        for m, r in pairs:
-            mine, theirs = systems[m]["median"][key], systems[r]["median"][key]
-            row.append("" if key in CONTEXT_METRICS else ratio(mine, theirs))
-        out.append("| " + " | ".join(row) + " |")
+    rows = targets(results)
+    if TARGET_SYSTEM in systems and REF in systems:
+        out += [
+            f"## Targets of issue 15 (`{TARGET_SYSTEM}` against `{REF}`, concurrency {c})",
+            "",
+            "| target | measured | met |",
+            "|---|---|---|",
+        ]
+        for row in rows:
+            met = {True: "yes", False: "**no**", None: "n/a"}[row["met"]]
+            out.append(f"| {row['target']} | {row['measured']} | {met} |")
+        out.append("")
+    ka = keepalive_support(results)
+    if ka:
+        out += ["Keep-alive: does each server keep the client's connection open?", "", *ka, ""]
+    if results.get("plot"):
+        out += [
+            f"![mails/s and accept p99 against client concurrency]({results['plot']})",
+            "",
+        ]
+    order = [n for n in ORDER if n in systems]
+    mine_names = [n for n in order if n.startswith("mailroom")]
+    for mode in modes:
+        present = [n for n in order if _median(systems[n], mode, c)]
+        if not present:
+            continue
+        pairs = [m for m in mine_names if m in present] if REF in present else []
+        head = ["metric", *present, *[f"{m} / {REF}" for m in pairs]]
+        out += [
+            f"## {MODE_LABEL[mode].capitalize()}, concurrency {c}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        meds = {n: _median(systems[n], mode, c) or {} for n in present}
+        for key, label, pattern in METRICS:
+            cells = [label]
+            for n in present:
+                cells.append(fmt(meds[n].get(key, float("nan")), pattern))
+            for mine_name in pairs:
+                mine = meds[mine_name].get(key, float("nan"))
+                theirs = meds[REF].get(key, float("nan"))
+                cells.append("" if key in NO_RATIO else ratio(mine, theirs))
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
     out += [
-        "",
         "Ratios are Mailroom divided by the reference: above 1x is better for req/s and mails/s, "
         "below 1x is better for latency, time, memory and CPU (`=`: both zero).",
         "",
     ]
+    batch_rows = [n for n in order if "batch" in systems[n]]
+    if batch_rows:
+        ref_best = max(
+            (
+                med["e2e_mails_per_s"]
+                for mode in MODES
+                if (med := _median(systems.get(REF), mode, c))
+            ),
+            default=float("nan"),
+        )
+        out += [
+            f"## Batch endpoint (`POST /api/messages/batch`, {cfg.get('batch_size')} mails per "
+            f"request, {cfg.get('batch_concurrency')} in flight)",
+            "",
+            f"| system | mails/s | / {REF} best mode | batch request p50 / p99 (ms) | last mail "
+            "after last accept (s) | CPU ms/mail app + RabbitMQ | lost | dup |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for n in batch_rows:
+            b = systems[n]["batch"]
+            if "unavailable" in b:
+                out.append(f"| {n} | {b['unavailable']} | | | | | | |")
+                continue
+            m = b["median"]
+            out.append(
+                f"| {n} | {m['e2e_mails_per_s']:.0f} | {ratio(m['e2e_mails_per_s'], ref_best)} | "
+                f"{m['p50_ms']:.0f} / {m['p99_ms']:.0f} | {m['lag_after_load_s']:.2f} | "
+                f"{m['total_cpu_ms_per_mail']:.2f} | {m['lost']:.0f} | {m['duplicates']:.0f} |"
+            )
+        out.append("")
+    sweep_rows = []
     for n in order:
-        split = ", ".join(
-            f"{role} {ms:.2f}" for role, ms in systems[n]["cpu_ms_per_mail_by_role"].items()
-        )
-        batches = ", ".join(
-            f"{b['accepted_per_s']:.0f}/{b['e2e_mails_per_s']:.0f}" for b in systems[n]["batches"]
-        )
+        for mode in modes:
+            for cs, g in sorted(
+                systems[n].get("modes", {}).get(mode, {}).items(), key=lambda kv: int(kv[0])
+            ):
+                m = g["median"]
+                ref_m = _median(systems.get(REF), mode, int(cs))
+                sweep_rows.append(
+                    f"| {n} | {MODE_LABEL[mode]} | {cs} | {m['accepted_per_s']:.0f} | "
+                    f"{m['e2e_mails_per_s']:.0f} | "
+                    f"{ratio(m['e2e_mails_per_s'], ref_m['e2e_mails_per_s']) if ref_m else 'n/a'}"
+                    " | "
+                    f"{m['p50_ms']:.0f} | {m['p99_ms']:.0f} | "
+                    f"{ratio(m['p99_ms'], ref_m['p99_ms']) if ref_m else 'n/a'} | "
+                    f"{m['lag_after_load_s']:.2f} | {m['total_cpu_ms_per_mail']:.2f} | "
+                    f"{m.get('connections_per_request', float('nan')):.2f} | "
+                    f"{m['lost']:.0f} | {m['duplicates']:.0f} |"
+                )
+    if sweep_rows:
+        out += [
+            "## Client concurrency sweep",
+            "",
+            f"| system | mode | concurrency | accepted req/s | mails/s | mails/s / {REF} "
+            f"| p50 (ms) | p99 (ms) | p99 / {REF} | last mail after last accept (s) "
+            "| CPU ms/mail app + RabbitMQ | TCP connections per request | lost | dup |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *sweep_rows,
+            "",
+        ]
+    for n in order:
+        s = systems[n]
+        parts = []
+        for mode in modes:
+            g = s.get("modes", {}).get(mode, {}).get(str(c))
+            if g:
+                each = ", ".join(
+                    f"{b['accepted_per_s']:.0f}/{b['e2e_mails_per_s']:.0f}" for b in g["batches"]
+                )
+                split = ", ".join(f"{r} {ms:.2f}" for r, ms in g["cpu_ms_per_mail_by_role"].items())
+                parts.append(f"{MODE_LABEL[mode]}: {each} (CPU ms per mail by tree: {split})")
         out.append(
-            f"- `{n}`: {systems[n]['label']}; each batch's accepted req/s / e2e mails/s: "
-            f"{batches}; CPU ms per mail by process tree: {split}"
+            f"- `{n}`: {s['label']}; each batch's accepted req/s / e2e mails/s at concurrency "
+            f"{c}: " + "; ".join(parts)
         )
-    mailroom = results.get("mailroom", {})
-    if mailroom:
-        out.append(f"- Mailroom source: {', '.join(f'{k}: {v}' for k, v in mailroom.items())}")
     out.append("")
     sweep = results.get("sweep") or []
     if sweep:
@@ -1344,6 +1977,31 @@ def render(results: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------
 # Main.
+
+
+def machine_description() -> dict[str, Any]:
+    """Cores, CPU model, memory, kernel and Python of this machine."""
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gb = float("nan")
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = int(line.split()[1]) / 1024 / 1024
+    cores = os.cpu_count() or 0
+    return {
+        "machine": f"{cores} cores ({model}), {mem_gb:.1f} GB RAM, {platform.machine()}, "
+        f"Linux {platform.release()}",
+        "cores": cores,
+        "cpu_model": model,
+        "memory_gb": round(mem_gb, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def git(*args: str) -> str:
@@ -1433,11 +2091,15 @@ async def run(
             "sweep_requests": sweep_requests,
             "sweep_repeat": sweep_repeat,
             "mailroom_log_level": opts.mailroom_log_level or "default (INFO)",
-            "http": "HTTP/1.1, Connection: close (a new connection per request)",
+            "http": ", ".join(f"{m} ({MODE_LABEL[m]})" for m in opts.modes),
+            "modes": list(opts.modes),
+            "load_concurrencies": sorted({opts.concurrency, *opts.load_concurrencies}),
+            "load_repeat": opts.load_repeat,
+            "batch_size": opts.batch_size,
+            "batch_concurrency": opts.batch_concurrency,
         },
         "environment": {
-            "machine": f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}",
-            "python": platform.python_version(),
+            **machine_description(),
             "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "sink": "postfix smtp-sink -D <dump file on tmpfs>",
             "storage": "logs and Mailroom's SQLite file on disk (tempfile.mkdtemp)",
@@ -1456,6 +2118,8 @@ async def run(
                 system = Mailroom(opts, 1, None, name)
             elif name == "mailroom-2srv":
                 system = Mailroom(opts, 2, None, name)
+            elif name == "mailroom-pg":
+                system = Mailroom(opts, 1, None, name, postgres=True)
             else:
                 raise BenchError(f"unknown system {name!r}")
             results["systems"].append(await run_system(system, sink, opts, run_id))
@@ -1477,16 +2141,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-n", "--requests", type=int, default=2000, help="requests per batch (2000)")
     p.add_argument("-c", "--concurrency", type=int, default=64, help="requests in flight (64)")
     p.add_argument("--warmup", type=int, default=200, help="warm-up requests per system (200)")
-    p.add_argument("--repeat", type=int, default=3, help="measured batches per system (3)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="measured batches per system, load mode and the batch endpoint at --concurrency (2)",
+    )
+    p.add_argument(
+        "--load-concurrency",
+        default="16,64,128",
+        help="client concurrencies of the load sweep (--concurrency is always in it) (16,64,128)",
+    )
+    p.add_argument(
+        "--load-repeat",
+        type=int,
+        default=1,
+        help="batches at each load concurrency other than --concurrency (1)",
+    )
+    p.add_argument(
+        "--modes",
+        default="close,keepalive",
+        help="load modes: close (a new connection per request), keepalive (close,keepalive)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="mails per POST /api/messages/batch request; 0 skips the batch endpoint (100)",
+    )
+    p.add_argument("--batch-concurrency", type=int, default=4, help="batch requests in flight (4)")
     p.add_argument(
         "--systems",
-        default="ref-a,ref-b,mailroom,mailroom-2srv",
-        help="comma-separated, from ref-a, ref-b, mailroom, mailroom-2srv (all)",
+        default="ref-a,ref-b,mailroom,mailroom-pg",
+        help="comma-separated, from ref-a, ref-b, mailroom, mailroom-pg, mailroom-2srv "
+        "(ref-a,ref-b,mailroom,mailroom-pg)",
     )
     p.add_argument(
         "--sweep",
-        default="4,16,32,64",
-        help="WORKER_CONCURRENCY values to sweep; '' skips (4,16,32,64)",
+        default="",
+        help="WORKER_CONCURRENCY values to sweep, e.g. 4,16,32,64; '' skips ('')",
     )
     p.add_argument(
         "--sweep-requests", type=int, default=1000, help="requests per sweep batch (1000)"
@@ -1526,12 +2219,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--mailroom-log-level", default=None, help="LOG_LEVEL for Mailroom (its default: INFO)"
     )
     p.add_argument("--no-install", action="store_true", help="never apt-get install postfix")
-    p.add_argument("--out", type=Path, default=BENCH_DIR, help="where results.md/.json go (bench/)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH_DIR / "results",
+        help="each run goes to <out>/<UTC timestamp>-<commit>/ (bench/results)",
+    )
+    p.add_argument(
+        "--latest",
+        default=str(BENCH_DIR / "results.md"),
+        help="where the latest report is copied, '' for nowhere (bench/results.md)",
+    )
     p.add_argument(
         "--report-only",
         type=Path,
         metavar="RESULTS_JSON",
-        help="only render results.md (into --out) from an earlier results.json",
+        help="only render results.md and plot.png (next to RESULTS_JSON) from an earlier run",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, dump)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -1549,13 +2252,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    latest = Path(args.latest) if args.latest else None
     if args.report_only is not None:
-        write_report(json.loads(args.report_only.read_text()), args.out)
+        write_report(json.loads(args.report_only.read_text()), args.report_only.parent, latest)
         return 0
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
-    if args.requests < 1 or args.concurrency < 1 or args.repeat < 1:
-        log.error("--requests, --concurrency and --repeat must be at least 1")
+    load_cc = tuple(int(x) for x in args.load_concurrency.split(",") if x.strip())
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if args.requests < 1 or args.concurrency < 1 or args.repeat < 1 or args.load_repeat < 1:
+        log.error("--requests, --concurrency, --repeat and --load-repeat must be at least 1")
+        return 2
+    if any(c < 1 for c in load_cc) or args.batch_concurrency < 1 or args.batch_size < 0:
+        log.error("concurrencies must be at least 1, --batch-size at least 0")
+        return 2
+    if not modes or any(m not in MODES for m in modes):
+        log.error("--modes: a comma-separated list from %s", ", ".join(MODES))
+        return 2
+    unknown = set(systems) - set(ORDER)
+    if unknown:
+        log.error("--systems: unknown %s (known: %s)", ", ".join(sorted(unknown)), ", ".join(ORDER))
         return 2
     # Logs and Mailroom's SQLite file on disk, as in a deployment; the sink's dump on tmpfs
     # so that the sink stays fast.
@@ -1591,11 +2307,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         mailroom_log_level=args.mailroom_log_level,
         workdir=workdir,
         sink_dir=sink_dir,
+        load_concurrencies=load_cc,
+        load_repeat=args.load_repeat,
+        modes=modes,
+        batch_size=args.batch_size,
+        batch_concurrency=args.batch_concurrency,
     )
     signal.signal(signal.SIGTERM, _terminate)
     # Also when started in the background, where a shell leaves SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    try:  # the bench code this run uses (HEAD may move while it runs)
+        bench_commit = git("rev-parse", "--short=10", "HEAD")
+        if git("status", "--porcelain", "--", "bench/bench.py"):
+            bench_commit += "-dirty"
+    except (subprocess.SubprocessError, OSError):
+        bench_commit = "?"
     try:
         sink_binary = preflight(opts, systems, install=not args.no_install)
         results = asyncio.run(
@@ -1618,17 +2346,110 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(sink_dir, ignore_errors=True)
     results["duration_s"] = round(time.monotonic() - started, 1)
     results["environment"]["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    write_report(results, args.out)
+    results["bench_commit"] = bench_commit
+    commit = mailroom_info.get("commit") or mailroom_info.get("head", "unknown")
+    if mailroom_info.get("uncommitted_py"):
+        commit += "-dirty"
+    write_report(results, args.out / f"{stamp}-{commit}", latest)
     return 0
 
 
-def write_report(results: dict[str, Any], out: Path) -> None:
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """mails/s and accept p99 against client concurrency, per system and load mode (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install matplotlib): no plot")
+        return False
+    systems = {s["name"]: s for s in results["systems"]}
+    fig, (ax_rate, ax_p99) = plt.subplots(1, 2, figsize=(12, 6))
+    styles = {"keepalive": "-", "close": "--"}
+    colors = {
+        "ref-a": "tab:gray",
+        "ref-b": "tab:red",
+        "mailroom": "tab:blue",
+        "mailroom-pg": "tab:green",
+        "mailroom-2srv": "tab:purple",
+    }
+    drawn = False
+    for name in ORDER:
+        s = systems.get(name)
+        if s is None:
+            continue
+        for mode, by_c in s.get("modes", {}).items():
+            points = sorted((int(c), g["median"]) for c, g in by_c.items())
+            if not points:
+                continue
+            xs = [c for c, _ in points]
+            label = f"{name}, {MODE_LABEL[mode]}"
+            style = {"color": colors.get(name), "linestyle": styles.get(mode, ":"), "marker": "o"}
+            ax_rate.plot(xs, [m["e2e_mails_per_s"] for _, m in points], label=label, **style)
+            ax_p99.plot(xs, [m["p99_ms"] for _, m in points], label=label, **style)
+            drawn = True
+        batch = s.get("batch", {}).get("median")
+        if batch:
+            ax_rate.axhline(
+                batch["e2e_mails_per_s"],
+                color=colors.get(name),
+                linestyle=":",
+                label=f"{name}, batch endpoint ({results['config'].get('batch_size')}/request)",
+            )
+    if not drawn:
+        plt.close(fig)
+        return False
+    for ax, title, unit in (
+        (ax_rate, "end-to-end mails/s", "mails/s"),
+        (ax_p99, "accept latency p99", "ms"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("client concurrency (connections)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+    concurrencies = results["config"].get("load_concurrencies") or [
+        results["config"]["concurrency"]
+    ]
+    for ax in (ax_rate, ax_p99):
+        ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+    handles, labels = ax_rate.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    env = results["environment"]
+    fig.suptitle(
+        f"Mailroom vs reference, {results['date']}, Mailroom "
+        f"{results.get('mailroom', {}).get('commit', results.get('mailroom', {}).get('head', '?'))}"
+        f", {env.get('cores', '?')} cores, N={results['config']['requests']}",
+        fontsize=9,
+    )
+    rows = -(-len(labels) // 3)
+    fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: dict[str, Any], run_dir: Path, latest: Path | None) -> None:
+    """results.md, results.json and plot.png in ``run_dir``; ``latest``: a copy of the
+    report whose links point into ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results["plot"] = "plot.png" if plot(results, run_dir / "plot.png") else None
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     report = render(results)
     print(report)
-    (out / "results.md").write_text(report)
-    log.info("wrote %s (and results.json)", out / "results.md")
+    (run_dir / "results.md").write_text(report)
+    log.info("wrote %s (and results.json, plot.png)", run_dir / "results.md")
+    if latest is not None:
+        where = os.path.relpath(run_dir, latest.parent)
+        copy = dict(results, plot=f"{where}/plot.png" if results["plot"] else None)
+        latest.write_text(
+            f"<!-- generated by bench/bench.py: the latest run, stored in {where}/ -->\n"
+            f"The latest run; it is stored with its raw data in [{where}/]({where}/).\n\n"
+            + render(copy)
+        )
+        log.info("wrote %s (the latest run)", latest)
 
 
 if __name__ == "__main__":
