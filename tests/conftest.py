@@ -9,7 +9,7 @@ import os
 import signal
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +24,7 @@ from quart.typing import TestClientProtocol as Client
 from broker import Names
 from config import Secret, Settings
 from server import create_app
-from tests.support import AMQP_URL, Proc, SmtpServer, finish, start_smtp
+from tests.support import AMQP_URL, Proc, SmtpServer, finish, rabbitmqctl, start_smtp
 from tests.support import ROOT as ROOT  # re-exported for the test modules
 from worker import Worker
 
@@ -128,12 +128,10 @@ async def make_settings(prefix: str, tmp_path: Path) -> AsyncIterator[Callable[.
         await delete_topology(Names.for_prefix(prefix, delays))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Secret]:
-    """Each backend in turn: a SQLite file, or a PostgreSQL database of this test's own."""
-    if request.param == "sqlite":
-        yield Secret(f"sqlite:///{tmp_path}/mailroom.db")
-        return
+@contextlib.asynccontextmanager
+async def pg_database() -> AsyncIterator[tuple[str, Any]]:
+    """A PostgreSQL database of the caller's own: (its name, an admin connection);
+    dropped afterwards. Skips the test when PostgreSQL is not reachable."""
     name = f"mailroom_test_{uuid.uuid4().hex[:12]}"
     try:
         admin = await asyncpg.connect(PG_ADMIN, timeout=5)
@@ -141,10 +139,30 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}")
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        yield Secret(f"postgresql://postgres@127.0.0.1:5432/{name}")
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield name, admin
     finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Secret]:
+    """Each backend in turn: a SQLite file, or a PostgreSQL database of this test's own."""
+    if request.param == "sqlite":
+        yield Secret(f"sqlite:///{tmp_path}/mailroom.db")
+        return
+    async with pg_database() as (name, _):
+        yield Secret(f"postgresql://postgres@127.0.0.1:5432/{name}")
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of this test's own (guest may use it), deleted afterwards."""
+    name = f"mailroom-test-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    rabbitmqctl("delete_vhost", name)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import subprocess
 import sys
 import warnings
 from collections.abc import Awaitable, Callable
@@ -196,12 +197,16 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         tasks = [
-            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._upstream(reader, up_writer)),
             asyncio.create_task(self._pipe(up_reader, writer)),
         ]
         self._pipes.update(tasks)
         await asyncio.wait(tasks)
         self._pipes.difference_update(tasks)
+
+    async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Client to server (a subclass may meter or drop what goes up)."""
+        await self._pipe(reader, writer)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -237,9 +242,17 @@ class TcpProxy:
             task.cancel()
 
 
-async def queue_depth(queue_name: str) -> int:
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl -q ARGS`` (blocking: from async code use asyncio.to_thread)."""
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+async def queue_depth(queue_name: str, url: str = AMQP_URL) -> int:
     """Messages ready in ``queue_name`` (declared passively)."""
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, passive=True)

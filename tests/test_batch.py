@@ -196,21 +196,6 @@ class BudgetProxy(TcpProxy):
         self.sent = 0
         self.budget: int | None = None
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        tasks = [
-            asyncio.create_task(self._upstream(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
-        ]
-        self._pipes.update(tasks)
-        await asyncio.wait(tasks)
-        self._pipes.difference_update(tasks)
-
     async def _upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):

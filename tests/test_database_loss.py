@@ -6,18 +6,16 @@ import asyncio
 import os
 import signal
 import sqlite3
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
 from config import Secret, Settings
 from messages import new_job
 from store import Store, StoreUnavailable
-from tests.conftest import PG_ADMIN, running_app, wait_ready
+from tests.conftest import pg_database, running_app, wait_ready
 from tests.support import (
     Proc,
     SmtpServer,
@@ -180,13 +178,7 @@ async def test_no_write_lands_in_a_removed_file(
 async def test_dropped_postgresql_database_makes_readyz_and_keyed_sends_503(
     make_settings: Callable[..., Settings],
 ) -> None:
-    name = f"mailroom_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await asyncpg.connect(PG_ADMIN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN}: {exc}")
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+    async with pg_database() as (name, admin):
         url = Secret(f"postgresql://postgres@127.0.0.1:5432/{name}")
         async with running_app(make_settings(database_url=url)) as (app, client):
             await wait_ready(app)
@@ -203,6 +195,3 @@ async def test_dropped_postgresql_database_makes_readyz_and_keyed_sends_503(
                 "/api/messages", json=MAIL, headers={"Idempotency-Key": "k1"}
             )
             assert response.status_code == 503
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()

@@ -10,8 +10,7 @@ import re
 import signal
 import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from tests.support import (
     TcpProxy,
     finish,
     queue_depth,
+    rabbitmqctl,
     spawn,
     start_smtp,
     worker_env,
@@ -173,19 +173,6 @@ async def test_connection_cut_mid_burst(
         await wait_until(lambda: set(accepted) <= set(recipients(smtp.recorder)), timeout=30)
     assert len(recipients(smtp.recorder)) == len(accepted)  # none twice
     smtp.server.close()
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def vhost() -> Iterator[str]:
-    name = f"mailroom-test-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
 
 
 async def test_broker_closes_every_connection_of_its_vhost(

@@ -9,12 +9,9 @@ import logging
 import os
 import random
 import signal
-import subprocess
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import aio_pika
 import pytest
 from aiosmtpd.smtp import Envelope
 
@@ -29,6 +26,7 @@ from tests.support import (
     TcpProxy,
     finish,
     queue_depth,
+    rabbitmqctl,
     spawn,
     start_smtp,
     worker_env,
@@ -36,22 +34,6 @@ from tests.support import (
 from tests.test_faults import recipients, send, via, wait_until
 from tests.test_status_api import wait_status
 from worker import SENT_HEADER
-
-
-def rabbitmqctl(*args: str) -> str:
-    done = subprocess.run(
-        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
-    )
-    return done.stdout
-
-
-@pytest.fixture
-def vhost() -> Iterator[str]:
-    name = f"mailroom-test-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
 
 
 async def close_connections(vhost: str, name: str) -> int:
@@ -125,19 +107,9 @@ async def test_redelivery_waits_for_the_attempt_still_running(
     assert "internal error" not in caplog.text
     names = Names.of(settings)
     vhost_url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    assert await depth(vhost_url, names.dead_queue) == 0
-    assert await depth(vhost_url, names.send_queue) == 0
+    assert await queue_depth(names.dead_queue, vhost_url) == 0
+    assert await queue_depth(names.send_queue, vhost_url) == 0
     smtp.server.close()
-
-
-async def depth(url: str, queue_name: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        count = queue.declaration_result.message_count
-        assert count is not None
-        return count
 
 
 async def test_other_worker_waits_for_the_live_owner(
@@ -452,9 +424,9 @@ async def test_long_mixed_fault_scenario(
     # The only duplicates allowed: mails in flight when the worker was SIGKILLed.
     assert len(delivered) - len(set(delivered)) <= 8
     names = Names.of(settings)
-    assert await depth(url, names.dead_queue) == 0
+    assert await queue_depth(names.dead_queue, url) == 0
     for queue in (names.send_queue, *(t.queue for t in names.retry_tiers)):
-        assert await depth(url, queue) == 0
+        assert await queue_depth(queue, url) == 0
 
 
 async def test_schema_1_database_is_upgraded(
