@@ -41,7 +41,7 @@ from quart_schema import (
 from broker import Broker
 from errors import InvalidMessage, PublishUnconfirmed
 from guard import Denied, Guard
-from messages import InputLimits, MailJob, addr_spec, new_job
+from messages import InputLimits, MailJob, addr_spec, request_job
 from schemas import (
     MAX_BATCH,
     BatchAnswer,
@@ -126,14 +126,7 @@ def register(app: Quart, accepting: Accepting) -> None:
         for index, item in enumerate(body):
             try:
                 data = _ITEM.validate_python(item)
-                job = new_job(
-                    to=data.to,
-                    subject=data.subject,
-                    text=data.text,
-                    html=data.html,
-                    reply_to=data.reply_to,
-                    limits=a.limits,
-                )
+                job = request_job(data, a.limits)
             except ValidationError as exc:
                 field, reason = a.describe_validation(exc)
                 results[index] = failed(400, reason, field)

@@ -247,6 +247,18 @@ def new_job(
     )
 
 
+def request_job(data: Any, limits: InputLimits) -> MailJob:
+    """The job of one validated message request (``POST /api/messages``, a batch item)."""
+    return new_job(
+        to=data.to,
+        subject=data.subject,
+        text=data.text,
+        html=data.html,
+        reply_to=data.reply_to,
+        limits=limits,
+    )
+
+
 def legacy_job(address: str) -> MailJob:
     """The fixed test message of ``GET /?sendmail=<address>``."""
     return new_job(to=strip_mailto(address), subject=LEGACY_SUBJECT, text=LEGACY_TEXT)

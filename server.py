@@ -53,7 +53,15 @@ from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
 from graceful import serve
 from guard import Denied, Guard, bearer_token, identify
-from messages import InputLimits, MailJob, addr_spec, legacy_job, new_job, parse_json, strict_query
+from messages import (
+    InputLimits,
+    MailJob,
+    addr_spec,
+    legacy_job,
+    parse_json,
+    request_job,
+    strict_query,
+)
 from schemas import (
     DeadLetterList,
     Error,
@@ -333,14 +341,7 @@ def create_app(settings: Settings) -> Quart:
     ) -> ResponseReturnValue:
         """Queue a mail; 202 only after RabbitMQ confirmed it is stored."""
         try:
-            job = new_job(
-                to=data.to,
-                subject=data.subject,
-                text=data.text,
-                html=data.html,
-                reply_to=data.reply_to,
-                limits=limits,
-            )
+            job = request_job(data, limits)
         except InvalidMessage as exc:
             return json_error(exc.reason, 400, field=exc.field)
         key = headers.idempotency_key
