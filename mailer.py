@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import ssl
@@ -63,6 +64,7 @@ class SendResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and asked for several times per mail
 def envelope_address(address: str) -> str:
     """The SMTP envelope form of an address: an IDN domain in ASCII (punycode).
 
@@ -135,6 +137,7 @@ def _unstructured(name: str, value: str) -> Header:
     return Header(value, "utf-8", header_name=name)
 
 
+@functools.lru_cache(maxsize=4096)
 def _format_address(address: str) -> str:
     name, spec = getaddresses([address])[0]
     spec = envelope_address(spec)  # may keep a UTF-8 local part (the SMTPUTF8 builder)

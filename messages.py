@@ -7,6 +7,7 @@ off the queue), so the worker never sees a header it cannot trust.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import urllib.parse
@@ -94,6 +95,13 @@ def parse_address(value: str, field: str = "to") -> str:
     """
     if not isinstance(value, str):
         raise InvalidMessage(f"{field} must be a string", field)
+    return _parse_address(value, field)
+
+
+# Pure functions of their arguments, called several times per mail on the same addresses
+# (validation at the door and again on the worker, envelope and header forms): cached.
+@functools.lru_cache(maxsize=4096)
+def _parse_address(value: str, field: str) -> str:
     value = check_header_text(value, field).strip()
     if not value:
         raise InvalidMessage(f"{field} must not be empty", field)
@@ -121,6 +129,7 @@ def _quote_name(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def addr_spec(address: str) -> str:
     """``Name <a@b>`` -> ``a@b`` (for the SMTP envelope)."""
     return getaddresses([address])[0][1]
