@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -245,6 +245,9 @@ class Attempt:
     message_id: str
     number: int  # the record's ``attempts`` once this one began
     owner: str
+    # The record as this attempt's claim left it: while the attempt holds the record,
+    # only its lease changes, so the outcome can be written without reading it again.
+    record: MessageRecord | None = field(default=None, compare=False, repr=False)
 
 
 ClaimKind = Literal["claimed", "final", "stale", "busy"]
@@ -726,7 +729,7 @@ class Store:
                 lease_until=now + timedelta(seconds=lease),
                 copy=copy,
             )
-            return Claim("claimed", updated, Attempt(job.id, number, owner))
+            return Claim("claimed", updated, Attempt(job.id, number, owner, updated))
 
         for attempt in (1, 2):
             try:
@@ -758,16 +761,7 @@ class Store:
         history as a late outcome, and False is returned.
         """
 
-        def work(conn: Connection) -> bool:
-            record = self._load(conn, attempt.message_id)
-            if record is None:
-                raise StoreUnavailable(f"no record for message {attempt.message_id}")
-            if not _holds(record, attempt):
-                note = f"late outcome of attempt {attempt.number}, not applied"
-                if error:
-                    note += f": {error[:200]}"
-                self._append_history(conn, record, status, note)
-                return False
+        def outcome(record: MessageRecord) -> dict[str, Any]:
             merged = dict(record.results)
             merged.update(results or {})
             values: dict[str, Any] = {
@@ -779,7 +773,23 @@ class Store:
                 values["copy"] = max(copy, record.copy)
             if error is not None:
                 values.update(last_error=error, last_error_code=code)
-            self._transition(conn, record, status, detail=detail, **values)
+            return values
+
+        def work(conn: Connection) -> bool:
+            if attempt.record is not None and self._transition_held(
+                conn, attempt, status, detail, outcome(attempt.record)
+            ):
+                return True  # the usual case, one statement: still held, so still as claimed
+            record = self._load(conn, attempt.message_id)
+            if record is None:
+                raise StoreUnavailable(f"no record for message {attempt.message_id}")
+            if not _holds(record, attempt):
+                note = f"late outcome of attempt {attempt.number}, not applied"
+                if error:
+                    note += f": {error[:200]}"
+                self._append_history(conn, record, status, note)
+                return False
+            self._transition(conn, record, status, detail=detail, **outcome(record))
             return True
 
         try:
@@ -872,6 +882,29 @@ class Store:
         detail: str | None = None,
         **values: Any,
     ) -> MessageRecord:
+        updated = self._write_transition(conn, record, status, detail, values)
+        assert updated is not None
+        return updated
+
+    def _transition_held(
+        self, conn: Connection, attempt: Attempt, status: str, detail: str | None, values: Any
+    ) -> bool:
+        """The transition, only if ``attempt`` still holds the record (compare-and-set)."""
+        assert attempt.record is not None
+        held = {"held_owner": attempt.owner, "held_attempts": attempt.number}
+        return (
+            self._write_transition(conn, attempt.record, status, detail, values, held) is not None
+        )
+
+    def _write_transition(
+        self,
+        conn: Connection,
+        record: MessageRecord,
+        status: str,
+        detail: str | None,
+        values: dict[str, Any],
+        held: dict[str, Any] | None = None,
+    ) -> MessageRecord | None:
         at = now_utc()
         entry: dict[str, Any] = {"status": status, "at": _iso(at)}
         if detail:
@@ -881,11 +914,11 @@ class Store:
                 a: r if isinstance(r, dict) else r.__dict__ for a, r in values["results"].items()
             }
         history = [*record.history, entry]
-        conn.execute(
-            _UPDATE_ONE,
-            {"message_id": record.id, "status": status, "history": history, "updated_at": at}
-            | values,
-        )
+        params = {"message_id": record.id, "status": status, "history": history, "updated_at": at}
+        if held is None:
+            conn.execute(_UPDATE_ONE, params | values)
+        elif conn.execute(_UPDATE_HELD, params | values | held).rowcount != 1:
+            return None
         # The new state, without reading it back.
         changes = {k: v for k, v in values.items() if k != "results"}
         if "results" in values:
@@ -905,6 +938,12 @@ class Store:
 # Built once: executing them with parameters skips building a statement per call.
 _SELECT_ONE = select(messages_table).where(messages_table.c.id == bindparam("message_id"))
 _UPDATE_ONE = update(messages_table).where(messages_table.c.id == bindparam("message_id"))
+_UPDATE_HELD = update(messages_table).where(
+    (messages_table.c.id == bindparam("message_id"))
+    & (messages_table.c.status == "sending")
+    & (messages_table.c.owner == bindparam("held_owner"))
+    & (messages_table.c.attempts == bindparam("held_attempts"))
+)
 _INSERT = insert(messages_table)
 
 
