@@ -1,8 +1,11 @@
 """Message records and idempotency keys, in SQLite (default) or PostgreSQL.
 
-One code path for both through SQLAlchemy's async Core: ``sqlite+aiosqlite`` (WAL, so the
-server and several workers on one host share the file safely) or ``postgresql+asyncpg``
-(workers on several hosts). The schema is created or upgraded when a process opens it.
+One code path for both through SQLAlchemy Core: the same statements, written as small
+synchronous units (see :class:`Store` for the writer that runs them). SQLite (WAL, so the
+server and several workers on one host share the file safely) writes through a plain
+``sqlite3`` connection in a writer thread and reads through ``aiosqlite``; PostgreSQL
+(workers on several hosts) does both through ``asyncpg``. The schema is created or
+upgraded when a process opens it.
 
 A record's ``status`` moves ``queued -> sending -> (retrying -> sending)* -> sent | failed``
 and every transition is appended to its ``history`` with a UTC time stamp.
