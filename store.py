@@ -441,7 +441,7 @@ class Store:
                     try:
                         problem = self._file_watch.files.problem()
                     except OSError as exc:
-                        problem = f"cannot check database file {self._lock_path}: {exc}"
+                        problem = f"cannot check database file {self._file_watch.files.path}: {exc}"
                     if problem is not None:
                         raise StoreUnavailable(problem)  # rolled back: nothing goes to a ghost
                 return results
