@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import uuid
+from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -74,7 +75,8 @@ class Worker:
         self.store: Store | None = None
         self.ready = asyncio.Event()
         # Who holds an attempt: this process, told apart from any other on any host.
-        self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._host = socket.gethostname()
+        self.owner = f"{self._host}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
         self._inflight: set[asyncio.Task[Any]] = set()
         # The attempts running here, by message id: a redelivered copy waits for them.
@@ -124,19 +126,11 @@ class Worker:
     async def _wait_stop_or_database_lost(self) -> str | None:
         """Until :meth:`stop`, or until the SQLite file was removed or replaced (then why)."""
         assert self.store is not None
-        stopped = asyncio.ensure_future(self._stop.wait())
-        lost = asyncio.ensure_future(self.store.wait_lost())
-        await asyncio.wait({stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
-        for fut in (stopped, lost):
-            fut.cancel()
+        await _first_of(self._stop.wait(), self.store.wait_lost())
         return self.store.lost
 
     async def _wait_connected(self) -> bool:
-        connected = asyncio.ensure_future(self.broker.wait_connected())
-        stopped = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({connected, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        for fut in (connected, stopped):
-            fut.cancel()
+        await _first_of(self.broker.wait_connected(), self._stop.wait())
         return self.broker.is_ready
 
     async def _consume_queue(self) -> AbstractQueue:
@@ -180,7 +174,7 @@ class Worker:
         """False only when ``owner`` is known dead: a process of this host that is gone."""
         host, _, rest = owner.partition("/")
         pid_text = rest.partition("/")[0]
-        if host != socket.gethostname() or not pid_text.isdigit() or owner == self.owner:
+        if host != self._host or not pid_text.isdigit() or owner == self.owner:
             return True
         try:
             os.kill(int(pid_text), 0)
@@ -230,11 +224,13 @@ class Worker:
             self._running.pop(job.id, None)
             self._attempts.pop(job.id, None)
 
-    async def _claim(self, message: AbstractIncomingMessage, job: MailJob) -> Claim | None:
-        """Claim the next attempt; wait while another live worker holds one. None when the
-        database is unavailable (the message then went to a retry tier)."""
+    async def _claim(
+        self, message: AbstractIncomingMessage, job: MailJob, copy: int
+    ) -> Claim | None:
+        """Claim the next attempt for queue copy ``copy``; wait while another live worker
+        holds one. None when the database is unavailable (the message then went to a retry
+        tier)."""
         assert self.store is not None
-        copy = _int_header(message.headers or {}, COPY_HEADER)
         while True:
             try:
                 claim = await self.store.claim(
@@ -257,7 +253,8 @@ class Worker:
             await asyncio.sleep(min(max(wait, 0.05), LEASE_POLL))
 
     async def _handle_job(self, message: AbstractIncomingMessage, job: MailJob) -> None:
-        claim = await self._claim(message, job)
+        copy = _int_header(message.headers or {}, COPY_HEADER)
+        claim = await self._claim(message, job, copy)
         if claim is None:
             return
         record = claim.record
@@ -265,7 +262,7 @@ class Worker:
             log.info(
                 "message %s: copy %d is superseded by copy %d; dropping it",
                 job.id,
-                _int_header(message.headers or {}, COPY_HEADER),
+                copy,
                 record.copy,
             )
             await self._ack(message, job.id)
@@ -610,6 +607,14 @@ class Worker:
             return
         log.info("message %s: dead-lettered: %s", message_id, reason)
         await self._ack(message, message_id)
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Return once the first of ``waits`` is done; the others are cancelled."""
+    futures = [asyncio.ensure_future(wait) for wait in waits]
+    await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    for future in futures:
+        future.cancel()
 
 
 def _list_header(headers: Any, name: str) -> list[str]:
