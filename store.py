@@ -57,6 +57,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -570,8 +572,6 @@ class Store:
 
         try:
             await self._write(work)
-        except IntegrityError:
-            return
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
@@ -734,17 +734,11 @@ class Store:
             )
             return Claim("claimed", updated, Attempt(job.id, number, owner, updated))
 
-        for attempt in (1, 2):
-            try:
-                result: Claim = await self._write(work)
-                return result
-            except IntegrityError as exc:
-                # The server created the record between our read and our insert: read again.
-                if attempt == 2:
-                    raise StoreUnavailable(_describe(exc)) from exc
-            except _DB_ERRORS as exc:
-                raise StoreUnavailable(_describe(exc)) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            result: Claim = await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return result
 
     async def finish(
         self,
@@ -947,13 +941,19 @@ _UPDATE_HELD = update(messages_table).where(
     & (messages_table.c.owner == bindparam("held_owner"))
     & (messages_table.c.attempts == bindparam("held_attempts"))
 )
-_INSERT = insert(messages_table)
+# A record that is already there (the worker got the message before the server's write
+# committed, or the other way round) is left as it is: no error, so a batch of writes is
+# never rolled back and replayed one unit at a time for it.
+_INSERT_NEW = {
+    "sqlite": sqlite_insert(messages_table).on_conflict_do_nothing(index_elements=["id"]),
+    "postgresql": pg_insert(messages_table).on_conflict_do_nothing(index_elements=["id"]),
+}
 
 
 def _insert_queued(conn: Connection, job: MailJob) -> None:
     at = now_utc()
     conn.execute(
-        _INSERT,
+        _INSERT_NEW[conn.dialect.name],
         {
             "id": job.id,
             "recipients": list(job.to),
