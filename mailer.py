@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
 import re
 import ssl
@@ -17,12 +18,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.charset import QP, Charset
+from email.generator import BytesGenerator
 from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from email.policy import SMTPUTF8
+from email.policy import SMTPUTF8, compat32
 from email.utils import format_datetime, getaddresses, quote
 
 import aiosmtplib
@@ -46,6 +48,9 @@ _UTF8.body_encoding = QP
 
 # Bodies longer than this (characters) are encoded in a worker thread.
 LARGE_BODY_CHARS = 100_000
+# The encoded content of bodies up to this long (characters) is kept for the next mail
+# with the same text (LRU, 64 of them).
+CACHED_CONTENT_CHARS = 20_000
 # A pooled connection idle longer than this is checked with NOOP before it is reused.
 IDLE_CHECK_SECONDS = 5.0
 # A pooled connection idle longer than this is closed instead of reused.
@@ -102,13 +107,7 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
     addresses = [mail_from, *job.to, *([job.reply_to] if job.reply_to else [])]
     if not all(envelope_address(a).isascii() for a in addresses):
         return _build_utf8(job, mail_from)
-    msg: Message
-    if job.html is None:
-        msg = _text_part(job.text, "plain")
-    else:
-        msg = MIMEMultipart("alternative")
-        msg.attach(_text_part(job.text, "plain"))
-        msg.attach(_text_part(job.html, "html"))
+    msg = _content_part(job.text, job.html)
     msg["From"] = _format_address(mail_from)
     msg["To"] = ", ".join(_format_address(a) for a in job.to)
     # compat32 folds a Header itself (the stubs only know str values).
@@ -119,6 +118,73 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
         msg["Reply-To"] = _format_address(job.reply_to)
     msg["X-Mailroom-Id"] = job.id
     return msg
+
+
+def render(job: MailJob, mail_from: str) -> bytes | None:
+    """The bytes :func:`build_mime` would flatten to (as aiosmtplib flattens it), made
+    without the email package's generator for every mail; None when an address needs
+    SMTPUTF8 (then :func:`build_mime` and ``send_message`` do it).
+
+    The content (MIME headers and encoded body) is flattened once per distinct text and
+    HTML and reused; a header line that fits in 78 characters as it is, is written as it
+    is (what compat32's folding does with it); any other goes through the same folding.
+    """
+    addresses = [mail_from, *job.to, *([job.reply_to] if job.reply_to else [])]
+    if not all(envelope_address(a).isascii() for a in addresses):
+        return None
+    if len(job.text) + len(job.html or "") <= CACHED_CONTENT_CHARS:
+        head, body = _content(job.text, job.html)
+    else:
+        head, body = _flattened_content(job.text, job.html)
+    lines = [
+        head,
+        _from_line(mail_from),
+        _header("To", ", ".join(_format_address(a) for a in job.to)),
+        _subject_line(job.subject),
+        _header("Date", format_datetime(_created(job))),
+        _header("Message-ID", _message_id(job, mail_from)),
+    ]
+    if job.reply_to:
+        lines.append(_header("Reply-To", _format_address(job.reply_to)))
+    lines += [_header("X-Mailroom-Id", job.id), b"\n", body]
+    return b"".join(lines)
+
+
+def _content_part(text: str, html: str | None) -> Message:
+    if html is None:
+        return _text_part(text, "plain")
+    msg = MIMEMultipart("alternative")
+    msg.attach(_text_part(text, "plain"))
+    msg.attach(_text_part(html, "html"))
+    return msg
+
+
+def _flattened_content(text: str, html: str | None) -> tuple[bytes, bytes]:
+    """The content's MIME header lines, and its body, as compat32 flattens them."""
+    out = io.BytesIO()
+    BytesGenerator(out, policy=compat32).flatten(_content_part(text, html))
+    head, _, body = out.getvalue().partition(b"\n\n")
+    return head + b"\n", body
+
+
+_content = functools.lru_cache(maxsize=64)(_flattened_content)
+
+
+def _header(name: str, value: str) -> bytes:
+    if len(name) + 2 + len(value) <= 78 and value.isascii() and value.isprintable():
+        return f"{name}: {value}\n".encode()
+    return compat32.fold_binary(name, value)
+
+
+@functools.lru_cache(maxsize=64)
+def _from_line(mail_from: str) -> bytes:
+    return _header("From", _format_address(mail_from))
+
+
+@functools.lru_cache(maxsize=1024)
+def _subject_line(subject: str) -> bytes:
+    # compat32 folds a Header itself (the stubs only know str values).
+    return compat32.fold_binary("Subject", _unstructured("Subject", subject))  # type: ignore[arg-type]
 
 
 def _text_part(body: str, subtype: str) -> MIMEText:
@@ -281,12 +347,16 @@ class SmtpPool:
         Refused recipients come back in :attr:`SendResult.refused` (even when every one
         was refused); anything else that goes wrong raises a :class:`DeliveryError`.
         """
+        mail_from = self.settings.mail_from
         try:
+            message: bytes | Message | None
             if len(job.text) + len(job.html or "") > LARGE_BODY_CHARS:
                 # Encoding megabytes takes a while: not on the event loop.
-                message = await asyncio.to_thread(build_mime, job, self.settings.mail_from)
+                message = await asyncio.to_thread(render, job, mail_from)
+                if message is None:
+                    message = await asyncio.to_thread(build_mime, job, mail_from)
             else:
-                message = build_mime(job, self.settings.mail_from)
+                message = render(job, mail_from) or build_mime(job, mail_from)
         except (ValueError, TypeError) as exc:
             raise PermanentDeliveryError(f"cannot build the message: {exc}") from exc
         sender = envelope_address(self.settings.mail_from)
@@ -299,9 +369,12 @@ class SmtpPool:
                 reused = False
                 try:
                     client, reused = await self._checkout()
-                    refused, _ = await client.send_message(
-                        message, sender=sender, recipients=list(envelope)
-                    )
+                    if isinstance(message, bytes):
+                        refused, _ = await client.sendmail(sender, list(envelope), message)
+                    else:
+                        refused, _ = await client.send_message(
+                            message, sender=sender, recipients=list(envelope)
+                        )
                 except aiosmtplib.SMTPRecipientsRefused as exc:
                     assert client is not None
                     await self._reset_or_discard(client)

@@ -297,7 +297,7 @@ class Worker:
             log.info("message %s: no recipient left to send to", job.id)
             await self._settle(message, attempt, SendResult(()), already_sent, sent_before)
             return
-        log.info(
+        log.debug(
             "message %s: attempt %d, sending to %d recipient(s)",
             job.id,
             record.attempts,
@@ -366,7 +366,7 @@ class Worker:
         elif result.refused:
             log.warning("message %s: sent; refused for %s", job_id, refused_text)
         else:
-            log.info("message %s: sent", job_id)
+            log.info("message %s: sent (attempt %d)", job_id, attempt.number)
         await self._ack(message, job_id)
 
     async def _retry_or_fail(
