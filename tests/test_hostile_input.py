@@ -255,7 +255,7 @@ def same_boundary(data: bytes) -> bytes:
 
 
 def test_rendering_leaves_utf8_addresses_to_the_email_package() -> None:
-    job = new_job(**{**BODY, "to": "j\u00fcrgen@example.com"})
+    job = new_job(to="j\u00fcrgen@example.com", subject="s", text="t")
     assert render(job, "Mailroom <mailroom@example.com>") is None
 
 
