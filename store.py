@@ -702,6 +702,22 @@ class Store:
         """
 
         def work(conn: Connection) -> Claim:
+            # The usual case, one statement: the first attempt at a record that nothing
+            # touched since it was written (so it is still what the job says it is).
+            if (fresh := _queued_record(job)) is not None and copy >= fresh.copy:
+                number = 1
+                values = {
+                    "attempts": number,
+                    "next_attempt_at": None,
+                    "owner": owner,
+                    "lease_until": now_utc() + timedelta(seconds=lease),
+                    "copy": copy,
+                }
+                claimed = self._write_transition(
+                    conn, fresh, "sending", None, values, statement=_UPDATE_UNTOUCHED
+                )
+                if claimed is not None:
+                    return Claim("claimed", claimed, Attempt(job.id, number, owner, claimed))
             record = self._load(conn, job.id)
             if record is None:
                 _insert_queued(conn, job)
@@ -901,6 +917,7 @@ class Store:
         detail: str | None,
         values: dict[str, Any],
         held: dict[str, Any] | None = None,
+        statement: Any = None,
     ) -> MessageRecord | None:
         at = now_utc()
         entry: dict[str, Any] = {"status": status, "at": _iso(at)}
@@ -912,7 +929,10 @@ class Store:
             }
         history = [*record.history, entry]
         params = {"message_id": record.id, "status": status, "history": history, "updated_at": at}
-        if held is None:
+        if statement is not None:
+            if conn.execute(statement, params | values).rowcount != 1:
+                return None
+        elif held is None:
             conn.execute(_UPDATE_ONE, params | values)
         elif conn.execute(_UPDATE_HELD, params | values | held).rowcount != 1:
             return None
@@ -935,6 +955,11 @@ class Store:
 # Built once: executing them with parameters skips building a statement per call.
 _SELECT_ONE = select(messages_table).where(messages_table.c.id == bindparam("message_id"))
 _UPDATE_ONE = update(messages_table).where(messages_table.c.id == bindparam("message_id"))
+_UPDATE_UNTOUCHED = update(messages_table).where(
+    (messages_table.c.id == bindparam("message_id"))
+    & (messages_table.c.status == "queued")
+    & (messages_table.c.attempts == 0)
+)
 _UPDATE_HELD = update(messages_table).where(
     (messages_table.c.id == bindparam("message_id"))
     & (messages_table.c.status == "sending")
@@ -950,8 +975,20 @@ _INSERT_NEW = {
 }
 
 
+def _accepted_at(job: MailJob) -> datetime | None:
+    """When the server accepted ``job`` (its ``created_at``), if that is a UTC time."""
+    try:
+        at = datetime.fromisoformat(job.created_at)
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None and at.utcoffset() == timedelta(0) else None
+
+
 def _insert_queued(conn: Connection, job: MailJob) -> None:
-    at = now_utc()
+    """The record of a newly accepted message. It is a function of the job alone (its
+    times are the job's ``created_at``), the same whichever process writes it first; so
+    a worker can claim it without reading it (:func:`_queued_record`)."""
+    at = _accepted_at(job) or now_utc()
     conn.execute(
         _INSERT_NEW[conn.dialect.name],
         {
@@ -970,6 +1007,28 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
             "created_at": at,
             "updated_at": at,
         },
+    )
+
+
+def _queued_record(job: MailJob) -> MessageRecord | None:
+    """The record :func:`_insert_queued` wrote for ``job``, as long as nothing changed it
+    since (status ``queued``, no attempt yet); None when its time is not the job's."""
+    at = _accepted_at(job)
+    if at is None:
+        return None
+    return MessageRecord(
+        id=job.id,
+        recipients=list(job.to),
+        subject=job.subject,
+        status="queued",
+        attempts=0,
+        next_attempt_at=None,
+        last_error=None,
+        last_error_code=None,
+        results={addr_spec(a): RecipientResult("pending") for a in job.to},
+        history=[{"status": "queued", "at": _iso(at)}],
+        created_at=at,
+        updated_at=at,
     )
 
 

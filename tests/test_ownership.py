@@ -214,6 +214,36 @@ async def test_a_late_outcome_never_overwrites_a_final_status(
         await store.close()
 
 
+@pytest.mark.parametrize("server_first", [True, False], ids=["server-first", "worker-first"])
+async def test_first_claim_without_reading_matches_the_stored_record(
+    server_first: bool, database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """The first claim of an untouched record writes without reading it: what it returns
+    (and later writes from) is exactly what is stored, whoever created the record."""
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    job = legacy_job("Ann <fresh@example.com>")
+    try:
+        if server_first:
+            await store.insert_queued(job)
+        claim = await store.claim(job, "worker-a", 0, lease=30)
+        assert claim.kind == "claimed" and claim.attempt is not None
+        stored = await store.get(job.id)
+        assert stored is not None
+        assert claim.record.to_json() == stored.to_json()
+        assert [h["status"] for h in stored.history] == ["queued", "sending"]
+        assert stored.history[0]["at"] == stored.to_json()["created_at"]
+        # The server's insert, arriving after the worker's claim, changes nothing.
+        await store.insert_queued(job)
+        assert await store.finish(claim.attempt, "sent")
+        again = await store.get(job.id)
+        assert again is not None and again.status == "sent" and again.attempts == 1
+        # A second claim of the same job reads the record (no longer untouched).
+        assert (await store.claim(job, "worker-b", 0, 30)).kind == "final"
+    finally:
+        await store.close()
+
+
 async def test_an_older_copy_is_dropped(
     database_url: Secret, make_settings: Callable[..., Settings]
 ) -> None:
