@@ -12,7 +12,7 @@ import json
 import re
 import urllib.parse
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import getaddresses
 from typing import Any
@@ -151,6 +151,10 @@ class InputLimits:
     max_body_chars: int = 5_000_000
 
 
+# One encoder, built once (json.dumps with options builds one per call).
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 @dataclass(frozen=True, kw_only=True)
 class MailJob:
     """One accepted message. ``id`` is a 32-character hex string."""
@@ -164,10 +168,17 @@ class MailJob:
     created_at: str = ""
 
     def to_bytes(self) -> bytes:
-        body = asdict(self)
-        body["to"] = list(self.to)
-        body["v"] = FORMAT_VERSION
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        body = {
+            "id": self.id,
+            "to": list(self.to),
+            "subject": self.subject,
+            "text": self.text,
+            "html": self.html,
+            "reply_to": self.reply_to,
+            "created_at": self.created_at,
+            "v": FORMAT_VERSION,
+        }
+        return _compact_json(body).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MailJob:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from broker import Names
 from config import Secret, Settings
 from guard import identify
 from mailer import build_mime, render
-from messages import MAX_NAME_CHARS, InputLimits, new_job
+from messages import MAX_NAME_CHARS, InputLimits, MailJob, new_job
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -252,6 +253,13 @@ def same_boundary(data: bytes) -> bytes:
     for found in set(re.findall(rb'boundary="([^"]+)"', data)):
         data = data.replace(found, b"BOUNDARY")
     return data
+
+
+def test_the_queued_form_carries_every_field_of_a_job() -> None:
+    job = new_job(to=["A <a@example.com>", "b@example.com"], subject="s", text="t", html="h")
+    body = json.loads(job.to_bytes())
+    assert set(body) == {f.name for f in dataclasses.fields(job)} | {"v"}
+    assert MailJob.from_bytes(job.to_bytes()) == job
 
 
 def test_rendering_leaves_utf8_addresses_to_the_email_package() -> None:
