@@ -1,8 +1,12 @@
 """Build MIME messages and send them over a small pool of reused SMTP connections.
 
 Every SMTP failure leaves this module as a :class:`TransientDeliveryError` (try again
-later), :class:`PermanentDeliveryError` (give up) or :class:`SmtpAuthError` (fix the
-configuration), so callers never see aiosmtplib's own exception classes.
+later), :class:`PermanentDeliveryError` (give up) or :class:`SmtpConfigError` (fix the
+settings it names: a refused login, an untrusted certificate, a SMTP_SECURITY that does
+not fit the port ...), so callers never see aiosmtplib's own exception classes.
+
+Each new connection logs in at most once, with one mechanism (see ``SmtpPool._login``),
+and every session that is still open ends with QUIT.
 """
 
 from __future__ import annotations

@@ -7,11 +7,13 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from aiosmtpd.smtp import MISSING
 
 import mailer
 from config import Secret, Settings
@@ -20,7 +22,14 @@ from errors import DeliveryError, PermanentDeliveryError, SmtpAuthError, SmtpCon
 from mailer import SmtpPool
 from messages import MailJob, new_job
 from tests.conftest import running_worker
-from tests.support import SMTP_PASS, SMTP_USER, Security, SmtpServer, start_smtp
+from tests.support import (
+    SMTP_PASS,
+    SMTP_USER,
+    Security,
+    SmtpRecorder,
+    SmtpServer,
+    start_smtp,
+)
 
 
 def job() -> MailJob:
@@ -205,3 +214,37 @@ async def test_worker_warns_at_start_when_the_ehlo_name_has_no_dot(
             assert "set SMTP_HELO_NAME" in warnings[0]
     # Unset, the name is the machine's fully qualified name.
     assert await SmtpPool(make_settings(**plain), 1).helo_name() == socket.getfqdn()
+
+
+@dataclass
+class RefusesDotlessNames(SmtpRecorder):
+    """Refuses an EHLO (HELO) name without a dot, as Postfix's
+    reject_non_fqdn_helo_hostname does when it does not delay the refusal."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if "." not in hostname:
+            return [f"504 5.5.2 <{hostname}>: Helo command rejected: need fully-qualified name"]
+        session.host_name = hostname
+        return responses
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> Any:
+        return f"504 5.5.2 <{hostname}>: Helo command rejected" if "." not in hostname else MISSING
+
+
+async def test_a_refused_ehlo_name_names_smtp_helo_name() -> None:
+    server = await start_smtp("none", None, auth=False, recorder=RefusesDotlessNames())
+    try:
+        plain = server.settings_overrides(None, login=False)
+        error = await send_error(Settings(**plain, smtp_helo_name="mailhost"))
+        assert isinstance(error, SmtpConfigError)
+        assert (error.code, error.settings) == (504, ("SMTP_HELO_NAME",))
+        assert "Helo command rejected" in error.reason
+        pool = SmtpPool(Settings(**plain, smtp_helo_name="mailer.example.org"), 1)
+        await pool.send(job())
+        await pool.close()
+    finally:
+        server.server.close()
+        await server.server.wait_closed()
+    assert [m.helo for m in server.recorder.received] == ["mailer.example.org"]
