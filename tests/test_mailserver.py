@@ -383,7 +383,7 @@ async def test_refused_login_is_one_auth_then_quit(
         await wait_ready(app)
         message_id = await send(client, ALICE[0])
         async with running_worker(settings):
-            record = await wait_kept_past_retries(client, message_id, settings)
+            record = await wait_kept_past_retries(client, message_id, settings, timeout=40)
         sessions = await mailserver.sessions(mark, record["attempts"])
     assert all(s.startswith("ehlo=1 auth=0/1 quit=1 ") for s in sessions), sessions
     assert record["last_error"]["code"] == 535
@@ -405,7 +405,7 @@ async def test_untrusted_certificate_is_kept_and_names_smtp_ca_file(
         await wait_ready(app)
         message_id = await send(client, ALICE[0])
         async with running_worker(settings):
-            record = await wait_kept_past_retries(client, message_id, settings)
+            record = await wait_kept_past_retries(client, message_id, settings, timeout=40)
         assert "SMTP SETTINGS FAULT" in caplog.text and "check SMTP_CA_FILE;" in caplog.text
         assert "certificate is not trusted" in record["last_error"]["message"]
         fixed = make_settings(**mailserver.settings("starttls"))

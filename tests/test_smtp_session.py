@@ -248,3 +248,29 @@ async def test_a_refused_ehlo_name_names_smtp_helo_name() -> None:
         server.server.close()
         await server.server.wait_closed()
     assert [m.helo for m in server.recorder.received] == ["mailer.example.org"]
+
+
+@dataclass
+class AnswersAuthWith250(SmtpRecorder):
+    """Answers AUTH with "250 2.0.0 Ok": what a newcomer's sink did (issue 9)."""
+
+    async def handle_AUTH(self, server: Any, session: Any, envelope: Any, args: list[str]) -> str:
+        self.logins.append((args[0], False))
+        return "250 2.0.0 Ok"
+
+
+async def test_an_answer_to_auth_that_is_no_refusal_is_not_called_one(ca_file: str) -> None:
+    server = await start_smtp("none", None, auth=True, recorder=AnswersAuthWith250())
+    try:
+        error = await send_error(settings_for(server, ca_file))
+    finally:
+        server.server.close()
+        await server.server.wait_closed()
+    assert type(error) is SmtpConfigError  # not SmtpAuthError: nothing was refused
+    assert error.reason.startswith(
+        "the SMTP server answered AUTH PLAIN with '250 2.0.0 Ok', which is neither a login "
+        "nor a refusal"
+    )
+    assert error.code is None
+    assert server.recorder.logins == [("PLAIN", False)]
+    assert server.recorder.quits == 1
