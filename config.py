@@ -86,6 +86,7 @@ class Settings:
     smtp_password: Secret | None = None
     smtp_timeout: float = 30.0
     smtp_ca_file: Path | None = None
+    smtp_helo_name: str | None = None  # None: the machine's fully qualified name
     mail_from: str = "mailroom@localhost"
     talktome_log: Path = Path("var/log/messaging_system.log")
     host: str = "127.0.0.1"
@@ -195,6 +196,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         smtp_password=Secret(password) if password is not None else None,
         smtp_timeout=conv("SMTP_TIMEOUT", _positive_float, 30.0),
         smtp_ca_file=Path(ca_file) if ca_file else None,
+        smtp_helo_name=conv("SMTP_HELO_NAME", _helo_name, None),
         mail_from=mail_from,
         talktome_log=Path(raw("TALKTOME_LOG") or "var/log/messaging_system.log"),
         host=raw("HOST") or "127.0.0.1",
@@ -234,6 +236,20 @@ def _security(value: str) -> SmtpSecurity:
     if lowered == "none":
         return "none"
     raise ValueError(f"must be ssl, starttls or none, not {value!r}")
+
+
+# RFC 5321 4.1.1.1: EHLO takes a domain name or an address literal ([192.0.2.1]).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HELO_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")
+
+
+def _helo_name(value: str) -> str:
+    if len(value) > 253 or not _HELO_NAME.fullmatch(value):
+        raise ValueError(
+            "must be a host name (letters, digits, '-' and '.'; an internationalized name "
+            f"in its xn-- form) or an address literal like [192.0.2.1], not {value!r}"
+        )
+    return value
 
 
 def _whole(value: str) -> int:

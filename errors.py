@@ -76,11 +76,22 @@ class PermanentDeliveryError(DeliveryError):
 
 
 class SmtpConfigError(TransientDeliveryError):
-    """The SMTP server and our settings do not fit (login, STARTTLS, AUTH): fix the settings.
+    """The SMTP server and our settings do not fit (login, TLS, STARTTLS, AUTH): fix the
+    settings. ``settings`` names the variables to check.
 
     Retried with backoff, never counted against the message.
     """
 
+    SETTINGS: tuple[str, ...] = ("SMTP_USERNAME", "SMTP_PASSWORD", "SMTP_SECURITY")
+
+    def __init__(
+        self, reason: str, code: int | None = None, settings: tuple[str, ...] | None = None
+    ) -> None:
+        super().__init__(reason, code)
+        self.settings = settings or self.SETTINGS
+
 
 class SmtpAuthError(SmtpConfigError):
     """The SMTP server refused our login."""
+
+    SETTINGS = ("SMTP_USERNAME", "SMTP_PASSWORD")

@@ -1,8 +1,12 @@
 """Build MIME messages and send them over a small pool of reused SMTP connections.
 
 Every SMTP failure leaves this module as a :class:`TransientDeliveryError` (try again
-later), :class:`PermanentDeliveryError` (give up) or :class:`SmtpAuthError` (fix the
-configuration), so callers never see aiosmtplib's own exception classes.
+later), :class:`PermanentDeliveryError` (give up) or :class:`SmtpConfigError` (fix the
+settings it names: a refused login, an untrusted certificate, a SMTP_SECURITY that does
+not fit the port ...), so callers never see aiosmtplib's own exception classes.
+
+Each new connection logs in at most once, with one mechanism (see ``SmtpPool._login``),
+and every session that is still open ends with QUIT.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import functools
 import io
 import logging
 import re
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -28,7 +33,7 @@ from email.policy import SMTPUTF8, compat32
 from email.utils import format_datetime, getaddresses, quote
 
 import aiosmtplib
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError
 
 from config import Settings
 from errors import (
@@ -38,7 +43,7 @@ from errors import (
     SmtpConfigError,
     TransientDeliveryError,
 )
-from messages import MailJob, addr_spec
+from messages import MailJob, addr_spec, check_email
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,7 @@ def envelope_address(address: str) -> str:
     if spec.isascii():
         return spec
     try:
-        valid = validate_email(spec, check_deliverability=False)
+        valid = check_email(spec)
     except EmailNotValidError:
         return spec
     return valid.ascii_email or f"{valid.local_part}@{valid.ascii_domain}"
@@ -252,8 +257,19 @@ def classify(exc: BaseException) -> DeliveryError:
     """Map an aiosmtplib / network error to our hierarchy."""
     if isinstance(exc, DeliveryError):
         return exc
-    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return SmtpAuthError(f"SMTP login refused: {exc.message}", exc.code)
+    if isinstance(exc, aiosmtplib.SMTPHeloError) and 500 <= exc.code < 600:
+        return SmtpConfigError(
+            f"the SMTP server refused our EHLO (HELO) name: {exc.message}",
+            exc.code,
+            settings=("SMTP_HELO_NAME",),
+        )
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 530:
+        # RFC 4954: 530 5.7.0 Authentication required (to MAIL, without a login).
+        return SmtpConfigError(
+            f"the SMTP server requires a login: {exc.message}",
+            exc.code,
+            settings=("SMTP_USERNAME", "SMTP_PASSWORD"),
+        )
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
@@ -275,10 +291,6 @@ def classify(exc: BaseException) -> DeliveryError:
                 "characters before the @ needs"
             )
         return SmtpConfigError(f"the SMTP server lacks a feature our settings need: {exc}")
-    if isinstance(exc, aiosmtplib.SMTPException) and "AUTH extension" in str(exc):
-        return SmtpConfigError(f"the SMTP server offers no login (AUTH): {exc}")
-    if isinstance(exc, aiosmtplib.SMTPException) and "STARTTLS extension" in str(exc):
-        return SmtpConfigError(f"the SMTP server offers no STARTTLS (SMTP_SECURITY): {exc}")
     if isinstance(exc, ssl.SSLError):
         return TransientDeliveryError(f"TLS error: {exc}")
     if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):
@@ -287,6 +299,47 @@ def classify(exc: BaseException) -> DeliveryError:
 
 
 _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError)
+
+# The AUTH mechanisms we use, best first. Over TLS: PLAIN (one round trip; TLS protects
+# the password), then LOGIN. Without TLS: CRAM-MD5 first, which never sends the password.
+_MECHANISMS_TLS = ("plain", "login", "cram-md5")
+_MECHANISMS_CLEAR = ("cram-md5", "plain", "login")
+# OpenSSL's reasons when the answer to our TLS hello is not TLS at all (a plain greeting).
+_NOT_TLS = frozenset(
+    {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
+)
+_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc`` (aiosmtplib wraps it in its own errors), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _auth_failure(mechanism: str, exc: aiosmtplib.SMTPAuthenticationError) -> DeliveryError:
+    """What a failed AUTH means: refused (5xx), try later (4xx), or not an answer to AUTH."""
+    name = f"AUTH {mechanism.upper()}"
+    if 500 <= exc.code < 600:
+        settings: tuple[str, ...] = SmtpAuthError.SETTINGS
+        if exc.code == 538:  # 5.7.11 encryption required for this mechanism
+            settings = (*settings, "SMTP_SECURITY")
+        return SmtpAuthError(f"SMTP login refused ({name}): {exc.message}", exc.code, settings)
+    if 400 <= exc.code < 500:
+        return TransientDeliveryError(
+            f"SMTP login failed for now ({name}): {exc.message}", exc.code
+        )
+    return SmtpConfigError(
+        f"the SMTP server answered {name} with '{exc.code} {exc.message}', which is neither "
+        "a login nor a refusal: is it a mail server that takes logins?",
+        settings=("SMTP_HOST", "SMTP_PORT", "SMTP_USERNAME"),
+    )
 
 
 class SmtpPool:
@@ -302,21 +355,31 @@ class SmtpPool:
         self.settings = settings
         self._slots = asyncio.Semaphore(size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._helo_name = settings.smtp_helo_name
         self._tls_context: ssl.SSLContext | None = None
         if settings.smtp_security != "none":
             self._tls_context = ssl.create_default_context(
                 cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
             )
 
-    def _new_client(self) -> aiosmtplib.SMTP:
+    async def helo_name(self) -> str:
+        """The name we give in EHLO: SMTP_HELO_NAME, else this machine's fully qualified
+        name (looked up once)."""
+        if self._helo_name is None:
+            # socket.getfqdn may ask DNS: not on the event loop.
+            self._helo_name = await asyncio.to_thread(socket.getfqdn)
+        return self._helo_name
+
+    def _new_client(self, helo_name: str) -> aiosmtplib.SMTP:
         s = self.settings
+        # No username: aiosmtplib's login would try each mechanism in turn with the same
+        # password. STARTTLS and the login are ours (see _open).
         return aiosmtplib.SMTP(
             hostname=s.smtp_host,
             port=s.smtp_port,
-            username=s.smtp_username,
-            password=s.smtp_password.get() if s.smtp_password else None,
+            local_hostname=helo_name,
             use_tls=s.smtp_security == "ssl",
-            start_tls=s.smtp_security == "starttls",
+            start_tls=False,
             tls_context=self._tls_context,
             timeout=s.smtp_timeout,
         )
@@ -337,9 +400,154 @@ class SmtpPool:
                     await self._discard(client)
                     continue
             return client, True
-        client = self._new_client()
-        await client.connect()
-        return client, False
+        return await self._open(), False
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        """A new session: the greeting (over TLS for ``ssl``), STARTTLS for ``starttls``,
+        then one login when SMTP_USERNAME is set.
+
+        Failures come out as :class:`DeliveryError`; a session that got past the greeting
+        is ended with QUIT (but not after a failed TLS handshake: nothing more can be said
+        on such a connection).
+        """
+        client = self._new_client(await self.helo_name())
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPConnectTimeoutError as exc:
+            raise await self._timeout_fault(exc) from exc
+        except _SMTP_ERRORS as exc:
+            raise (self._tls_fault(exc) or classify(exc)) from exc
+        try:
+            if self.settings.smtp_security == "starttls":
+                await self._starttls(client)
+            if self.settings.smtp_username is not None:
+                await self._login(client)
+        except _SMTP_ERRORS as exc:
+            fault = self._tls_fault(exc)
+            if fault is not None:
+                client.close()
+                raise fault from exc
+            await self._discard(client)
+            raise classify(exc) from exc
+        except DeliveryError:
+            await self._discard(client)
+            raise
+        except BaseException:  # cancelled (shutdown): no time for a QUIT
+            client.close()
+            raise
+        return client
+
+    async def _starttls(self, client: aiosmtplib.SMTP) -> None:
+        await client.ehlo()
+        if not client.supports_extension("starttls"):
+            s = self.settings
+            raise SmtpConfigError(
+                f"SMTP_SECURITY is starttls, but the SMTP server offers no STARTTLS on port "
+                f"{s.smtp_port}: set SMTP_SECURITY=ssl if that is its implicit-TLS port "
+                "(465), or SMTP_PORT to its STARTTLS port (587)",
+                settings=("SMTP_SECURITY", "SMTP_PORT"),
+            )
+        await client.starttls()
+
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        """One AUTH, with the best mechanism both sides have: a refusal ends the attempt
+        (every refused AUTH counts toward locking the account at many providers)."""
+        s = self.settings
+        assert s.smtp_username is not None
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
+        over_tls = client.get_transport_info("sslcontext") is not None
+        if not client.supports_extension("auth"):
+            hint = ""
+            settings: tuple[str, ...] = ("SMTP_USERNAME", "SMTP_PASSWORD")
+            if not over_tls:
+                hint = " on this connection without TLS (SMTP_SECURITY=starttls may get one)"
+                settings = (*settings, "SMTP_SECURITY")
+            raise SmtpConfigError(
+                f"SMTP_USERNAME is set, but the SMTP server offers no login (no AUTH in its "
+                f"EHLO answer){hint}; for a server that takes no login, unset SMTP_USERNAME "
+                "and SMTP_PASSWORD",
+                settings=settings,
+            )
+        offered = client.server_auth_methods
+        preferred = _MECHANISMS_TLS if over_tls else _MECHANISMS_CLEAR
+        mechanism = next((m for m in preferred if m in offered), None)
+        if mechanism is None:
+            raise SmtpConfigError(
+                f"the SMTP server offers only AUTH {' '.join(offered).upper()}; Mailroom logs "
+                "in with PLAIN, LOGIN or CRAM-MD5",
+                settings=("SMTP_HOST",),
+            )
+        auth = {
+            "plain": client.auth_plain,
+            "login": client.auth_login,
+            "cram-md5": client.auth_crammd5,
+        }[mechanism]
+        password = s.smtp_password.get() if s.smtp_password else ""
+        try:
+            await auth(s.smtp_username, password)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise _auth_failure(mechanism, exc) from exc
+
+    def _tls_fault(self, exc: BaseException) -> SmtpConfigError | None:
+        """A TLS failure that our settings cause (an untrusted certificate, TLS to a plain
+        port), as the settings fault it is; None for anything else."""
+        s = self.settings
+        cause = _ssl_cause(exc)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            detail = cause.verify_message or cause.reason or str(cause)
+            if cause.verify_code == _HOSTNAME_MISMATCH:
+                return SmtpConfigError(
+                    f"the SMTP server's TLS certificate is not for {s.smtp_host} ({detail}): "
+                    "set SMTP_HOST to a name the certificate is for",
+                    settings=("SMTP_HOST",),
+                )
+            trusted = f"the CAs in {s.smtp_ca_file}" if s.smtp_ca_file else "the system's CAs"
+            return SmtpConfigError(
+                f"the SMTP server's TLS certificate is not trusted by {trusted} ({detail}): "
+                "set SMTP_CA_FILE to the CA certificate (PEM) that signed it",
+                settings=("SMTP_CA_FILE",),
+            )
+        if cause is not None and cause.reason in _NOT_TLS and s.smtp_security == "ssl":
+            return SmtpConfigError(
+                f"SMTP_SECURITY is ssl, but the SMTP server does not speak TLS on port "
+                f"{s.smtp_port} ({cause.reason}): set SMTP_SECURITY=starttls (or none) for "
+                "that port, or SMTP_PORT to its implicit-TLS port (465)",
+                settings=("SMTP_SECURITY", "SMTP_PORT"),
+            )
+        return None
+
+    async def _timeout_fault(self, exc: aiosmtplib.SMTPConnectTimeoutError) -> DeliveryError:
+        """No greeting in time. An implicit-TLS port waits for our TLS hello and never
+        greets a plain client: when the port answers a TLS handshake, that is the fault."""
+        s = self.settings
+        if s.smtp_security != "ssl" and await self._speaks_tls():
+            return SmtpConfigError(
+                f"SMTP_SECURITY is {s.smtp_security}, but port {s.smtp_port} of the SMTP "
+                "server expects TLS from the start (no greeting without it): set "
+                "SMTP_SECURITY=ssl for that port, or SMTP_PORT to its "
+                f"{'STARTTLS port (587)' if s.smtp_security == 'starttls' else 'plain port'}",
+                settings=("SMTP_SECURITY", "SMTP_PORT"),
+            )
+        return classify(exc)
+
+    async def _speaks_tls(self) -> bool:
+        """Whether the server completes a TLS handshake on connect. Nothing is sent over
+        it, so its certificate need not be trusted for this question."""
+        s = self.settings
+        probe = ssl.create_default_context()
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(s.smtp_host, s.smtp_port, ssl=probe), s.smtp_timeout
+            )
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+        return True
 
     async def send(self, job: MailJob, recipients: list[str] | None = None) -> SendResult:
         """Send ``job`` to ``recipients`` (default: all of ``job.to``, envelope form).

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from email.utils import getaddresses
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
+import email_validator
+from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 
 from errors import InvalidJSON, InvalidMessage
 
@@ -29,6 +30,20 @@ LEGACY_TEXT = "This is a test email sent from the messaging system.\n"
 _FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 # A lone UTF-16 surrogate (JSON allows \ud800) is not a character: it cannot be encoded.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Any syntactically valid address is accepted; whether it can be delivered is the SMTP
+# server's decision. So no DNS look-up, a domain without a dot is fine (user@mailhost on
+# an intranet relay), and so are the special-use names email-validator refuses by default
+# (.test, .local, .localhost, .invalid, .arpa, .onion): RFC 6761 6.2 asks software to
+# treat test names like any other, and intranet relays deliver to .local every day.
+# Emptying the list is email-validator's documented way to allow them.
+email_validator.SPECIAL_USE_DOMAIN_NAMES.clear()
+
+
+def check_email(spec: str) -> ValidatedEmail:
+    """``spec`` (``user@example.com``) checked for syntax only; raises EmailNotValidError."""
+    return validate_email(spec, check_deliverability=False, globally_deliverable=False)
+
+
 # A display name ("Name" in "Name <a@b>") longer than this is refused: together with the
 # address it must fit in one header line (RFC 5322: 998 octets) when it cannot be folded.
 MAX_NAME_CHARS = 200
@@ -114,7 +129,7 @@ def _parse_address(value: str, field: str) -> str:
             f"{field}: a display name is longer than {MAX_NAME_CHARS} characters", field
         )
     try:
-        normalized = validate_email(addr, check_deliverability=False).normalized
+        normalized = check_email(addr).normalized
     except EmailNotValidError as exc:
         raise InvalidMessage(f"{field} is not a valid email address: {exc}", field) from None
     if name:

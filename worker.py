@@ -89,6 +89,13 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then drain in-flight sends and close everything."""
+        helo_name = await self.pool.helo_name()
+        if "." not in helo_name:
+            log.warning(
+                "the SMTP EHLO name %r has no dot: many SMTP servers refuse such a name; "
+                "set SMTP_HELO_NAME to this host's fully qualified name",
+                helo_name,
+            )
         self.store = await Store.open(self.settings)
         await self.broker.start()
         renewer = asyncio.create_task(self._renew_leases(), name="renew-leases")
@@ -98,12 +105,13 @@ class Worker:
             queue = await self._consume_queue()
             tag = await queue.consume(self._on_message, no_ack=False)
             log.info(
-                "consuming %s (concurrency %d, SMTP %s:%d %s)",
+                "consuming %s (concurrency %d, SMTP %s:%d %s, EHLO %s)",
                 queue.name,
                 self.settings.worker_concurrency,
                 self.settings.smtp_host,
                 self.settings.smtp_port,
                 self.settings.smtp_security,
+                helo_name,
             )
             self.ready.set()
             lost = await self._wait_stop_or_database_lost()
@@ -309,10 +317,10 @@ class Worker:
             await self._config_fault(message, attempt, exc)
             return
         except PermanentDeliveryError as exc:
-            await self._fail(message, attempt, str(exc), exc.code, {})
+            await self._fail(message, attempt, exc.reason, exc.code, {})
             return
         except DeliveryError as exc:
-            await self._retry_or_fail(message, attempt, str(exc), exc.code, {})
+            await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
             return
         await self._settle(message, attempt, result, already_sent, sent_before)
 
@@ -425,13 +433,13 @@ class Worker:
         delay = self.names.retry_tiers[tier].delay
         what = "SMTP LOGIN REFUSED" if isinstance(exc, SmtpAuthError) else "SMTP SETTINGS FAULT"
         log.error(
-            "message %s: %s by %s:%d (%s): check SMTP_USERNAME, SMTP_PASSWORD and "
-            "SMTP_SECURITY; the message is kept and retried in %.1fs",
+            "message %s: %s by %s:%d (%s): check %s; the message is kept and retried in %.1fs",
             attempt.message_id,
             what,
             self.settings.smtp_host,
             self.settings.smtp_port,
             exc,
+            " and ".join(", ".join(exc.settings).rsplit(", ", 1)),
             delay,
         )
         await self._hand_over(
@@ -440,7 +448,7 @@ class Worker:
             tier,
             headers,
             delay,
-            error=str(exc),
+            error=exc.reason,
             code=exc.code,
             detail=f"configuration fault: {what.lower()}",
         )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE test command: set up .venv (with dev extras), make sure RabbitMQ (and, when they
-# can be had, PostgreSQL and the nginx binary) is there, then run ruff check,
-# ruff format --check, mypy and pytest.
+# can be had, PostgreSQL, the nginx binary, Postfix and Dovecot) is there, then run
+# ruff check, ruff format --check, mypy and pytest.
 # Every step runs; the exit status is non-zero if any failed. Extra arguments go to
 # pytest, e.g. scripts/test.sh -k talktome -x
 set -uo pipefail
@@ -19,6 +19,13 @@ if nginx_bin="$(bash scripts/ensure-nginx.sh </dev/null)" && [ -n "$nginx_bin" ]
     export MAILROOM_NGINX="$nginx_bin"
 else
     warn "nginx is not available; the tests in tests/test_nginx.py will skip"
+fi
+# tests/test_mailserver.py runs a real Postfix and Dovecot; MAILROOM_MAILSERVER=1 tells it
+# they are installed (and that a missing one is a failure, not a skip).
+if bash scripts/ensure-mailserver.sh </dev/null; then
+    export MAILROOM_MAILSERVER=1
+else
+    warn "Postfix/Dovecot are not available; the tests in tests/test_mailserver.py will skip"
 fi
 
 export PATH="$MAILROOM_ROOT/.venv/bin:$PATH"

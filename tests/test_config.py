@@ -47,6 +47,9 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         ({"QUEUE_PREFIX": "has space"}, "QUEUE_PREFIX"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
         ({"SMTP_CA_FILE": "/no/such/ca.pem"}, "SMTP_CA_FILE"),
+        ({"SMTP_HELO_NAME": "two words"}, "SMTP_HELO_NAME"),
+        ({"SMTP_HELO_NAME": "bücher.example"}, "SMTP_HELO_NAME"),
+        ({"SMTP_HELO_NAME": "-dash.example"}, "SMTP_HELO_NAME"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -54,6 +57,14 @@ def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> Non
         Settings.from_env(env, env_file=None)
     assert info.value.variable == variable
     assert str(info.value).startswith(f"{variable}: ")
+
+
+@pytest.mark.parametrize(
+    "name", ["mailer.example.org", "xn--bcher-kva.example", "host-1", "[192.0.2.1]", "[IPv6:::1]"]
+)
+def test_helo_name(name: str) -> None:
+    assert Settings.from_env({}, env_file=None).smtp_helo_name is None  # the machine's name
+    assert Settings.from_env({"SMTP_HELO_NAME": name}, env_file=None).smtp_helo_name == name
 
 
 def test_environment_wins_over_dotenv(tmp_path: Path) -> None:

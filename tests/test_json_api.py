@@ -57,6 +57,35 @@ async def test_single_recipient_string(app_client: AppClient) -> None:
 
 GOOD: dict[str, Any] = {"to": "a@example.com", "subject": "s", "text": "t"}
 
+# Syntactically valid, so accepted: test, intranet and other special-use names too
+# (whether they can be delivered is the SMTP server's decision).
+SPECIAL_USE = [
+    "a@mailroom.test",
+    "b@printer.local",
+    "c@app.localhost",
+    "d@localhost",
+    "e@x.invalid",
+    "f@1.0.0.127.in-addr.arpa",
+    "g@abcdefghijklmnop.onion",
+    "h@build.internal",
+    "i@nas.lan",
+    "j@mailhost",
+    "Ünï <k@bücher.test>",
+]
+
+
+async def test_any_syntactically_valid_address_is_accepted(app_client: AppClient) -> None:
+    app, client = app_client
+    body = {**GOOD, "to": SPECIAL_USE, "reply_to": "replies@team.local"}
+    response = await client.post("/api/messages", json=body)
+    assert response.status_code == 202, await response.get_json()
+    (message,) = await get_messages(send_queue(app))
+    job = MailJob.from_bytes(message.body)
+    assert job.to == tuple(SPECIAL_USE)
+    assert job.reply_to == "replies@team.local"
+    response = await client.get("/?sendmail=someone@example.test")
+    assert response.status_code == 200
+
 
 @pytest.mark.parametrize(
     ("change", "field"),
