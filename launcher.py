@@ -31,7 +31,6 @@ from errors import ConfigError
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-OUTBOX = Path("var/outbox")
 READY_TIMEOUT = 60.0
 DEVSMTP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.25
@@ -203,7 +202,7 @@ class Launcher:
         port = free_port()
         self.devsmtp_port = port
         args = [str(HERE / "devsmtp.py"), "--host", "127.0.0.1", "--port", str(port)]
-        await self._spawn("devsmtp", [*args, "--outbox", str(OUTBOX)], env)
+        await self._spawn("devsmtp", [*args, "--outbox", str(self.settings.outbox_dir)], env)
 
         async def listening() -> bool:
             return await port_open("127.0.0.1", port)
@@ -314,13 +313,15 @@ class Launcher:
         s = self.settings
         if self.devsmtp_port is not None:
             mail = (
-                f"Mail is captured, not sent: {(Path.cwd() / OUTBOX).resolve()}/*.eml\n"
+                f"Mail is captured, not sent: {s.outbox_dir.resolve()}/*.eml\n"
                 f"  (local devsmtp on 127.0.0.1:{self.devsmtp_port}; set SMTP_HOST to send)"
             )
         else:
             mail = f"Mail goes out via {s.smtp_host}:{s.smtp_port} ({s.smtp_security})"
         print(
-            f"\nMailroom is running at {base}/\n\n"
+            f"\nMailroom is running at {base}/\n"
+            "  (open it in a browser: send a mail, watch its status, the dead letters"
+            f"{' and the outbox' if self.devsmtp_port is not None else ''})\n\n"
             "Try:\n"
             f'  curl "{base}/?talktome"\n'
             f'  curl "{base}/?sendmail=email@example.com"\n\n'
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s launcher: %(message)s",
     )
-    for directory in (settings.talktome_log.parent, OUTBOX):
+    for directory in (settings.talktome_log.parent, settings.outbox_dir):
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
