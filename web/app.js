@@ -278,6 +278,7 @@
   function renderMessages(records) {
     const body = $("messages").tBodies[0];
     const existing = new Map([...body.rows].map((row) => [row.dataset.id, row]));
+    let delivered = false;
     records.forEach((record, index) => {
       const fresh = messageRow(record);
       const old = existing.get(record.id);
@@ -285,6 +286,7 @@
       if (!old) {
         row = fresh;
       } else if (old.dataset.version !== record.updated_at) {
+        delivered = delivered || (record.status === "sent" && old.dataset.status !== "sent");
         old.replaceChildren(...fresh.childNodes);
         old.dataset.status = record.status;
       }
@@ -294,6 +296,7 @@
     });
     for (const row of existing.values()) row.remove();
     $("messages-empty").hidden = records.length > 0;
+    if (delivered) refreshMode(); // the outbox count in the header
   }
 
   async function refreshMessages() {
@@ -553,6 +556,11 @@
     count.hidden = !data.enabled || data.total === 0;
   }
 
+  // The mode (capture or real SMTP) and the outbox count, for the header.
+  function refreshMode() {
+    api("/api/outbox?limit=1").then(outboxMode, () => {});
+  }
+
   function outboxRow(mail) {
     const href = "#/outbox/" + encodeURIComponent(mail.name);
     return el(
@@ -699,10 +707,7 @@
     $("forget-token").hidden = !token;
     if (started && name !== "messages") $("main").focus();
     started = true;
-    if (name !== "outbox") {
-      // The mode (capture or real SMTP) for the header, whatever the view.
-      api("/api/outbox?limit=1").then(outboxMode, () => {});
-    }
+    if (name !== "outbox") refreshMode();
     await entry.run(arg);
   }
 
