@@ -83,8 +83,9 @@ async def port_open(host: str, port: int) -> bool:
     return True
 
 
-async def http_status(host: str, port: int, path: str) -> int | None:
-    """The status code of ``GET path``, or None when there is no HTTP answer."""
+async def http_get(host: str, port: int, path: str) -> tuple[int, bytes] | None:
+    """(status, body) of ``GET path`` over one plain HTTP/1.1 connection, or None when
+    there is no HTTP answer within PROBE_TIMEOUT."""
     request = f"GET {path} HTTP/1.1\r\nHost: {url_host(host)}:{port}\r\nConnection: close\r\n\r\n"
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
@@ -92,17 +93,42 @@ async def http_status(host: str, port: int, path: str) -> int | None:
             try:
                 writer.write(request.encode("ascii"))
                 await writer.drain()
-                status_line = await reader.readline()
+                return await _read_answer(reader)
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-    except (OSError, TimeoutError):
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
         return None
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
+    """The status and body of an HTTP/1.1 answer (Content-Length, chunked, or until EOF)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *header_lines = head.split("\r\n")
     parts = status_line.split()
-    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
-        return int(parts[1])
-    return None
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        return None
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in header_lines if line)
+    }
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    elif "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    else:
+        body = await reader.read()
+    return int(parts[1]), body
+
+
+async def http_status(host: str, port: int, path: str) -> int | None:
+    """The status code of ``GET path``, or None when there is no HTTP answer."""
+    answer = await http_get(host, port, path)
+    return None if answer is None else answer[0]
 
 
 def describe_exit(returncode: int) -> str:

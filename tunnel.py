@@ -30,13 +30,12 @@ from urllib.parse import urlsplit
 
 from config import Settings
 from errors import ConfigError
-from launcher import connect_host, http_status, url_host
+from launcher import connect_host, http_get, http_status, url_host
 
 NGROK_API = "http://127.0.0.1:4040"
 NGINX_PORT = 80
 URL_TIMEOUT = 30.0  # seconds for ngrok to report its public URL
 STOP_TIMEOUT = 5.0  # seconds ngrok gets to exit after SIGTERM
-PROBE_TIMEOUT = 2.0
 REFUSAL = """\
 tunnel: refusing to expose a server that has no API_TOKEN.
 Anyone who has the public URL can reach it: the token is what keeps them from sending
@@ -70,43 +69,6 @@ class Target:
     @property
     def addr(self) -> str:
         return f"http://{url_host(self.host)}:{self.port}"
-
-
-async def http_get(base: str, path: str) -> tuple[int, bytes]:
-    """(status, body) of ``GET base+path`` (plain http, one connection); OSError or
-    TimeoutError when there is no answer."""
-    parts = urlsplit(base)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    request = f"GET {path} HTTP/1.1\r\nHost: {url_host(host)}:{port}\r\nConnection: close\r\n\r\n"
-    async with asyncio.timeout(PROBE_TIMEOUT):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(request.encode("ascii"))
-            await writer.drain()
-            data = await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split()
-    if len(status_line) < 2 or not status_line[1].isdigit():
-        raise OSError(f"not an HTTP answer from {base}")
-    if b"transfer-encoding: chunked" in head.lower():
-        body = _unchunk(body)
-    return int(status_line[1]), body
-
-
-def _unchunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0] or b"0", 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2 :]
-    return out
 
 
 async def choose_target(settings: Settings, to: str, nginx_port: int) -> Target:
@@ -207,6 +169,7 @@ class Tunnel:
     async def _wait_for_url(
         self, process: asyncio.subprocess.Process, target: Target
     ) -> str | None:
+        api = urlsplit(self.args.api)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.args.timeout
         while True:
@@ -215,10 +178,9 @@ class Tunnel:
             if process.returncode is not None:
                 self._ngrok_failed(f"ngrok exited (status {process.returncode})")
                 return None
-            with contextlib.suppress(OSError, TimeoutError):
-                status, body = await http_get(self.args.api, "/api/tunnels")
-                if status == 200 and (url := public_url(body, target)):
-                    return url
+            answer = await http_get(api.hostname or "127.0.0.1", api.port or 80, "/api/tunnels")
+            if answer is not None and answer[0] == 200 and (url := public_url(answer[1], target)):
+                return url
             if loop.time() > deadline:
                 self._ngrok_failed(
                     f"ngrok's local API at {self.args.api} showed no https tunnel to "

@@ -292,6 +292,14 @@ async def test_a_busy_mailbox_shows_retrying_with_the_reason_then_sent(
         await page.screenshot(path=str(ARTIFACTS / "retrying-row.png"))
         await expect(line).to_have_attribute("data-status", "sent")
 
+        # The status filter.
+        await page.get_by_label("Status").select_option("failed")
+        await expect(line).to_have_count(0)
+        await expect(page.locator("#messages-empty")).to_have_text("No failed messages.")
+        await page.get_by_label("Status").select_option("sent")
+        await expect(line).to_have_count(1)
+        await expect(page.locator("#messages tbody tr[data-status='sent']")).to_have_count(2)
+
 
 # -- the token ---------------------------------------------------------------------------------
 

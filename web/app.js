@@ -304,6 +304,7 @@
     const query = "?limit=" + LIST_LIMIT + (status ? "&status=" + encodeURIComponent(status) : "");
     const data = await api("/api/messages" + query);
     renderMessages(data.messages);
+    setText("messages-empty", status ? "No " + status + " messages." : "No messages yet.");
     const moving = data.messages.some((m) => !FINAL.has(m.status));
     setText(
       "messages-note",
