@@ -89,6 +89,7 @@ class Settings:
     smtp_helo_name: str | None = None  # None: the machine's fully qualified name
     mail_from: str = "mailroom@localhost"
     talktome_log: Path = Path("var/log/messaging_system.log")
+    outbox_dir: Path = Path("var/outbox")
     host: str = "127.0.0.1"
     port: int = 5000
     worker_concurrency: int = 16
@@ -199,6 +200,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         smtp_helo_name=conv("SMTP_HELO_NAME", _helo_name, None),
         mail_from=mail_from,
         talktome_log=Path(raw("TALKTOME_LOG") or "var/log/messaging_system.log"),
+        outbox_dir=Path(raw("OUTBOX_DIR") or "var/outbox"),
         host=raw("HOST") or "127.0.0.1",
         port=conv("PORT", _port, 5000),
         worker_concurrency=conv("WORKER_CONCURRENCY", _concurrency, 16),

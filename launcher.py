@@ -31,7 +31,6 @@ from errors import ConfigError
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-OUTBOX = Path("var/outbox")
 READY_TIMEOUT = 60.0
 DEVSMTP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.25
@@ -84,8 +83,9 @@ async def port_open(host: str, port: int) -> bool:
     return True
 
 
-async def http_status(host: str, port: int, path: str) -> int | None:
-    """The status code of ``GET path``, or None when there is no HTTP answer."""
+async def http_get(host: str, port: int, path: str) -> tuple[int, bytes] | None:
+    """(status, body) of ``GET path`` over one plain HTTP/1.1 connection, or None when
+    there is no HTTP answer within PROBE_TIMEOUT."""
     request = f"GET {path} HTTP/1.1\r\nHost: {url_host(host)}:{port}\r\nConnection: close\r\n\r\n"
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
@@ -93,17 +93,42 @@ async def http_status(host: str, port: int, path: str) -> int | None:
             try:
                 writer.write(request.encode("ascii"))
                 await writer.drain()
-                status_line = await reader.readline()
+                return await _read_answer(reader)
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-    except (OSError, TimeoutError):
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
         return None
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
+    """The status and body of an HTTP/1.1 answer (Content-Length, chunked, or until EOF)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *header_lines = head.split("\r\n")
     parts = status_line.split()
-    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
-        return int(parts[1])
-    return None
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        return None
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in header_lines if line)
+    }
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    elif "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    else:
+        body = await reader.read()
+    return int(parts[1]), body
+
+
+async def http_status(host: str, port: int, path: str) -> int | None:
+    """The status code of ``GET path``, or None when there is no HTTP answer."""
+    answer = await http_get(host, port, path)
+    return None if answer is None else answer[0]
 
 
 def describe_exit(returncode: int) -> str:
@@ -203,7 +228,7 @@ class Launcher:
         port = free_port()
         self.devsmtp_port = port
         args = [str(HERE / "devsmtp.py"), "--host", "127.0.0.1", "--port", str(port)]
-        await self._spawn("devsmtp", [*args, "--outbox", str(OUTBOX)], env)
+        await self._spawn("devsmtp", [*args, "--outbox", str(self.settings.outbox_dir)], env)
 
         async def listening() -> bool:
             return await port_open("127.0.0.1", port)
@@ -314,13 +339,15 @@ class Launcher:
         s = self.settings
         if self.devsmtp_port is not None:
             mail = (
-                f"Mail is captured, not sent: {(Path.cwd() / OUTBOX).resolve()}/*.eml\n"
+                f"Mail is captured, not sent: {s.outbox_dir.resolve()}/*.eml\n"
                 f"  (local devsmtp on 127.0.0.1:{self.devsmtp_port}; set SMTP_HOST to send)"
             )
         else:
             mail = f"Mail goes out via {s.smtp_host}:{s.smtp_port} ({s.smtp_security})"
         print(
-            f"\nMailroom is running at {base}/\n\n"
+            f"\nMailroom is running at {base}/\n"
+            "  (open it in a browser: send a mail, watch its status, the dead letters"
+            f"{' and the outbox' if self.devsmtp_port is not None else ''})\n\n"
             "Try:\n"
             f'  curl "{base}/?talktome"\n'
             f'  curl "{base}/?sendmail=email@example.com"\n\n'
@@ -350,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s launcher: %(message)s",
     )
-    for directory in (settings.talktome_log.parent, OUTBOX):
+    for directory in (settings.talktome_log.parent, settings.outbox_dir):
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -145,3 +145,70 @@ class IdempotencyHeaders(BaseModel):
         max_length=255,
         description="Same key and body within 24 hours: the first answer, no second message.",
     )
+
+
+# -- the web page's extra endpoints (web.py) ----------------------------------------------
+
+
+class RequeueRequest(_Strict):
+    ids: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="The message ids of the dead letters to send again.",
+    )
+    all: bool = Field(default=False, description="Send every dead letter again.")
+
+
+class RequeueAnswer(BaseModel):
+    requeued: list[str] = Field(description="Sent again: back to queued.")
+    kept: list[str] = Field(
+        description="Kept in the dead-letter queue: their records could not be updated."
+    )
+    missing: list[str] = Field(description="Asked for, but not in the dead-letter queue.")
+    dead_letters: list[DeadLetterView] = Field(description="What was in the queue, in order.")
+
+
+class OutboxQuery(BaseModel):
+    limit: int = Field(default=50, ge=1, le=500)
+    message_id: str | None = Field(
+        default=None, pattern="^[0-9a-f]{32}$", description="Only the mails of this message."
+    )
+
+
+class OutboxSummary(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(description="The file name in the outbox directory.")
+    size: int
+    captured_at: str = Field(description="When the mail was captured (UTC).")
+    subject: str
+    from_: str = Field(alias="from")
+    to: str = Field(description="The envelope recipients.")
+    date: str | None
+    message_id: str | None = Field(description="X-Mailroom-Id: the id in the status API.")
+
+
+class OutboxList(BaseModel):
+    enabled: bool = Field(description="False unless the server is in local capture mode.")
+    reason: str | None = Field(description="Why the outbox is off.")
+    directory: str | None
+    total: int = Field(description="Mails in the outbox directory.")
+    mails: list[OutboxSummary] = Field(description="The newest ones, newest first.")
+
+
+class OutboxHeader(BaseModel):
+    name: str
+    value: str
+
+
+class OutboxAttachment(BaseModel):
+    filename: str | None
+    content_type: str
+    size: int
+
+
+class OutboxMail(OutboxSummary):
+    headers: list[OutboxHeader]
+    text: str | None
+    html: str | None = Field(description="Show it only in a sandboxed frame.")
+    attachments: list[OutboxAttachment]

@@ -11,6 +11,8 @@ too (``app`` builds itself from the environment on first use). Routes:
 * ``GET /api/dead-letters``     what could not be sent, and why
 * ``GET /logs``                 the last lines of the talktome log
 * ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``
+* ``GET /`` from a browser, ``/ui/...``, ``/api/outbox...``, ``POST /api/dead-letters/requeue``:
+  the web page and what it needs (web.py)
 
 Sending and reading need a token or a direct loopback client (see guard.py).
 """
@@ -47,6 +49,7 @@ from quart_schema import (
 from werkzeug.exceptions import HTTPException
 
 import batch
+import web
 from broker import Broker
 from config import Settings, configure_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
@@ -466,6 +469,10 @@ def create_app(settings: Settings) -> Quart:
             return text(f"not ready: {problem}\n", 503)
         return text("ready\n")
 
+    # The web page and its endpoints (after the gate, which guards them as any other).
+    web.register(
+        app, web.Context(settings=settings, store=store, describe_validation=describe_validation)
+    )
     return app
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # THE test command: set up .venv (with dev extras), make sure RabbitMQ (and, when they
-# can be had, PostgreSQL, the nginx binary, Postfix and Dovecot) is there, then run
-# ruff check, ruff format --check, mypy and pytest.
+# can be had, PostgreSQL, the nginx and chromium binaries, Postfix and Dovecot) is there,
+# then run ruff check, ruff format --check, mypy and pytest.
 # Every step runs; the exit status is non-zero if any failed. Extra arguments go to
 # pytest, e.g. scripts/test.sh -k talktome -x
 set -uo pipefail
@@ -26,6 +26,14 @@ if bash scripts/ensure-mailserver.sh </dev/null; then
     export MAILROOM_MAILSERVER=1
 else
     warn "Postfix/Dovecot are not available; the tests in tests/test_mailserver.py will skip"
+fi
+# tests/test_browser.py drives Debian's chromium headless (Playwright, from the dev extras,
+# downloads no browser); MAILROOM_CHROMIUM says where it is (and that a missing one is a
+# failure, not a skip; under CI=true it is a failure anyway).
+if chromium_bin="$(bash scripts/ensure-chromium.sh </dev/null)" && [ -n "$chromium_bin" ]; then
+    export MAILROOM_CHROMIUM="$chromium_bin"
+else
+    warn "chromium is not available; the tests in tests/test_browser.py will skip"
 fi
 
 export PATH="$MAILROOM_ROOT/.venv/bin:$PATH"
