@@ -158,7 +158,7 @@ class Watched:
     page: Page
     dialogs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)  # the ones that were answered
 
 
 @contextlib.asynccontextmanager
@@ -176,11 +176,13 @@ async def tab(browser: Browser, name: str, **context: Any) -> AsyncIterator[Watc
         await dialog.dismiss()
 
     def on_request(request: Request) -> None:
+        # Requests that got an answer: Chromium may start a fetch from the preview (its
+        # preload scanner) that the frame's policy then blocks; that one reached nothing.
         watched.requests.append(request.url)
 
     page.on("dialog", on_dialog)
     page.on("pageerror", lambda error: watched.errors.append(str(error)))
-    page.on("request", on_request)
+    page.on("requestfinished", on_request)
     try:
         yield watched
         ARTIFACTS.mkdir(exist_ok=True)
