@@ -84,9 +84,16 @@ class HistoryEntry(BaseModel):
     at: str
 
 
+MessageStatus = Literal["queued", "sending", "retrying", "sent", "partial", "failed"]
+
+
 class MessageView(BaseModel):
     id: str
-    status: Literal["queued", "sending", "retrying", "sent", "failed"]
+    status: MessageStatus = Field(
+        description="sent: every recipient accepted it; partial: some did, the others "
+        "refused it (5xx) or kept deferring it (4xx) until the retries ran out; failed: "
+        "none did. All three are final."
+    )
     recipients: list[RecipientView]
     subject: str
     attempts: int
@@ -102,7 +109,7 @@ class MessageList(BaseModel):
 
 
 class ListQuery(BaseModel):
-    status: Literal["queued", "sending", "retrying", "sent", "failed"] | None = None
+    status: MessageStatus | None = None
     limit: int = Field(default=50, ge=1, le=500)
 
 
