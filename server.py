@@ -253,7 +253,9 @@ def create_app(settings: Settings) -> Quart:
         }
         code = exc.code or 500
         message = reasons.get(code) or exc.description or exc.name
-        return error_response(message, code, dict(exc.get_headers()) if code == 405 else None)
+        # Only Allow from werkzeug's headers: its Content-Type (text/html) is not ours.
+        allow = {name: value for name, value in exc.get_headers() if name == "Allow"}
+        return error_response(message, code, allow)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -498,8 +500,9 @@ def json_error(
 
 
 def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    """JSON for the JSON API, plain text for the legacy GET and everything else."""
-    if request.path.startswith("/api/"):
+    """JSON for the JSON API (``/api/...`` and ``/logs``), plain text for the legacy GET
+    and everything else."""
+    if request.path.startswith("/api/") or request.path == "/logs":
         return json_error(message, status, headers)
     return text(f"{message}\n", status, headers)
 
