@@ -132,11 +132,14 @@ class LogLines(BaseModel):
 
 
 class DeadLetterView(BaseModel):
-    id: str
-    error: str
-    failed_at: str
-    smtp_code: int | None
-    requeued: bool
+    id: str = Field(description="The message id.")
+    error: str = Field(description="Why it could not be sent.")
+    failed_at: str = Field(description="When, in local time with its UTC offset.")
+    smtp_code: int | None = Field(description="The SMTP reply code, if the server gave one.")
+    requeued: bool = Field(
+        description="Whether this look sent it again: always false here (python admin.py "
+        "dead requeue sends dead letters again)."
+    )
 
 
 class DeadLetterList(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -168,9 +169,16 @@ async def test_every_error_says_what_it_sends(make_settings: Callable[..., Setti
     ]
     async with running_app(settings) as (app, client):
         await wait_ready(app)
+        description = await (await client.get("/openapi.json")).get_json()
         for method, path, kwargs, status in requests:
             response = await client.open(path, method=method, **kwargs)
             assert response.status_code == status, (method, path)
+            # What a route answers is in its OpenAPI description, body type included.
+            operation = find_operation(description, method, path)
+            if operation is not None:
+                documented = operation["responses"].get(str(status))
+                assert documented is not None, (method, path, status)
+                assert response.mimetype in documented["content"], (method, path, status)
             body = await response.get_data(as_text=True)
             if path.startswith(("/api/", "/logs")):
                 assert response.mimetype == "application/json", (method, path)
@@ -178,3 +186,38 @@ async def test_every_error_says_what_it_sends(make_settings: Callable[..., Setti
             else:
                 assert response.mimetype == "text/plain", (method, path, response.mimetype)
                 assert not body.startswith("{"), (method, path)
+
+
+def find_operation(description: dict[str, Any], method: str, path: str) -> Any:
+    """The OpenAPI operation that serves ``method path`` (None: no such route or method)."""
+    bare = path.split("?", 1)[0]
+    for template, operations in description["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), bare):
+            return operations.get(method.lower())
+    return None
+
+
+async def test_openapi_lists_every_answer_of_each_operation(app_client: AppClient) -> None:
+    """Every status each operation can give is in /openapi.json, with what it means."""
+    _, client = app_client
+    paths = (await (await client.get("/openapi.json")).get_json())["paths"]
+    expected = {
+        ("post", "/api/messages"): {202, 400, 401, 409, 413, 415, 422, 429, 503},
+        ("post", "/api/messages/batch"): {200, 400, 401, 409, 413, 415, 422, 429, 503},
+        ("get", "/api/messages/{message_id}"): {200, 400, 401, 404, 503},
+        ("get", "/api/messages"): {200, 400, 401, 503},
+        ("get", "/api/dead-letters"): {200, 400, 401, 503},
+        ("get", "/logs"): {200, 400, 401},
+        ("get", "/"): {200, 400, 401, 429, 503},
+        ("get", "/healthz"): {200, 400},
+        ("get", "/readyz"): {200, 400, 503},
+    }
+    found = {(m, p) for p, operations in paths.items() for m in operations}
+    assert found == set(expected)
+    for (method, path), codes in expected.items():
+        responses = paths[path][method]["responses"]
+        assert {int(code) for code in responses} == codes, (method, path)
+        assert all(r["description"] for r in responses.values()), (method, path)
+    message_statuses = paths["/api/messages"]["get"]["parameters"]
+    assert "partial" in json.dumps(message_statuses)
+    assert paths["/api/messages"]["post"]["responses"]["429"]["headers"]["Retry-After"]
