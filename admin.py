@@ -17,7 +17,7 @@ import logging
 import sys
 
 from broker import Names
-from config import Settings
+from config import Settings, quiet_amqp_libraries
 from deadletters import dead_letters
 from errors import BrokerUnavailable, ConfigError
 from store import StoreUnavailable
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"admin: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_amqp_libraries()
     selected = set(args.ids) if args.action == "requeue" else None
     try:
         seen = asyncio.run(dead_letters(settings, selected, args.action == "requeue" and args.all))

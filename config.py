@@ -150,8 +150,25 @@ def configure_logging(settings: Settings) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_amqp_libraries()
+
+
+class _OwnConnectLog(logging.Filter):
+    """aiormq logs every failed connection attempt at ERROR; so does whoever made the
+    attempt (broker.py, admin.py, or aio-pika's reconnect loop), saying more: keep one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+def quiet_amqp_libraries() -> None:
+    """aiormq and aio-pika log warnings and errors only, and each failed connection
+    attempt once (see :class:`_OwnConnectLog`)."""
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    connection_log = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _OwnConnectLog) for f in connection_log.filters):
+        connection_log.addFilter(_OwnConnectLog())
 
 
 def _parse(env: Mapping[str, str]) -> Settings:
