@@ -173,10 +173,12 @@ def quiet_amqp_libraries() -> None:
 
 def _parse(env: Mapping[str, str]) -> Settings:
     def raw(name: str, *legacy: str) -> str | None:
+        # The first name given at all counts: an empty SMTP_USERNAME= (in the environment,
+        # say, over a .env account) means unset, whatever the old EMAIL_USERNAME says.
         for key in (name, *legacy):
             value = env.get(key)
-            if value is not None and value.strip() != "":
-                return value.strip()
+            if value is not None:
+                return value.strip() or None
         return None
 
     def conv(name: str, parse: Callable[[str], T], default: T, *legacy: str) -> T:
