@@ -582,6 +582,11 @@ class _LazyApp:
 app = _LazyApp()
 
 
+async def _open_and_close(settings: Settings) -> None:
+    store = await Store.open(settings)
+    await store.close()
+
+
 def main() -> int:
     try:
         settings = Settings.from_env()
@@ -594,6 +599,13 @@ def main() -> int:
         print(f"server: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    try:
+        # Opened once before serving, so that a database that cannot be used (a missing
+        # PostgreSQL database the user may not create, say) is one line, not a traceback.
+        uvloop.run(_open_and_close(settings))
+    except StoreUnavailable as exc:
+        print(f"server: {exc} (DATABASE_URL)", file=sys.stderr)
+        return 1
     quart_app = create_app(settings)
     config = HypercornConfig()
     config.bind = [f"{settings.host}:{settings.port}"]

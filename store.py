@@ -64,6 +64,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import SingletonThreadPool
 
 from config import Settings
+from dbsetup import create_missing_database
 from dbwatch import FileWatch, Probe, preflight
 from errors import MailroomError
 from messages import MailJob, addr_spec
@@ -481,6 +482,8 @@ class Store:
             await _mkdir(Path(path).parent)
             if refused := await asyncio.to_thread(preflight, Path(path)):
                 raise StoreUnavailable(f"cannot open the database: {refused}")
+        elif refused := await create_missing_database(url, settings.connect_timeout):
+            raise StoreUnavailable(f"cannot open the database: {refused}")
         writer: Engine | None = None
         if is_sqlite:
             # Reads: one connection per process (WAL: they never wait for the writer).
