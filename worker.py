@@ -273,7 +273,9 @@ class Worker:
             # Failed (or partly sent), but it may not have reached the dead-letter queue
             # (the connection died in between): put it there (again) rather than drop it.
             log.info("message %s: already %s; dead-lettering it", job.id, record.status)
-            await self._dead_letter(message, record.last_error or "failed", record.last_error_code)
+            sent = {a for a, r in record.results.items() if r.status == "sent"}
+            reason = record.last_error or record.status
+            await self._dead_letter(message, reason, record.last_error_code, sent)
             return
         if claim.kind == "final":
             log.info("message %s: already %s; acking without sending", job.id, record.status)
