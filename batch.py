@@ -38,6 +38,7 @@ from quart_schema import (
     validate_headers,
 )
 
+from apidoc import answers
 from broker import Broker
 from errors import InvalidMessage, PublishUnconfirmed
 from guard import Denied, Guard
@@ -46,7 +47,6 @@ from schemas import (
     MAX_BATCH,
     BatchAnswer,
     BatchRequest,
-    Error,
     IdempotencyHeaders,
     MessageRequest,
 )
@@ -103,8 +103,25 @@ def register(app: Quart, accepting: Accepting) -> None:
     @document_request(BatchRequest)
     @validate_headers(IdempotencyHeaders)
     @document_response(BatchAnswer, 200)
-    @document_response(Error, 400)
-    @document_response(Error, 503)
+    @answers(
+        (
+            200,
+            "One result per item, in request order (the whole batch with "
+            "Idempotent-Replayed: true when it repeats an Idempotency-Key and body).",
+        ),
+        (
+            400,
+            "The body is not a JSON array of 1 to 500 items, not JSON, or a header is "
+            "malformed; invalid items are reported in their results instead.",
+        ),
+        401,
+        409,
+        413,
+        415,
+        422,
+        429,
+        (503, "RabbitMQ took none of it: nothing was queued; try again after Retry-After."),
+    )
     @security_scheme([{"token": []}])
     async def create_batch(headers: IdempotencyHeaders) -> ResponseReturnValue:
         """Queue up to 500 mails, each what POST /api/messages takes and judged on its own:

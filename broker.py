@@ -32,12 +32,15 @@ from aio_pika.abc import (
 from pamqp.commands import Basic
 
 from config import Settings
-from errors import BrokerUnavailable, PublishUnconfirmed
+from errors import BrokerRefused, BrokerUnavailable, PublishUnconfirmed
 
 log = logging.getLogger(__name__)
 
 SEND_KEY = "send"
 RECONNECT_INTERVAL = 1.0  # seconds between attempts of a robust connection to come back
+# The first connection: attempts wait FIRST_RETRY seconds, doubling up to LAST_RETRY.
+FIRST_RETRY = 0.5
+LAST_RETRY = 15.0
 DEAD_KEY = "dead"
 # Which copy of a message a queue message is: 0 (or absent) for the accepted one, then +1
 # for each retry copy and operator re-queue. The record keeps the newest (see store.py).
@@ -155,10 +158,34 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
             timeout=settings.connect_timeout + 1,
         )
     except CONNECT_ERRORS as exc:
+        if refused := _refusal(exc, settings):
+            raise BrokerRefused(refused) from exc
         raise BrokerUnavailable(
             f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _refusal(exc: BaseException, settings: Settings) -> str | None:
+    """What RabbitMQ refused, when the failure is a settings fault rather than an outage."""
+    where = settings.amqp_url_redacted
+    if isinstance(
+        exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
+    ):
+        return (
+            f"RABBITMQ LOGIN REFUSED by {where}: the user name or password in AMQP_URL is "
+            f"wrong (a settings fault, not an outage; RabbitMQ said: {exc})"
+        )
+    if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
+        # aiormq reports a refused Connection.Open (an unknown virtual host, or one the
+        # user may not use) as an unexpected frame.
+        isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)
+    ):
+        return (
+            f"RabbitMQ at {where} refused the virtual host in AMQP_URL: it does not exist, "
+            "or the user may not use it (a settings fault, not an outage)"
+        )
+    return None
 
 
 def build_message(
@@ -181,8 +208,9 @@ class Broker:
     """A confirmed publisher over one robust connection.
 
     :meth:`start` returns at once; the connection is made in the background and retried
-    until it succeeds, so a process can start before RabbitMQ does. Until then (and
-    whenever the connection is down) :meth:`publish` raises :class:`BrokerUnavailable`.
+    until it succeeds, so a process can start before RabbitMQ does. :meth:`publish` waits
+    for the first attempt (within ``PUBLISH_TIMEOUT``); whenever there is no connection
+    after that, it raises :class:`BrokerUnavailable` at once.
     """
 
     def __init__(self, settings: Settings, name: str) -> None:
@@ -192,6 +220,7 @@ class Broker:
         self.channel: AbstractChannel | None = None
         self.topology: Topology | None = None
         self._connected = asyncio.Event()
+        self._first_attempt = asyncio.Event()  # set once the first attempt ended, either way
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -204,6 +233,16 @@ class Broker:
             and not self.channel.is_closed
         )
 
+    @property
+    def starting(self) -> bool:
+        """Started, and the first attempt to connect is still under way. (After it, a
+        connection that is down means RabbitMQ is away: publishing does not wait then.)"""
+        return (
+            self._task is not None
+            and not self._first_attempt.is_set()
+            and not self._closing.is_set()
+        )
+
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._connect_forever(), name=f"{self.name}-connect")
@@ -213,18 +252,22 @@ class Broker:
         await self._connected.wait()
 
     async def _connect_forever(self) -> None:
-        delay = 0.5
+        delay = FIRST_RETRY
         while not self._closing.is_set():
             try:
                 await self._connect_once()
             except BrokerUnavailable as exc:
-                log.warning("%s; retrying in %.1fs", exc, delay)
+                self._first_attempt.set()
+                # One line per attempt (configure_logging() drops aiormq's own).
+                level = logging.ERROR if isinstance(exc, BrokerRefused) else logging.WARNING
+                log.log(level, "%s; retrying in %.1fs", exc, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), delay)
-                delay = min(delay * 2, 15.0)
+                delay = min(delay * 2, LAST_RETRY)
             else:
                 log.info("connected to %s", self.settings.amqp_url_redacted)
                 self._connected.set()
+                self._first_attempt.set()
                 return
 
     async def _connect_once(self) -> None:
@@ -250,17 +293,26 @@ class Broker:
         headers: Mapping[str, Any] | None = None,
         expiration: float | None = None,
     ) -> None:
-        """Publish a persistent message; return only after RabbitMQ confirmed it."""
-        if self.topology is None or not self.is_ready:
+        """Publish a persistent message; return only after RabbitMQ confirmed it.
+
+        While the first attempt to connect is under way (the process just started), wait
+        for it: the whole, waiting included, takes at most ``PUBLISH_TIMEOUT``."""
+        timeout = self.settings.publish_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not self.is_ready and self.starting:
+            log.info("message %s: waiting up to %gs for RabbitMQ", message_id, timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_attempt.wait(), timeout)
+        if self.topology is None or not self.is_ready or loop.time() >= deadline:
             raise BrokerUnavailable("not connected to RabbitMQ")
         message = build_message(body, message_id, headers, expiration)
-        timeout = self.settings.publish_timeout
         publish = asyncio.ensure_future(
             self.topology.exchange.publish(message, routing_key, mandatory=True)
         )
         try:
             # Shielded: on a timeout the publish goes on, and its late outcome is reported.
-            confirm = await asyncio.wait_for(asyncio.shield(publish), timeout)
+            confirm = await asyncio.wait_for(asyncio.shield(publish), deadline - loop.time())
         except asyncio.CancelledError:
             # The channel closed under the publish and aio-pika cancelled it: that is a
             # broker failure, unless this request itself is being cancelled.

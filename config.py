@@ -152,16 +152,35 @@ def configure_logging(settings: Settings) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_amqp_libraries()
+
+
+class _OwnConnectLog(logging.Filter):
+    """aiormq logs every failed connection attempt at ERROR; so does whoever made the
+    attempt (broker.py, admin.py, or aio-pika's reconnect loop), saying more: keep one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+def quiet_amqp_libraries() -> None:
+    """aiormq and aio-pika log warnings and errors only, and each failed connection
+    attempt once (see :class:`_OwnConnectLog`)."""
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    connection_log = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _OwnConnectLog) for f in connection_log.filters):
+        connection_log.addFilter(_OwnConnectLog())
 
 
 def _parse(env: Mapping[str, str]) -> Settings:
     def raw(name: str, *legacy: str) -> str | None:
+        # The first name given at all counts: an empty SMTP_USERNAME= (in the environment,
+        # say, over a .env account) means unset, whatever the old EMAIL_USERNAME says.
         for key in (name, *legacy):
             value = env.get(key)
-            if value is not None and value.strip() != "":
-                return value.strip()
+            if value is not None:
+                return value.strip() or None
         return None
 
     def conv(name: str, parse: Callable[[str], T], default: T, *legacy: str) -> T:

@@ -47,6 +47,11 @@ class BrokerUnavailable(MailroomError):
     """RabbitMQ could not be reached, or did not confirm a publish in time."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """RabbitMQ refused the user, password or virtual host in AMQP_URL: a settings fault,
+    not an outage (retried all the same, in case the broker's side is what gets fixed)."""
+
+
 class PublishUnconfirmed(BrokerUnavailable):
     """RabbitMQ has not confirmed in time: the message may still be stored, or not.
 

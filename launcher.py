@@ -201,7 +201,11 @@ class Launcher:
             f"the server to answer GET /readyz on {host}:{s.port}",
             ready,
             self.ready_timeout,
-            hint=f"is RabbitMQ running at {s.amqp_url_redacted}? (scripts/ensure-rabbitmq.sh)",
+            hint=(
+                f"is RabbitMQ running at {s.amqp_url_redacted} (scripts/ensure-rabbitmq.sh), "
+                "and does it accept the user, password and virtual host in AMQP_URL? "
+                "The server's log above says which."
+            ),
         )
         if status is not None:
             return status

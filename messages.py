@@ -82,7 +82,8 @@ def strict_query(raw: bytes) -> bool:
 def parse_json(text: str) -> Any:
     """A request body as JSON, stricter than :func:`json.loads`: a key given twice, a key
     that is not valid Unicode and nesting too deep for the parser raise :class:`InvalidJSON`
-    (a 400), and so does text that is not JSON at all."""
+    (a 400), and so does text that is not JSON at all (saying where: line and column) or
+    Python's extras (``NaN``, ``Infinity``)."""
 
     def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: dict[str, Any] = {}
@@ -94,12 +95,20 @@ def parse_json(text: str) -> Any:
             seen[key] = value
         return seen
 
+    def no_constant(name: str) -> Any:
+        raise InvalidJSON(f"the body is not valid JSON: {name} is not a JSON value")
+
+    if not text.strip():
+        raise InvalidJSON("the body is empty: send a JSON object")
     try:
-        return json.loads(text, object_pairs_hook=unique_keys)
+        return json.loads(text, object_pairs_hook=unique_keys, parse_constant=no_constant)
     except RecursionError:
         raise InvalidJSON("the JSON is nested too deeply") from None
     except json.JSONDecodeError as exc:
-        raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
+        raise InvalidJSON(
+            f"the body is not valid JSON: {exc.msg[:1].lower()}{exc.msg[1:]} at line {exc.lineno}, "
+            f"column {exc.colno}"
+        ) from None
 
 
 def parse_address(value: str, field: str = "to") -> str:

@@ -84,9 +84,16 @@ class HistoryEntry(BaseModel):
     at: str
 
 
+MessageStatus = Literal["queued", "sending", "retrying", "sent", "partial", "failed"]
+
+
 class MessageView(BaseModel):
     id: str
-    status: Literal["queued", "sending", "retrying", "sent", "failed"]
+    status: MessageStatus = Field(
+        description="sent: every recipient accepted it; partial: some did, the others "
+        "refused it (5xx) or kept deferring it (4xx) until the retries ran out; failed: "
+        "none did. All three are final."
+    )
     recipients: list[RecipientView]
     subject: str
     attempts: int
@@ -102,7 +109,7 @@ class MessageList(BaseModel):
 
 
 class ListQuery(BaseModel):
-    status: Literal["queued", "sending", "retrying", "sent", "failed"] | None = None
+    status: MessageStatus | None = None
     limit: int = Field(default=50, ge=1, le=500)
 
 
@@ -125,11 +132,14 @@ class LogLines(BaseModel):
 
 
 class DeadLetterView(BaseModel):
-    id: str
-    error: str
-    failed_at: str
-    smtp_code: int | None
-    requeued: bool
+    id: str = Field(description="The message id.")
+    error: str = Field(description="Why it could not be sent.")
+    failed_at: str = Field(description="When, in local time with its UTC offset.")
+    smtp_code: int | None = Field(description="The SMTP reply code, if the server gave one.")
+    requeued: bool = Field(
+        description="Whether this look sent it again: always false here (python admin.py "
+        "dead requeue sends dead letters again)."
+    )
 
 
 class DeadLetterList(BaseModel):

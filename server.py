@@ -48,8 +48,10 @@ from quart_schema import (
 )
 from werkzeug.exceptions import HTTPException
 
+import apidoc
 import batch
 import web
+from apidoc import answers
 from broker import Broker
 from config import Settings, configure_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
@@ -67,7 +69,6 @@ from messages import (
 )
 from schemas import (
     DeadLetterList,
-    Error,
     IdempotencyHeaders,
     LegacyQuery,
     ListQuery,
@@ -100,6 +101,7 @@ Sending and reading need 'Authorization: Bearer <API_TOKEN>' unless you are on t
 
 
 RETRY = {"Retry-After": "5"}
+STORE_DOWN = "The message database is unavailable; try again after Retry-After."
 MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -144,6 +146,7 @@ def create_app(settings: Settings) -> Quart:
         redoc_ui_path=None,
         scalar_ui_path=None,
         security_schemes={"token": {"type": "http", "scheme": "bearer"}},
+        openapi_provider_class=apidoc.Provider,
     )
     app.json = StrictJSON(app, app.json)
     broker = Broker(settings, "mailroom-server")
@@ -256,7 +259,9 @@ def create_app(settings: Settings) -> Quart:
         }
         code = exc.code or 500
         message = reasons.get(code) or exc.description or exc.name
-        return error_response(message, code, dict(exc.get_headers()) if code == 405 else None)
+        # Only Allow from werkzeug's headers: its Content-Type (text/html) is not ours.
+        allow = {name: value for name, value in exc.get_headers() if name == "Allow"}
+        return error_response(message, code, allow)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -311,6 +316,26 @@ def create_app(settings: Settings) -> Quart:
 
     @app.get("/")
     @document_querystring(LegacyQuery)
+    @answers(
+        (
+            200,
+            "?talktome: 'Logged the current time: <time>'; ?sendmail=<address>: 'Email to "
+            "<address> queued (id <message id>)' once RabbitMQ confirmed it; else the usage.",
+        ),
+        (
+            400,
+            "An invalid address, more than one sendmail or token parameter, or a query "
+            "string that is not valid UTF-8.",
+        ),
+        (401, "?sendmail without a valid token (in the header or &token=)."),
+        (
+            429,
+            "A rate limit was hit: sends per client or in all, per recipient, or "
+            "?talktome per client; Retry-After says when to try again.",
+        ),
+        (503, "RabbitMQ is unavailable or did not confirm in time: nothing was queued."),
+        media="text",
+    )
     async def index() -> Response:
         """The legacy API: ?talktome logs the time, ?sendmail=<address> queues a test mail."""
         args = request.args
@@ -337,7 +362,21 @@ def create_app(settings: Settings) -> Quart:
     @validate_request(MessageRequest)
     @validate_headers(IdempotencyHeaders)
     @document_response(Queued, 202)
-    @document_response(Error, 400)
+    @answers(
+        (
+            202,
+            "Queued: RabbitMQ confirmed it is stored (or, with Idempotent-Replayed: true, "
+            "the first answer to the same Idempotency-Key and body).",
+        ),
+        400,
+        401,
+        409,
+        413,
+        415,
+        422,
+        429,
+        503,
+    )
     @security_scheme([{"token": []}])
     async def create_message(
         data: MessageRequest, headers: IdempotencyHeaders
@@ -402,6 +441,7 @@ def create_app(settings: Settings) -> Quart:
 
     @app.get("/api/messages/<message_id>")
     @document_response(MessageView)
+    @answers((200, "The message's record."), 400, 401, 404, (503, STORE_DOWN))
     @security_scheme([{"token": []}])
     async def get_message(message_id: str) -> Response:
         """What became of one message."""
@@ -419,6 +459,7 @@ def create_app(settings: Settings) -> Quart:
     @app.get("/api/messages")
     @validate_querystring(ListQuery)
     @document_response(MessageList)
+    @answers((200, "The records, newest first."), 400, 401, (503, STORE_DOWN))
     @security_scheme([{"token": []}])
     async def list_messages(query_args: ListQuery) -> ResponseReturnValue:
         """Messages, newest first, optionally of one status."""
@@ -431,7 +472,16 @@ def create_app(settings: Settings) -> Quart:
 
     @app.get("/api/dead-letters")
     @document_response(DeadLetterList)
-    @document_response(Error, 503)
+    @answers(
+        (200, "Every letter in the dead-letter queue, in queue order, and why."),
+        400,
+        401,
+        (
+            503,
+            "RabbitMQ is unavailable, or another listing or re-queue held the dead-letter "
+            "queue for 10 s.",
+        ),
+    )
     @security_scheme([{"token": []}])
     async def list_dead_letters() -> Response:
         """Every letter in the dead-letter queue, in queue order, and why (python admin.py
@@ -450,17 +500,25 @@ def create_app(settings: Settings) -> Quart:
     @app.get("/logs")
     @validate_querystring(LogsQuery)
     @document_response(LogLines)
+    @answers((200, "The last lines of the talktome log, oldest first."), 400, 401)
     @security_scheme([{"token": []}])
     async def logs(query_args: LogsQuery) -> ResponseReturnValue:
         """The last lines of the ?talktome log."""
         return jsonify(lines=await talklog.tail(query_args.lines))
 
     @app.get("/healthz")
+    @answers((200, "ok: the process is up."), 400, media="text")
     async def healthz() -> Response:
         """The process is up."""
         return text("ok\n")
 
     @app.get("/readyz")
+    @answers(
+        (200, "ready: connected to RabbitMQ, and the database is usable."),
+        400,
+        (503, "not ready: <why> (no connection to RabbitMQ, or the database is unusable)."),
+        media="text",
+    )
     async def readyz() -> Response:
         """200 while the RabbitMQ connection is open and the database usable."""
         if not broker.is_ready:
@@ -505,8 +563,9 @@ def json_error(
 
 
 def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    """JSON for the JSON API, plain text for the legacy GET and everything else."""
-    if request.path.startswith("/api/"):
+    """JSON for the JSON API (``/api/...`` and ``/logs``), plain text for the legacy GET
+    and everything else."""
+    if request.path.startswith("/api/") or request.path == "/logs":
         return json_error(message, status, headers)
     return text(f"{message}\n", status, headers)
 
@@ -530,6 +589,11 @@ class _LazyApp:
 app = _LazyApp()
 
 
+async def _open_and_close(settings: Settings) -> None:
+    store = await Store.open(settings)
+    await store.close()
+
+
 def main() -> int:
     try:
         settings = Settings.from_env()
@@ -542,6 +606,13 @@ def main() -> int:
         print(f"server: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    try:
+        # Opened once before serving, so that a database that cannot be used (a missing
+        # PostgreSQL database the user may not create, say) is one line, not a traceback.
+        uvloop.run(_open_and_close(settings))
+    except StoreUnavailable as exc:
+        print(f"server: {exc} (DATABASE_URL)", file=sys.stderr)
+        return 1
     quart_app = create_app(settings)
     config = HypercornConfig()
     config.bind = [f"{settings.host}:{settings.port}"]

@@ -7,7 +7,8 @@ server and several workers on one host share the file safely) writes through a p
 (workers on several hosts) does both through ``asyncpg``. The schema is created or
 upgraded when a process opens it.
 
-A record's ``status`` moves ``queued -> sending -> (retrying -> sending)* -> sent | failed``
+A record's ``status`` moves
+``queued -> sending -> (retrying -> sending)* -> sent | partial | failed``
 and every transition is appended to its ``history`` with a UTC time stamp.
 
 Who may send, and which copy counts (see the README's delivery guarantees):
@@ -65,14 +66,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import SingletonThreadPool
 
 from config import Settings
+from dbsetup import create_missing_database
 from dbwatch import FileWatch, Probe, preflight
 from errors import MailroomError
 from messages import MailJob, addr_spec
 
 log = logging.getLogger(__name__)
 
-Status = Literal["queued", "sending", "retrying", "sent", "failed"]
-FINAL = frozenset({"sent", "failed", "cancelled"})
+Status = Literal["queued", "sending", "retrying", "sent", "partial", "failed"]
+FINAL = frozenset({"sent", "partial", "failed", "cancelled"})
 SCHEMA_VERSION = 2
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
@@ -263,7 +265,7 @@ class Claim:
     """What :meth:`Store.claim` found.
 
     * ``claimed``: the caller now holds ``attempt``; ``record`` is the updated record.
-    * ``final``: the record is ``sent``, ``failed`` or ``cancelled``: do not send.
+    * ``final``: the record is ``sent``, ``partial``, ``failed`` or ``cancelled``: do not send.
     * ``stale``: a newer copy of the message exists (``record.copy``): drop this one.
     * ``busy``: another owner's lease runs until ``record.lease_until``: wait for it.
     """
@@ -482,6 +484,8 @@ class Store:
             await _mkdir(Path(path).parent)
             if refused := await asyncio.to_thread(preflight, Path(path)):
                 raise StoreUnavailable(f"cannot open the database: {refused}")
+        elif refused := await create_missing_database(url, settings.connect_timeout):
+            raise StoreUnavailable(f"cannot open the database: {refused}")
         writer: Engine | None = None
         if is_sqlite:
             # Reads: one connection per process (WAL: they never wait for the writer).

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 RETRIES_HEADER = "x-mailroom-retries"  # transient failures so far
 SENT_HEADER = "x-mailroom-sent"  # recipients that accepted it already (comma-separated)
 CONFIG_FAULTS_HEADER = "x-mailroom-config-faults"  # refused logins so far (never fatal)
+# Final, but not sent to everyone: dead-lettered, and put there again if a copy comes back.
+DEAD_LETTERED = frozenset({"failed", "partial"})
 JITTER = 0.1
 CONFIG_FAULT_MAX_WAIT = 600.0  # seconds: the longest retry tier used for settings faults
 LEASE_POLL = 0.5  # seconds between looks at a record whose attempt another worker holds
@@ -275,11 +277,13 @@ class Worker:
             )
             await self._ack(message, job.id)
             return
-        if record.status == "failed":
-            # Failed, but it may not have reached the dead-letter queue (the connection
-            # died in between): put it there (again) rather than drop it.
-            log.info("message %s: already failed; dead-lettering it", job.id)
-            await self._dead_letter(message, record.last_error or "failed", record.last_error_code)
+        if record.status in DEAD_LETTERED:
+            # Failed (or partly sent), but it may not have reached the dead-letter queue
+            # (the connection died in between): put it there (again) rather than drop it.
+            log.info("message %s: already %s; dead-lettering it", job.id, record.status)
+            sent = {a for a, r in record.results.items() if r.status == "sent"}
+            reason = record.last_error or record.status
+            await self._dead_letter(message, reason, record.last_error_code, sent)
             return
         if claim.kind == "final":
             log.info("message %s: already %s; acking without sending", job.id, record.status)
@@ -299,11 +303,10 @@ class Worker:
         # not say so (the database failed then): never sent to twice.
         sent_before = set(_list_header(message.headers or {}, SENT_HEADER))
         pending = [a for a in record.pending() if a not in sent_before]
-        already_sent = bool(sent_before) or any(r.status == "sent" for r in record.results.values())
         if not pending:
             # Nothing left to send (every recipient accepted or refused it already).
             log.info("message %s: no recipient left to send to", job.id)
-            await self._settle(message, attempt, SendResult(()), already_sent, sent_before)
+            await self._settle(message, attempt, SendResult(()), record.results, sent_before)
             return
         log.debug(
             "message %s: attempt %d, sending to %d recipient(s)",
@@ -322,46 +325,38 @@ class Worker:
         except DeliveryError as exc:
             await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
             return
-        await self._settle(message, attempt, result, already_sent, sent_before)
+        await self._settle(message, attempt, result, record.results, sent_before)
 
     async def _settle(
         self,
         message: AbstractIncomingMessage,
         attempt: Attempt,
         result: SendResult,
-        already_sent: bool,
+        before: dict[str, RecipientResult],
         sent_before: set[str],
     ) -> None:
-        """Record per-recipient results; then sent, retry (4xx refusals) or failed."""
+        """Record per-recipient results; then sent, retry (4xx refusals), or partial or
+        failed (5xx refusals: see :meth:`_fail`)."""
         assert self.store is not None
         job_id = attempt.message_id
         results = {a: RecipientResult("sent") for a in (*result.accepted, *sent_before)}
-        deferred: list[str] = []
-        for address, (code, text) in result.refused.items():
-            if 400 <= code < 500:
-                deferred.append(address)
-                results[address] = RecipientResult("pending", code, text)
-            else:
-                results[address] = RecipientResult("refused", code, text)
-        refused_text = "; ".join(f"{a}: {c} {t}" for a, (c, t) in result.refused.items())
-        first_code = next(iter(result.refused.values()))[0] if result.refused else None
-        if deferred:
-            await self._retry_or_fail(
-                message, attempt, f"recipients deferred: {refused_text}", first_code, results
-            )
+        for address, (smtp_code, text) in result.refused.items():
+            kind: Literal["pending", "refused"] = "pending" if 400 <= smtp_code < 500 else "refused"
+            results[address] = RecipientResult(kind, smtp_code, text)
+        # This attempt's answers over the earlier ones: who is still deferred (4xx), who
+        # was refused for good (5xx, in this attempt or before).
+        merged = {**before, **results}
+        reason, code = _undelivered(merged)
+        if any(r.status == "pending" for r in merged.values()):
+            await self._retry_or_fail(message, attempt, reason, code, results)
             return
-        if not result.accepted and not already_sent:
-            reason = f"every recipient refused: {refused_text}"
-            await self._fail(message, attempt, reason, first_code, results)
+        if any(r.status == "refused" for r in merged.values()):
+            if not any(r.status == "sent" for r in merged.values()):
+                reason = f"every recipient refused: {reason}"
+            await self._fail(message, attempt, reason, code, results)
             return
         try:
-            applied = await self.store.finish(
-                attempt,
-                "sent",
-                results,
-                error=f"recipients refused: {refused_text}" if result.refused else None,
-                code=first_code,
-            )
+            applied = await self.store.finish(attempt, "sent", results)
         except StoreUnavailable as exc:
             # The mail went out; if the ack below also lands, nothing is lost or repeated.
             log.error("message %s: sent, but could not record it: %s", job_id, exc)
@@ -371,8 +366,6 @@ class Worker:
             log.warning(
                 "message %s: sent, but attempt %d had lost its claim", job_id, attempt.number
             )
-        elif result.refused:
-            log.warning("message %s: sent; refused for %s", job_id, refused_text)
         else:
             log.info("message %s: sent (attempt %d)", job_id, attempt.number)
         await self._ack(message, job_id)
@@ -461,25 +454,43 @@ class Worker:
         code: int | None,
         results: dict[str, RecipientResult],
     ) -> None:
+        """The end without sending to everyone: ``partial`` when some recipient has the mail
+        (accepted in this attempt or an earlier one), else ``failed``; dead-lettered either
+        way, so that an operator can send it again to the others."""
         assert self.store is not None
         job_id = attempt.message_id
+        headers = message.headers or {}
+        before = attempt.record.results if attempt.record is not None else {}
+        sent = {a for a, r in {**before, **results}.items() if r.status == "sent"}
+        sent.update(_list_header(headers, SENT_HEADER))
+        status: Literal["partial", "failed"] = "partial" if sent else "failed"
         try:
-            applied = await self.store.finish(attempt, "failed", results, reason, code)
+            applied = await self.store.finish(attempt, status, results, reason, code)
         except StoreUnavailable as exc:
-            log.error("message %s: could not record the failure: %s", job_id, exc)
+            log.error("message %s: could not record the outcome (%s): %s", job_id, status, exc)
         else:
             if not applied:
                 # Another attempt took over (its outcome stands): this copy is done.
                 log.warning(
-                    "message %s: attempt %d failed (%s) after losing its claim; not applied",
+                    "message %s: attempt %d ended %s (%s) after losing its claim; not applied",
                     job_id,
                     attempt.number,
+                    status,
                     reason,
                 )
                 await self._ack(message, job_id)
                 return
-        log.error("message %s: failed: %s", job_id, reason)
-        await self._dead_letter(message, reason, code)
+        if sent:
+            log.error(
+                "message %s: partial: sent to %d of %d recipient(s); %s",
+                job_id,
+                len(sent),
+                len(attempt.record.results) if attempt.record is not None else len(sent),
+                reason,
+            )
+        else:
+            log.error("message %s: failed: %s", job_id, reason)
+        await self._dead_letter(message, reason, code, sent)
 
     async def _hand_over(
         self,
@@ -597,10 +608,17 @@ class Worker:
             )
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, reason: str, code: int | None
+        self,
+        message: AbstractIncomingMessage,
+        reason: str,
+        code: int | None,
+        sent: set[str] | None = None,
     ) -> None:
-        """Publish a copy to the dead-letter queue with the reason, then ack the original."""
+        """Publish a copy to the dead-letter queue with the reason (and the recipients that
+        have it already, never sent to again on a re-queue), then ack the original."""
         headers = dict(message.headers or {})
+        if sent:
+            headers[SENT_HEADER] = ",".join(sorted(sent))
         headers["x-mailroom-error"] = reason[:1000]
         headers["x-mailroom-failed-at"] = datetime.now().astimezone().isoformat(timespec="seconds")
         if code is not None:
@@ -615,6 +633,21 @@ class Worker:
             return
         log.info("message %s: dead-lettered: %s", message_id, reason)
         await self._ack(message, message_id)
+
+
+def _undelivered(results: dict[str, RecipientResult]) -> tuple[str, int | None]:
+    """Who has not got the mail, deferred (4xx, tried again) apart from refused (5xx, for
+    good), and the SMTP code to report: the first deferral's, else the first refusal's."""
+    deferred = {a: r for a, r in results.items() if r.status == "pending"}
+    refused = {a: r for a, r in results.items() if r.status == "refused"}
+    parts = [
+        f"recipients {what}: "
+        + "; ".join(f"{a}: {r.code} {r.message}" if r.code else a for a, r in group.items())
+        for what, group in (("deferred", deferred), ("refused", refused))
+        if group
+    ]
+    codes = [r.code for r in (*deferred.values(), *refused.values()) if r.code]
+    return " / ".join(parts), codes[0] if codes else None
 
 
 async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:

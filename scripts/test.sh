@@ -9,7 +9,7 @@ set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$MAILROOM_ROOT" || exit 1
 
-bash scripts/setup-venv.sh </dev/null || die "could not set up .venv"
+bash scripts/setup-venv.sh --dev </dev/null || die "could not set up .venv"
 bash scripts/ensure-rabbitmq.sh </dev/null || die "the tests need RabbitMQ (see above)"
 bash scripts/ensure-postgres.sh </dev/null ||
     warn "PostgreSQL is not available on 127.0.0.1:5432; tests that need it will skip"

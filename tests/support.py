@@ -320,10 +320,15 @@ def worker_env(
 
 
 async def spawn(script: str, cwd: Path, env: dict[str, str], *args: str) -> Proc:
+    """``python script.py ARGS`` (or ``python -m module ARGS``) from this repository."""
+    program = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]
+    return await spawn_argv([sys.executable, *program, *args], cwd, env)
+
+
+async def spawn_argv(argv: list[str], cwd: Path, env: dict[str, str]) -> Proc:
+    """Any command, output (stdout and stderr) to a pipe, in a process group of its own."""
     return await asyncio.create_subprocess_exec(
-        sys.executable,
-        *([str(ROOT / script)] if script.endswith(".py") else ["-m", script]),
-        *args,
+        *argv,
         cwd=cwd,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,

@@ -85,6 +85,22 @@ def test_legacy_credential_names() -> None:
     assert settings.mail_from == "me@example.com"  # defaults to the username
 
 
+def test_empty_setting_in_environment_unsets_the_dotenv_one(tmp_path: Path) -> None:
+    """What "Running the pieces by hand" relies on: SMTP_USERNAME= SMTP_PASSWORD= in the
+    environment mean no login, whatever .env says under the new or the old names."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "SMTP_HOST=smtp.example.com\nSMTP_USERNAME=me@example.com\nSMTP_PASSWORD=pw\n"
+        "EMAIL_USERNAME=old@example.com\nEMAIL_PASSWORD=old-pw\n"
+    )
+    settings = Settings.from_env(
+        {"SMTP_HOST": "127.0.0.1", "SMTP_USERNAME": "", "SMTP_PASSWORD": ""}, env_file=env_file
+    )
+    assert settings.smtp_host == "127.0.0.1"
+    assert settings.smtp_username is None and settings.smtp_password is None
+    assert settings.mail_from == "mailroom@localhost"
+
+
 def test_secrets_never_show(caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings.from_env(
         {

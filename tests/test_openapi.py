@@ -1,4 +1,5 @@
-"""Property-based tests through the real server: no 5xx, and nothing queued when rejected.
+"""Property-based tests through the real server: no 5xx, nothing queued when rejected, and
+every answer documented (status and body type) in the served OpenAPI description.
 
 schemathesis generates requests from the served OpenAPI description (valid and invalid
 ones); hypothesis generates hostile legacy queries and JSON bodies. Both run against
@@ -113,6 +114,12 @@ def test_generated_requests_never_5xx(
             before = api_server.depth()
             response = case.call(base_url=api_server.base_url, timeout=10)
             assert response.status_code < 500, (case.method, case.path, response.text)
+            # Whatever it answers is in its description, with the body type it sends.
+            responses = case.operation.definition.raw["responses"]
+            documented = responses.get(str(response.status_code))
+            assert documented is not None, (case.method, case.path, response.status_code)
+            media = response.headers.get("content-type", [""])[0].split(";")[0]
+            assert media in documented["content"], (case.method, case.path, media)
             after = api_server.depth()
             if response.status_code >= 400:
                 assert after == before, f"rejected with {response.status_code} but queued"

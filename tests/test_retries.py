@@ -127,15 +127,94 @@ async def test_partial_refusal_never_resends_to_accepted(
             "text": "t",
         }
         response = await client.post("/api/messages", json=body)
-        record = await wait_status(client, (await response.get_json())["id"], "sent")
+        # gone@ was refused in the first attempt, later@ accepted in the second: partial.
+        record = await wait_status(client, (await response.get_json())["id"], "partial")
     by_address = {r["address"]: r for r in record["recipients"]}
     assert by_address["ok@example.com"]["status"] == "sent"
     assert by_address["later@example.com"]["status"] == "sent"
     assert by_address["gone@example.com"]["status"] == "refused"
     assert by_address["gone@example.com"]["code"] == 550
+    assert record["last_error"] == {
+        "code": 550,
+        "message": "recipients refused: gone@example.com: 550 5.1.1 no such user",
+    }
     delivered = [r for m in smtp.recorder.received for r in m.rcpt_tos]
     assert sorted(delivered) == ["later@example.com", "ok@example.com"]  # ok@ only once
     assert tries == {"ok@example.com": 1, "gone@example.com": 1, "later@example.com": 2}
+    smtp.server.close()
+
+
+async def test_partial_delivery_is_partial_not_failed(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ok@ accepts, bad@ is refused for good, later@ defers until the retries run out: the
+    final status is partial (final, dead-lettered for an operator), and refused and
+    deferred recipients are told apart in the log and in last_error."""
+    caplog.set_level(logging.INFO)
+
+    async def rcpt(address: str) -> str | None:
+        if address.startswith("bad"):
+            return "550 5.1.1 no such user"
+        if address.startswith("later"):
+            return "451 4.3.0 try again later"
+        return None
+
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_rcpt=rcpt))
+    settings = make_settings(**smtp.settings_overrides(None, False))
+    names = Names.of(settings)
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        body = {
+            "to": ["ok@example.com", "bad@example.com", "later@example.com"],
+            "subject": "s",
+            "text": "t",
+        }
+        response = await client.post("/api/messages", json=body)
+        message_id = (await response.get_json())["id"]
+        record = await wait_status(client, message_id, "partial")
+        (dead,) = await get_messages(names.dead_queue)
+        # Final stays final: the same copy coming back (an ack that was lost) is put in
+        # the dead-letter queue again, and nothing is sent or recorded.
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(names.exchange)
+            await exchange.publish(
+                aio_pika.Message(dead.body, message_id=message_id, headers=dead.headers), "send"
+            )
+        async with asyncio.timeout(15):
+            while await queue_depth(names.dead_queue) == 0:
+                await asyncio.sleep(0.05)
+        again = await (await client.get(f"/api/messages/{message_id}")).get_json()
+        assert again["status"] == "partial" and again["attempts"] == record["attempts"]
+    assert record["attempts"] == len(settings.retry_delays) + 1
+    statuses = [h["status"] for h in record["history"]]
+    assert statuses[-1] == "partial" and "failed" not in statuses
+    by_address = {r["address"]: (r["status"], r["code"]) for r in record["recipients"]}
+    assert by_address == {
+        "ok@example.com": ("sent", None),
+        "bad@example.com": ("refused", 550),
+        "later@example.com": ("pending", 451),
+    }
+    assert record["last_error"] == {
+        "code": 451,
+        "message": "gave up after 4 attempts: recipients deferred: later@example.com: 451 "
+        "4.3.0 try again later / recipients refused: bad@example.com: 550 5.1.1 no such user",
+    }
+    delivered = [r for m in smtp.recorder.received for r in m.rcpt_tos]
+    assert delivered == ["ok@example.com"]
+    # The dead letter says who has the mail already: a re-queue never sends to them again.
+    assert dead.message_id == message_id
+    assert dead.headers["x-mailroom-sent"] == "ok@example.com"
+    assert "recipients refused: bad@example.com" in str(dead.headers["x-mailroom-error"])
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert retries and all(
+        "recipients deferred: later@example.com: 451" in line
+        and "refused: bad@example.com: 550" in line
+        and "deferred: bad@" not in line
+        for line in retries
+    )
+    assert f"message {message_id}: partial: sent to 1 of 3 recipient(s)" in caplog.text
     smtp.server.close()
 
 
