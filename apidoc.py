@@ -9,7 +9,7 @@ the headers that come with them (``Retry-After``, ``WWW-Authenticate``, ``Locati
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 from quart_schema import OpenAPIProvider, document_response
@@ -75,6 +75,10 @@ def documented_answers(func: Callable[..., Any]) -> dict[int, tuple[str, Media]]
 
 class Provider(OpenAPIProvider):
     """quart-schema's description, with what :func:`answers` recorded on each route."""
+
+    def generate_rules(self) -> Iterable[Rule]:
+        # The web page's own files (/ui/<file>) are not part of the API.
+        return (r for r in super().generate_rules() if not r.endpoint.endswith("static"))
 
     def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
         paths, components = super().build_paths(rule)

@@ -63,6 +63,7 @@ class _TCPServer(TCPServer):
     _out: list[bytes] | None = None  # bytes to write at the end of this turn
     _out_size = 0
     _idle_timer: asyncio.TimerHandle | None = None
+    _closing = False  # _close began: no more idle timers
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -85,7 +86,7 @@ class _TCPServer(TCPServer):
             self._request_started = not event.idle
             self._stop_idle_timer()
             if event.idle:
-                if self.context.terminated.is_set():
+                if self.context.terminated.is_set() and not self._closing:
                     self._task_group.spawn(self._initiate_server_close)
                 else:
                     self._start_idle_timer()
@@ -114,6 +115,8 @@ class _TCPServer(TCPServer):
             await asyncio.shield(self._initiate_server_close())
 
     def _start_idle_timer(self) -> None:
+        if self._closing:
+            return  # the protocol may report idle once more as the connection ends
         self._idle_timer = self.loop.call_later(self.config.keep_alive_timeout, self._idle_expired)
 
     def _stop_idle_timer(self) -> None:
@@ -126,6 +129,7 @@ class _TCPServer(TCPServer):
         self._task_group.spawn(self._initiate_server_close)
 
     async def _close(self) -> None:
+        self._closing = True
         self._flush_out()
         self._stop_idle_timer()
         await super()._close()

@@ -37,12 +37,12 @@ from quart_schema import (
     validate_querystring,
 )
 
+from apidoc import answers
 from config import Settings
 from deadletters import DeadLettersBusy, dead_letters
 from errors import BrokerUnavailable
 from outbox import NAME, Outbox, OutboxError
 from schemas import (
-    Error,
     OutboxList,
     OutboxMail,
     OutboxQuery,
@@ -130,6 +130,10 @@ def json_error(message: str, status: int, headers: dict[str, str] | None = None)
     return response
 
 
+NO_MAIL = "No such mail in the outbox, or the outbox is off (SMTP_HOST is set)."
+UNREADABLE = "The stored file cannot be read as a mail."
+
+
 def register(app: Quart, context: Context) -> None:
     """Add the page and its endpoints to ``app`` (after server.py's gate is registered, so
     that the gate runs first)."""
@@ -162,6 +166,9 @@ def register(app: Quart, context: Context) -> None:
     @app.get("/api/outbox")
     @validate_querystring(OutboxQuery)
     @document_response(OutboxList)
+    @answers(
+        (200, "The newest captured mails (or, with SMTP_HOST set, why there are none)."), 400, 401
+    )
     @security_scheme([{"token": []}])
     async def list_outbox(query_args: OutboxQuery) -> ResponseReturnValue:
         """The mails the local capture SMTP server stored, newest first (off, saying why,
@@ -179,7 +186,7 @@ def register(app: Quart, context: Context) -> None:
 
     @app.get("/api/outbox/<name>")
     @document_response(OutboxMail)
-    @document_response(Error, 404)
+    @answers((200, "One captured mail."), 400, 401, (404, NO_MAIL), (422, UNREADABLE))
     @security_scheme([{"token": []}])
     async def read_outbox(name: str) -> Response:
         """One captured mail: its headers, text, HTML and attachments. Show its HTML only in
@@ -197,7 +204,10 @@ def register(app: Quart, context: Context) -> None:
         return jsonify(mail.to_json())
 
     @app.get("/api/outbox/<name>/raw")
-    @document_response(Error, 404)
+    @answers(400, 401, (404, NO_MAIL), (422, UNREADABLE))
+    @answers(
+        (200, "The captured mail as received (message/rfc822), to save as .eml."), media="text"
+    )
     @security_scheme([{"token": []}])
     async def download_outbox(name: str) -> Response:
         """The captured mail as it was received (message/rfc822), to save as .eml."""
@@ -225,8 +235,18 @@ def register(app: Quart, context: Context) -> None:
     @app.post("/api/dead-letters/requeue")
     @document_request(RequeueRequest)
     @document_response(RequeueAnswer)
-    @document_response(Error, 400)
-    @document_response(Error, 503)
+    @answers(
+        (200, "What was re-queued, kept and missing, and what the queue held."),
+        400,
+        401,
+        413,
+        415,
+        (
+            503,
+            "RabbitMQ or the database is unavailable, or another listing or re-queue held "
+            "the dead-letter queue for 10 s; try again after Retry-After.",
+        ),
+    )
     @security_scheme([{"token": []}])
     async def requeue_dead_letters() -> Response:
         """Send dead letters again (what python admin.py dead requeue does): {"ids": [...]}

@@ -14,7 +14,7 @@
 
 (() => {
   const TOKEN_KEY = "mailroom.token";
-  const FINAL = new Set(["sent", "failed"]);
+  const FINAL = new Set(["sent", "partial", "failed"]);
   const FAST = 1000;
   const SLOW = 10000;
   const OUTBOX_EVERY = 3000;
@@ -252,7 +252,7 @@
 
   function statusCell(record) {
     const cell = el("td", { className: "status", "data-label": "Status" }, badge(record.status));
-    if ((record.status === "retrying" || record.status === "failed") && record.last_error) {
+    if (["retrying", "partial", "failed"].includes(record.status) && record.last_error) {
       cell.append(el("span", { className: "reason", text: record.last_error.message }));
     }
     if (record.status === "retrying" && record.next_attempt_at) {
