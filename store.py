@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import time
@@ -718,7 +719,7 @@ class Store:
                     "copy": copy,
                 }
                 claimed = self._write_transition(
-                    conn, fresh, "sending", None, values, statement=_UPDATE_UNTOUCHED
+                    conn, fresh, "sending", None, values, untouched=True
                 )
                 if claimed is not None:
                     return Claim("claimed", claimed, Attempt(job.id, number, owner, claimed))
@@ -921,7 +922,7 @@ class Store:
         detail: str | None,
         values: dict[str, Any],
         held: dict[str, Any] | None = None,
-        statement: Any = None,
+        untouched: bool = False,
     ) -> MessageRecord | None:
         at = now_utc()
         entry: dict[str, Any] = {"status": status, "at": _iso(at)}
@@ -932,13 +933,9 @@ class Store:
                 a: r if isinstance(r, dict) else r.__dict__ for a, r in values["results"].items()
             }
         history = [*record.history, entry]
-        params = {"message_id": record.id, "status": status, "history": history, "updated_at": at}
-        if statement is not None:
-            if conn.execute(statement, params | values).rowcount != 1:
-                return None
-        elif held is None:
-            conn.execute(_UPDATE_ONE, params | values)
-        elif conn.execute(_UPDATE_HELD, params | values | held).rowcount != 1:
+        changes = {"status": status, "history": history, "updated_at": at, **values}
+        kind: _Where = "untouched" if untouched else "held" if held is not None else "one"
+        if _update_row(conn, kind, record.id, changes, held) != 1 and kind != "one":
             return None
         # The new state, without reading it back.
         changes = {k: v for k, v in values.items() if k != "results"}
@@ -973,6 +970,61 @@ _UPDATE_HELD = update(messages_table).where(
 # A record that is already there (the worker got the message before the server's write
 # committed, or the other way round) is left as it is: no error, so a batch of writes is
 # never rolled back and replayed one unit at a time for it.
+_Where = Literal["one", "held", "untouched"]
+_UPDATES: dict[_Where, Any] = {
+    "one": _UPDATE_ONE,
+    "held": _UPDATE_HELD,
+    "untouched": _UPDATE_UNTOUCHED,
+}
+# The same conditions, for the statements written for SQLite's driver (below).
+_SQLITE_WHERE: dict[_Where, str] = {
+    "one": "id = ?",
+    "held": "id = ? AND status = 'sending' AND owner = ? AND attempts = ?",
+    "untouched": "id = ? AND status = 'queued' AND attempts = 0",
+}
+
+
+def _update_row(
+    conn: Connection,
+    kind: _Where,
+    message_id: str,
+    changes: dict[str, Any],
+    held: dict[str, Any] | None = None,
+) -> int:
+    """UPDATE one record with ``changes`` where ``kind`` holds; the rows it changed.
+
+    The writes of every mail (a claim, an outcome) on SQLite go straight to the driver's
+    cursor, with the values converted by SQLAlchemy's own column types: a fifth of the
+    time of a full SQLAlchemy execution, the same stored bytes.
+    """
+    if conn.dialect.name != "sqlite":
+        return int(
+            conn.execute(
+                _UPDATES[kind], {"message_id": message_id, **changes, **(held or {})}
+            ).rowcount
+        )
+    convert = _sqlite_converters(conn.dialect)
+    args = [(c(v) if (c := convert[k]) else v) for k, v in changes.items()]
+    args.append(message_id)
+    if kind == "held":
+        assert held is not None
+        args += [held["held_owner"], held["held_attempts"]]
+    sql = _sqlite_update_sql(tuple(changes), kind)
+    return int(conn.connection.driver_connection.execute(sql, args).rowcount)  # type: ignore[union-attr]
+
+
+@functools.lru_cache(maxsize=4)
+def _sqlite_converters(dialect: Any) -> dict[str, Callable[[Any], Any] | None]:
+    return {c.name: c.type.dialect_impl(dialect).bind_processor(dialect) for c in messages_table.c}
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_update_sql(columns: tuple[str, ...], kind: _Where) -> str:
+    # Names from the table itself (a KeyError for anything else); every value is bound.
+    sets = ", ".join(f'"{messages_table.c[name].name}" = ?' for name in columns)
+    return f"UPDATE mailroom_messages SET {sets} WHERE {_SQLITE_WHERE[kind]}"  # noqa: S608
+
+
 _INSERT_NEW = {
     "sqlite": sqlite_insert(messages_table).on_conflict_do_nothing(index_elements=["id"]),
     "postgresql": pg_insert(messages_table).on_conflict_do_nothing(index_elements=["id"]),
@@ -993,25 +1045,36 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
     times are the job's ``created_at``), the same whichever process writes it first; so
     a worker can claim it without reading it (:func:`_queued_record`)."""
     at = _accepted_at(job) or now_utc()
-    conn.execute(
-        _INSERT_NEW[conn.dialect.name],
-        {
-            "id": job.id,
-            "recipients": list(job.to),
-            "subject": job.subject,
-            "status": "queued",
-            "attempts": 0,
-            "next_attempt_at": None,
-            "last_error": None,
-            "last_error_code": None,
-            "results": {
-                addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
-            },
-            "history": [{"status": "queued", "at": _iso(at)}],
-            "created_at": at,
-            "updated_at": at,
+    row = {
+        "id": job.id,
+        "recipients": list(job.to),
+        "subject": job.subject,
+        "status": "queued",
+        "attempts": 0,
+        "next_attempt_at": None,
+        "last_error": None,
+        "last_error_code": None,
+        "results": {
+            addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
         },
-    )
+        "history": [{"status": "queued", "at": _iso(at)}],
+        "created_at": at,
+        "updated_at": at,
+    }
+    if conn.dialect.name != "sqlite":
+        conn.execute(_INSERT_NEW[conn.dialect.name], row)
+        return
+    convert = _sqlite_converters(conn.dialect)
+    args = [(c(v) if (c := convert[k]) else v) for k, v in row.items()]
+    conn.connection.driver_connection.execute(_sqlite_insert_sql(tuple(row)), args)  # type: ignore[union-attr]
+
+
+@functools.lru_cache(maxsize=4)
+def _sqlite_insert_sql(columns: tuple[str, ...]) -> str:
+    # Names from the table itself (a KeyError for anything else); every value is bound.
+    names = ", ".join(f'"{messages_table.c[name].name}"' for name in columns)
+    marks = ", ".join("?" for _ in columns)
+    return f"INSERT INTO mailroom_messages ({names}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING"  # noqa: S608
 
 
 def _queued_record(job: MailJob) -> MessageRecord | None:
