@@ -146,6 +146,19 @@ def _parse_address(value: str, field: str) -> str:
     return normalized
 
 
+def _queued_address(value: Any, field: str) -> str:
+    """An address read back from the queue, where :func:`parse_address` wrote it in its
+    normalised form: checked again for what keeps the headers and the envelope safe (a
+    string, one address, no control characters), not for its syntax once more."""
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{field} must be a string", field)
+    check_header_text(value, field)
+    parsed = getaddresses([value])
+    if len(parsed) != 1 or not parsed[0][1] or "@" not in parsed[0][1]:
+        raise InvalidMessage(f"{field} is not one email address: {value!r}", field)
+    return value
+
+
 def _quote_name(name: str) -> str:
     if any(c in name for c in '()<>[]:;@\\,."'):
         escaped = name.replace("\\", "\\\\").replace('"', '\\"')
@@ -224,6 +237,7 @@ class MailJob:
             reply_to=body.get("reply_to"),
             job_id=job_id,
             created_at=body.get("created_at"),
+            queued=True,
         )
 
 
@@ -245,18 +259,21 @@ def new_job(
     job_id: str | None = None,
     created_at: Any = None,
     limits: InputLimits | None = None,
+    queued: bool = False,
 ) -> MailJob:
     """Validate a message request and give it an id. Raises :class:`InvalidMessage`.
 
-    ``limits`` applies the size limits for client requests (not to queued messages).
+    ``limits`` applies the size limits for client requests (not to queued messages);
+    ``queued`` says the addresses come from the queue, normalised by this function before.
     """
+    address = _queued_address if queued else parse_address
     if isinstance(to, str):
         to = [to]
     if not isinstance(to, list) or not to:
         raise InvalidMessage("to must be an address or a non-empty list of addresses", "to")
     if limits and len(to) > limits.max_recipients:
         raise InvalidMessage(f"to has more than {limits.max_recipients} recipients", "to")
-    recipients = tuple(parse_address(item, "to") for item in to)
+    recipients = tuple(address(item, "to") for item in to)
     if len({addr_spec(r).lower() for r in recipients}) != len(recipients):
         raise InvalidMessage("to names the same address twice", "to")
     if not isinstance(subject, str):
@@ -277,7 +294,7 @@ def new_job(
         if limits and len(value) > limits.max_body_chars:
             raise InvalidMessage(f"{name} is longer than {limits.max_body_chars} characters", name)
     if reply_to is not None:
-        reply_to = parse_address(reply_to, "reply_to")
+        reply_to = address(reply_to, "reply_to")
     return MailJob(
         id=job_id or uuid.uuid4().hex,
         to=recipients,

@@ -26,6 +26,7 @@ from werkzeug.datastructures import Headers
 
 from broker import Names
 from config import Secret, Settings
+from errors import InvalidMessage
 from guard import identify
 from mailer import build_mime, render
 from messages import MAX_NAME_CHARS, InputLimits, MailJob, new_job
@@ -260,6 +261,19 @@ def test_the_queued_form_carries_every_field_of_a_job() -> None:
     body = json.loads(job.to_bytes())
     assert set(body) == {f.name for f in dataclasses.fields(job)} | {"v"}
     assert MailJob.from_bytes(job.to_bytes()) == job
+
+
+@pytest.mark.parametrize(
+    "to",
+    ["a@example.com\r\nBcc: x@example.net", "a@example.com, b@example.com", "nobody", "", 7],
+)
+def test_a_queued_message_with_a_bad_address_is_refused(to: Any) -> None:
+    """The worker checks a queued address again for what keeps headers safe (its syntax
+    was checked at the door): a message not written by the server is undecodable."""
+    body = json.loads(new_job(to="a@example.com", subject="s", text="t").to_bytes())
+    body["to"] = [to]
+    with pytest.raises(InvalidMessage):
+        MailJob.from_bytes(json.dumps(body).encode())
 
 
 def test_rendering_leaves_utf8_addresses_to_the_email_package() -> None:
