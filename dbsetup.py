@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import asyncpg
 from sqlalchemy.engine import URL, make_url
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,8 @@ async def create_missing_database(database_url: str, connect_timeout: float) -> 
     url = make_url(database_url)
     if not url.drivername.startswith("postgres") or not url.database:
         return None
+    import asyncpg  # only for PostgreSQL: SQLite deployments never load it (14 MB)
+
     try:
         connection = await asyncpg.connect(_dsn(url), timeout=connect_timeout)
     except asyncpg.InvalidCatalogNameError:
@@ -82,6 +83,8 @@ async def create_missing_database(database_url: str, connect_timeout: float) -> 
 
 async def _maintenance_connection(url: URL, connect_timeout: float) -> Any:
     """A connection to ``postgres`` (else ``template1``) as the URL's user, or None."""
+    import asyncpg
+
     for database in MAINTENANCE_DATABASES:
         try:
             return await asyncpg.connect(_dsn(url, database), timeout=connect_timeout)

@@ -59,8 +59,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -967,9 +965,6 @@ _UPDATE_HELD = update(messages_table).where(
     & (messages_table.c.owner == bindparam("held_owner"))
     & (messages_table.c.attempts == bindparam("held_attempts"))
 )
-# A record that is already there (the worker got the message before the server's write
-# committed, or the other way round) is left as it is: no error, so a batch of writes is
-# never rolled back and replayed one unit at a time for it.
 _Where = Literal["one", "held", "untouched"]
 _UPDATES: dict[_Where, Any] = {
     "one": _UPDATE_ONE,
@@ -1025,10 +1020,12 @@ def _sqlite_update_sql(columns: tuple[str, ...], kind: _Where) -> str:
     return f"UPDATE mailroom_messages SET {sets} WHERE {_SQLITE_WHERE[kind]}"  # noqa: S608
 
 
-_INSERT_NEW = {
-    "sqlite": sqlite_insert(messages_table).on_conflict_do_nothing(index_elements=["id"]),
-    "postgresql": pg_insert(messages_table).on_conflict_do_nothing(index_elements=["id"]),
-}
+@functools.lru_cache(maxsize=1)
+def _pg_insert_new() -> Any:
+    # PostgreSQL's dialect is loaded only where it is used (SQLite processes never need it).
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    return pg_insert(messages_table).on_conflict_do_nothing(index_elements=["id"])
 
 
 def _accepted_at(job: MailJob) -> datetime | None:
@@ -1043,7 +1040,10 @@ def _accepted_at(job: MailJob) -> datetime | None:
 def _insert_queued(conn: Connection, job: MailJob) -> None:
     """The record of a newly accepted message. It is a function of the job alone (its
     times are the job's ``created_at``), the same whichever process writes it first; so
-    a worker can claim it without reading it (:func:`_queued_record`)."""
+    a worker can claim it without reading it (:func:`_queued_record`). A record that is
+    already there (the worker got the message before the server's write committed, or the
+    other way round) is left as it is (ON CONFLICT DO NOTHING): no error, so a batch of
+    writes is never rolled back and replayed one unit at a time for it."""
     at = _accepted_at(job) or now_utc()
     row = {
         "id": job.id,
@@ -1062,7 +1062,7 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
         "updated_at": at,
     }
     if conn.dialect.name != "sqlite":
-        conn.execute(_INSERT_NEW[conn.dialect.name], row)
+        conn.execute(_pg_insert_new(), row)
         return
     convert = _sqlite_converters(conn.dialect)
     args = [(c(v) if (c := convert[k]) else v) for k, v in row.items()]
