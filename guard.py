@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import math
@@ -69,6 +70,7 @@ class Client:
         return not self.proxied and is_loopback(self.peer)
 
 
+@functools.lru_cache(maxsize=1024)  # asked several times per request, for few addresses
 def is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
