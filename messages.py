@@ -138,12 +138,32 @@ def _parse_address(value: str, field: str) -> str:
             f"{field}: a display name is longer than {MAX_NAME_CHARS} characters", field
         )
     try:
-        normalized = check_email(addr).normalized
+        normalized = _plain_address(addr) or check_email(addr).normalized
     except EmailNotValidError as exc:
         raise InvalidMessage(f"{field} is not a valid email address: {exc}", field) from None
     if name:
         return f"{_quote_name(name)} <{normalized}>"
     return normalized
+
+
+# The everyday address: ASCII, a dot-atom local part, a domain of letter-digit-hyphen labels
+# ending in a letters-only top-level label. email-validator's answer for these is the
+# address with its domain in lower case (a property test holds the two together); any
+# other address is asked of email-validator.
+_PLAIN = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+)
+
+
+def _plain_address(addr: str) -> str | None:
+    """``addr`` normalised as email-validator would, when it is an everyday address."""
+    if len(addr) > 254 or not _PLAIN.fullmatch(addr):
+        return None
+    local, _, domain = addr.rpartition("@")
+    if len(local) > 64 or "--" in domain:  # "xn--" (IDNA) and the like: the library
+        return None
+    return f"{local}@{domain.lower()}"
 
 
 def _queued_address(value: Any, field: str) -> str:

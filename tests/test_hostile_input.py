@@ -22,6 +22,10 @@ from typing import Any
 import httpx
 import pytest
 from aiosmtplib.email import flatten_message
+from email_validator import EmailNotValidError
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from werkzeug.datastructures import Headers
 
 from broker import Names
@@ -29,7 +33,7 @@ from config import Secret, Settings
 from errors import InvalidMessage
 from guard import identify
 from mailer import build_mime, render
-from messages import MAX_NAME_CHARS, InputLimits, MailJob, new_job
+from messages import MAX_NAME_CHARS, InputLimits, MailJob, _plain_address, check_email, new_job
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -254,6 +258,57 @@ def same_boundary(data: bytes) -> bytes:
     for found in set(re.findall(rb'boundary="([^"]+)"', data)):
         data = data.replace(found, b"BOUNDARY")
     return data
+
+
+_ADDRESS_CHARS = "aZ09.-_+!#$%&'*/=?^`{|}~@\"() ,:;<>[]\\\u00e9\u00fc\u0394"
+_PARTS = st.text(alphabet=_ADDRESS_CHARS, min_size=0, max_size=12)
+_LABELS = st.lists(st.from_regex(r"[A-Za-z0-9-]{1,12}", fullmatch=True), min_size=1, max_size=4)
+
+
+@hypothesis_settings(max_examples=2000, deadline=None)
+@given(
+    local=_PARTS | st.from_regex(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,70}", fullmatch=True),
+    labels=_LABELS,
+    tld=st.from_regex(r"[A-Za-z0-9-]{0,4}", fullmatch=True),
+)
+def test_the_everyday_address_shortcut_agrees_with_email_validator(
+    local: str, labels: list[str], tld: str
+) -> None:
+    """messages._plain_address answers only where email-validator accepts, with the very
+    same normalised form; everything else goes to email-validator."""
+    addr = f"{local}@{'.'.join([*labels, tld] if tld else labels)}"
+    fast = _plain_address(addr)
+    if fast is None:
+        return
+    assert check_email(addr).normalized == fast
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "Ann.Lee+x@Example.COM",
+        "a@b.co",
+        "x@xn--bcher-kva.example",
+        "a..b@example.com",
+        "-a@example.com",
+        "a@-example.com",
+        "a@example-.com",
+        "a@example.c0m",
+        "a" * 65 + "@e.com",
+        "a@" + "b" * 64 + ".com",
+        "a@localhost",
+        "user@mailroom.test",
+        "a@b.invalid",
+    ],
+)
+def test_the_everyday_address_shortcut_on_edges(addr: str) -> None:
+    fast = _plain_address(addr)
+    try:
+        expected = check_email(addr).normalized
+    except EmailNotValidError:
+        assert fast is None
+    else:
+        assert fast in (None, expected)
 
 
 def test_the_queued_form_carries_every_field_of_a_job() -> None:
