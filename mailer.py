@@ -74,7 +74,7 @@ class SendResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=4096)  # pure, and asked for several times per mail
+@functools.lru_cache(maxsize=512)  # pure, and asked for several times per mail
 def envelope_address(address: str) -> str:
     """The SMTP envelope form of an address: an IDN domain in ASCII (punycode).
 
@@ -208,7 +208,7 @@ def _unstructured(name: str, value: str) -> Header:
     return Header(value, "utf-8", header_name=name)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def _format_address(address: str) -> str:
     name, spec = getaddresses([address])[0]
     spec = envelope_address(spec)  # may keep a UTF-8 local part (the SMTPUTF8 builder)

@@ -124,7 +124,7 @@ def parse_address(value: str, field: str = "to") -> str:
 
 # Pure functions of their arguments, called several times per mail on the same addresses
 # (validation at the door and again on the worker, envelope and header forms): cached.
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def _parse_address(value: str, field: str) -> str:
     value = check_header_text(value, field).strip()
     if not value:
@@ -186,7 +186,7 @@ def _quote_name(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def addr_spec(address: str) -> str:
     """``Name <a@b>`` -> ``a@b`` (for the SMTP envelope)."""
     return getaddresses([address])[0][1]
