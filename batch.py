@@ -42,7 +42,7 @@ from apidoc import answers
 from broker import Broker
 from errors import InvalidMessage, PublishUnconfirmed
 from guard import Denied, Guard
-from messages import InputLimits, MailJob, addr_spec, request_job
+from messages import AttachmentTooLarge, InputLimits, MailJob, addr_spec, request_job
 from schemas import (
     MAX_BATCH,
     BatchAnswer,
@@ -148,7 +148,8 @@ def register(app: Quart, accepting: Accepting) -> None:
                 field, reason = a.describe_validation(exc)
                 results[index] = failed(400, reason, field)
             except InvalidMessage as exc:
-                results[index] = failed(400, exc.reason, exc.field)
+                code = 413 if isinstance(exc, AttachmentTooLarge) else 400
+                results[index] = failed(code, exc.reason, exc.field)
             else:
                 jobs.append((index, job))
         # Shielded, as the single endpoint: a client that hangs up must not leave the key
@@ -231,7 +232,7 @@ def register(app: Quart, accepting: Accepting) -> None:
         refused = 0
         for index, job in jobs:
             try:
-                await a.guard.spend_send(g.client, [addr_spec(r) for r in job.to])
+                await a.guard.spend_send(g.client, [addr_spec(r) for r in job.recipients])
             except Denied as exc:
                 results[index] = failed(exc.status, exc.message)
                 refused += 1

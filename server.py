@@ -59,6 +59,7 @@ from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, 
 from graceful import serve
 from guard import Denied, Guard, bearer_token, identify
 from messages import (
+    AttachmentTooLarge,
     InputLimits,
     MailJob,
     addr_spec,
@@ -156,6 +157,8 @@ def create_app(settings: Settings) -> Quart:
         max_recipients=settings.max_recipients,
         max_subject_chars=settings.max_subject_chars,
         max_body_chars=settings.max_body_chars,
+        allowed_senders=settings.senders,
+        max_attachment_bytes=settings.max_attachment_bytes,
     )
     app.extensions["mailroom_broker"] = broker
     dead_letter_listings = DeadLetterListings(settings)
@@ -282,7 +285,10 @@ def create_app(settings: Settings) -> Quart:
             raise
         await record(job)
         log.info(
-            "message %s: queued for %d recipient(s) from %s", job.id, len(job.to), g.client.address
+            "message %s: queued for %d recipient(s) from %s",
+            job.id,
+            len(job.recipients),
+            g.client.address,
         )
 
     def watch_late(
@@ -385,11 +391,11 @@ def create_app(settings: Settings) -> Quart:
         try:
             job = request_job(data, limits)
         except InvalidMessage as exc:
-            return json_error(exc.reason, 400, field=exc.field)
+            return json_error(exc.reason, refusal_code(exc), field=exc.field)
         key = headers.idempotency_key
         if key is not None and not key.isprintable():
             return json_error("Idempotency-Key must be printable characters", 400)
-        await guard.spend_send(g.client, [addr_spec(a) for a in job.to])
+        await guard.spend_send(g.client, [addr_spec(a) for a in job.recipients])
         # Shielded: a client that hangs up must not leave a key claimed for a message that
         # was never queued (every retry would then answer 409 for a day).
         return await asyncio.shield(accept(job, data, key, client_identity()))
@@ -464,7 +470,11 @@ def create_app(settings: Settings) -> Quart:
     async def list_messages(query_args: ListQuery) -> ResponseReturnValue:
         """Messages, newest first, optionally of one status."""
         try:
-            records = await store().list(query_args.status, query_args.limit)
+            meta = None
+            if query_args.metadata is not None:
+                key, _, value = query_args.metadata.partition(":")
+                meta = (key, value)
+            records = await store().list(query_args.status, query_args.limit, query_args.tag, meta)
         except StoreUnavailable as exc:
             log.error("listing messages: store unavailable: %s", exc)
             return json_error("the message store is unavailable; try again", 503, RETRY)
@@ -532,6 +542,11 @@ def create_app(settings: Settings) -> Quart:
         app, web.Context(settings=settings, store=store, describe_validation=describe_validation)
     )
     return app
+
+
+def refusal_code(exc: InvalidMessage) -> int:
+    """413 for attachments over MAX_ATTACHMENT_BYTES, 400 for any other invalid message."""
+    return 413 if isinstance(exc, AttachmentTooLarge) else 400
 
 
 def describe_validation(error: Any) -> tuple[str | None, str]:

@@ -52,9 +52,11 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    cast,
     delete,
     event,
     insert,
+    inspect,
     select,
     update,
 )
@@ -75,7 +77,7 @@ log = logging.getLogger(__name__)
 
 Status = Literal["queued", "sending", "retrying", "sent", "partial", "failed"]
 FINAL = frozenset({"sent", "partial", "failed", "cancelled"})
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
@@ -109,6 +111,9 @@ messages_table = Table(
     Column("owner", String(96)),
     Column("lease_until", DateTime(timezone=True)),
     Column("copy", Integer, nullable=False, server_default="0"),
+    # Schema 4 (issue 12): the message's tags (a JSON list) and metadata (a JSON object).
+    Column("tags", JSON),
+    Column("meta", JSON),
 )
 
 idempotency_table = Table(
@@ -185,6 +190,8 @@ class MessageRecord:
     owner: str | None = None
     lease_until: datetime | None = None
     copy: int = 0
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def unfinished_attempts(self) -> int:
         """How many attempts in a row were started (``sending``) and never finished."""
@@ -218,6 +225,8 @@ class MessageRecord:
             "history": self.history,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "tags": self.tags,
+            "metadata": self.metadata,
         }
 
 
@@ -242,6 +251,8 @@ def _record(row: Any) -> MessageRecord:
         owner=row.owner,
         lease_until=_aware(row.lease_until),
         copy=row.copy or 0,
+        tags=list(row.tags or ()),
+        metadata=dict(row.meta or {}),
     )
 
 
@@ -676,12 +687,20 @@ class Store:
             raise StoreUnavailable(_describe(exc)) from exc
         return _record(row) if row is not None else None
 
-    async def list(self, status: str | None = None, limit: int = 50) -> list[MessageRecord]:
+    async def list(
+        self,
+        status: str | None = None,
+        limit: int = 50,
+        tag: str | None = None,
+        meta: tuple[str, str] | None = None,
+    ) -> list[MessageRecord]:
         query = select(messages_table).order_by(
             messages_table.c.created_at.desc(), messages_table.c.id.desc()
         )
         if status is not None:
             query = query.where(messages_table.c.status == status)
+        if tag is not None or meta is not None:
+            query = query.where(*_tag_and_meta_filter(tag, meta))
         try:
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(query.limit(limit))).all()
@@ -997,7 +1016,7 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
         _INSERT_NEW[conn.dialect.name],
         {
             "id": job.id,
-            "recipients": list(job.to),
+            "recipients": list(job.recipients),
             "subject": job.subject,
             "status": "queued",
             "attempts": 0,
@@ -1005,11 +1024,14 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
             "last_error": None,
             "last_error_code": None,
             "results": {
-                addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
+                addr_spec(a): {"status": "pending", "code": None, "message": None}
+                for a in job.recipients
             },
             "history": [{"status": "queued", "at": _iso(at)}],
             "created_at": at,
             "updated_at": at,
+            "tags": list(job.tags) if job.tags else None,
+            "meta": dict(job.metadata) if job.metadata else None,
         },
     )
 
@@ -1022,18 +1044,36 @@ def _queued_record(job: MailJob) -> MessageRecord | None:
         return None
     return MessageRecord(
         id=job.id,
-        recipients=list(job.to),
+        recipients=list(job.recipients),
         subject=job.subject,
         status="queued",
         attempts=0,
         next_attempt_at=None,
         last_error=None,
         last_error_code=None,
-        results={addr_spec(a): RecipientResult("pending") for a in job.to},
+        results={addr_spec(a): RecipientResult("pending") for a in job.recipients},
         history=[{"status": "queued", "at": _iso(at)}],
         created_at=at,
         updated_at=at,
+        tags=list(job.tags),
+        metadata=dict(job.metadata),
     )
+
+
+def _tag_and_meta_filter(tag: str | None, meta: tuple[str, str] | None) -> list[Any]:
+    """WHERE clauses for ``GET /api/messages?tag=`` and ``?metadata=key:value``.
+
+    A tag has no quote or comma (messages.py), so ``"tag"`` is found in the stored JSON
+    list as text, the same on SQLite and PostgreSQL; a metadata value is compared through
+    the database's JSON path operator.
+    """
+    clauses: list[Any] = []
+    if tag is not None:
+        clauses.append(cast(messages_table.c.tags, Text).contains(f'"{tag}"', autoescape=True))
+    if meta is not None:
+        key, value = meta
+        clauses.append(messages_table.c.meta[key].as_string() == value)
+    return clauses
 
 
 def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
@@ -1072,7 +1112,18 @@ def _create_or_upgrade(conn: Connection) -> None:
                 "ALTER TABLE mailroom_messages ADD COLUMN copy INTEGER NOT NULL DEFAULT 0",
             ):
                 conn.exec_driver_sql(ddl)
+        if version < 4:
+            # Issue 12: tags and metadata on the record (JSON; NULL for none). Added only
+            # when missing, whichever other steps ran before.
+            _add_missing_columns(conn, "mailroom_messages", {"tags": "JSON", "meta": "JSON"})
         conn.execute(update(schema_table).values(version=SCHEMA_VERSION))
+
+
+def _add_missing_columns(conn: Connection, table: str, columns: dict[str, str]) -> None:
+    present = {c["name"] for c in inspect(conn).get_columns(table)}
+    for name, kind in columns.items():
+        if name not in present:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -105,7 +105,8 @@ async def test_any_syntactically_valid_address_is_accepted(app_client: AppClient
         ({"html": ["x"]}, "html"),
         ({"reply_to": "not an address"}, "reply_to"),
         ({"reply_to": "a@example.com\nX: y"}, "reply_to"),
-        ({"bcc": "x@example.com"}, "bcc"),
+        ({"bcc": "not an address"}, "bcc"),
+        ({"shipping": "x@example.com"}, "shipping"),
     ],
 )
 async def test_invalid_field_is_named(

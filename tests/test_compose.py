@@ -1,0 +1,268 @@
+"""Issue 12: composing real mail (cc/bcc, HTML only, custom headers, from, tags and
+metadata, attachments, templates, DKIM), through the real pipeline to an SMTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from broker import Names
+from config import Settings
+from messages import MailJob
+from tests.conftest import running_app, running_worker, wait_ready
+from tests.support import Received, SmtpServer, get_messages, queue_depth
+
+AppClient = tuple[Quart, Client]
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+def send_queue(app: Quart) -> str:
+    settings: Settings = app.config["MAILROOM_SETTINGS"]
+    return Names.for_prefix(settings.queue_prefix).send_queue
+
+
+async def status_of(client: Client, job_id: str, final: str = "sent") -> dict[str, Any]:
+    """The status API's record once it is ``final`` (waits up to 20 s)."""
+    async with asyncio.timeout(20):
+        while True:
+            record: dict[str, Any] = await (await client.get(f"/api/messages/{job_id}")).get_json()
+            if record.get("status") == final:
+                return record
+            await asyncio.sleep(0.05)
+
+
+def header_text(mail: Received) -> str:
+    return mail.data.split(b"\r\n\r\n", 1)[0].decode().lower()
+
+
+async def test_cc_bcc_headers_from_tags_and_html_only_arrive(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    settings = make_settings(
+        **smtp.settings_overrides(None, login=False),
+        mail_from="Mailroom <noreply@example.org>",
+        allowed_senders=("noreply@example.org", "@news.example.org"),
+    )
+    body = {
+        "to": "Ann <ann@example.com>",
+        "cc": ["Carl <carl@example.com>"],
+        "bcc": ["hidden@example.net", "secret@example.net"],
+        "from": "Newsletter <letters@news.example.org>",
+        "subject": "Weekly",
+        "html": "<h1>Hello</h1><p>Read <a href='https://example.com/x'>this</a>.</p>",
+        "headers": {"X-Campaign": "spring-24", "List-Unsubscribe": "<mailto:u@example.org>"},
+        "tags": ["newsletter", "week:12"],
+        "metadata": {"customer": "42", "plan": "gold"},
+    }
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        response = await client.post("/api/messages", json=body)
+        assert response.status_code == 202, await response.get_data(as_text=True)
+        job_id = (await response.get_json())["id"]
+        (mail,) = await smtp.recorder.wait_for(1, timeout=20)
+        record = await status_of(client, job_id)
+        tagged = await client.get("/api/messages?tag=week:12")
+        by_meta = await client.get("/api/messages?metadata=plan:gold")
+        other = await client.get("/api/messages?metadata=plan:silver")
+        untagged = await client.get("/api/messages?tag=other")
+    assert mail.mail_from == "letters@news.example.org"
+    assert sorted(mail.rcpt_tos) == sorted(
+        ["ann@example.com", "carl@example.com", "hidden@example.net", "secret@example.net"]
+    )
+    msg = mail.message
+    assert msg["From"].addresses[0].addr_spec == "letters@news.example.org"
+    assert [a.addr_spec for a in msg["Cc"].addresses] == ["carl@example.com"]
+    assert "bcc" not in header_text(mail)
+    assert "hidden" not in header_text(mail) and "secret" not in header_text(mail)
+    assert msg["X-Campaign"] == "spring-24"
+    assert msg["List-Unsubscribe"] == "<mailto:u@example.org>"
+    assert msg.get_content_type() == "multipart/alternative"
+    plain = msg.get_body(("plain",))
+    assert plain is not None
+    text = plain.get_content()
+    assert "Hello" in text and "this" in text and "<h1>" not in text
+    assert {r["address"] for r in record["recipients"]} == set(mail.rcpt_tos)
+    assert all(r["status"] == "sent" for r in record["recipients"])
+    assert record["tags"] == ["newsletter", "week:12"]
+    assert record["metadata"] == {"customer": "42", "plan": "gold"}
+    assert [m["id"] for m in (await tagged.get_json())["messages"]] == [job_id]
+    assert [m["id"] for m in (await by_meta.get_json())["messages"]] == [job_id]
+    assert (await other.get_json())["messages"] == []
+    assert (await untagged.get_json())["messages"] == []
+
+
+async def test_attachments_and_inline_images_arrive_in_their_structure(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    settings = make_settings(**smtp.settings_overrides(None, login=False))
+    report = b"%PDF-1.4 not really\n" * 50
+    body = {
+        "to": "ann@example.com",
+        "subject": "Report ✓",
+        "text": "See the report.",
+        "html": '<p>Logo: <img src="cid:logo@mailroom"></p>',
+        "attachments": [
+            {
+                "filename": "Bericht für März.pdf",
+                "content_type": "application/pdf",
+                "content": base64.b64encode(report).decode(),
+            },
+            {
+                "filename": "logo.png",
+                "content_type": "image/png",
+                "content": base64.b64encode(PNG).decode(),
+                "content_id": "logo@mailroom",
+            },
+        ],
+    }
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        response = await client.post("/api/messages", json=body)
+        assert response.status_code == 202, await response.get_data(as_text=True)
+        (mail,) = await smtp.recorder.wait_for(1, timeout=20)
+    msg = mail.message
+    assert msg.get_content_type() == "multipart/mixed"
+    related, pdf = msg.iter_parts()
+    assert related.get_content_type() == "multipart/related"
+    alternative, logo = related.iter_parts()
+    assert alternative.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in alternative.iter_parts()] == [
+        "text/plain",
+        "text/html",
+    ]
+    assert logo["Content-ID"] == "<logo@mailroom>"
+    assert logo.get_content() == PNG
+    assert pdf.get_filename() == "Bericht für März.pdf"
+    assert b"filename*=utf-8''Bericht%20f%C3%BCr%20M%C3%A4rz.pdf" in mail.data  # RFC 2231
+    assert pdf.get_content() == report
+    assert pdf.get_content_disposition() == "attachment"
+
+
+# -- refused at the door: a clear 4xx, nothing queued ----------------------------------
+
+GOOD: dict[str, Any] = {"to": "a@example.com", "subject": "s", "text": "t"}
+TINY = base64.b64encode(b"x").decode()
+HOSTILE: list[tuple[dict[str, Any], int, str, str]] = [
+    ({"headers": {"X-Evil\r\nBcc": "v@example.com"}}, 400, "headers", "field name"),
+    ({"headers": {"X-Ok": "a\r\nBcc: v@example.com"}}, 400, "headers", "must not contain"),
+    ({"headers": {"Subject": "again"}}, 400, "headers", "written by Mailroom"),
+    ({"headers": {"content-type": "text/html"}}, 400, "headers", "written by Mailroom"),
+    ({"headers": {"X-Mailroom-Id": "0" * 32}}, 400, "headers", "written by Mailroom"),
+    ({"headers": {"DKIM-Signature": "v=1"}}, 400, "headers", "written by Mailroom"),
+    ({"headers": {"X Space": "v"}}, 400, "headers", "field name"),
+    ({"from": "ceo@bank.example"}, 400, "from", "ALLOWED_SENDERS"),
+    ({"from": "a@example.com\r\nBcc: x@y.z"}, 400, "from", "must not contain"),
+    ({"cc": "not an address"}, 400, "cc", "cc"),
+    ({"bcc": ["a@example.com"]}, 400, "bcc", "twice"),
+    ({"cc": [f"c{i}@example.com" for i in range(50)]}, 400, "cc", "MAX_RECIPIENTS"),
+    ({"tags": ["has space"]}, 400, "tags", "not a tag"),
+    ({"tags": [f"t{i}" for i in range(11)]}, 400, "tags", "at most"),
+    ({"metadata": {"k": "a\nb"}}, 400, "metadata", "must not contain"),
+    ({"metadata": {"k": 1}}, 400, "metadata", "metadata"),
+    (
+        {"attachments": [{"filename": "../../etc/passwd", "content": TINY}]},
+        400,
+        "attachments",
+        "plain file name",
+    ),
+    (
+        {"attachments": [{"filename": "a\\b.txt", "content": TINY}]},
+        400,
+        "attachments",
+        "plain file name",
+    ),
+    (
+        {"attachments": [{"filename": "a\r\nb.txt", "content": TINY}]},
+        400,
+        "attachments",
+        "must not contain",
+    ),
+    (
+        {"attachments": [{"filename": "a.txt", "content": "not base64!"}]},
+        400,
+        "attachments",
+        "base64",
+    ),
+    (
+        {"attachments": [{"filename": "a.txt", "content": "QUJD="}]},
+        400,
+        "attachments",
+        "base64",
+    ),
+    (
+        {"attachments": [{"filename": "a.txt", "content_type": "text", "content": TINY}]},
+        400,
+        "attachments",
+        "content type",
+    ),
+    (
+        {"attachments": [{"filename": "a.txt", "content": TINY}] * 10_000},
+        400,
+        "attachments",
+        "100",
+    ),
+    (
+        {
+            "attachments": [
+                {"filename": "big.bin", "content": base64.b64encode(b"x" * 2049).decode()}
+            ]
+        },
+        413,
+        "attachments",
+        "MAX_ATTACHMENT_BYTES",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "field", "words"), HOSTILE, ids=[str(i) for i in range(len(HOSTILE))]
+)
+async def test_hostile_fields_are_refused_and_nothing_is_queued(
+    change: dict[str, Any],
+    code: int,
+    field: str,
+    words: str,
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(max_attachment_bytes=2048)
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        response = await client.post("/api/messages", json={**GOOD, **change})
+        answer = await response.get_json()
+        assert response.status_code == code, answer
+        assert answer["field"] == field
+        assert words in answer["error"]
+        assert await queue_depth(send_queue(app)) == 0
+
+
+async def test_the_queued_form_keeps_every_new_field(app_client: AppClient) -> None:
+    app, client = app_client
+    body = {
+        **GOOD,
+        "cc": "c@example.com",
+        "bcc": ["b@example.com"],
+        "from": "mailroom@localhost",
+        "headers": {"X-Campaign": "c"},
+        "attachments": [{"filename": "a.txt", "content": TINY, "content_type": "text/plain"}],
+        "tags": ["t"],
+        "metadata": {"k": "v"},
+    }
+    response = await client.post("/api/messages", json=body)
+    assert response.status_code == 202, await response.get_json()
+    (message,) = await get_messages(send_queue(app))
+    job = MailJob.from_bytes(message.body)
+    assert job.cc == ("c@example.com",) and job.bcc == ("b@example.com",)
+    assert job.sender == "mailroom@localhost"
+    assert job.headers == (("X-Campaign", "c"),)
+    assert job.attachments[0].content == b"x"
+    assert job.tags == ("t",) and job.metadata == (("k", "v"),)
+    assert email.utils.parseaddr(job.recipients[-1])[1] == "b@example.com"
