@@ -20,6 +20,7 @@ Sending and reading need a token or a direct loopback client (see guard.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -27,11 +28,12 @@ import logging
 import re
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from pydantic import TypeAdapter, ValidationError
 from quart import Quart, Response, g, jsonify, request
 from quart.json.provider import JSONProvider
 from quart_schema import (
@@ -229,6 +231,9 @@ def create_app(settings: Settings) -> Quart:
             guard.authorize(client, g.token)
             if request.method == "POST" and path in ("/api/messages", "/api/messages/batch"):
                 await guard.check_send(client)
+                if request.mimetype == "multipart/form-data" and path == "/api/messages":
+                    answer: Any = await create_from_form()
+                    return cast(Response, await app.make_response(answer))
                 if request.mimetype != "application/json":
                     return json_error("send JSON with Content-Type: application/json", 415)
         elif path == "/" and "talktome" in args:
@@ -387,7 +392,26 @@ def create_app(settings: Settings) -> Quart:
     async def create_message(
         data: MessageRequest, headers: IdempotencyHeaders
     ) -> ResponseReturnValue:
-        """Queue a mail; 202 only after RabbitMQ confirmed it is stored."""
+        """Queue a mail; 202 only after RabbitMQ confirmed it is stored. Also takes the same
+        fields as multipart/form-data (curl -F), files as 'attachment'."""
+        return await submit(data, headers)
+
+    async def create_from_form() -> ResponseReturnValue:
+        """``POST /api/messages`` as multipart/form-data: the fields of the JSON body
+        (to, cc, bcc, tag repeated; metadata.<key>, header.<name>, variable.<name>), and
+        each file of an ``attachment`` field attached."""
+        try:
+            body = await form_body()
+            data = _MESSAGE.validate_python(body)
+            headers = IdempotencyHeaders(idempotency_key=request.headers.get("Idempotency-Key"))
+        except ValidationError as exc:
+            field, reason = describe_validation(exc)
+            return json_error(reason, 400, field=field)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field=exc.field)
+        return await submit(data, headers)
+
+    async def submit(data: MessageRequest, headers: IdempotencyHeaders) -> ResponseReturnValue:
         try:
             job = request_job(data, limits)
         except InvalidMessage as exc:
@@ -542,6 +566,41 @@ def create_app(settings: Settings) -> Quart:
         app, web.Context(settings=settings, store=store, describe_validation=describe_validation)
     )
     return app
+
+
+_MESSAGE = TypeAdapter(MessageRequest)
+_FORM_LISTS = {"to": "to", "cc": "cc", "bcc": "bcc", "tag": "tags", "tags": "tags"}
+_FORM_MAPS = {"metadata.": "metadata", "header.": "headers", "variable.": "variables"}
+
+
+async def form_body() -> dict[str, Any]:
+    """A multipart/form-data message request as the JSON body it stands for."""
+    form = await request.form
+    files = await request.files
+    body: dict[str, Any] = {}
+    for name in form:
+        values = form.getlist(name)
+        prefix = next((p for p in _FORM_MAPS if name.startswith(p)), None)
+        if name in _FORM_LISTS:
+            body.setdefault(_FORM_LISTS[name], []).extend(values)
+        elif prefix is not None:
+            body.setdefault(_FORM_MAPS[prefix], {})[name[len(prefix) :]] = values[-1]
+        elif len(values) > 1:
+            raise InvalidMessage(f"{name} is given more than once", name)
+        else:
+            body[name] = values[0]
+    for name in files:
+        if name != "attachment":
+            raise InvalidMessage(f"unknown file field {name!r}: send files as 'attachment'", name)
+        body["attachments"] = [
+            {
+                "filename": upload.filename or "",
+                "content_type": upload.mimetype or None,
+                "content": base64.b64encode(upload.read()).decode("ascii"),
+            }
+            for upload in files.getlist(name)
+        ]
+    return body
 
 
 def refusal_code(exc: InvalidMessage) -> int:

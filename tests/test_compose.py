@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -266,3 +267,52 @@ async def test_the_queued_form_keeps_every_new_field(app_client: AppClient) -> N
     assert job.attachments[0].content == b"x"
     assert job.tags == ("t",) and job.metadata == (("k", "v"),)
     assert email.utils.parseaddr(job.recipients[-1])[1] == "b@example.com"
+
+
+async def test_a_multipart_form_upload_is_the_same_message(app_client: AppClient) -> None:
+    """curl -F to=... -F subject=... -F attachment=@report.pdf"""
+    from werkzeug.datastructures import FileStorage, MultiDict
+    from werkzeug.test import encode_multipart
+
+    app, client = app_client
+    form = MultiDict(
+        [
+            ("to", "a@example.com"),
+            ("to", "b@example.com"),
+            ("bcc", "c@example.com"),
+            ("subject", "Report"),
+            ("html", "<p>See <b>the</b> report</p>"),
+            ("tag", "reports"),
+            ("metadata.customer", "42"),
+            ("header.X-Campaign", "q3"),
+        ]
+    )
+    for content, name, kind in (
+        (b"%PDF", "Bericht März.pdf", "application/pdf"),
+        (PNG, "logo.png", "image/png"),
+    ):
+        form.add("attachment", FileStorage(io.BytesIO(content), name, "attachment", kind))
+    boundary, data = encode_multipart(form)
+    response = await client.post(
+        "/api/messages",
+        data=data,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 202, await response.get_json()
+    (message,) = await get_messages(send_queue(app))
+    job = MailJob.from_bytes(message.body)
+    assert job.to == ("a@example.com", "b@example.com") and job.bcc == ("c@example.com",)
+    assert "See the report" in job.text
+    assert job.tags == ("reports",) and job.metadata == (("customer", "42"),)
+    assert job.headers == (("X-Campaign", "q3"),)
+    assert [(a.filename, a.content_type, a.content) for a in job.attachments] == [
+        ("Bericht März.pdf", "application/pdf", b"%PDF"),
+        ("logo.png", "image/png", PNG),
+    ]
+    refused = await client.post(
+        "/api/messages",
+        form={"to": "a@example.com", "subject": "s", "text": "t"},
+        files={"file": FileStorage(io.BytesIO(b"x"), "x.txt", "file", "text/plain")},
+    )
+    assert refused.status_code == 400
+    assert "attachment" in (await refused.get_json())["error"]
