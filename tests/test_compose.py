@@ -275,7 +275,7 @@ async def test_a_multipart_form_upload_is_the_same_message(app_client: AppClient
     from werkzeug.test import encode_multipart
 
     app, client = app_client
-    form = MultiDict(
+    form: MultiDict[str, Any] = MultiDict(
         [
             ("to", "a@example.com"),
             ("to", "b@example.com"),
