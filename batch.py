@@ -38,6 +38,7 @@ from quart_schema import (
     validate_headers,
 )
 
+import mailtemplates
 from apidoc import answers
 from broker import Broker
 from errors import InvalidMessage, PublishUnconfirmed
@@ -50,7 +51,7 @@ from schemas import (
     IdempotencyHeaders,
     MessageRequest,
 )
-from store import IdempotencyConflict, Store, StoreUnavailable
+from store import IdempotencyConflict, Store, StoredTemplate, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,23 @@ def register(app: Quart, accepting: Accepting) -> None:
             return refuse("Idempotency-Key must be printable characters", 400)
         results: list[Result] = [{}] * len(body)
         jobs: list[tuple[int, MailJob]] = []
+        fetched: dict[str, StoredTemplate | None] = {}
+
+        async def template(name: str) -> StoredTemplate | None:
+            """Each template of the batch read once."""
+            if name not in fetched:
+                fetched[name] = await a.store().get_template(name)
+            return fetched[name]
+
         for index, item in enumerate(body):
             try:
                 data = _ITEM.validate_python(item)
+                if data.template is not None or data.variables is not None:
+                    data = await mailtemplates.apply(data, template, a.limits.max_body_chars)
                 job = request_job(data, a.limits)
+            except StoreUnavailable as exc:
+                log.error("batch item %d: template store unavailable: %s", index, exc)
+                results[index] = failed(503, "the message store is unavailable; try again")
             except ValidationError as exc:
                 field, reason = a.describe_validation(exc)
                 results[index] = failed(400, reason, field)

@@ -303,3 +303,20 @@ class OutboxMail(OutboxSummary):
     text: str | None
     html: str | None = Field(description="Show it only in a sandboxed frame.")
     attachments: list[OutboxAttachment]
+
+
+# -- templates (issue 12) -------------------------------------------------------------
+
+
+class TemplateRequest(_Strict):
+    subject: str = Field(description="Jinja2 (sandboxed): 'Hello {{ name }}'.")
+    text: str | None = Field(default=None, description="The plain-text part (not escaped).")
+    html: str | None = Field(default=None, description="The HTML part: variables are HTML-escaped.")
+
+
+class TemplateView(BaseModel):
+    name: str
+    subject: str
+    text: str | None
+    html: str | None
+    updated_at: str | None

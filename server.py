@@ -52,6 +52,7 @@ from werkzeug.exceptions import HTTPException
 
 import apidoc
 import batch
+import mailtemplates
 import web
 from apidoc import answers
 from broker import Broker
@@ -71,6 +72,7 @@ from messages import (
     strict_query,
 )
 from schemas import (
+    TEMPLATE_NAME,
     DeadLetterList,
     IdempotencyHeaders,
     LegacyQuery,
@@ -81,8 +83,10 @@ from schemas import (
     MessageRequest,
     MessageView,
     Queued,
+    TemplateRequest,
+    TemplateView,
 )
-from store import IdempotencyConflict, Store, StoreUnavailable
+from store import IdempotencyConflict, Store, StoredTemplate, StoreUnavailable
 from talklog import TalkLog
 
 log = logging.getLogger(__name__)
@@ -106,6 +110,7 @@ Sending and reading need 'Authorization: Bearer <API_TOKEN>' unless you are on t
 RETRY = {"Retry-After": "5"}
 STORE_DOWN = "The message database is unavailable; try again after Retry-After."
 MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
+TEMPLATE_NAME_RE = re.compile(TEMPLATE_NAME)
 
 
 def client_identity() -> str:
@@ -382,8 +387,12 @@ def create_app(settings: Settings) -> Quart:
         400,
         401,
         409,
-        413,
-        415,
+        (
+            413,
+            "The body is larger than MAX_REQUEST_BYTES, or its attachments than "
+            "MAX_ATTACHMENT_BYTES (named in the answer).",
+        ),
+        (415, "The body is neither JSON (Content-Type: application/json) nor multipart/form-data."),
         422,
         429,
         503,
@@ -413,9 +422,15 @@ def create_app(settings: Settings) -> Quart:
 
     async def submit(data: MessageRequest, headers: IdempotencyHeaders) -> ResponseReturnValue:
         try:
-            job = request_job(data, limits)
+            composed = await mailtemplates.apply(
+                data, store().get_template, settings.max_body_chars
+            )
+            job = request_job(composed, limits)
         except InvalidMessage as exc:
             return json_error(exc.reason, refusal_code(exc), field=exc.field)
+        except StoreUnavailable as exc:
+            log.error("template %s: store unavailable: %s", data.template, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
         key = headers.idempotency_key
         if key is not None and not key.isprintable():
             return json_error("Idempotency-Key must be printable characters", 400)
@@ -466,6 +481,85 @@ def create_app(settings: Settings) -> Quart:
             describe_validation=describe_validation,
         ),
     )
+
+    # -- templates (issue 12) ------------------------------------------------------------
+
+    def bad_template_name(name: str) -> Response | None:
+        if TEMPLATE_NAME_RE.fullmatch(name):
+            return None
+        return json_error(
+            "a template name is 1 to 64 letters, digits, '_', '.' or '-' (starting with a "
+            "letter or digit)",
+            400,
+            field="name",
+        )
+
+    @app.put("/api/templates/<name>")
+    @validate_request(TemplateRequest)
+    @document_response(TemplateView, 200)
+    @answers(
+        (200, "Replaced."),
+        (201, "Created."),
+        (400, "A malformed name, or a part that is not a valid template (named, with the line)."),
+        401,
+        413,
+        415,
+        (503, STORE_DOWN),
+    )
+    @security_scheme([{"token": []}])
+    async def put_template(name: str, data: TemplateRequest) -> ResponseReturnValue:
+        """Store a template (Jinja2, sandboxed) for POST /api/messages' template field."""
+        if (refused := bad_template_name(name)) is not None:
+            return refused
+        template = StoredTemplate(name, data.subject, data.text, data.html)
+        try:
+            mailtemplates.check(template)
+            created = await store().put_template(template)
+            stored = await store().get_template(name)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field=exc.field)
+        except StoreUnavailable as exc:
+            log.error("template %s: store unavailable: %s", name, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        log.info(
+            "template %s: %s by %s", name, "created" if created else "replaced", g.client.address
+        )
+        view = dataclasses.asdict(stored or template)
+        return jsonify(view), 201 if created else 200
+
+    @app.get("/api/templates/<name>")
+    @document_response(TemplateView)
+    @answers((200, "The template."), 400, 401, (404, "No such template."), (503, STORE_DOWN))
+    @security_scheme([{"token": []}])
+    async def get_template(name: str) -> Response:
+        """A stored template."""
+        if (refused := bad_template_name(name)) is not None:
+            return refused
+        try:
+            template = await store().get_template(name)
+        except StoreUnavailable as exc:
+            log.error("template %s: store unavailable: %s", name, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        if template is None:
+            return json_error("no such template", 404)
+        return jsonify(dataclasses.asdict(template))
+
+    @app.delete("/api/templates/<name>")
+    @answers((204, "Deleted."), 400, 401, (404, "No such template."), (503, STORE_DOWN))
+    @security_scheme([{"token": []}])
+    async def delete_template(name: str) -> Response:
+        """Forget a template (messages already accepted keep what it rendered)."""
+        if (refused := bad_template_name(name)) is not None:
+            return refused
+        try:
+            deleted = await store().delete_template(name)
+        except StoreUnavailable as exc:
+            log.error("template %s: store unavailable: %s", name, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        if not deleted:
+            return json_error("no such template", 404)
+        log.info("template %s: deleted by %s", name, g.client.address)
+        return Response(status=204)
 
     # -- reading -------------------------------------------------------------------------
 

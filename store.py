@@ -136,6 +136,17 @@ batch_answers_table = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
 )
 
+# Schema 4 (issue 12): message templates (PUT/GET/DELETE /api/templates/<name>).
+templates_table = Table(
+    "mailroom_templates",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("subject", Text, nullable=False),
+    Column("text", Text),
+    Column("html", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
 schema_table = Table(
     "mailroom_schema",
     metadata,
@@ -254,6 +265,17 @@ def _record(row: Any) -> MessageRecord:
         tags=list(row.tags or ()),
         metadata=dict(row.meta or {}),
     )
+
+
+@dataclass(frozen=True)
+class StoredTemplate:
+    """A message template: Jinja2 sources of the subject, text and HTML (templates.py)."""
+
+    name: str
+    subject: str
+    text: str | None
+    html: str | None
+    updated_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -674,6 +696,55 @@ class Store:
         await self._run(delete(idempotency_table).where(idempotency_table.c.created_at < cutoff))
 
     # -- reads -------------------------------------------------------------------------
+
+    # -- templates (issue 12) ------------------------------------------------------------
+
+    async def put_template(self, template: StoredTemplate) -> bool:
+        """Create or replace a template; True when it is new."""
+        table = templates_table
+        values = {
+            "subject": template.subject,
+            "text": template.text,
+            "html": template.html,
+            "updated_at": now_utc(),
+        }
+
+        def work(conn: Connection) -> bool:
+            changed = conn.execute(
+                update(table).where(table.c.name == template.name).values(**values)
+            ).rowcount
+            if changed:
+                return False
+            conn.execute(insert(table).values(name=template.name, **values))
+            return True
+
+        try:
+            return bool(await self._write(work))
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    async def get_template(self, name: str) -> StoredTemplate | None:
+        table = templates_table
+        try:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(select(table).where(table.c.name == name))).first()
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        if row is None:
+            return None
+        return StoredTemplate(row.name, row.subject, row.text, row.html, _iso(row.updated_at))
+
+    async def delete_template(self, name: str) -> bool:
+        """Forget a template; False when there was none."""
+        table = templates_table
+
+        def work(conn: Connection) -> bool:
+            return bool(conn.execute(delete(table).where(table.c.name == name)).rowcount)
+
+        try:
+            return bool(await self._write(work))
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
 
     async def get(self, message_id: str) -> MessageRecord | None:
         try:

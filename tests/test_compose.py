@@ -316,3 +316,89 @@ async def test_a_multipart_form_upload_is_the_same_message(app_client: AppClient
     )
     assert refused.status_code == 400
     assert "attachment" in (await refused.get_json())["error"]
+
+
+# -- templates ----------------------------------------------------------------------
+
+WELCOME = {
+    "subject": "Welcome, {{ name }}",
+    "text": "Hello {{ name }} & co,\n{% for item in items %}- {{ item }}\n{% endfor %}",
+    "html": "<p>Hello <b>{{ name }}</b></p>",
+}
+
+
+async def test_a_template_is_stored_rendered_at_accept_and_sent(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    settings = make_settings(**smtp.settings_overrides(None, login=False))
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        created = await client.put("/api/templates/welcome", json=WELCOME)
+        assert created.status_code == 201, await created.get_json()
+        replaced = await client.put("/api/templates/welcome", json=WELCOME)
+        assert replaced.status_code == 200
+        shown = await (await client.get("/api/templates/welcome")).get_json()
+        assert (shown["name"], shown["subject"]) == ("welcome", WELCOME["subject"])
+        response = await client.post(
+            "/api/messages",
+            json={
+                "to": "ann@example.com",
+                "template": "welcome",
+                "variables": {"name": "<Ann>", "items": ["a", "b"]},
+            },
+        )
+        assert response.status_code == 202, await response.get_json()
+        (mail,) = await smtp.recorder.wait_for(1, timeout=20)
+        # A template deleted later changes nothing for messages already accepted.
+        assert (await client.delete("/api/templates/welcome")).status_code == 204
+        assert (await client.get("/api/templates/welcome")).status_code == 404
+        assert (await client.delete("/api/templates/welcome")).status_code == 404
+    msg = mail.message
+    assert msg["Subject"] == "Welcome, <Ann>"
+    text, html = (msg.get_body((kind,)) for kind in ("plain", "html"))
+    assert text is not None and html is not None
+    assert text.get_content() == "Hello <Ann> & co,\n- a\n- b\n"  # not escaped
+    assert "<b>&lt;Ann&gt;</b>" in html.get_content()  # escaped
+
+
+TEMPLATE_REFUSALS: list[tuple[dict[str, Any], str, str]] = [
+    ({"template": "welcome", "variables": {"items": []}}, "variables", "'name' is undefined"),
+    ({"template": "nope", "variables": {}}, "template", "no template named 'nope'"),
+    ({"template": "welcome", "subject": "s", "variables": {}}, "subject", "not both"),
+    ({"template": "../etc", "variables": {}}, "template", "template"),
+    ({"subject": "s", "text": "t", "variables": {"a": 1}}, "variables", "name one"),
+    ({"template": "escape", "variables": {}}, "template", "sandbox"),
+    ({"template": "welcome", "variables": {"name": "x\r\nBcc: a@b.c", "items": []}}, "subject", ""),
+]
+
+
+async def test_template_refusals_are_4xx_at_accept_and_nothing_is_queued(
+    app_client: AppClient,
+) -> None:
+    app, client = app_client
+    assert (await client.put("/api/templates/welcome", json=WELCOME)).status_code == 201
+    escape = {"subject": "x", "text": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}
+    assert (await client.put("/api/templates/escape", json=escape)).status_code == 201
+    for change, field, words in TEMPLATE_REFUSALS:
+        response = await client.post("/api/messages", json={"to": "a@example.com", **change})
+        answer = await response.get_json()
+        assert response.status_code == 400, (change, answer)
+        assert answer["field"] == field, (change, answer)
+        assert words in answer["error"], (change, answer)
+    bad = await client.put("/api/templates/broken", json={"subject": "{% if %}", "text": "t"})
+    assert bad.status_code == 400
+    assert "subject: template syntax error at line 1" in (await bad.get_json())["error"]
+    assert (await client.put("/api/templates/bad name", json=WELCOME)).status_code in (400, 404)
+    no_body = await client.put("/api/templates/empty", json={"subject": "s"})
+    assert no_body.status_code == 400
+    assert await queue_depth(send_queue(app)) == 0
+    batch = await client.post(
+        "/api/messages/batch",
+        json=[
+            {"to": "a@example.com", "template": "welcome", "variables": {"name": "A", "items": []}},
+            {"to": "b@example.com", "template": "welcome", "variables": {}},
+        ],
+    )
+    results = (await batch.get_json())["results"]
+    assert [r["code"] for r in results] == [202, 400]
+    assert results[1]["field"] == "variables"
