@@ -8,6 +8,7 @@ import base64
 import email.utils
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -402,3 +403,104 @@ async def test_template_refusals_are_4xx_at_accept_and_nothing_is_queued(
     results = (await batch.get_json())["results"]
     assert [r["code"] for r in results] == [202, 400]
     assert results[1]["field"] == "variables"
+
+
+# -- DKIM ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dkim_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """An RSA 2048 key file, and the TXT record that publishes its public key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path_factory.mktemp("dkim") / "dkim.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return path, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+
+
+async def test_every_mail_is_dkim_signed_and_verifies(
+    make_settings: Callable[..., Settings], smtp: SmtpServer, dkim_key: tuple[Path, bytes]
+) -> None:
+    import dkim
+
+    key_file, record = dkim_key
+    settings = make_settings(
+        **smtp.settings_overrides(None, login=False),
+        mail_from="Mailroom <noreply@example.org>",
+        dkim_domain="example.org",
+        dkim_selector="mr2024",
+        dkim_private_key_file=key_file,
+    )
+    asked: list[bytes] = []
+
+    def dns(name: bytes, timeout: int = 5) -> bytes | None:
+        asked.append(name)
+        return record if name == b"mr2024._domainkey.example.org." else None
+
+    plain = {"to": "a@example.com", "subject": "plain", "text": "hello\n"}
+    rich = {
+        "to": "Zoë <zoe@example.com>",
+        "cc": "c@example.com",
+        "bcc": "b@example.com",
+        "subject": "Grüße ✉ with a long subject " * 4,
+        "text": "Hallo Zoë,\n.\nline starting with a dot above\n",
+        "html": "<p>Hallo <b>Zoë</b> <img src='cid:pic'></p>",
+        "headers": {"List-Unsubscribe": "<mailto:u@example.org>"},
+        "attachments": [
+            {
+                "filename": "Bild ä.png",
+                "content": base64.b64encode(PNG).decode(),
+                "content_id": "pic",
+            },
+            {"filename": "data.bin", "content": base64.b64encode(bytes(range(256)) * 40).decode()},
+        ],
+    }
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        for body in (plain, rich):
+            response = await client.post("/api/messages", json=body)
+            assert response.status_code == 202, await response.get_json()
+        mails = await smtp.recorder.wait_for(2, timeout=20)
+    assert len(mails) == 2
+    for mail in mails:
+        assert mail.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
+        assert dkim.verify(mail.data, dnsfunc=dns), mail.data[:400]
+        # Changed in transit: the signature no longer holds.
+        assert not dkim.verify(
+            mail.data.replace(b"hello", b"HELLO").replace(b"Hallo", b"Hxllo"), dnsfunc=dns
+        )
+    assert set(asked) == {b"mr2024._domainkey.example.org."}
+
+
+async def test_a_dkim_key_that_cannot_sign_stops_the_worker_naming_the_variable(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    from errors import ConfigError
+    from worker import Worker
+
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    settings = make_settings(
+        smtp_host="127.0.0.1",
+        dkim_domain="example.org",
+        dkim_selector="s",
+        dkim_private_key_file=bad,
+    )
+    with pytest.raises(ConfigError) as caught:
+        Worker(settings)
+    assert caught.value.variable == "DKIM_PRIVATE_KEY_FILE"
+    assert "bm90IGEga2V5" not in str(caught.value)
+    with pytest.raises(ConfigError) as missing:
+        Settings.from_env({"DKIM_DOMAIN": "example.org", "DKIM_SELECTOR": "s"}, env_file=None)
+    assert missing.value.variable == "DKIM_PRIVATE_KEY_FILE"
