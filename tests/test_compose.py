@@ -16,8 +16,9 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from broker import Names
-from config import Settings
-from messages import MailJob
+from config import Secret, Settings
+from messages import MailJob, legacy_job, new_job
+from store import SCHEMA_VERSION, Store, StoredTemplate
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import Received, SmtpServer, get_messages, queue_depth
 
@@ -504,3 +505,46 @@ async def test_a_dkim_key_that_cannot_sign_stops_the_worker_naming_the_variable(
     with pytest.raises(ConfigError) as missing:
         Settings.from_env({"DKIM_DOMAIN": "example.org", "DKIM_SELECTOR": "s"}, env_file=None)
     assert missing.value.variable == "DKIM_PRIVATE_KEY_FILE"
+
+
+async def test_a_schema_2_database_gets_tags_metadata_and_templates(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """Schema 4 (this issue's step) on a database of the previous version: the record
+    keeps working, and tags, metadata and their filters work on SQLite and PostgreSQL."""
+    from sqlalchemy import text
+
+    settings = make_settings(database_url=database_url)
+    old = legacy_job("old@example.com")
+    store = await Store.open(settings)
+    try:
+        await store.insert_queued(old)
+        async with store.engine.begin() as conn:  # back to what schema 2 looked like
+            for column in ("tags", "meta"):
+                await conn.execute(text(f"ALTER TABLE mailroom_messages DROP COLUMN {column}"))
+            await conn.execute(text("DROP TABLE mailroom_templates"))
+            await conn.execute(text("UPDATE mailroom_schema SET version = 2"))
+    finally:
+        await store.close()
+    store = await Store.open(settings)
+    try:
+        tagged = new_job(
+            to="a@example.com",
+            subject="s",
+            text="t",
+            tags=["x_y", "news"],
+            metadata={"plan": "gold", "customer": "4%2"},
+        )
+        await store.insert_queued(tagged)
+        assert await store.put_template(StoredTemplate("t", "s", "t", None))
+        assert (await store.get(old.id)).tags == []  # type: ignore[union-attr]
+        assert [r.id for r in await store.list(tag="news")] == [tagged.id]
+        assert await store.list(tag="x%y") == []  # no LIKE wildcards
+        assert [r.id for r in await store.list(meta=("customer", "4%2"))] == [tagged.id]
+        assert await store.list(meta=("plan", "silver")) == []
+        assert await store.list(meta=("nothing", "gold")) == []
+        async with store.engine.connect() as conn:
+            version = (await conn.execute(text("SELECT version FROM mailroom_schema"))).scalar()
+        assert version == SCHEMA_VERSION
+    finally:
+        await store.close()
