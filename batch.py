@@ -152,8 +152,7 @@ def register(app: Quart, accepting: Accepting) -> None:
         for index, item in enumerate(body):
             try:
                 data = _ITEM.validate_python(item)
-                if data.template is not None or data.variables is not None:
-                    data = await mailtemplates.apply(data, template, a.limits.max_body_chars)
+                data = await mailtemplates.apply(data, template, a.limits.max_body_chars)
                 job = request_job(data, a.limits)
             except StoreUnavailable as exc:
                 log.error("batch item %d: template store unavailable: %s", index, exc)

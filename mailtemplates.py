@@ -19,6 +19,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from errors import InvalidMessage
+from messages import check_unicode, text_from_html
 from store import StoredTemplate
 
 PARTS = ("subject", "text", "html")
@@ -39,6 +40,9 @@ def check(template: StoredTemplate) -> None:
         source = getattr(template, part)
         if source is None:
             continue
+        check_unicode(source, part)
+        if "\0" in source:
+            raise InvalidMessage(f"{part} must not contain NUL", part)
         try:
             _compiled(source, part == "html")
         except TemplateSyntaxError as exc:
@@ -94,13 +98,13 @@ async def apply(
     fetch: Callable[[str], Any],
     max_chars: int,
 ) -> Any:
-    """``data`` (a MessageRequest) with its template's subject, text and html rendered in;
-    ``data`` itself when it names no template. ``fetch`` (the store's get_template) may
-    raise StoreUnavailable."""
+    """``data`` (a MessageRequest) with its template's subject, text and html rendered in
+    (and the text made from a big HTML body, see :func:`with_text`). ``fetch`` (the
+    store's get_template) may raise StoreUnavailable."""
     if data.template is None:
         if data.variables is not None:
             raise InvalidMessage("variables are for a template: name one", "variables")
-        return data
+        return await with_text(data, max_chars)
     given = [part for part in PARTS if getattr(data, part) is not None]
     if given:
         raise InvalidMessage(
@@ -111,4 +115,21 @@ async def apply(
         raise InvalidMessage(f"template: no template named {data.template!r}", "template")
     # Rendering is CPU work of unknown size: not on the event loop.
     parts = await asyncio.to_thread(render, template, data.variables or {}, max_chars)
-    return data.model_copy(update=parts)
+    return await with_text(data.model_copy(update=parts), max_chars)
+
+
+# HTML longer than this (characters) is turned into text in a worker thread.
+LARGE_HTML_CHARS = 20_000
+
+
+async def with_text(data: Any, max_chars: int) -> Any:
+    """``data`` with the plain text made from its HTML when it has none (a big HTML body
+    in a worker thread: html2text is pure Python); new_job makes a small one itself, and
+    refuses HTML over ``max_chars``."""
+    html = data.html
+    if data.text is not None or not isinstance(html, str):
+        return data
+    if not LARGE_HTML_CHARS < len(html) <= max_chars:
+        return data
+    check_unicode(html, "html")
+    return data.model_copy(update={"text": await asyncio.to_thread(text_from_html, html)})

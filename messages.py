@@ -478,10 +478,9 @@ def check_sender(sender: str, allowed: tuple[str, ...]) -> None:
         )
 
 
-@functools.lru_cache(maxsize=256)
 def text_from_html(html: str) -> str:
-    """A readable plain-text version of an HTML body (html2text: links kept as
-    ``text (url)``-like references, lists and paragraphs as text)."""
+    """A readable plain-text version of an HTML body (html2text: paragraphs, lists and
+    links kept readable). Made once, at accept: the queued message carries it."""
     import html2text  # imported on first use: most mails carry their own text
 
     converter = html2text.HTML2Text()
