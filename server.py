@@ -497,13 +497,13 @@ def create_app(settings: Settings) -> Quart:
     @app.put("/api/templates/<name>")
     @validate_request(TemplateRequest)
     @document_response(TemplateView, 200)
+    @document_response(TemplateView, 201)
     @answers(
         (200, "Replaced."),
         (201, "Created."),
         (400, "A malformed name, or a part that is not a valid template (named, with the line)."),
         401,
         413,
-        415,
         (503, STORE_DOWN),
     )
     @security_scheme([{"token": []}])
