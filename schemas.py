@@ -121,7 +121,8 @@ class BatchRequest(RootModel[list[MessageRequest]]):
 class BatchResult(BaseModel):
     code: int = Field(
         description="What POST /api/messages would have answered for this item: 202 (queued), "
-        "400 (invalid), 429 (a rate limit, named in error) or 503 (not queued)."
+        "400 (invalid), 413 (attachments over MAX_ATTACHMENT_BYTES), 429 (a rate limit, named "
+        "in error) or 503 (not queued)."
     )
     id: str | None = Field(default=None, pattern="^[0-9a-f]{32}$", description="When queued.")
     status: Literal["queued"] | None = Field(default=None, description="When queued.")
