@@ -72,9 +72,11 @@ def render(
                     raise InvalidMessage(
                         f"template {template.name}: the {part} is longer than {max_chars} "
                         "characters",
-                        "variables",
+                        "template",
                     )
                 chunks.append(chunk)
+        except InvalidMessage:
+            raise
         except UndefinedError as exc:
             raise InvalidMessage(
                 f"variables: {exc.message} (template {template.name}, {part})", "variables"

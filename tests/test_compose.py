@@ -370,6 +370,7 @@ TEMPLATE_REFUSALS: list[tuple[dict[str, Any], str, str]] = [
     ({"template": "../etc", "variables": {}}, "template", "template"),
     ({"subject": "s", "text": "t", "variables": {"a": 1}}, "variables", "name one"),
     ({"template": "escape", "variables": {}}, "template", "sandbox"),
+    ({"template": "huge", "variables": {}}, "template", "longer than 5000000 characters"),
     ({"template": "welcome", "variables": {"name": "x\r\nBcc: a@b.c", "items": []}}, "subject", ""),
 ]
 
@@ -381,6 +382,8 @@ async def test_template_refusals_are_4xx_at_accept_and_nothing_is_queued(
     assert (await client.put("/api/templates/welcome", json=WELCOME)).status_code == 201
     escape = {"subject": "x", "text": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}
     assert (await client.put("/api/templates/escape", json=escape)).status_code == 201
+    huge = {"subject": "x", "text": "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}"}
+    assert (await client.put("/api/templates/huge", json=huge)).status_code == 201
     for change, field, words in TEMPLATE_REFUSALS:
         response = await client.post("/api/messages", json={"to": "a@example.com", **change})
         answer = await response.get_json()
@@ -548,3 +551,28 @@ async def test_a_schema_2_database_gets_tags_metadata_and_templates(
         assert version == SCHEMA_VERSION
     finally:
         await store.close()
+
+
+def test_allowed_senders_and_dkim_settings_are_checked_naming_the_variable() -> None:
+    from errors import ConfigError
+
+    default = Settings.from_env({"MAIL_FROM": "Mailroom <NoReply@Example.org>"}, env_file=None)
+    assert default.senders == ("noreply@example.org",)
+    listed = Settings.from_env(
+        {"ALLOWED_SENDERS": "a@example.org, @news.example.org"}, env_file=None
+    )
+    assert listed.senders == ("a@example.org", "@news.example.org")
+    for bad in ("not-an-address", "@", "a@b c.org", "<a@example.org>"):
+        with pytest.raises(ConfigError) as caught:
+            Settings.from_env({"ALLOWED_SENDERS": bad}, env_file=None)
+        assert caught.value.variable == "ALLOWED_SENDERS"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"MAX_ATTACHMENT_BYTES": "lots"}, env_file=None)
+    assert caught.value.variable == "MAX_ATTACHMENT_BYTES"
+    dkim = {"DKIM_DOMAIN": "example.org", "DKIM_SELECTOR": "s", "DKIM_PRIVATE_KEY_FILE": __file__}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**dkim, "DKIM_DOMAIN": "exa mple"}, env_file=None)
+    assert caught.value.variable == "DKIM_DOMAIN"
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**dkim, "DKIM_PRIVATE_KEY_FILE": "/no/such"}, env_file=None)
+    assert caught.value.variable == "DKIM_PRIVATE_KEY_FILE"
