@@ -320,11 +320,6 @@ def new_job(
         if len(every) == len(recipients):
             raise InvalidMessage("to names the same address twice", "to")
         raise InvalidMessage(f"{field}: an address is given twice in to, cc and bcc", field)
-    if text is None and html is None:
-        raise InvalidMessage("text or html is required", "text")
-    if text is None and isinstance(html, str):
-        check_unicode(html, "html")
-        text = text_from_html(html)
     if subject is None:
         raise InvalidMessage("subject is required", "subject")
     if not isinstance(subject, str):
@@ -334,6 +329,12 @@ def new_job(
         raise InvalidMessage(
             f"subject is longer than {limits.max_subject_chars} characters", "subject"
         )
+    if text is None and html is None:
+        raise InvalidMessage("text or html is required", "text")
+    if text is None and isinstance(html, str):
+        # The plain-text part of an HTML-only mail (once html is known to be acceptable).
+        too_long = limits is not None and len(html) > limits.max_body_chars
+        text = "" if too_long or "\0" in html else text_from_html(check_unicode(html, "html"))
     for name, value in (("text", text), ("html", html)):
         if value is None and name == "html":
             continue

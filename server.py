@@ -429,8 +429,7 @@ def create_app(settings: Settings) -> Quart:
         except InvalidMessage as exc:
             return json_error(exc.reason, refusal_code(exc), field=exc.field)
         except StoreUnavailable as exc:
-            log.error("template %s: store unavailable: %s", data.template, exc)
-            return json_error("the message store is unavailable; try again", 503, RETRY)
+            return store_down(f"template {data.template}", exc)
         key = headers.idempotency_key
         if key is not None and not key.isprintable():
             return json_error("Idempotency-Key must be printable characters", 400)
@@ -519,8 +518,7 @@ def create_app(settings: Settings) -> Quart:
         except InvalidMessage as exc:
             return json_error(exc.reason, 400, field=exc.field)
         except StoreUnavailable as exc:
-            log.error("template %s: store unavailable: %s", name, exc)
-            return json_error("the message store is unavailable; try again", 503, RETRY)
+            return store_down(f"template {name}", exc)
         log.info(
             "template %s: %s by %s", name, "created" if created else "replaced", g.client.address
         )
@@ -538,8 +536,7 @@ def create_app(settings: Settings) -> Quart:
         try:
             template = await store().get_template(name)
         except StoreUnavailable as exc:
-            log.error("template %s: store unavailable: %s", name, exc)
-            return json_error("the message store is unavailable; try again", 503, RETRY)
+            return store_down(f"template {name}", exc)
         if template is None:
             return json_error("no such template", 404)
         return jsonify(dataclasses.asdict(template))
@@ -554,8 +551,7 @@ def create_app(settings: Settings) -> Quart:
         try:
             deleted = await store().delete_template(name)
         except StoreUnavailable as exc:
-            log.error("template %s: store unavailable: %s", name, exc)
-            return json_error("the message store is unavailable; try again", 503, RETRY)
+            return store_down(f"template {name}", exc)
         if not deleted:
             return json_error("no such template", 404)
         log.info("template %s: deleted by %s", name, g.client.address)
@@ -695,6 +691,12 @@ async def form_body() -> dict[str, Any]:
             for upload in files.getlist(name)
         ]
     return body
+
+
+def store_down(what: str, exc: StoreUnavailable) -> Response:
+    """The 503 of a route whose database read or write failed."""
+    log.error("%s: store unavailable: %s", what, exc)
+    return json_error("the message store is unavailable; try again", 503, RETRY)
 
 
 def refusal_code(exc: InvalidMessage) -> int:

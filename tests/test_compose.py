@@ -3,7 +3,6 @@ metadata, attachments, templates, DKIM), through the real pipeline to an SMTP se
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email.utils
 import io
@@ -15,32 +14,18 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from broker import Names
 from config import Secret, Settings
 from messages import MailJob, legacy_job, new_job
 from store import SCHEMA_VERSION, Store, StoredTemplate
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import Received, SmtpServer, get_messages, queue_depth
+from tests.test_json_api import send_queue
+from tests.test_status_api import wait_status
 
 AppClient = tuple[Quart, Client]
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
-
-
-def send_queue(app: Quart) -> str:
-    settings: Settings = app.config["MAILROOM_SETTINGS"]
-    return Names.for_prefix(settings.queue_prefix).send_queue
-
-
-async def status_of(client: Client, job_id: str, final: str = "sent") -> dict[str, Any]:
-    """The status API's record once it is ``final`` (waits up to 20 s)."""
-    async with asyncio.timeout(20):
-        while True:
-            record: dict[str, Any] = await (await client.get(f"/api/messages/{job_id}")).get_json()
-            if record.get("status") == final:
-                return record
-            await asyncio.sleep(0.05)
 
 
 def header_text(mail: Received) -> str:
@@ -72,7 +57,7 @@ async def test_cc_bcc_headers_from_tags_and_html_only_arrive(
         assert response.status_code == 202, await response.get_data(as_text=True)
         job_id = (await response.get_json())["id"]
         (mail,) = await smtp.recorder.wait_for(1, timeout=20)
-        record = await status_of(client, job_id)
+        record = await wait_status(client, job_id, "sent", timeout=20)
         tagged = await client.get("/api/messages?tag=week:12")
         by_meta = await client.get("/api/messages?metadata=plan:gold")
         other = await client.get("/api/messages?metadata=plan:silver")
