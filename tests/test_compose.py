@@ -4,9 +4,11 @@ metadata, attachments, templates, DKIM), through the real pipeline to an SMTP se
 from __future__ import annotations
 
 import base64
+import email.policy
 import email.utils
 import io
 from collections.abc import Callable
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -561,3 +563,39 @@ def test_allowed_senders_and_dkim_settings_are_checked_naming_the_variable() -> 
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({**dkim, "DKIM_PRIVATE_KEY_FILE": "/no/such"}, env_file=None)
     assert caught.value.variable == "DKIM_PRIVATE_KEY_FILE"
+
+
+def test_a_smtputf8_mail_keeps_cc_headers_and_attachments() -> None:
+    """An address with a UTF-8 local part goes through the email package's UTF-8 builder:
+    the same parts there (inline image next to the HTML, files after)."""
+    from aiosmtplib.email import flatten_message
+
+    from mailer import build_mime
+
+    job = new_job(
+        to="jürgen@example.com",
+        cc="Ça <ça@example.com>",
+        bcc="hidden@example.com",
+        subject="s",
+        text="t",
+        html="<img src='cid:pic'>",
+        headers={"X-Campaign": "ü"},
+        attachments=[
+            {
+                "filename": "Bild ä.png",
+                "content_type": "image/png",
+                "content": "eA==",
+                "content_id": "pic",
+            },
+            {"filename": "ä.txt", "content": "eA=="},
+        ],
+    )
+    data = flatten_message(build_mime(job, "m@example.com"), utf8=True)
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    assert msg["Cc"] == "Ça <ça@example.com>" and msg["X-Campaign"] == "ü"
+    assert b"hidden" not in data
+    image = next(p for p in msg.walk() if p.get_content_type() == "image/png")
+    assert image["Content-ID"] == "<pic>" and image.get_filename() == "Bild ä.png"
+    files = [p.get_filename() for p in msg.iter_attachments()]
+    assert files == ["ä.txt"]
