@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
@@ -115,6 +116,20 @@ class Settings:
     max_recipients: int = 50
     max_subject_chars: int = 998
     max_body_chars: int = 5_000_000
+    # Issue 12: who may be a message's "from" (empty: MAIL_FROM only), attachment sizes,
+    # and DKIM signing (all three DKIM_* or none).
+    allowed_senders: tuple[str, ...] = ()
+    max_attachment_bytes: int = 7 * 1024 * 1024
+    dkim_domain: str | None = None
+    dkim_selector: str | None = None
+    dkim_private_key_file: Path | None = None
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        """Who may be a message's "from": ALLOWED_SENDERS, else MAIL_FROM alone."""
+        if self.allowed_senders:
+            return self.allowed_senders
+        return ((getaddresses([self.mail_from])[0][1] or self.mail_from).lower(),)
 
     def __repr__(self) -> str:  # the URL carries a password: show it redacted
         shown = ", ".join(
@@ -206,6 +221,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
     ca_file = raw("SMTP_CA_FILE")
     if ca_file is not None and not Path(ca_file).is_file():
         raise ConfigError("SMTP_CA_FILE", f"no such file: {ca_file}")
+    dkim = _dkim(raw)
     return Settings(
         amqp_url=Secret(conv("AMQP_URL", _amqp_url, "amqp://guest:guest@localhost:5672/")),
         queue_prefix=conv("QUEUE_PREFIX", _name, "mailroom"),
@@ -245,6 +261,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
         max_recipients=conv("MAX_RECIPIENTS", _size(1, 10_000), 50),
         max_subject_chars=conv("MAX_SUBJECT_CHARS", _size(1, 100_000), 998),
         max_body_chars=conv("MAX_BODY_CHARS", _size(1, 1024**3), 5_000_000),
+        allowed_senders=conv("ALLOWED_SENDERS", _senders, ()),
+        max_attachment_bytes=conv(
+            "MAX_ATTACHMENT_BYTES", _size(0, 100 * 1024 * 1024), 7 * 1024 * 1024
+        ),
+        dkim_domain=dkim[0],
+        dkim_selector=dkim[1],
+        dkim_private_key_file=dkim[2],
     )
 
 
@@ -426,3 +449,37 @@ def _log_level(value: str) -> str:
     if upper not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {value!r}")
     return upper
+
+
+def _senders(value: str) -> tuple[str, ...]:
+    """ALLOWED_SENDERS: comma-separated addresses and @domain entries."""
+    entries = [e.strip().lower() for e in value.split(",") if e.strip()]
+    for entry in entries:
+        _, at, domain = entry.rpartition("@")
+        bad_domain = not domain or ("." not in domain and domain != "localhost")
+        if not at or bad_domain or any(c.isspace() or c in '<>,;"' for c in entry):
+            raise ValueError(
+                f"must be addresses and @domain entries, comma-separated, not {entry!r}"
+            )
+    return tuple(entries)
+
+
+def _dkim(raw: Callable[[str], str | None]) -> tuple[str | None, str | None, Path | None]:
+    """DKIM_DOMAIN, DKIM_SELECTOR and DKIM_PRIVATE_KEY_FILE: all three, or none. The key
+    itself is loaded and checked by the worker at start (mailer.DkimSigner)."""
+    names = ("DKIM_DOMAIN", "DKIM_SELECTOR", "DKIM_PRIVATE_KEY_FILE")
+    values = {name: raw(name) for name in names}
+    given = [name for name in names if values[name] is not None]
+    if not given:
+        return None, None, None
+    missing = [name for name in names if values[name] is None]
+    if missing:
+        raise ConfigError(missing[0], f"required when {given[0]} is set")
+    domain, selector, key_file = (values[name] or "" for name in names)
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", domain):
+        raise ConfigError("DKIM_DOMAIN", f"must be a domain name, not {domain!r}")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?", selector):
+        raise ConfigError("DKIM_SELECTOR", f"must be a DNS label, not {selector!r}")
+    if not Path(key_file).is_file():
+        raise ConfigError("DKIM_PRIVATE_KEY_FILE", f"no such file: {key_file}")
+    return domain.lower(), selector, Path(key_file)

@@ -32,9 +32,10 @@ from store import (
     engine_url,
     idempotency_table,
     messages_table,
+    templates_table,
 )
 
-TABLES = (messages_table, idempotency_table, batch_answers_table)
+TABLES = (messages_table, idempotency_table, batch_answers_table, templates_table)
 CHUNK = 500  # rows per statement
 
 

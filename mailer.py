@@ -23,27 +23,32 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.charset import QP, Charset
+from email.encoders import encode_base64
 from email.generator import BytesGenerator
 from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
+from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTPUTF8, compat32
 from email.utils import format_datetime, getaddresses, quote
 
 import aiosmtplib
+import dkim
+from aiosmtplib.email import flatten_message
 from email_validator import EmailNotValidError
 
 from config import Settings
 from errors import (
+    ConfigError,
     DeliveryError,
     PermanentDeliveryError,
     SmtpAuthError,
     SmtpConfigError,
     TransientDeliveryError,
 )
-from messages import MailJob, addr_spec, check_email
+from messages import Attachment, MailJob, addr_spec, check_email
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +114,15 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
     998: non-ASCII text and words too long to fold become RFC 2047 encoded words (which
     can be split anywhere), and messages.py limits display names (MAX_NAME_CHARS).
     """
-    addresses = [mail_from, *job.to, *([job.reply_to] if job.reply_to else [])]
+    mail_from = job.sender or mail_from
+    addresses = [mail_from, *job.to, *job.cc, *([job.reply_to] if job.reply_to else [])]
     if not all(envelope_address(a).isascii() for a in addresses):
         return _build_utf8(job, mail_from)
-    msg = _content_part(job.text, job.html)
+    msg = _with_attachments(_content_part(job.text, job.html), job)
     msg["From"] = _format_address(mail_from)
     msg["To"] = ", ".join(_format_address(a) for a in job.to)
+    if job.cc:
+        msg["Cc"] = ", ".join(_format_address(a) for a in job.cc)
     # compat32 folds a Header itself (the stubs only know str values).
     msg["Subject"] = _unstructured("Subject", job.subject)  # type: ignore[assignment]
     msg["Date"] = format_datetime(_created(job))
@@ -122,6 +130,8 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
     if job.reply_to:
         msg["Reply-To"] = _format_address(job.reply_to)
     msg["X-Mailroom-Id"] = job.id
+    for name, value in job.headers:
+        msg[name] = _unstructured(name, value)  # type: ignore[assignment]
     return msg
 
 
@@ -134,7 +144,9 @@ def render(job: MailJob, mail_from: str) -> bytes | None:
     HTML and reused; a header line that fits in 78 characters as it is, is written as it
     is (what compat32's folding does with it); any other goes through the same folding.
     """
-    addresses = [mail_from, *job.to, *([job.reply_to] if job.reply_to else [])]
+    if not job.plain:  # a per-message From, custom headers, attachments: build_mime
+        return None
+    addresses = [mail_from, *job.to, *job.cc, *([job.reply_to] if job.reply_to else [])]
     if not all(envelope_address(a).isascii() for a in addresses):
         return None
     if len(job.text) + len(job.html or "") <= CACHED_CONTENT_CHARS:
@@ -145,6 +157,7 @@ def render(job: MailJob, mail_from: str) -> bytes | None:
         head,
         _from_line(mail_from),
         _header("To", ", ".join(_format_address(a) for a in job.to)),
+        *([_header("Cc", ", ".join(_format_address(a) for a in job.cc))] if job.cc else []),
         _subject_line(job.subject),
         _header("Date", format_datetime(_created(job))),
         _header("Message-ID", _message_id(job, mail_from)),
@@ -153,6 +166,12 @@ def render(job: MailJob, mail_from: str) -> bytes | None:
         lines.append(_header("Reply-To", _format_address(job.reply_to)))
     lines += [_header("X-Mailroom-Id", job.id), b"\n", body]
     return b"".join(lines)
+
+
+def _size(job: MailJob) -> int:
+    """About how much there is to encode (characters and attachment bytes)."""
+    size = len(job.text) + len(job.html or "")
+    return size + sum(len(a.content) for a in job.attachments) if job.attachments else size
 
 
 def _content_part(text: str, html: str | None) -> Message:
@@ -233,16 +252,75 @@ def _build_utf8(job: MailJob, mail_from: str) -> EmailMessage:
     msg = EmailMessage(policy=SMTPUTF8)
     msg["From"] = _header_address(mail_from)
     msg["To"] = [_header_address(a) for a in job.to]
+    if job.cc:
+        msg["Cc"] = [_header_address(a) for a in job.cc]
     msg["Subject"] = job.subject
     msg["Date"] = format_datetime(_created(job))
     msg["Message-ID"] = _message_id(job, mail_from)
     if job.reply_to:
         msg["Reply-To"] = _header_address(job.reply_to)
     msg["X-Mailroom-Id"] = job.id
+    for name, value in job.headers:
+        msg[name] = value
     msg.set_content(job.text)
     if job.html is not None:
         msg.add_alternative(job.html, subtype="html")
+    for item in job.attachments:
+        maintype, _, subtype = item.content_type.partition("/")
+        if item.content_id is not None and job.html is not None:
+            html_part = msg.get_body(("html",))
+            assert html_part is not None
+            html_part.add_related(
+                item.content,
+                maintype,
+                subtype,
+                cid=f"<{item.content_id}>",
+                filename=item.filename,
+                disposition="inline",
+            )
+    for item in job.attachments:
+        if item.content_id is None or job.html is None:
+            maintype, _, subtype = item.content_type.partition("/")
+            msg.add_attachment(item.content, maintype, subtype, filename=item.filename)
     return msg
+
+
+def _with_attachments(content: Message, job: MailJob) -> Message:
+    """multipart/related around the content and its inline images (``content_id``, when
+    there is HTML to show them), then multipart/mixed around that and the other files."""
+    if not job.attachments:
+        return content
+    inline = [a for a in job.attachments if a.content_id is not None and job.html is not None]
+    files = [a for a in job.attachments if a not in inline]
+    if inline:
+        related = MIMEMultipart("related", type=content.get_content_type())
+        related.attach(content)
+        for item in inline:
+            related.attach(_attachment_part(item, "inline"))
+        content = related
+    if not files:
+        return content
+    mixed = MIMEMultipart("mixed")
+    mixed.attach(content)
+    for item in files:
+        mixed.attach(_attachment_part(item, "attachment"))
+    return mixed
+
+
+def _attachment_part(item: Attachment, disposition: str) -> Message:
+    maintype, _, subtype = item.content_type.partition("/")
+    part = MIMEBase(maintype, subtype)
+    part.set_payload(item.content)
+    encode_base64(part)
+    # RFC 2231 (filename*=utf-8''...) for a name that is not ASCII.
+    filename: str | tuple[str, str, str] = (
+        item.filename if item.filename.isascii() else ("utf-8", "", item.filename)
+    )
+    part.set_param("name", item.filename, charset=None if item.filename.isascii() else "utf-8")
+    part.add_header("Content-Disposition", disposition, filename=filename)
+    if item.content_id is not None:
+        part["Content-ID"] = f"<{item.content_id}>"
+    return part
 
 
 def _created(job: MailJob) -> datetime:
@@ -342,6 +420,57 @@ def _auth_failure(mechanism: str, exc: aiosmtplib.SMTPAuthenticationError) -> De
     )
 
 
+class DkimSigner:
+    """Signs each mail's final bytes (DKIM_DOMAIN, DKIM_SELECTOR, DKIM_PRIVATE_KEY_FILE):
+    dkimpy, RSA-SHA256, relaxed/relaxed, dkimpy's default header set (From, To, Cc,
+    Subject, Date, Message-ID, Reply-To, MIME-Version, Content-*, ... as present). The key
+    never reaches a log line or a repr."""
+
+    __slots__ = ("_key", "domain", "selector")
+
+    def __init__(self, domain: str, selector: str, key: bytes) -> None:
+        self.domain = domain
+        self.selector = selector
+        self._key = key
+
+    def __repr__(self) -> str:
+        return f"DkimSigner(domain={self.domain!r}, selector={self.selector!r})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DkimSigner | None:
+        """None without DKIM settings; else a signer whose key was tried on a test mail
+        (at start: a key that cannot sign is a :class:`ConfigError` naming the variable)."""
+        if settings.dkim_domain is None or settings.dkim_selector is None:
+            return None
+        path = settings.dkim_private_key_file
+        assert path is not None
+        try:
+            key = path.read_bytes()  # once, at start (not in a request or a send)
+        except OSError as exc:
+            raise ConfigError("DKIM_PRIVATE_KEY_FILE", f"cannot read {path}: {exc}") from None
+        signer = cls(settings.dkim_domain, settings.dkim_selector, key)
+        try:
+            signer.sign(b"From: a@example.org\nSubject: key check\n\nkey check\n")
+        except dkim.DKIMException as exc:
+            raise ConfigError(
+                "DKIM_PRIVATE_KEY_FILE",
+                f"{path} is not a usable RSA private key in PEM form ({type(exc).__name__})",
+            ) from None
+        return signer
+
+    def sign(self, data: bytes) -> bytes:
+        """``data`` with its DKIM-Signature header line in front."""
+        signature: bytes = dkim.sign(
+            data,
+            self.selector.encode(),
+            self.domain.encode(),
+            self._key,
+            canonicalize=(b"relaxed", b"relaxed"),
+            linesep=b"\n",
+        )
+        return signature + data
+
+
 class SmtpPool:
     """Up to ``size`` SMTP connections, reused across messages.
 
@@ -356,6 +485,7 @@ class SmtpPool:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._helo_name = settings.smtp_helo_name
+        self.signer = DkimSigner.from_settings(settings)
         self._tls_context: ssl.SSLContext | None = None
         if settings.smtp_security != "none":
             self._tls_context = ssl.create_default_context(
@@ -558,18 +688,20 @@ class SmtpPool:
         mail_from = self.settings.mail_from
         try:
             message: bytes | Message | None
-            if len(job.text) + len(job.html or "") > LARGE_BODY_CHARS:
+            if _size(job) > LARGE_BODY_CHARS:
                 # Encoding megabytes takes a while: not on the event loop.
                 message = await asyncio.to_thread(render, job, mail_from)
                 if message is None:
                     message = await asyncio.to_thread(build_mime, job, mail_from)
             else:
                 message = render(job, mail_from) or build_mime(job, mail_from)
+            if self.signer is not None and isinstance(message, bytes):
+                message = await self._sign(message, job)
         except (ValueError, TypeError) as exc:
             raise PermanentDeliveryError(f"cannot build the message: {exc}") from exc
-        sender = envelope_address(self.settings.mail_from)
+        sender = envelope_address(job.sender or self.settings.mail_from)
         if recipients is None:
-            recipients = [addr_spec(a) for a in job.to]
+            recipients = [addr_spec(a) for a in job.recipients]
         envelope = {envelope_address(r): r for r in recipients}
         async with self._slots:
             for attempt in (1, 2):
@@ -579,6 +711,14 @@ class SmtpPool:
                     client, reused = await self._checkout()
                     if isinstance(message, bytes):
                         refused, _ = await client.sendmail(sender, list(envelope), message)
+                    elif self.signer is not None:
+                        data, options = await self._flatten(client, message, sender, envelope)
+                        refused, _ = await client.sendmail(
+                            sender,
+                            list(envelope),
+                            await self._sign(data, job),
+                            mail_options=options,
+                        )
                     else:
                         refused, _ = await client.send_message(
                             message, sender=sender, recipients=list(envelope)
@@ -618,6 +758,38 @@ class SmtpPool:
                     },
                 )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _sign(self, data: bytes, job: MailJob) -> bytes:
+        """DKIM-sign the final bytes: a big mail (its body hash) in a worker thread."""
+        assert self.signer is not None
+        try:
+            if _size(job) > LARGE_BODY_CHARS:
+                return await asyncio.to_thread(self.signer.sign, data)
+            return self.signer.sign(data)
+        except dkim.DKIMException as exc:
+            raise PermanentDeliveryError(f"cannot DKIM-sign the message: {exc}") from exc
+
+    @staticmethod
+    async def _flatten(
+        client: aiosmtplib.SMTP, message: Message, sender: str, envelope: dict[str, str]
+    ) -> tuple[bytes, list[str]]:
+        """What ``send_message`` would send (and its MAIL options), as bytes to sign."""
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
+        options = []
+        utf8 = not (sender + "".join(envelope)).isascii()
+        if utf8:
+            if not client.supports_extension("smtputf8"):
+                raise aiosmtplib.SMTPNotSupported(
+                    "An address containing non-ASCII characters was provided, but "
+                    "SMTPUTF8 is not supported by this server"
+                )
+            options.append("SMTPUTF8")
+        cte_type = "7bit"
+        if client.supports_extension("8BITMIME"):
+            options.append("BODY=8BITMIME")
+            cte_type = "8bit"
+        return flatten_message(message, utf8=utf8, cte_type=cte_type), options
 
     async def _reset_or_discard(self, client: aiosmtplib.SMTP) -> None:
         """After a refused transaction: RSET and keep the connection, or drop it."""

@@ -7,7 +7,7 @@ size limits), so both the description and the checks come from one place each.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
@@ -18,15 +18,83 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+TEMPLATE_NAME = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class AttachmentRequest(_Strict):
+    filename: str = Field(
+        description="A plain file name (no path, no control characters); UTF-8 is fine."
+    )
+    content_type: str | None = Field(
+        default=None, description="type/subtype; application/octet-stream when left out."
+    )
+    content: str = Field(description="The file's bytes, base64-encoded.")
+    content_id: str | None = Field(
+        default=None,
+        description="For an inline image: the HTML refers to it as cid:<content_id>.",
+    )
+
+
 class MessageRequest(_Strict):
     to: str | list[str] = Field(
         description="One address or a list; 'Name <user@example.com>' is accepted.",
         examples=["user@example.com"],
     )
-    subject: str = Field(description="No CR, LF or NUL.")
-    text: str = Field(description="The plain-text body.")
+    subject: str | None = Field(
+        default=None, description="No CR, LF or NUL. Required unless a template gives it."
+    )
+    text: str | None = Field(
+        default=None,
+        description="The plain-text body. Without it, one is made from html (or the template).",
+    )
     html: str | None = Field(default=None, description="An optional HTML alternative.")
     reply_to: str | None = Field(default=None, description="An optional Reply-To address.")
+    cc: str | list[str] | None = Field(
+        default=None, description="Copies: shown in the Cc header. Counted in MAX_RECIPIENTS."
+    )
+    bcc: str | list[str] | None = Field(
+        default=None,
+        description="Blind copies: in the SMTP envelope only, never in a header. Counted in "
+        "MAX_RECIPIENTS.",
+    )
+    from_: str | None = Field(
+        default=None,
+        alias="from",
+        description="The sender (From), if not MAIL_FROM: an address ALLOWED_SENDERS names.",
+    )
+    headers: dict[str, str] | None = Field(
+        default=None,
+        max_length=50,
+        description="Custom headers (X-Campaign, List-Unsubscribe ...): field names, no CR/LF; "
+        "not From, To, Cc, Bcc, Subject, Date, Message-ID, MIME-Version, Reply-To, "
+        "Content-*, DKIM-Signature or X-Mailroom-*.",
+    )
+    attachments: list[AttachmentRequest] | None = Field(
+        default=None,
+        max_length=100,
+        description="Files: at most MAX_ATTACHMENT_BYTES in all (decoded).",
+    )
+    template: str | None = Field(
+        default=None,
+        pattern=TEMPLATE_NAME,
+        description="A stored template (PUT /api/templates/<name>) giving subject, text and "
+        "html; not with subject, text or html.",
+    )
+    variables: dict[str, Any] | None = Field(
+        default=None, description="The template's variables; a missing one is a 400."
+    )
+    tags: list[str] | None = Field(
+        default=None,
+        max_length=10,
+        description="Up to 10 tags (letters, digits, _ . : @ / + = -; 1 to 64), stored on the "
+        "record: GET /api/messages?tag= finds them.",
+    )
+    metadata: dict[str, str] | None = Field(
+        default=None,
+        max_length=20,
+        description="Up to 20 keys (as tags) with string values (up to 500 characters), "
+        "stored on the record: GET /api/messages?metadata=key:value finds them.",
+    )
 
 
 class Queued(BaseModel):
@@ -53,7 +121,8 @@ class BatchRequest(RootModel[list[MessageRequest]]):
 class BatchResult(BaseModel):
     code: int = Field(
         description="What POST /api/messages would have answered for this item: 202 (queued), "
-        "400 (invalid), 429 (a rate limit, named in error) or 503 (not queued)."
+        "400 (invalid), 413 (attachments over MAX_ATTACHMENT_BYTES), 429 (a rate limit, named "
+        "in error) or 503 (not queued)."
     )
     id: str | None = Field(default=None, pattern="^[0-9a-f]{32}$", description="When queued.")
     status: Literal["queued"] | None = Field(default=None, description="When queued.")
@@ -102,6 +171,8 @@ class MessageView(BaseModel):
     history: list[HistoryEntry]
     created_at: str
     updated_at: str
+    tags: list[str] = Field(default_factory=list, description="The message's tags.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Its metadata.")
 
 
 class MessageList(BaseModel):
@@ -111,6 +182,17 @@ class MessageList(BaseModel):
 class ListQuery(BaseModel):
     status: MessageStatus | None = None
     limit: int = Field(default=50, ge=1, le=500)
+    tag: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:@/+=-]{1,64}$",
+        description="Only messages with this tag.",
+    )
+    metadata: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:@/+=-]{1,64}:",
+        max_length=600,
+        description="key:value: only messages whose metadata has this value for key.",
+    )
 
 
 class LegacyQuery(BaseModel):
@@ -222,3 +304,20 @@ class OutboxMail(OutboxSummary):
     text: str | None
     html: str | None = Field(description="Show it only in a sandboxed frame.")
     attachments: list[OutboxAttachment]
+
+
+# -- templates (issue 12) -------------------------------------------------------------
+
+
+class TemplateRequest(_Strict):
+    subject: str = Field(description="Jinja2 (sandboxed): 'Hello {{ name }}'.")
+    text: str | None = Field(default=None, description="The plain-text part (not escaped).")
+    html: str | None = Field(default=None, description="The HTML part: variables are HTML-escaped.")
+
+
+class TemplateView(BaseModel):
+    name: str
+    subject: str
+    text: str | None
+    html: str | None
+    updated_at: str | None

@@ -20,6 +20,7 @@ Sending and reading need a token or a direct loopback client (see guard.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -27,11 +28,12 @@ import logging
 import re
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from pydantic import TypeAdapter, ValidationError
 from quart import Quart, Response, g, jsonify, request
 from quart.json.provider import JSONProvider
 from quart_schema import (
@@ -50,6 +52,7 @@ from werkzeug.exceptions import HTTPException
 
 import apidoc
 import batch
+import mailtemplates
 import web
 from apidoc import answers
 from broker import Broker
@@ -59,6 +62,7 @@ from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, 
 from graceful import serve
 from guard import Denied, Guard, bearer_token, identify
 from messages import (
+    AttachmentTooLarge,
     InputLimits,
     MailJob,
     addr_spec,
@@ -68,6 +72,7 @@ from messages import (
     strict_query,
 )
 from schemas import (
+    TEMPLATE_NAME,
     DeadLetterList,
     IdempotencyHeaders,
     LegacyQuery,
@@ -78,8 +83,10 @@ from schemas import (
     MessageRequest,
     MessageView,
     Queued,
+    TemplateRequest,
+    TemplateView,
 )
-from store import IdempotencyConflict, Store, StoreUnavailable
+from store import IdempotencyConflict, Store, StoredTemplate, StoreUnavailable
 from talklog import TalkLog
 
 log = logging.getLogger(__name__)
@@ -103,6 +110,7 @@ Sending and reading need 'Authorization: Bearer <API_TOKEN>' unless you are on t
 RETRY = {"Retry-After": "5"}
 STORE_DOWN = "The message database is unavailable; try again after Retry-After."
 MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
+TEMPLATE_NAME_RE = re.compile(TEMPLATE_NAME)
 
 
 def client_identity() -> str:
@@ -156,6 +164,8 @@ def create_app(settings: Settings) -> Quart:
         max_recipients=settings.max_recipients,
         max_subject_chars=settings.max_subject_chars,
         max_body_chars=settings.max_body_chars,
+        allowed_senders=settings.senders,
+        max_attachment_bytes=settings.max_attachment_bytes,
     )
     app.extensions["mailroom_broker"] = broker
     dead_letter_listings = DeadLetterListings(settings)
@@ -226,6 +236,9 @@ def create_app(settings: Settings) -> Quart:
             guard.authorize(client, g.token)
             if request.method == "POST" and path in ("/api/messages", "/api/messages/batch"):
                 await guard.check_send(client)
+                if request.mimetype == "multipart/form-data" and path == "/api/messages":
+                    answer: Any = await create_from_form()
+                    return cast(Response, await app.make_response(answer))
                 if request.mimetype != "application/json":
                     return json_error("send JSON with Content-Type: application/json", 415)
         elif path == "/" and "talktome" in args:
@@ -282,7 +295,10 @@ def create_app(settings: Settings) -> Quart:
             raise
         await record(job)
         log.info(
-            "message %s: queued for %d recipient(s) from %s", job.id, len(job.to), g.client.address
+            "message %s: queued for %d recipient(s) from %s",
+            job.id,
+            len(job.recipients),
+            g.client.address,
         )
 
     def watch_late(
@@ -371,8 +387,12 @@ def create_app(settings: Settings) -> Quart:
         400,
         401,
         409,
-        413,
-        415,
+        (
+            413,
+            "The body is larger than MAX_REQUEST_BYTES, or its attachments than "
+            "MAX_ATTACHMENT_BYTES (named in the answer).",
+        ),
+        (415, "The body is neither JSON (Content-Type: application/json) nor multipart/form-data."),
         422,
         429,
         503,
@@ -381,15 +401,39 @@ def create_app(settings: Settings) -> Quart:
     async def create_message(
         data: MessageRequest, headers: IdempotencyHeaders
     ) -> ResponseReturnValue:
-        """Queue a mail; 202 only after RabbitMQ confirmed it is stored."""
+        """Queue a mail; 202 only after RabbitMQ confirmed it is stored. Also takes the same
+        fields as multipart/form-data (curl -F), files as 'attachment'."""
+        return await submit(data, headers)
+
+    async def create_from_form() -> ResponseReturnValue:
+        """``POST /api/messages`` as multipart/form-data: the fields of the JSON body
+        (to, cc, bcc, tag repeated; metadata.<key>, header.<name>, variable.<name>), and
+        each file of an ``attachment`` field attached."""
         try:
-            job = request_job(data, limits)
+            body = await form_body()
+            data = _MESSAGE.validate_python(body)
+            headers = IdempotencyHeaders(idempotency_key=request.headers.get("Idempotency-Key"))
+        except ValidationError as exc:
+            field, reason = describe_validation(exc)
+            return json_error(reason, 400, field=field)
         except InvalidMessage as exc:
             return json_error(exc.reason, 400, field=exc.field)
+        return await submit(data, headers)
+
+    async def submit(data: MessageRequest, headers: IdempotencyHeaders) -> ResponseReturnValue:
+        try:
+            composed = await mailtemplates.apply(
+                data, store().get_template, settings.max_body_chars
+            )
+            job = request_job(composed, limits)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, refusal_code(exc), field=exc.field)
+        except StoreUnavailable as exc:
+            return store_down(f"template {data.template}", exc)
         key = headers.idempotency_key
         if key is not None and not key.isprintable():
             return json_error("Idempotency-Key must be printable characters", 400)
-        await guard.spend_send(g.client, [addr_spec(a) for a in job.to])
+        await guard.spend_send(g.client, [addr_spec(a) for a in job.recipients])
         # Shielded: a client that hangs up must not leave a key claimed for a message that
         # was never queued (every retry would then answer 409 for a day).
         return await asyncio.shield(accept(job, data, key, client_identity()))
@@ -437,6 +481,82 @@ def create_app(settings: Settings) -> Quart:
         ),
     )
 
+    # -- templates (issue 12) ------------------------------------------------------------
+
+    def bad_template_name(name: str) -> Response | None:
+        if TEMPLATE_NAME_RE.fullmatch(name):
+            return None
+        return json_error(
+            "a template name is 1 to 64 letters, digits, '_', '.' or '-' (starting with a "
+            "letter or digit)",
+            400,
+            field="name",
+        )
+
+    @app.put("/api/templates/<name>")
+    @validate_request(TemplateRequest)
+    @document_response(TemplateView, 200)
+    @document_response(TemplateView, 201)
+    @answers(
+        (200, "Replaced."),
+        (201, "Created."),
+        (400, "A malformed name, or a part that is not a valid template (named, with the line)."),
+        401,
+        413,
+        (503, STORE_DOWN),
+    )
+    @security_scheme([{"token": []}])
+    async def put_template(name: str, data: TemplateRequest) -> ResponseReturnValue:
+        """Store a template (Jinja2, sandboxed) for POST /api/messages' template field."""
+        if (refused := bad_template_name(name)) is not None:
+            return refused
+        template = StoredTemplate(name, data.subject, data.text, data.html)
+        try:
+            mailtemplates.check(template)
+            created = await store().put_template(template)
+            stored = await store().get_template(name)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field=exc.field)
+        except StoreUnavailable as exc:
+            return store_down(f"template {name}", exc)
+        log.info(
+            "template %s: %s by %s", name, "created" if created else "replaced", g.client.address
+        )
+        view = dataclasses.asdict(stored or template)
+        return jsonify(view), 201 if created else 200
+
+    @app.get("/api/templates/<name>")
+    @document_response(TemplateView)
+    @answers((200, "The template."), 400, 401, (404, "No such template."), (503, STORE_DOWN))
+    @security_scheme([{"token": []}])
+    async def get_template(name: str) -> Response:
+        """A stored template."""
+        if (refused := bad_template_name(name)) is not None:
+            return refused
+        try:
+            template = await store().get_template(name)
+        except StoreUnavailable as exc:
+            return store_down(f"template {name}", exc)
+        if template is None:
+            return json_error("no such template", 404)
+        return jsonify(dataclasses.asdict(template))
+
+    @app.delete("/api/templates/<name>")
+    @answers((204, "Deleted."), 400, 401, (404, "No such template."), (503, STORE_DOWN))
+    @security_scheme([{"token": []}])
+    async def delete_template(name: str) -> Response:
+        """Forget a template (messages already accepted keep what it rendered)."""
+        if (refused := bad_template_name(name)) is not None:
+            return refused
+        try:
+            deleted = await store().delete_template(name)
+        except StoreUnavailable as exc:
+            return store_down(f"template {name}", exc)
+        if not deleted:
+            return json_error("no such template", 404)
+        log.info("template %s: deleted by %s", name, g.client.address)
+        return Response(status=204)
+
     # -- reading -------------------------------------------------------------------------
 
     @app.get("/api/messages/<message_id>")
@@ -464,7 +584,11 @@ def create_app(settings: Settings) -> Quart:
     async def list_messages(query_args: ListQuery) -> ResponseReturnValue:
         """Messages, newest first, optionally of one status."""
         try:
-            records = await store().list(query_args.status, query_args.limit)
+            meta = None
+            if query_args.metadata is not None:
+                key, _, value = query_args.metadata.partition(":")
+                meta = (key, value)
+            records = await store().list(query_args.status, query_args.limit, query_args.tag, meta)
         except StoreUnavailable as exc:
             log.error("listing messages: store unavailable: %s", exc)
             return json_error("the message store is unavailable; try again", 503, RETRY)
@@ -532,6 +656,52 @@ def create_app(settings: Settings) -> Quart:
         app, web.Context(settings=settings, store=store, describe_validation=describe_validation)
     )
     return app
+
+
+_MESSAGE = TypeAdapter(MessageRequest)
+_FORM_LISTS = {"to": "to", "cc": "cc", "bcc": "bcc", "tag": "tags", "tags": "tags"}
+_FORM_MAPS = {"metadata.": "metadata", "header.": "headers", "variable.": "variables"}
+
+
+async def form_body() -> dict[str, Any]:
+    """A multipart/form-data message request as the JSON body it stands for."""
+    form = await request.form
+    files = await request.files
+    body: dict[str, Any] = {}
+    for name in form:
+        values = form.getlist(name)
+        prefix = next((p for p in _FORM_MAPS if name.startswith(p)), None)
+        if name in _FORM_LISTS:
+            body.setdefault(_FORM_LISTS[name], []).extend(values)
+        elif prefix is not None:
+            body.setdefault(_FORM_MAPS[prefix], {})[name[len(prefix) :]] = values[-1]
+        elif len(values) > 1:
+            raise InvalidMessage(f"{name} is given more than once", name)
+        else:
+            body[name] = values[0]
+    for name in files:
+        if name != "attachment":
+            raise InvalidMessage(f"unknown file field {name!r}: send files as 'attachment'", name)
+        body["attachments"] = [
+            {
+                "filename": upload.filename or "",
+                "content_type": upload.mimetype or None,
+                "content": base64.b64encode(upload.read()).decode("ascii"),
+            }
+            for upload in files.getlist(name)
+        ]
+    return body
+
+
+def store_down(what: str, exc: StoreUnavailable) -> Response:
+    """The 503 of a route whose database read or write failed."""
+    log.error("%s: store unavailable: %s", what, exc)
+    return json_error("the message store is unavailable; try again", 503, RETRY)
+
+
+def refusal_code(exc: InvalidMessage) -> int:
+    """413 for attachments over MAX_ATTACHMENT_BYTES, 400 for any other invalid message."""
+    return 413 if isinstance(exc, AttachmentTooLarge) else 400
 
 
 def describe_validation(error: Any) -> tuple[str | None, str]:

@@ -53,9 +53,11 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    cast,
     delete,
     event,
     insert,
+    inspect,
     select,
     update,
 )
@@ -74,7 +76,7 @@ log = logging.getLogger(__name__)
 
 Status = Literal["queued", "sending", "retrying", "sent", "partial", "failed"]
 FINAL = frozenset({"sent", "partial", "failed", "cancelled"})
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
@@ -108,6 +110,9 @@ messages_table = Table(
     Column("owner", String(96)),
     Column("lease_until", DateTime(timezone=True)),
     Column("copy", Integer, nullable=False, server_default="0"),
+    # Schema 4 (issue 12): the message's tags (a JSON list) and metadata (a JSON object).
+    Column("tags", JSON),
+    Column("meta", JSON),
 )
 
 idempotency_table = Table(
@@ -128,6 +133,17 @@ batch_answers_table = Table(
     Column("batch_id", String(32), primary_key=True),
     Column("answer", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Schema 4 (issue 12): message templates (PUT/GET/DELETE /api/templates/<name>).
+templates_table = Table(
+    "mailroom_templates",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("subject", Text, nullable=False),
+    Column("text", Text),
+    Column("html", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 schema_table = Table(
@@ -184,6 +200,8 @@ class MessageRecord:
     owner: str | None = None
     lease_until: datetime | None = None
     copy: int = 0
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def unfinished_attempts(self) -> int:
         """How many attempts in a row were started (``sending``) and never finished."""
@@ -217,6 +235,8 @@ class MessageRecord:
             "history": self.history,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "tags": self.tags,
+            "metadata": self.metadata,
         }
 
 
@@ -241,7 +261,20 @@ def _record(row: Any) -> MessageRecord:
         owner=row.owner,
         lease_until=_aware(row.lease_until),
         copy=row.copy or 0,
+        tags=list(row.tags or ()),
+        metadata=dict(row.meta or {}),
     )
+
+
+@dataclass(frozen=True)
+class StoredTemplate:
+    """A message template: Jinja2 sources of the subject, text and HTML (templates.py)."""
+
+    name: str
+    subject: str
+    text: str | None
+    html: str | None
+    updated_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -663,6 +696,55 @@ class Store:
 
     # -- reads -------------------------------------------------------------------------
 
+    # -- templates (issue 12) ------------------------------------------------------------
+
+    async def put_template(self, template: StoredTemplate) -> bool:
+        """Create or replace a template; True when it is new."""
+        table = templates_table
+        values = {
+            "subject": template.subject,
+            "text": template.text,
+            "html": template.html,
+            "updated_at": now_utc(),
+        }
+
+        def work(conn: Connection) -> bool:
+            changed = conn.execute(
+                update(table).where(table.c.name == template.name).values(**values)
+            ).rowcount
+            if changed:
+                return False
+            conn.execute(insert(table).values(name=template.name, **values))
+            return True
+
+        try:
+            return bool(await self._write(work))
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    async def get_template(self, name: str) -> StoredTemplate | None:
+        table = templates_table
+        try:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(select(table).where(table.c.name == name))).first()
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        if row is None:
+            return None
+        return StoredTemplate(row.name, row.subject, row.text, row.html, _iso(row.updated_at))
+
+    async def delete_template(self, name: str) -> bool:
+        """Forget a template; False when there was none."""
+        table = templates_table
+
+        def work(conn: Connection) -> bool:
+            return bool(conn.execute(delete(table).where(table.c.name == name)).rowcount)
+
+        try:
+            return bool(await self._write(work))
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
     async def get(self, message_id: str) -> MessageRecord | None:
         try:
             async with self.engine.connect() as conn:
@@ -675,12 +757,20 @@ class Store:
             raise StoreUnavailable(_describe(exc)) from exc
         return _record(row) if row is not None else None
 
-    async def list(self, status: str | None = None, limit: int = 50) -> list[MessageRecord]:
+    async def list(
+        self,
+        status: str | None = None,
+        limit: int = 50,
+        tag: str | None = None,
+        meta: tuple[str, str] | None = None,
+    ) -> list[MessageRecord]:
         query = select(messages_table).order_by(
             messages_table.c.created_at.desc(), messages_table.c.id.desc()
         )
         if status is not None:
             query = query.where(messages_table.c.status == status)
+        if tag is not None or meta is not None:
+            query = query.where(*_tag_and_meta_filter(tag, meta))
         try:
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(query.limit(limit))).all()
@@ -1047,7 +1137,7 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
     at = _accepted_at(job) or now_utc()
     row = {
         "id": job.id,
-        "recipients": list(job.to),
+        "recipients": list(job.recipients),
         "subject": job.subject,
         "status": "queued",
         "attempts": 0,
@@ -1055,11 +1145,14 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
         "last_error": None,
         "last_error_code": None,
         "results": {
-            addr_spec(a): {"status": "pending", "code": None, "message": None} for a in job.to
+            addr_spec(a): {"status": "pending", "code": None, "message": None}
+            for a in job.recipients
         },
         "history": [{"status": "queued", "at": _iso(at)}],
         "created_at": at,
         "updated_at": at,
+        "tags": list(job.tags) if job.tags else None,
+        "meta": dict(job.metadata) if job.metadata else None,
     }
     if conn.dialect.name != "sqlite":
         conn.execute(_pg_insert_new(), row)
@@ -1085,18 +1178,36 @@ def _queued_record(job: MailJob) -> MessageRecord | None:
         return None
     return MessageRecord(
         id=job.id,
-        recipients=list(job.to),
+        recipients=list(job.recipients),
         subject=job.subject,
         status="queued",
         attempts=0,
         next_attempt_at=None,
         last_error=None,
         last_error_code=None,
-        results={addr_spec(a): RecipientResult("pending") for a in job.to},
+        results={addr_spec(a): RecipientResult("pending") for a in job.recipients},
         history=[{"status": "queued", "at": _iso(at)}],
         created_at=at,
         updated_at=at,
+        tags=list(job.tags),
+        metadata=dict(job.metadata),
     )
+
+
+def _tag_and_meta_filter(tag: str | None, meta: tuple[str, str] | None) -> list[Any]:
+    """WHERE clauses for ``GET /api/messages?tag=`` and ``?metadata=key:value``.
+
+    A tag has no quote or comma (messages.py), so ``"tag"`` is found in the stored JSON
+    list as text, the same on SQLite and PostgreSQL; a metadata value is compared through
+    the database's JSON path operator.
+    """
+    clauses: list[Any] = []
+    if tag is not None:
+        clauses.append(cast(messages_table.c.tags, Text).contains(f'"{tag}"', autoescape=True))
+    if meta is not None:
+        key, value = meta
+        clauses.append(messages_table.c.meta[key].as_string() == value)
+    return clauses
 
 
 def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
@@ -1135,7 +1246,18 @@ def _create_or_upgrade(conn: Connection) -> None:
                 "ALTER TABLE mailroom_messages ADD COLUMN copy INTEGER NOT NULL DEFAULT 0",
             ):
                 conn.exec_driver_sql(ddl)
+        if version < 4:
+            # Issue 12: tags and metadata on the record (JSON; NULL for none). Added only
+            # when missing, whichever other steps ran before.
+            _add_missing_columns(conn, "mailroom_messages", {"tags": "JSON", "meta": "JSON"})
         conn.execute(update(schema_table).values(version=SCHEMA_VERSION))
+
+
+def _add_missing_columns(conn: Connection, table: str, columns: dict[str, str]) -> None:
+    present = {c["name"] for c in inspect(conn).get_columns(table)}
+    for name, kind in columns.items():
+        if name not in present:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -238,6 +238,12 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
     "idn": {"to": ["Z\u00fcrich <a@z\u00fcrich.example>", "b@example.com"]},
     "long text": {"text": "line of text\n" * 2000, "html": "<b>x</b>" * 3000},
     "dot lines": {"text": ".\n..\nfrom here\r\n.end"},
+    "cc and bcc": {
+        "cc": ["C\u00e9cile <c@example.com>", *(f"cc{i}@example.com" for i in range(12))],
+        "bcc": ["hidden@example.com"],
+        "html": "<p>only html</p>",
+        "text": None,
+    },
 }
 
 
@@ -329,6 +335,22 @@ def test_a_queued_message_with_a_bad_address_is_refused(to: Any) -> None:
     body["to"] = [to]
     with pytest.raises(InvalidMessage):
         MailJob.from_bytes(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"sender": "other@example.com"},
+        {"headers": {"X-Campaign": "c"}},
+        {"attachments": [{"filename": "a.txt", "content": "eA=="}]},
+    ],
+)
+def test_rendering_leaves_from_headers_and_attachments_to_the_email_package(
+    extra: dict[str, Any],
+) -> None:
+    job = new_job(**{**BODY, **extra})
+    assert render(job, "Mailroom <mailroom@example.com>") is None
+    assert b"hidden" not in flatten_message(build_mime(job, "m@example.com"))
 
 
 def test_rendering_leaves_utf8_addresses_to_the_email_package() -> None:

@@ -105,7 +105,8 @@ async def test_any_syntactically_valid_address_is_accepted(app_client: AppClient
         ({"html": ["x"]}, "html"),
         ({"reply_to": "not an address"}, "reply_to"),
         ({"reply_to": "a@example.com\nX: y"}, "reply_to"),
-        ({"bcc": "x@example.com"}, "bcc"),
+        ({"bcc": "not an address"}, "bcc"),
+        ({"shipping": "x@example.com"}, "shipping"),
     ],
 )
 async def test_invalid_field_is_named(
@@ -244,6 +245,9 @@ async def test_openapi_lists_every_answer_of_each_operation(app_client: AppClien
         ("get", "/api/outbox/{name}"): {200, 400, 401, 404, 422},
         ("get", "/api/outbox/{name}/raw"): {200, 400, 401, 404, 422},
         ("post", "/api/dead-letters/requeue"): {200, 400, 401, 413, 415, 503},
+        ("put", "/api/templates/{name}"): {200, 201, 400, 401, 413, 503},
+        ("get", "/api/templates/{name}"): {200, 400, 401, 404, 503},
+        ("delete", "/api/templates/{name}"): {204, 400, 401, 404, 503},
     }
     found = {(m, p) for p, operations in paths.items() for m in operations}
     assert found == set(expected)

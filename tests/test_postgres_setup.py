@@ -12,7 +12,7 @@ import pytest
 
 from config import Secret, Settings
 from messages import new_job
-from store import RecipientResult, Store, StoreUnavailable
+from store import RecipientResult, Store, StoredTemplate, StoreUnavailable
 from tests.conftest import pg_database
 from tests.support import child_env, finish, spawn
 
@@ -75,6 +75,7 @@ async def test_admin_copies_sqlite_records_to_postgresql_idempotently(
         await store.finish(claim.attempt, "sent", {"u0@example.com": RecipientResult("sent")})
         assert await store.claim_idempotency_key("addr:127.0.0.1", "k1", "h", jobs[1].id) is None
         await store.save_batch_answer("b" * 32, '{"queued": 0, "results": []}')
+        await store.put_template(StoredTemplate("welcome", "Hi {{ name }}", "t", None))
         before = {job.id: await store.get(job.id) for job in jobs}
     finally:
         await store.close()
@@ -90,6 +91,7 @@ async def test_admin_copies_sqlite_records_to_postgresql_idempotently(
             "mailroom_messages: 3 copied",
             "mailroom_idempotency: 1 copied",
             "mailroom_batch_answers: 1 copied",
+            "mailroom_templates: 1 copied",
             f"into {target_url}",
         ]
         code, again = await finish(await spawn("admin.py", tmp_path, env, *command))
@@ -107,6 +109,8 @@ async def test_admin_copies_sqlite_records_to_postgresql_idempotently(
                 jobs[1].id
             )
             assert await target.batch_answer("b" * 32) == '{"queued": 0, "results": []}'
+            template = await target.get_template("welcome")
+            assert template is not None and template.subject == "Hi {{ name }}"
         finally:
             await target.close()
     code, out = await finish(
