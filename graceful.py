@@ -126,7 +126,12 @@ class _TCPServer(TCPServer):
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
-        self._task_group.spawn(self._initiate_server_close)
+        if self._closing:
+            return
+        try:
+            self._task_group.spawn(self._initiate_server_close)
+        except RuntimeError as exc:  # the connection's task group already ended
+            log.debug("idle close after the connection ended: %s", exc)
 
     async def _close(self) -> None:
         self._closing = True
@@ -152,6 +157,8 @@ class _TCPServer(TCPServer):
                 break
             await self.protocol.handle(RawData(data))
         await self.protocol.handle(Closed())
+        self._closing = True  # nothing more comes: no idle close to wait for
+        self._stop_idle_timer()
 
 
 def _install() -> None:
