@@ -30,6 +30,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
+from prometheus_client import Counter
 
 from config import Settings
 from errors import BrokerRefused, BrokerUnavailable, PublishUnconfirmed
@@ -59,6 +60,15 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Connecting can also fail on a URL the client library cannot use (ValueError).
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (*AMQP_ERRORS, ValueError)
+
+PUBLISHED = Counter(
+    "mailroom_messages_published",
+    "Messages RabbitMQ confirmed, by where they went (send, retry, dead).",
+    ["queue"],
+)
+_PUBLISHED_SEND = PUBLISHED.labels("send")
+_PUBLISHED_DEAD = PUBLISHED.labels(DEAD_KEY)
+_PUBLISHED_RETRY = PUBLISHED.labels("retry")
 
 
 @dataclass(frozen=True)
@@ -331,6 +341,12 @@ class Broker:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(confirm, Basic.Ack):
             raise BrokerUnavailable(f"RabbitMQ did not acknowledge the message: {confirm!r}")
+        if routing_key == SEND_KEY:
+            _PUBLISHED_SEND.inc()
+        elif routing_key == DEAD_KEY:
+            _PUBLISHED_DEAD.inc()
+        else:
+            _PUBLISHED_RETRY.inc()
 
     async def publish_many(
         self, messages: Sequence[tuple[bytes, str]]
