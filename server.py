@@ -21,6 +21,7 @@ Sending and reading need a token or a direct loopback client (see guard.py).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -653,7 +654,19 @@ async def _open_and_close(settings: Settings) -> None:
     await store.close()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Mailroom's HTTP server (HOST:PORT).")
+    parser.add_argument(
+        "--listen-fd",
+        type=int,
+        help="serve on this inherited listening socket instead of HOST:PORT (launcher.py)",
+    )
+    parser.add_argument(
+        "--probe-port",
+        type=int,
+        help="also serve on 127.0.0.1:PORT, this process alone (the launcher's probes)",
+    )
+    args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -674,7 +687,12 @@ def main() -> int:
         return 1
     quart_app = create_app(settings)
     config = HypercornConfig()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    if args.listen_fd is not None:
+        config.bind = [f"fd://{args.listen_fd}"]
+    else:
+        config.bind = [f"{settings.host}:{settings.port}"]
+    if args.probe_port is not None:
+        config.bind.append(f"127.0.0.1:{args.probe_port}")
     config.accesslog = None
     config.errorlog = None  # our own logging (configured above) reports what matters
     # Time for the requests in flight at shutdown to finish (a publish waits at most
