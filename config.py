@@ -137,8 +137,13 @@ class Settings:
         )
 
     @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The brokers of ``AMQP_URL`` (a comma-separated list: a cluster's nodes)."""
+        return tuple(part.strip() for part in self.amqp_url.get().split(",") if part.strip())
+
+    @property
     def amqp_url_redacted(self) -> str:
-        return redact_url(self.amqp_url.get())
+        return ", ".join(redact_url(url) for url in self.amqp_urls)
 
     @classmethod
     def from_env(
@@ -380,6 +385,16 @@ def _concurrency(value: str) -> int:
 
 
 def _amqp_url(value: str) -> str:
+    """One URL, or several separated by commas (tried in turn)."""
+    urls = [part.strip() for part in value.split(",")]
+    if not all(urls):
+        raise ValueError("has an empty entry in its comma-separated list")
+    for url in urls:
+        _one_amqp_url(url)
+    return value
+
+
+def _one_amqp_url(value: str) -> str:
     parts = urlsplit(value)
     try:
         parts.port  # noqa: B018 - raises on a malformed authority
