@@ -111,6 +111,19 @@ IN_FLIGHT = Gauge(
 )
 
 
+# Why a message ended failed or partial (the worker counts each under one of these).
+FAIL_REASONS = (
+    "permanent",  # a 5xx answer to the whole message
+    "refused",  # 5xx for recipients, none or only some accepted it
+    "retries_exhausted",  # still deferred after the last retry tier
+    "delivery_limit",  # attempts without an outcome (the worker crashed on it)
+    "undecodable",  # not a message Mailroom can read
+    "internal",  # a bug: see the worker's log
+)
+for _reason in FAIL_REASONS:
+    FAILED.labels(_reason)
+
+
 def refused(status: int) -> None:
     _REFUSED.get(status, _REFUSED_OTHER).inc()
 
