@@ -18,6 +18,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from config import Secret, Settings
+from launcher import default_counts
 from tests.conftest import running_app, wait_ready
 from tests.support import (
     Proc,
@@ -242,3 +243,9 @@ async def test_launcher_runs_servers_and_workers_and_restarts_them_under_load(
                 await asyncio.wait_for(launcher.wait(), 60)
         await asyncio.wait_for(reader, 10)
     print(f"{count} requests, {resent} sent again after a stopping server closed them unread")
+
+
+def test_default_process_counts_follow_the_cores() -> None:
+    assert default_counts(1) == (1, 1)
+    assert default_counts(2) == (1, 1)  # what the benchmark found fastest on 2 cores
+    assert default_counts(8) == (4, 4)
