@@ -23,6 +23,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import yarl
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -30,8 +31,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
+from prometheus_client import Counter
 
-from config import Settings
+from config import Settings, redact_url
 from errors import BrokerRefused, BrokerUnavailable, PublishUnconfirmed
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,15 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Connecting can also fail on a URL the client library cannot use (ValueError).
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (*AMQP_ERRORS, ValueError)
+
+PUBLISHED = Counter(
+    "mailroom_messages_published",
+    "Messages RabbitMQ confirmed, by where they went (send, retry, dead).",
+    ["queue"],
+)
+_PUBLISHED_SEND = PUBLISHED.labels("send")
+_PUBLISHED_DEAD = PUBLISHED.labels(DEAD_KEY)
+_PUBLISHED_RETRY = PUBLISHED.labels("retry")
 
 
 @dataclass(frozen=True)
@@ -145,25 +156,61 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
     return Topology(exchange=exchange, send_queue=send, dead_queue=dead)
 
 
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection that, when it cannot (re)connect to one broker of
+    ``AMQP_URL``'s list, tries the next one next time (round robin); channels,
+    queues and consumers are restored on whichever node answers."""
+
+    def __init__(self, url: Any, *, urls: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.urls = [yarl.URL(u) for u in urls] or [self.url]
+        self._current = next((n for n, u in enumerate(self.urls) if u == self.url), 0)
+
+    def _next_broker(self) -> None:
+        if len(self.urls) > 1:
+            self._current = (self._current + 1) % len(self.urls)
+            self.url = self.urls[self._current]
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        # The broker went away: its neighbour is the likelier to answer first.
+        if not self._close_called:
+            self._next_broker()
+        await super()._on_connection_close(closing)
+
+    # aio-pika 9/10 call this (a name-mangled private method) for every reconnection
+    # attempt; a failed attempt moves on to the next broker.
+    async def _RobustConnection__connect_transport(self) -> None:
+        try:
+            await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+        except BaseException:
+            self._next_broker()
+            raise
+
+
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
-    """Open a robust connection, bounded by ``CONNECT_TIMEOUT``."""
-    try:
-        return await asyncio.wait_for(
-            aio_pika.connect_robust(
-                settings.amqp_url.get(),
-                timeout=settings.connect_timeout,
+    """Open a robust connection to the first broker of ``AMQP_URL`` that answers (each
+    attempt bounded by ``CONNECT_TIMEOUT``); it fails over to the others later on."""
+    urls = settings.amqp_urls
+    failures: list[str] = []
+    for url in urls:
+        try:
+            connection = FailoverConnection(
+                yarl.URL(url),
+                urls=urls,
                 reconnect_interval=RECONNECT_INTERVAL,
                 client_properties={"connection_name": name},
-            ),
-            timeout=settings.connect_timeout + 1,
-        )
-    except CONNECT_ERRORS as exc:
-        if refused := _refusal(exc, settings):
-            raise BrokerRefused(refused) from exc
-        raise BrokerUnavailable(
-            f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+            )
+            await asyncio.wait_for(
+                connection.connect(timeout=settings.connect_timeout),
+                timeout=settings.connect_timeout + 1,
+            )
+            return connection
+        except CONNECT_ERRORS as exc:
+            await _close_quietly(connection)
+            if refused := _refusal(exc, settings):
+                raise BrokerRefused(refused) from exc
+            failures.append(f"{redact_url(url)}: {type(exc).__name__}: {exc}")
+    raise BrokerUnavailable(f"cannot connect to RabbitMQ at {'; '.join(failures)}")
 
 
 def _refusal(exc: BaseException, settings: Settings) -> str | None:
@@ -331,6 +378,12 @@ class Broker:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(confirm, Basic.Ack):
             raise BrokerUnavailable(f"RabbitMQ did not acknowledge the message: {confirm!r}")
+        if routing_key == SEND_KEY:
+            _PUBLISHED_SEND.inc()
+        elif routing_key == DEAD_KEY:
+            _PUBLISHED_DEAD.inc()
+        else:
+            _PUBLISHED_RETRY.inc()
 
     async def publish_many(
         self, messages: Sequence[tuple[bytes, str]]

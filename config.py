@@ -8,6 +8,7 @@ in a repr, a log line or a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from errors import ConfigError
 
 SmtpSecurity = Literal["ssl", "starttls", "none"]
 QueueType = Literal["classic", "quorum"]
+LogFormat = Literal["text", "json"]
 _DEFAULT_SMTP_PORTS: dict[str, int] = {"ssl": 465, "starttls": 587, "none": 25}
 
 T = TypeVar("T")
@@ -131,6 +133,13 @@ class Settings:
             return self.allowed_senders
         return ((getaddresses([self.mail_from])[0][1] or self.mail_from).lower(),)
 
+    metrics_public: bool = False
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int | None = None  # None: the worker serves no metrics
+    # Set (by the launcher) when several server processes count into one directory.
+    prometheus_multiproc_dir: Path | None = None
+    log_format: LogFormat = "text"
+
     def __repr__(self) -> str:  # the URL carries a password: show it redacted
         shown = ", ".join(
             f"{name}={value!r}"
@@ -144,8 +153,13 @@ class Settings:
         )
 
     @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The brokers of ``AMQP_URL`` (a comma-separated list: a cluster's nodes)."""
+        return tuple(part.strip() for part in self.amqp_url.get().split(",") if part.strip())
+
+    @property
     def amqp_url_redacted(self) -> str:
-        return redact_url(self.amqp_url.get())
+        return ", ".join(redact_url(url) for url in self.amqp_urls)
 
     @classmethod
     def from_env(
@@ -161,13 +175,47 @@ class Settings:
         return _parse(values)
 
 
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def configure_logging(settings: Settings) -> None:
-    """For the entry points (server, worker): one line per event, at LOG_LEVEL."""
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    """For the entry points (server, worker): one line per event, at LOG_LEVEL; with
+    ``LOG_FORMAT=json`` one JSON object per line (see :class:`JsonFormatter`)."""
+    handler = logging.StreamHandler()
+    formatter = (
+        JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
     )
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
     quiet_amqp_libraries()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and ``message_id`` when
+    the event is about one message (a line that starts ``message <id>:``, or
+    ``extra={"message_id": ...}``); an exception's traceback in ``exc_info``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        message_id = getattr(record, "message_id", None)
+        if (
+            message_id is None
+            and isinstance(record.msg, str)
+            and record.msg.startswith("message %s")
+            and isinstance(record.args, tuple)
+            and record.args
+        ):
+            message_id = record.args[0]
+        if message_id is not None:
+            entry["message_id"] = str(message_id)
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 class _OwnConnectLog(logging.Filter):
@@ -268,6 +316,11 @@ def _parse(env: Mapping[str, str]) -> Settings:
         dkim_domain=dkim[0],
         dkim_selector=dkim[1],
         dkim_private_key_file=dkim[2],
+        metrics_public=conv("METRICS_PUBLIC", _bool, False),
+        worker_metrics_host=raw("WORKER_METRICS_HOST") or "127.0.0.1",
+        worker_metrics_port=conv("WORKER_METRICS_PORT", _optional_port, None),
+        prometheus_multiproc_dir=conv("PROMETHEUS_MULTIPROC_DIR", _directory, None),
+        log_format=conv("LOG_FORMAT", _log_format, "text"),
     )
 
 
@@ -310,6 +363,27 @@ def _port(value: str) -> int:
     return port
 
 
+def _optional_port(value: str) -> int | None:
+    """A TCP port, or 0 for none."""
+    return None if _whole(value) == 0 else _port(value)
+
+
+def _directory(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise ValueError(f"no such directory: {value}")
+    return path
+
+
+def _log_format(value: str) -> LogFormat:
+    lowered = value.lower()
+    if lowered == "text":
+        return "text"
+    if lowered == "json":
+        return "json"
+    raise ValueError(f"must be text or json, not {value!r}")
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -335,6 +409,16 @@ def _concurrency(value: str) -> int:
 
 
 def _amqp_url(value: str) -> str:
+    """One URL, or several separated by commas (tried in turn)."""
+    urls = [part.strip() for part in value.split(",")]
+    if not all(urls):
+        raise ValueError("has an empty entry in its comma-separated list")
+    for url in urls:
+        _one_amqp_url(url)
+    return value
+
+
+def _one_amqp_url(value: str) -> str:
     parts = urlsplit(value)
     try:
         parts.port  # noqa: B018 - raises on a malformed authority

@@ -484,6 +484,7 @@ class SmtpPool:
         self.settings = settings
         self._slots = asyncio.Semaphore(size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._busy = 0  # sends under way (each holds one connection, or is opening one)
         self._helo_name = settings.smtp_helo_name
         self.signer = DkimSigner.from_settings(settings)
         self._tls_context: ssl.SSLContext | None = None
@@ -704,60 +705,75 @@ class SmtpPool:
             recipients = [addr_spec(a) for a in job.recipients]
         envelope = {envelope_address(r): r for r in recipients}
         async with self._slots:
-            for attempt in (1, 2):
-                client: aiosmtplib.SMTP | None = None
-                reused = False
-                try:
-                    client, reused = await self._checkout()
-                    if isinstance(message, bytes):
-                        refused, _ = await client.sendmail(sender, list(envelope), message)
-                    elif self.signer is not None:
-                        data, options = await self._flatten(client, message, sender, envelope)
-                        refused, _ = await client.sendmail(
-                            sender,
-                            list(envelope),
-                            await self._sign(data, job),
-                            mail_options=options,
-                        )
-                    else:
-                        refused, _ = await client.send_message(
-                            message, sender=sender, recipients=list(envelope)
-                        )
-                except aiosmtplib.SMTPRecipientsRefused as exc:
-                    assert client is not None
-                    await self._reset_or_discard(client)
-                    return SendResult(
-                        accepted=(),
-                        refused={
-                            envelope.get(r.recipient, r.recipient): (r.code, r.message)
-                            for r in exc.recipients
-                        },
+            self._busy += 1
+            try:
+                return await self._send_on_a_connection(message, sender, envelope, job)
+            finally:
+                self._busy -= 1
+
+    async def _send_on_a_connection(
+        self, message: bytes | Message, sender: str, envelope: dict[str, str], job: MailJob
+    ) -> SendResult:
+        """One send on a pooled connection (a second, new one if the pooled one had closed)."""
+        for attempt in (1, 2):
+            client: aiosmtplib.SMTP | None = None
+            reused = False
+            try:
+                client, reused = await self._checkout()
+                if isinstance(message, bytes):
+                    refused, _ = await client.sendmail(sender, list(envelope), message)
+                elif self.signer is not None:
+                    data, options = await self._flatten(client, message, sender, envelope)
+                    refused, _ = await client.sendmail(
+                        sender,
+                        list(envelope),
+                        await self._sign(data, job),
+                        mail_options=options,
                     )
-                except aiosmtplib.SMTPServerDisconnected as exc:
-                    if client is not None:
-                        await self._discard(client)
-                    if reused and attempt == 1:
-                        log.debug("smtp: pooled connection was closed, opening a new one")
-                        continue
-                    raise classify(exc) from exc
-                except _SMTP_ERRORS as exc:
-                    if client is not None:
-                        await self._discard(client)
-                    raise classify(exc) from exc
-                except BaseException:
-                    # Anything else (a cancelled send at shutdown, a flattening error): the
-                    # connection is in an unknown state; close it, never back to the pool.
-                    if client is not None:
-                        client.close()
-                    raise
-                self._idle.append((client, time.monotonic()))
+                else:
+                    refused, _ = await client.send_message(
+                        message, sender=sender, recipients=list(envelope)
+                    )
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                assert client is not None
+                await self._reset_or_discard(client)
                 return SendResult(
-                    accepted=tuple(orig for env, orig in envelope.items() if env not in refused),
+                    accepted=(),
                     refused={
-                        envelope.get(r, r): (resp.code, resp.message) for r, resp in refused.items()
+                        envelope.get(r.recipient, r.recipient): (r.code, r.message)
+                        for r in exc.recipients
                     },
                 )
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                if client is not None:
+                    await self._discard(client)
+                if reused and attempt == 1:
+                    log.debug("smtp: pooled connection was closed, opening a new one")
+                    continue
+                raise classify(exc) from exc
+            except _SMTP_ERRORS as exc:
+                if client is not None:
+                    await self._discard(client)
+                raise classify(exc) from exc
+            except BaseException:
+                # Anything else (a cancelled send at shutdown, a flattening error): the
+                # connection is in an unknown state; close it, never back to the pool.
+                if client is not None:
+                    client.close()
+                raise
+            self._idle.append((client, time.monotonic()))
+            return SendResult(
+                accepted=tuple(orig for env, orig in envelope.items() if env not in refused),
+                refused={
+                    envelope.get(r, r): (resp.code, resp.message) for r, resp in refused.items()
+                },
+            )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def connections_open(self) -> int:
+        """SMTP connections open: idle in the pool, or in use (or being opened)."""
+        return len(self._idle) + self._busy
 
     async def _sign(self, data: bytes, job: MailJob) -> bytes:
         """DKIM-sign the final bytes: a big mail (its body hash) in a worker thread."""

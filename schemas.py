@@ -179,6 +179,16 @@ class MessageList(BaseModel):
     messages: list[MessageView]
 
 
+class Stats(BaseModel):
+    queues: dict[str, int] = Field(
+        description="Messages ready in each queue (work, retry tiers, dead letters), read "
+        "from RabbitMQ at most every 5 s; empty while RabbitMQ cannot be asked."
+    )
+    messages: dict[MessageStatus, int] = Field(
+        description="Message records by status (a status no record has is 0)."
+    )
+
+
 class ListQuery(BaseModel):
     status: MessageStatus | None = None
     limit: int = Field(default=50, ge=1, le=500)

@@ -10,7 +10,9 @@ too (``app`` builds itself from the environment on first use). Routes:
 * ``GET /api/messages[/<id>]``  what became of messages
 * ``GET /api/dead-letters``     what could not be sent, and why
 * ``GET /logs``                 the last lines of the talktome log
+* ``GET /api/stats``            queue depths and records by status
 * ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``
+* ``GET /metrics``              Prometheus metrics (metrics.py)
 * ``GET /`` from a browser, ``/ui/...``, ``/api/outbox...``, ``POST /api/dead-letters/requeue``:
   the web page and what it needs (web.py)
 
@@ -19,6 +21,7 @@ Sending and reading need a token or a direct loopback client (see guard.py).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -28,7 +31,8 @@ import logging
 import re
 import signal
 import sys
-from typing import Any, cast
+import time
+from typing import Any, cast, get_args
 
 import uvloop
 from hypercorn.config import Config as HypercornConfig
@@ -53,9 +57,10 @@ from werkzeug.exceptions import HTTPException
 import apidoc
 import batch
 import mailtemplates
+import metrics
 import web
 from apidoc import answers
-from broker import Broker
+from broker import Broker, Names
 from config import Settings, configure_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
@@ -81,8 +86,10 @@ from schemas import (
     LogsQuery,
     MessageList,
     MessageRequest,
+    MessageStatus,
     MessageView,
     Queued,
+    Stats,
     TemplateRequest,
     TemplateView,
 )
@@ -99,8 +106,10 @@ USAGE = """Mailroom: asynchronous mail dispatch.
   POST /api/messages/batch        queue up to 500 mails: a JSON array of those objects
   GET  /api/messages[/<id>]       what became of messages (?status=, ?limit=)
   GET  /api/dead-letters          what could not be sent, and why
+  GET  /api/stats                 queue depths and records by status
   GET  /logs?lines=N              the last lines of the talktome log
   GET  /healthz, /readyz          liveness, readiness
+  GET  /metrics                   Prometheus metrics
   GET  /openapi.json              the API description
 
 Sending and reading need 'Authorization: Bearer <API_TOKEN>' unless you are on this machine.
@@ -111,6 +120,8 @@ RETRY = {"Retry-After": "5"}
 STORE_DOWN = "The message database is unavailable; try again after Retry-After."
 MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
 TEMPLATE_NAME_RE = re.compile(TEMPLATE_NAME)
+SEND_PATHS = ("/api/messages", "/api/messages/batch")
+STATUSES: tuple[str, ...] = get_args(MessageStatus)
 
 
 def client_identity() -> str:
@@ -169,6 +180,7 @@ def create_app(settings: Settings) -> Quart:
     )
     app.extensions["mailroom_broker"] = broker
     dead_letter_listings = DeadLetterListings(settings)
+    depths = metrics.QueueDepths(Names.of(settings), lambda: broker.connection)
     stores: list[Store] = []
 
     def store() -> Store:
@@ -215,6 +227,7 @@ def create_app(settings: Settings) -> Quart:
         )
         g.client = client
         g.token = bearer_token(request.headers.get("Authorization"))
+        g.send_started = None
         if "Content-Length" in request.headers and "Transfer-Encoding" in request.headers:
             # RFC 9112 6.1: h11 would frame by Transfer-Encoding; we refuse, and close.
             message = "Send Content-Length or Transfer-Encoding, not both."
@@ -226,6 +239,7 @@ def create_app(settings: Settings) -> Quart:
             # HEAD (which Quart routes to GET handlers) and the rest must change nothing.
             return text(f"{request.method} does not send or log; use GET.\n", 405, {"Allow": "GET"})
         if path == "/" and "sendmail" in args:
+            g.send_started = time.perf_counter()
             tokens = args.getlist("token")
             if len(tokens) > 1:
                 return text("Give at most one token.\n", 400)
@@ -233,8 +247,10 @@ def create_app(settings: Settings) -> Quart:
             guard.authorize(client, g.token)
             await guard.check_send(client)
         elif path.startswith("/api/") or path == "/logs":
+            if request.method == "POST" and path in SEND_PATHS:
+                g.send_started = time.perf_counter()
             guard.authorize(client, g.token)
-            if request.method == "POST" and path in ("/api/messages", "/api/messages/batch"):
+            if g.send_started is not None:
                 await guard.check_send(client)
                 if request.mimetype == "multipart/form-data" and path == "/api/messages":
                     answer: Any = await create_from_form()
@@ -243,7 +259,20 @@ def create_app(settings: Settings) -> Quart:
                     return json_error("send JSON with Content-Type: application/json", 415)
         elif path == "/" and "talktome" in args:
             await guard.limit_talktome(client)
+        elif path == "/metrics" and not settings.metrics_public:
+            guard.authorize(client, g.token)
         return None
+
+    @app.after_request
+    async def count_sends(response: Response) -> Response:
+        """Send requests: the accept latency of those answered 2xx, the others refused."""
+        started = g.get("send_started")
+        if started is not None:
+            if response.status_code < 300:
+                metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
+            elif response.status_code >= 400:
+                metrics.refused(response.status_code)
+        return response
 
     @app.errorhandler(Denied)
     async def denied(exc: Denied) -> Response:
@@ -281,6 +310,7 @@ def create_app(settings: Settings) -> Quart:
     async def record(job: MailJob) -> None:
         """The record is best effort: the message is safe in RabbitMQ once confirmed, and
         a worker creates a missing record."""
+        metrics.ACCEPTED.inc()
         try:
             await store().insert_queued(job)
         except StoreUnavailable as exc:
@@ -621,6 +651,36 @@ def create_app(settings: Settings) -> Quart:
             return json_error("the mail queue is unavailable; try again", 503, RETRY)
         return jsonify(dead_letters=[dataclasses.asdict(s) for s in seen])
 
+    @app.get("/api/stats")
+    @document_response(Stats)
+    @answers((200, "Queue depths and records by status."), 400, 401, (503, STORE_DOWN))
+    @security_scheme([{"token": []}])
+    async def stats() -> Response:
+        """Messages ready in each queue, and message records by status."""
+        try:
+            counts = await store().count_by_status()
+        except StoreUnavailable as exc:
+            log.error("counting messages: store unavailable: %s", exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        queues = await depths.read()
+        return jsonify(
+            queues=queues, messages={status: counts.get(status, 0) for status in STATUSES}
+        )
+
+    @app.get("/metrics")
+    @answers(
+        (200, "Prometheus metrics (text exposition format)."),
+        400,
+        (401, "Without a token, unless METRICS_PUBLIC=true or a direct loopback client."),
+        media="text",
+    )
+    @security_scheme([{"token": []}])
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics: this server's (or all server processes') counts, and the
+        queue depths."""
+        body = metrics.render(settings.prometheus_multiproc_dir, await depths.families())
+        return Response(body, status=200, content_type=metrics.CONTENT_TYPE)
+
     @app.get("/logs")
     @validate_querystring(LogsQuery)
     @document_response(LogLines)
@@ -764,7 +824,19 @@ async def _open_and_close(settings: Settings) -> None:
     await store.close()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Mailroom's HTTP server (HOST:PORT).")
+    parser.add_argument(
+        "--listen-fd",
+        type=int,
+        help="serve on this inherited listening socket instead of HOST:PORT (launcher.py)",
+    )
+    parser.add_argument(
+        "--probe-port",
+        type=int,
+        help="also serve on 127.0.0.1:PORT, this process alone (the launcher's probes)",
+    )
+    args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -785,7 +857,12 @@ def main() -> int:
         return 1
     quart_app = create_app(settings)
     config = HypercornConfig()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    if args.listen_fd is not None:
+        config.bind = [f"fd://{args.listen_fd}"]
+    else:
+        config.bind = [f"{settings.host}:{settings.port}"]
+    if args.probe_port is not None:
+        config.bind.append(f"127.0.0.1:{args.probe_port}")
     config.accesslog = None
     config.errorlog = None  # our own logging (configured above) reports what matters
     # Time for the requests in flight at shutdown to finish (a publish waits at most

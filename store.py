@@ -56,6 +56,7 @@ from sqlalchemy import (
     cast,
     delete,
     event,
+    func,
     insert,
     inspect,
     select,
@@ -777,6 +778,16 @@ class Store:
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return [_record(r) for r in rows]
+
+    async def count_by_status(self) -> dict[str, int]:
+        """How many records have each status (one grouped query)."""
+        query = select(messages_table.c.status, func.count()).group_by(messages_table.c.status)
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return {str(status): int(count) for status, count in rows}
 
     # -- the worker's side -------------------------------------------------------------
 

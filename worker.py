@@ -29,14 +29,16 @@ import random
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import uvloop
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+import metrics
 from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, Broker, Names
 from config import Settings, configure_logging
 from errors import (
@@ -48,6 +50,7 @@ from errors import (
     SmtpAuthError,
     SmtpConfigError,
 )
+from guard import token_matches
 from mailer import SendResult, SmtpPool
 from messages import MailJob
 from store import Attempt, Claim, RecipientResult, Store, StoreUnavailable, now_utc
@@ -84,6 +87,34 @@ class Worker:
         # The attempts running here, by message id: a redelivered copy waits for them.
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._attempts: dict[str, Attempt] = {}
+        self._consuming: AbstractChannel | None = None
+        self.endpoint: metrics.WorkerEndpoint | None = None
+        if settings.worker_metrics_port is not None:
+            tokens = [t.get().encode() for t in settings.api_tokens]
+            self.endpoint = metrics.WorkerEndpoint(
+                settings.worker_metrics_host,
+                settings.worker_metrics_port,
+                self.health_problem,
+                metrics.loopback_or_token(
+                    settings.metrics_public,
+                    settings.allow_loopback,
+                    lambda token: token_matches(tokens, token),
+                ),
+            )
+        metrics.SMTP_CONNECTIONS.set_function(lambda: self.pool.connections_open)
+        metrics.IN_FLIGHT.set_function(lambda: len(self._inflight))
+
+    def health_problem(self) -> str | None:
+        """Why this worker cannot consume now, or None (what ``GET /healthz`` reports)."""
+        if self._stop.is_set():
+            return "stopping"
+        if not self.ready.is_set():
+            return "starting"
+        if not self.broker.is_ready or self._consuming is None or self._consuming.is_closed:
+            return "no connection to RabbitMQ"
+        if self.store is not None and self.store.lost is not None:
+            return self.store.lost
+        return None
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain and return (safe to call from a signal handler)."""
@@ -99,6 +130,8 @@ class Worker:
                 helo_name,
             )
         self.store = await Store.open(self.settings)
+        if self.endpoint is not None:
+            await self.endpoint.start()
         await self.broker.start()
         renewer = asyncio.create_task(self._renew_leases(), name="renew-leases")
         try:
@@ -131,6 +164,8 @@ class Worker:
             await self.pool.close()
             await self.broker.close()
             await self.store.close()
+            if self.endpoint is not None:
+                await self.endpoint.close()
             log.info("stopped")
 
     async def _wait_stop_or_database_lost(self) -> str | None:
@@ -150,6 +185,7 @@ class Worker:
             connection.channel(publisher_confirms=False), self.settings.connect_timeout
         )
         await channel.set_qos(prefetch_count=self.settings.worker_concurrency)
+        self._consuming = channel
         return await channel.get_queue(self.names.send_queue, ensure=True)
 
     async def _drain(self) -> None:
@@ -213,6 +249,7 @@ class Worker:
             await self._handle(message)
         except Exception as exc:  # the edge: reported and dead-lettered, never swallowed
             log.exception("message %s: internal error", message.message_id)
+            metrics.FAILED.labels("internal").inc()
             await self._dead_letter(message, f"internal error: {type(exc).__name__}: {exc}", None)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
@@ -220,6 +257,7 @@ class Worker:
             job = MailJob.from_bytes(message.body)
         except InvalidMessage as exc:
             log.error("message %s: cannot be decoded: %s", message.message_id, exc)
+            metrics.FAILED.labels("undecodable").inc()
             await self._dead_letter(message, f"undecodable: {exc}", None)
             return
         # A copy redelivered while an attempt at it still runs here (the channel died
@@ -297,7 +335,7 @@ class Worker:
             # Started again and again without an outcome: something (a crash, an OOM kill)
             # stops the worker on this message. Classic queues have no delivery limit.
             reason = f"{unfinished} attempts without an outcome; the worker may crash on it"
-            await self._fail(message, attempt, reason, None, {})
+            await self._fail(message, attempt, reason, None, {}, "delivery_limit")
             return
         # Recipients that accepted it, carried on the retry copy in case the record could
         # not say so (the database failed then): never sent to twice.
@@ -314,6 +352,7 @@ class Worker:
             record.attempts,
             len(pending),
         )
+        started = time.perf_counter()
         try:
             result = await self.pool.send(job, pending)
         except SmtpConfigError as exc:
@@ -325,6 +364,8 @@ class Worker:
         except DeliveryError as exc:
             await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
             return
+        finally:
+            metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
         await self._settle(message, attempt, result, record.results, sent_before)
 
     async def _settle(
@@ -353,8 +394,12 @@ class Worker:
         if any(r.status == "refused" for r in merged.values()):
             if not any(r.status == "sent" for r in merged.values()):
                 reason = f"every recipient refused: {reason}"
-            await self._fail(message, attempt, reason, code, results)
+            await self._fail(message, attempt, reason, code, results, "refused")
             return
+        metrics.SENT.inc()
+        if attempt.record is not None:
+            accepted_at = attempt.record.created_at.timestamp()
+            metrics.DELIVERY_SECONDS.observe(max(time.time() - accepted_at, 0.0))
         try:
             applied = await self.store.finish(attempt, "sent", results)
         except StoreUnavailable as exc:
@@ -378,12 +423,12 @@ class Worker:
         code: int | None,
         results: dict[str, RecipientResult],
     ) -> None:
+        metrics.DEFERRED.inc()
         headers = dict(message.headers or {})
         retries = _int_header(headers, RETRIES_HEADER)
         if retries >= len(self.names.retry_tiers):
-            await self._fail(
-                message, attempt, f"gave up after {retries + 1} attempts: {reason}", code, results
-            )
+            reason = f"gave up after {retries + 1} attempts: {reason}"
+            await self._fail(message, attempt, reason, code, results, "retries_exhausted")
             return
         headers[RETRIES_HEADER] = retries + 1
         accepted = {a for a, r in results.items() if r.status == "sent"}
@@ -453,6 +498,7 @@ class Worker:
         reason: str,
         code: int | None,
         results: dict[str, RecipientResult],
+        kind: str = "permanent",
     ) -> None:
         """The end without sending to everyone: ``partial`` when some recipient has the mail
         (accepted in this attempt or an earlier one), else ``failed``; dead-lettered either
@@ -464,6 +510,7 @@ class Worker:
         sent = {a for a, r in {**before, **results}.items() if r.status == "sent"}
         sent.update(_list_header(headers, SENT_HEADER))
         status: Literal["partial", "failed"] = "partial" if sent else "failed"
+        metrics.FAILED.labels(kind).inc()
         try:
             applied = await self.store.finish(attempt, status, results, reason, code)
         except StoreUnavailable as exc:
@@ -517,6 +564,7 @@ class Worker:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release(attempt)
             return
+        metrics.RETRIED.inc()
         try:
             applied = await self.store.finish(
                 attempt,
@@ -630,7 +678,9 @@ class Worker:
             log.error("message %s: could not dead-letter (%s); rejecting it", message_id, exc)
             # The work queue dead-letters rejected messages to the same place.
             await self._settle_delivery(message, message_id, "reject")
+            metrics.DEAD_LETTERED.inc()
             return
+        metrics.DEAD_LETTERED.inc()
         log.info("message %s: dead-lettered: %s", message_id, reason)
         await self._ack(message, message_id)
 

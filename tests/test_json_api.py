@@ -248,6 +248,8 @@ async def test_openapi_lists_every_answer_of_each_operation(app_client: AppClien
         ("put", "/api/templates/{name}"): {200, 201, 400, 401, 413, 503},
         ("get", "/api/templates/{name}"): {200, 400, 401, 404, 503},
         ("delete", "/api/templates/{name}"): {204, 400, 401, 404, 503},
+        ("get", "/api/stats"): {200, 400, 401, 503},
+        ("get", "/metrics"): {200, 400, 401},
     }
     found = {(m, p) for p, operations in paths.items() for m in operations}
     assert found == set(expected)
