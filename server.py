@@ -7,7 +7,8 @@ too (``app`` builds itself from the environment on first use). Routes:
 * ``GET /?sendmail=<address>``  queue the fixed test mail (``mailto:`` accepted)
 * ``POST /api/messages``        queue a mail described by JSON
 * ``POST /api/messages/batch``  queue up to 500 of them (batch.py)
-* ``GET /api/messages[/<id>]``  what became of messages
+* ``GET /api/messages[/<id>]``  what became of messages; ``DELETE`` one to cancel it
+* ``GET /api/suppressions``, ``PUT``/``DELETE /api/suppressions/<address>``
 * ``GET /api/dead-letters``     what could not be sent, and why
 * ``GET /logs``                 the last lines of the talktome log
 * ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``
@@ -20,6 +21,8 @@ Sending and reading need a token or a direct loopback client (see guard.py).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import hashlib
@@ -27,6 +30,7 @@ import logging
 import re
 import signal
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import uvloop
@@ -52,7 +56,7 @@ import apidoc
 import batch
 import web
 from apidoc import answers
-from broker import Broker
+from broker import Broker, Names
 from config import Settings, configure_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
@@ -66,8 +70,11 @@ from messages import (
     parse_json,
     request_job,
     strict_query,
+    strip_mailto,
+    suppression_key,
 )
 from schemas import (
+    Cancelled,
     DeadLetterList,
     IdempotencyHeaders,
     LegacyQuery,
@@ -78,9 +85,14 @@ from schemas import (
     MessageRequest,
     MessageView,
     Queued,
+    Suppression,
+    SuppressionList,
+    SuppressionQuery,
+    SuppressionRequest,
 )
-from store import IdempotencyConflict, Store, StoreUnavailable
+from store import IdempotencyConflict, Store, StoreUnavailable, now_utc
 from talklog import TalkLog
+from webhooks import event_body, publish_event
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +102,10 @@ USAGE = """Mailroom: asynchronous mail dispatch.
   GET  /?sendmail=<address>       queue a test mail to <address> (mailto: accepted)
   POST /api/messages              queue a mail: {"to", "subject", "text", "html"?, "reply_to"?}
   POST /api/messages/batch        queue up to 500 mails: a JSON array of those objects
-  GET  /api/messages[/<id>]       what became of messages (?status=, ?limit=)
+  GET  /api/messages[/<id>]       what became of messages (?status=, ?recipient=, ?since=,
+                                  ?until=, ?limit=, ?cursor=)
+  DELETE /api/messages/<id>       cancel a queued, scheduled or retrying message
+  GET  /api/suppressions          the suppression list; PUT/DELETE /api/suppressions/<address>
   GET  /api/dead-letters          what could not be sent, and why
   GET  /logs?lines=N              the last lines of the talktome log
   GET  /healthz, /readyz          liveness, readiness
@@ -156,8 +171,10 @@ def create_app(settings: Settings) -> Quart:
         max_recipients=settings.max_recipients,
         max_subject_chars=settings.max_subject_chars,
         max_body_chars=settings.max_body_chars,
+        max_schedule_days=settings.max_schedule_days,
     )
     app.extensions["mailroom_broker"] = broker
+    names = Names.of(settings)
     dead_letter_listings = DeadLetterListings(settings)
     stores: list[Store] = []
 
@@ -274,9 +291,14 @@ def create_app(settings: Settings) -> Quart:
             log.warning("message %s: queued, but its record waits for the worker: %s", job.id, exc)
 
     async def enqueue(job: MailJob, key: str | None = None, client: str = "") -> None:
-        """Publish (confirmed), then record."""
+        """Publish (confirmed), then record. A scheduled message goes straight to the
+        schedule tier it waits in first (see broker.SCHEDULE_DELAYS)."""
         try:
-            await broker.publish(job.to_bytes(), job.id)
+            if (due := job.due_at()) is not None:
+                routing_key, expiration = names.schedule_hop((due - now_utc()).total_seconds())
+                await broker.publish(job.to_bytes(), job.id, routing_key, expiration=expiration)
+            else:
+                await broker.publish(job.to_bytes(), job.id)
         except PublishUnconfirmed as exc:
             watch_late(job, exc, key, client)
             raise
@@ -421,7 +443,8 @@ def create_app(settings: Settings) -> Quart:
                 except StoreUnavailable as release_error:
                     log.error("message %s: key not released: %s", job.id, release_error)
             return json_error(unavailable(exc, job), 503, RETRY)
-        return jsonify(id=job.id, status="queued"), 202, {"Location": f"/api/messages/{job.id}"}
+        status = "scheduled" if job.send_at is not None else "queued"
+        return jsonify(id=job.id, status=status), 202, {"Location": f"/api/messages/{job.id}"}
 
     batch.register(
         app,
@@ -456,19 +479,154 @@ def create_app(settings: Settings) -> Quart:
             return json_error("no such message", 404)
         return jsonify(record.to_json())
 
+    @app.delete("/api/messages/<message_id>")
+    @document_response(Cancelled)
+    @answers(
+        (200, "Cancelled (now, or before: idempotent); it will never be sent."),
+        400,
+        401,
+        404,
+        (
+            409,
+            "Too late: the message is being sent or is final (sent, partial, failed); the "
+            "answer's status says which.",
+        ),
+        (503, STORE_DOWN),
+    )
+    @security_scheme([{"token": []}])
+    async def cancel_message(message_id: str) -> Response:
+        """Take back a queued, scheduled or retrying message: it becomes cancelled."""
+        if not MESSAGE_ID.fullmatch(message_id):
+            return json_error("no such message", 404)
+        try:
+            outcome, record = await store().cancel(message_id)
+        except StoreUnavailable as exc:
+            log.error("message %s: store unavailable: %s", message_id, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        if record is None:
+            return json_error("no such message", 404)
+        if outcome == "conflict":
+            answer = jsonify(
+                error=f"the message is {record.status}: too late to cancel",
+                id=message_id,
+                status=record.status,
+            )
+            answer.status_code = 409
+            return answer
+        if outcome == "cancelled":
+            log.info("message %s: cancelled by %s", message_id, g.client.address)
+            if settings.webhook_urls:
+                body = event_body(
+                    "cancelled", message_id, "cancelled", record.results, len(record.history)
+                )
+                await publish_event(broker, settings, message_id, body)
+        return jsonify(id=message_id, status="cancelled")
+
     @app.get("/api/messages")
     @validate_querystring(ListQuery)
     @document_response(MessageList)
-    @answers((200, "The records, newest first."), 400, 401, (503, STORE_DOWN))
+    @answers(
+        (200, "The records, newest first, and next_cursor for the next page."),
+        400,
+        401,
+        (503, STORE_DOWN),
+    )
     @security_scheme([{"token": []}])
     async def list_messages(query_args: ListQuery) -> ResponseReturnValue:
-        """Messages, newest first, optionally of one status."""
+        """Messages, newest first: of one status, to one recipient, accepted in a time
+        range; a page at a time (?cursor= is the next_cursor of the page before)."""
         try:
-            records = await store().list(query_args.status, query_args.limit)
+            before = decode_cursor(query_args.cursor) if query_args.cursor else None
+            since = parse_time(query_args.since, "since") if query_args.since else None
+            until = parse_time(query_args.until, "until") if query_args.until else None
+            recipient = suppression_address(query_args.recipient) if query_args.recipient else None
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field=exc.field)
+        try:
+            records = await store().list(
+                query_args.status,
+                query_args.limit,
+                before=before,
+                recipient=recipient,
+                since=since,
+                until=until,
+            )
         except StoreUnavailable as exc:
             log.error("listing messages: store unavailable: %s", exc)
             return json_error("the message store is unavailable; try again", 503, RETRY)
-        return jsonify(messages=[r.to_json() for r in records])
+        cursor = None
+        if len(records) == query_args.limit:
+            cursor = encode_cursor(records[-1].created_at, records[-1].id)
+        return jsonify(messages=[r.to_json() for r in records], next_cursor=cursor)
+
+    # -- the suppression list --------------------------------------------------------
+
+    @app.get("/api/suppressions")
+    @validate_querystring(SuppressionQuery)
+    @document_response(SuppressionList)
+    @answers((200, "The suppressed addresses, in address order."), 400, 401, (503, STORE_DOWN))
+    @security_scheme([{"token": []}])
+    async def list_suppressions(query_args: SuppressionQuery) -> ResponseReturnValue:
+        """The addresses never sent to: refused as unknown (5.1.x), or added here."""
+        try:
+            found = await store().suppressions(query_args.limit, query_args.cursor)
+        except StoreUnavailable as exc:
+            log.error("listing suppressions: store unavailable: %s", exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        cursor = found[-1]["address"] if len(found) == query_args.limit else None
+        return jsonify(suppressions=found, next_cursor=cursor)
+
+    @app.put("/api/suppressions/<path:address>")
+    @validate_request(SuppressionRequest)
+    @document_response(Suppression)
+    @answers(
+        (200, "On the list (added, or its reason replaced)."),
+        400,
+        401,
+        413,
+        415,
+        (503, STORE_DOWN),
+    )
+    @security_scheme([{"token": []}])
+    async def put_suppression(address: str, data: SuppressionRequest) -> ResponseReturnValue:
+        """Suppress an address: later messages are not sent to it (result 'suppressed').
+        A worker sees it within SUPPRESSION_REFRESH seconds."""
+        try:
+            key = suppression_address(address)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field="address")
+        reason = data.reason or "added by an operator"
+        try:
+            await store().suppress({key: reason}, "operator")
+            entry = await store().suppressions(1, None, only=key)
+        except StoreUnavailable as exc:
+            log.error("suppressing %s: store unavailable: %s", key, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        log.info("suppressed %s (by %s)", key, g.client.address)
+        return jsonify(entry[0])
+
+    @app.delete("/api/suppressions/<path:address>")
+    @answers(
+        (204, "Off the list (or it was not on it)."),
+        400,
+        401,
+        (503, STORE_DOWN),
+    )
+    @security_scheme([{"token": []}])
+    async def delete_suppression(address: str) -> Response:
+        """Send to an address again (workers notice within SUPPRESSION_REFRESH seconds)."""
+        try:
+            key = suppression_address(address)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field="address")
+        try:
+            removed = await store().unsuppress(key)
+        except StoreUnavailable as exc:
+            log.error("unsuppressing %s: store unavailable: %s", key, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        if removed:
+            log.info("unsuppressed %s (by %s)", key, g.client.address)
+        return Response(status=204)
 
     @app.get("/api/dead-letters")
     @document_response(DeadLetterList)
@@ -532,6 +690,40 @@ def create_app(settings: Settings) -> Quart:
         app, web.Context(settings=settings, store=store, describe_validation=describe_validation)
     )
     return app
+
+
+def encode_cursor(created_at: datetime, message_id: str) -> str:
+    """A page's position: the (created_at, id) of its last record, opaque to clients."""
+    raw = f"{created_at.isoformat()}|{message_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at_text, _, message_id = raw.partition("|")
+        at = datetime.fromisoformat(at_text)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidMessage("cursor is not a cursor this API gave", "cursor") from None
+    if not MESSAGE_ID.fullmatch(message_id) or at.tzinfo is None:
+        raise InvalidMessage("cursor is not a cursor this API gave", "cursor")
+    return at, message_id
+
+
+def parse_time(value: str, field: str) -> datetime:
+    """An RFC 3339 time with an offset (a query filter), in UTC."""
+    try:
+        at = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise InvalidMessage(f"{field} must be an RFC 3339 time with an offset", field)
+    return at.astimezone(UTC)
+
+
+def suppression_address(value: str) -> str:
+    """An address from a URL or query, normalised as the suppression list compares it."""
+    return suppression_key(strip_mailto(value))
 
 
 def describe_validation(error: Any) -> tuple[str | None, str]:
