@@ -118,6 +118,7 @@ Sending and reading need 'Authorization: Bearer <API_TOKEN>' unless you are on t
 RETRY = {"Retry-After": "5"}
 STORE_DOWN = "The message database is unavailable; try again after Retry-After."
 MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
+NO_ROUTE = "No such route: the address is empty or holds a '/'."
 
 
 def client_identity() -> str:
@@ -576,13 +577,14 @@ def create_app(settings: Settings) -> Quart:
         cursor = found[-1]["address"] if len(found) == query_args.limit else None
         return jsonify(suppressions=found, next_cursor=cursor)
 
-    @app.put("/api/suppressions/<path:address>")
+    @app.put("/api/suppressions/<address>")
     @validate_request(SuppressionRequest)
     @document_response(Suppression)
     @answers(
         (200, "On the list (added, or its reason replaced)."),
         400,
         401,
+        (404, NO_ROUTE),
         413,
         415,
         (503, STORE_DOWN),
@@ -596,6 +598,8 @@ def create_app(settings: Settings) -> Quart:
         except InvalidMessage as exc:
             return json_error(exc.reason, 400, field="address")
         reason = data.reason or "added by an operator"
+        if "\0" in reason:
+            return json_error("reason must not contain NUL", 400, field="reason")
         try:
             await store().suppress({key: reason}, "operator")
             entry = await store().suppressions(1, None, only=key)
@@ -605,11 +609,12 @@ def create_app(settings: Settings) -> Quart:
         log.info("suppressed %s (by %s)", key, g.client.address)
         return jsonify(entry[0])
 
-    @app.delete("/api/suppressions/<path:address>")
+    @app.delete("/api/suppressions/<address>")
     @answers(
-        (204, "Off the list (or it was not on it)."),
+        (200, "Off the list: {address, removed} (removed: false when it was not on it)."),
         400,
         401,
+        (404, NO_ROUTE),
         (503, STORE_DOWN),
     )
     @security_scheme([{"token": []}])
@@ -626,7 +631,7 @@ def create_app(settings: Settings) -> Quart:
             return json_error("the message store is unavailable; try again", 503, RETRY)
         if removed:
             log.info("unsuppressed %s (by %s)", key, g.client.address)
-        return Response(status=204)
+        return jsonify(address=key, removed=removed)
 
     @app.get("/api/dead-letters")
     @document_response(DeadLetterList)

@@ -243,7 +243,8 @@ async def test_suppressed_recipients_are_skipped_and_unknown_users_suppressed(
         second = await post(client, "nobody@example.com")
         record = await wait_status(client, second["id"], "failed")
         assert record["recipients"][0]["status"] == "suppressed"
-        assert (await client.delete("/api/suppressions/nobody@EXAMPLE.com")).status_code == 204
+        removed = await client.delete("/api/suppressions/nobody@EXAMPLE.com")
+        assert await removed.get_json() == {"address": "nobody@example.com", "removed": True}
         assert (await client.put("/api/suppressions/not-an-address", json={})).status_code == 400
         await asyncio.sleep(0.5)
         third = await post(client, "blocked@bücher.de")
