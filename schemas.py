@@ -63,7 +63,9 @@ class BatchResult(BaseModel):
         "400 (invalid), 429 (a rate limit, named in error) or 503 (not queued)."
     )
     id: str | None = Field(default=None, pattern="^[0-9a-f]{32}$", description="When queued.")
-    status: Literal["queued"] | None = Field(default=None, description="When queued.")
+    status: Literal["queued", "scheduled"] | None = Field(
+        default=None, description="When queued: scheduled with a future send_at."
+    )
     error: str | None = Field(default=None, description="When not queued: why.")
     field: str | None = Field(default=None, description="The offending field, if one.")
 
