@@ -11,8 +11,11 @@ to ``P.webhooks.dead`` with the reason.
 Each POST carries ``X-Mailroom-Timestamp`` (Unix seconds, when it was sent) and
 ``X-Mailroom-Signature: v1=<hex>``, the HMAC-SHA256 under ``WEBHOOK_SECRET`` of
 ``<timestamp>.<body>``; a receiver refuses an old timestamp (a replay). Events of one
-message are numbered (``sequence``: the record's history length when it happened); a
-receiver orders by it, because a retried event may arrive after a later one.
+message are numbered (``sequence``: the record's history length when it happened). A
+worker POSTs the events of one message to one receiver one at a time, and while an earlier
+one waits for a retry the later ones wait behind it (in a first-tier round trip each, not
+counted as tries); this order holds within one worker process, so with several workers a
+receiver orders by ``sequence``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 Event = Literal["sent", "deferred", "failed", "suppressed", "cancelled"]
 URL_HEADER = "x-mailroom-webhook"  # which of WEBHOOK_URLS (its index) a copy is for
 TRIES_HEADER = "x-mailroom-webhook-retries"
+WAITS_HEADER = "x-mailroom-webhook-waits"  # times it waited behind an earlier event
+MAX_WAITS = 50  # then it is delivered anyway
 TIMESTAMP_HEADER = "X-Mailroom-Timestamp"
 SIGNATURE_HEADER = "X-Mailroom-Signature"
 
@@ -100,6 +105,11 @@ class WebhookSender:
             timeout=settings.webhook_timeout, trust_env=False, follow_redirects=False
         )
         self._channel: AbstractChannel | None = None
+        # Per (message id, receiver): a lock that keeps POSTs in order, and whether an
+        # earlier event is waiting for a retry (later ones then wait behind it). In this
+        # process only: with several workers, receivers order by ``sequence``.
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._blocked: dict[tuple[str, int], bytes] = {}  # -> the event waiting for a retry
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         channel = await asyncio.wait_for(
@@ -125,11 +135,36 @@ class WebhookSender:
             log.warning("message %s: webhook event for an unknown receiver dropped", message_id)
             await self._settle(message, "ack")
             return
+        key = (message_id, index)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:  # one POST at a time per message and receiver, in order
+                await self._deliver(message, headers, key)
+        finally:
+            if not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]
+
+    async def _deliver(
+        self, message: AbstractIncomingMessage, headers: dict[str, Any], key: tuple[str, int]
+    ) -> None:
+        message_id, index = key
+        waits = headers.get(WAITS_HEADER, 0)
+        waits = waits if isinstance(waits, int) and waits >= 0 else 0
+        blocker = self._blocked.get(key)
+        if blocker not in (None, message.body) and waits < MAX_WAITS and self.names.webhook_tiers:
+            # An earlier event of this message waits for a retry to this receiver: this
+            # one waits too (without spending its own tries), so they arrive in order.
+            headers[WAITS_HEADER] = waits + 1
+            await self._forward(message, headers, self.names.webhook_tiers[0].routing_key)
+            return
         url = self.settings.webhook_urls[index]
         problem = await self._post(url, message.body)
         if problem is None:
+            if blocker == message.body:
+                del self._blocked[key]
             await self._settle(message, "ack")
             return
+        self._blocked.setdefault(key, message.body)
         tries = headers.get(TRIES_HEADER, 0)
         tries = tries if isinstance(tries, int) and tries >= 0 else 0
         if tries < len(self.names.webhook_tiers):
@@ -145,6 +180,8 @@ class WebhookSender:
         else:
             headers["x-mailroom-error"] = problem[:1000]
             routing_key = WEBHOOK_DEAD_KEY
+            if self._blocked.get(key) == message.body:
+                del self._blocked[key]  # given up: the later events need not wait for it
             log.error(
                 "message %s: webhook to receiver %d failed %d times (%s); dead-lettered",
                 message_id,
@@ -152,6 +189,13 @@ class WebhookSender:
                 tries + 1,
                 problem,
             )
+        await self._forward(message, headers, routing_key)
+
+    async def _forward(
+        self, message: AbstractIncomingMessage, headers: dict[str, Any], routing_key: str
+    ) -> None:
+        """Publish the event on to a retry tier (or the dead letters), then ack it."""
+        message_id = message.message_id or ""
         try:
             await self.broker.publish(message.body, message_id, routing_key, headers)
         except BrokerUnavailable as exc:

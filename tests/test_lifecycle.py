@@ -436,3 +436,30 @@ async def test_webhooks_are_signed_retried_and_never_slow_mail(
         expected = hmac.new(SECRET.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
         assert headers["x-mailroom-signature"] == "v1=" + expected.hexdigest()
     assert len(hanging.got) >= 4  # tried, timed out, retried through every tier
+
+
+async def test_webhook_events_of_a_message_arrive_in_order(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    """The first event fails (500) and waits for its retry: the later events of the same
+    message wait behind it, so the receiver gets them in order."""
+    receiver = Receiver(codes=[500])
+    settings = make_settings(
+        webhook_urls=(await receiver.start(),),
+        webhook_secret=Secret(SECRET),
+        **smtp.settings_overrides(None, False),
+    )
+    try:
+        async with running_app(settings) as (app, client), running_worker(settings):
+            await wait_ready(app)
+            message = await post(client, ["real@example.com", "defer@simulator.mailroom.invalid"])
+            await wait_status(client, message["id"], "partial", timeout=30)
+            deferrals = len(settings.retry_delays)  # then the last attempt gives up
+            await receiver.wait_for(lambda: len(receiver.events()) == deferrals + 1, timeout=30)
+    finally:
+        await receiver.close()
+    events = receiver.events()
+    assert [e["event"] for e in events] == ["deferred"] * deferrals + ["failed"]
+    sequences = [e["sequence"] for e in events]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    assert events[-1]["status"] == "partial"
