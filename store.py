@@ -9,7 +9,9 @@ upgraded when a process opens it.
 
 A record's ``status`` moves
 ``queued -> sending -> (retrying -> sending)* -> sent | partial | failed``
-and every transition is appended to its ``history`` with a UTC time stamp.
+(a message with ``send_at`` starts ``scheduled``; ``queued``, ``scheduled`` and
+``retrying`` may become ``cancelled``, final too) and every transition is appended to its
+``history`` with a UTC time stamp.
 
 Who may send, and which copy counts (see the README's delivery guarantees):
 

@@ -421,7 +421,7 @@ class Worker:
             results[address] = RecipientResult(kind, smtp_code, text)
         results.update(skipped or {})
         if skipped:
-            await self._emit("suppressed", attempt, "sending", results)
+            await self._emit("suppressed", attempt, "sending", results, step=0)
         if result.refused:
             await self._suppress_unknown_users(job_id, result.refused)
         # This attempt's answers over the earlier ones: who is still deferred (4xx), who
@@ -463,12 +463,15 @@ class Worker:
         status: str,
         results: dict[str, RecipientResult],
         error: str | None = None,
+        step: int = 1,
     ) -> None:
-        """A webhook event about ``attempt``'s message (nothing without WEBHOOK_URLS)."""
+        """A webhook event about ``attempt``'s message (nothing without WEBHOOK_URLS).
+        Its sequence is the record's history length once the outcome is written (``step``
+        1), or while the attempt runs (0: the suppressed recipients, before the outcome)."""
         if self.webhooks is None:
             return
         before = attempt.record.results if attempt.record is not None else {}
-        sequence = len(attempt.record.history) + 1 if attempt.record is not None else 0
+        sequence = len(attempt.record.history) + step if attempt.record is not None else 0
         body = event_body(event, attempt.message_id, status, {**before, **results}, sequence, error)
         await publish_event(self.broker, self.settings, attempt.message_id, body)
 
