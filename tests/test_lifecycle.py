@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -107,6 +108,23 @@ async def test_cancel_racing_the_worker_never_sends_a_cancelled_message(
     sent = sorted(f"race{ids.index(i)}@example.com" for i, c in codes.items() if c == 409)
     assert sorted(recipients(smtp.recorder)) == sent
     smtp.server.close()
+
+
+async def test_a_retrying_message_can_be_cancelled(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its retry copy comes back from the retry tier and is acked unsent."""
+    caplog.set_level(logging.INFO)
+    settings = make_settings(sandbox=True, smtp_host=None, retry_delays=(1.5,))
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        message = (await post(client, "defer@simulator.mailroom.invalid"))["id"]
+        await wait_status(client, message, "retrying")
+        assert (await client.delete(f"/api/messages/{message}")).status_code == 200
+        await wait_until(lambda: "already cancelled; acking without sending" in caplog.text)
+        record = await wait_status(client, message, "cancelled")
+    assert record["attempts"] == 1
+    assert [h["status"] for h in record["history"]][-2:] == ["retrying", "cancelled"]
 
 
 # -- scheduled sends -----------------------------------------------------------------------
