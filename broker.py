@@ -93,7 +93,11 @@ class Names:
     webhook_tiers: tuple[RetryTier, ...] = ()
 
     @classmethod
-    def for_prefix(cls, prefix: str, retry_delays: tuple[float, ...] = ()) -> Names:
+    def for_prefix(
+        cls, prefix: str, retry_delays: tuple[float, ...] = (), webhooks: bool = True
+    ) -> Names:
+        """Every name under ``prefix``; the webhook queues' too unless ``webhooks`` is
+        False (they exist only with WEBHOOK_URLS)."""
         tiers = tuple(
             RetryTier(delay, f"{prefix}.retry.{ms}ms", f"retry.{ms}")
             for delay in retry_delays
@@ -108,6 +112,8 @@ class Names:
             for delay in retry_delays
             for ms in [round(delay * 1000)]
         )
+        if not webhooks:
+            return cls(prefix, f"{prefix}.send", f"{prefix}.dead", tiers, schedule)
         return cls(
             prefix,
             f"{prefix}.send",
@@ -131,7 +137,9 @@ class Names:
 
     @classmethod
     def of(cls, settings: Settings) -> Names:
-        return cls.for_prefix(settings.queue_prefix, settings.retry_delays)
+        return cls.for_prefix(
+            settings.queue_prefix, settings.retry_delays, bool(settings.webhook_urls)
+        )
 
     def all_queues(self) -> tuple[str, ...]:
         return (
@@ -139,8 +147,7 @@ class Names:
             self.dead_queue,
             *(t.queue for t in self.retry_tiers),
             *(t.queue for t in self.schedule_tiers),
-            self.webhook_queue,
-            self.webhook_dead_queue,
+            *(q for q in (self.webhook_queue, self.webhook_dead_queue) if q),
             *(t.queue for t in self.webhook_tiers),
         )
 

@@ -217,10 +217,9 @@ class MailJob:
             "html": self.html,
             "reply_to": self.reply_to,
             "created_at": self.created_at,
+            "send_at": self.send_at,
             "v": FORMAT_VERSION,
         }
-        if self.send_at is not None:
-            body["send_at"] = self.send_at
         return _compact_json(body).encode()
 
     @classmethod
