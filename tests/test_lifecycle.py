@@ -230,13 +230,17 @@ async def test_a_scheduled_message_waits_out_a_rabbitmq_restart(
 
 
 async def test_suppressed_recipients_are_skipped_and_unknown_users_suppressed(
-    make_settings: Callable[..., Settings],
+    database_url: Secret, make_settings: Callable[..., Settings]
 ) -> None:
     async def refuse_unknown(address: str) -> str | None:
         return "550 5.1.1 no such user here" if address.startswith("nobody@") else None
 
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_rcpt=refuse_unknown))
-    settings = make_settings(suppression_refresh=0.2, **smtp.settings_overrides(None, False))
+    settings = make_settings(
+        database_url=database_url,
+        suppression_refresh=0.2,
+        **smtp.settings_overrides(None, False),
+    )
     async with running_app(settings) as (app, client), running_worker(settings):
         await wait_ready(app)
         put = await client.put("/api/suppressions/Blocked@B%C3%9CCHER.de", json={"reason": "asked"})
@@ -310,8 +314,15 @@ async def test_simulator_recipients_without_a_connection(
 # -- finding messages ----------------------------------------------------------------------
 
 
-async def test_pages_stay_put_while_messages_arrive(app_client: tuple[Any, Client]) -> None:
-    _, client = app_client
+async def test_pages_stay_put_while_messages_arrive(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    async with running_app(make_settings(database_url=database_url)) as (app, client):
+        await wait_ready(app)
+        await find_messages(client)
+
+
+async def find_messages(client: Client) -> None:
     ids = [(await post(client, f"p{n}@example.com"))["id"] for n in range(5)]
     other = (await post(client, "someone_else@example.com"))["id"]
     first = await (await client.get("/api/messages", query_string={"limit": 3})).get_json()
