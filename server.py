@@ -430,10 +430,12 @@ def create_app(settings: Settings) -> Quart:
                 log.error("message %s: idempotency store unavailable: %s", job.id, exc)
                 return json_error("the message store is unavailable; try again", 503, RETRY)
             if earlier is not None:
-                if await store().get(earlier) is None:
+                if (first := await store().get(earlier)) is None:
                     return json_error("a request with this Idempotency-Key is in progress", 409)
                 replay = {"Idempotent-Replayed": "true", "Location": f"/api/messages/{earlier}"}
-                return jsonify(id=earlier, status="queued"), 202, replay
+                scheduled = bool(first.history) and first.history[0].get("status") == "scheduled"
+                status = "scheduled" if scheduled else "queued"
+                return jsonify(id=earlier, status=status), 202, replay
         try:
             await enqueue(job, key, client)
         except BrokerUnavailable as exc:
