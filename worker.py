@@ -344,17 +344,19 @@ class Worker:
             await self._settle(message, attempt, SendResult(()), record.results, sent_before)
             return
         # Suppressed and simulator recipients, and everyone in the sandbox: never SMTP.
-        # (Two O(1) checks per recipient; the suppression set is a cache, see below.)
-        skipped: dict[str, RecipientResult] = {}
-        if self._suppressed:
+        # (O(1) checks per recipient, no database: the suppression set is a cache.)
+        if (
+            self._suppressed
+            or self.settings.sandbox
+            or any(a.endswith(SIMULATOR_SUFFIX) for a in pending)
+        ):
             skipped = {
                 a: RecipientResult("suppressed", None, "on the suppression list")
                 for a in pending
                 if _suppression_key(a) in self._suppressed
             }
-        simulated = [a for a in pending if a not in skipped and a.endswith(SIMULATOR_SUFFIX)]
-        real = [a for a in pending if a not in skipped and not a.endswith(SIMULATOR_SUFFIX)]
-        if skipped or simulated or self.settings.sandbox:
+            simulated = [a for a in pending if a not in skipped and a.endswith(SIMULATOR_SUFFIX)]
+            real = [a for a in pending if a not in skipped and not a.endswith(SIMULATOR_SUFFIX)]
             await self._settle(
                 message,
                 attempt,
