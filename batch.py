@@ -202,7 +202,8 @@ def register(app: Quart, accepting: Accepting) -> None:
         uncertain = 0
         for (index, job), failure in zip(allowed, outcomes, strict=True):
             if failure is None:
-                results[index] = {"code": 202, "id": job.id, "status": "queued"}
+                status = "scheduled" if job.send_at is not None else "queued"
+                results[index] = {"code": 202, "id": job.id, "status": status}
                 queued.append(job)
             elif isinstance(failure, PublishUnconfirmed):
                 a.watch_late(job, failure)

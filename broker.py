@@ -79,28 +79,88 @@ class RetryTier:
     routing_key: str
 
 
+# Scheduled messages (``send_at``) wait in these tiers, a timer wheel: each is a queue whose
+# own TTL (never a per-message one, which RabbitMQ expires only at a queue's head) returns
+# a message to the work queue; the worker hands a message that is not yet due on to the
+# longest tier that does not overshoot. Powers of 8 seconds, up to 24 days: a message due
+# in 30 days makes about 20 hops, and a late-due message never holds up an early one.
+SCHEDULE_DELAYS: tuple[float, ...] = (1, 8, 64, 512, 4096, 32768, 262144, 2097152)
+SCHEDULE_DUE = 0.01  # seconds: closer to send_at than this is due
+# Delivery webhooks (webhooks.py): their own queue, retry tiers and dead-letter queue, so
+# that a receiver that is down or slow never holds up mail.
+WEBHOOK_KEY = "webhook"
+WEBHOOK_DEAD_KEY = "webhook.dead"
+
+
 @dataclass(frozen=True)
 class Names:
     exchange: str
     send_queue: str
     dead_queue: str
     retry_tiers: tuple[RetryTier, ...] = ()
+    schedule_tiers: tuple[RetryTier, ...] = ()
+    webhook_queue: str = ""
+    webhook_dead_queue: str = ""
+    webhook_tiers: tuple[RetryTier, ...] = ()
 
     @classmethod
-    def for_prefix(cls, prefix: str, retry_delays: tuple[float, ...] = ()) -> Names:
+    def for_prefix(
+        cls, prefix: str, retry_delays: tuple[float, ...] = (), webhooks: bool = True
+    ) -> Names:
+        """Every name under ``prefix``; the webhook queues' too unless ``webhooks`` is
+        False (they exist only with WEBHOOK_URLS)."""
         tiers = tuple(
             RetryTier(delay, f"{prefix}.retry.{ms}ms", f"retry.{ms}")
             for delay in retry_delays
             for ms in [round(delay * 1000)]
         )
-        return cls(prefix, f"{prefix}.send", f"{prefix}.dead", tiers)
+        schedule = tuple(
+            RetryTier(delay, f"{prefix}.schedule.{round(delay)}s", f"schedule.{round(delay)}")
+            for delay in SCHEDULE_DELAYS
+        )
+        hooks = tuple(
+            RetryTier(delay, f"{prefix}.webhook.retry.{ms}ms", f"webhook.retry.{ms}")
+            for delay in retry_delays
+            for ms in [round(delay * 1000)]
+        )
+        if not webhooks:
+            return cls(prefix, f"{prefix}.send", f"{prefix}.dead", tiers, schedule)
+        return cls(
+            prefix,
+            f"{prefix}.send",
+            f"{prefix}.dead",
+            tiers,
+            schedule,
+            f"{prefix}.webhooks",
+            f"{prefix}.webhooks.dead",
+            hooks,
+        )
+
+    def schedule_hop(self, remaining: float) -> tuple[str, float | None]:
+        """Where a message due in ``remaining`` seconds waits next: (routing key, a
+        per-message expiration or None). The longest tier not longer than ``remaining``;
+        under the shortest (1 s), that one with the remaining time as the expiration
+        (a head-of-line wait of under a second at most)."""
+        fitting = [t for t in self.schedule_tiers if t.delay <= remaining]
+        if fitting:
+            return fitting[-1].routing_key, None
+        return self.schedule_tiers[0].routing_key, max(remaining, SCHEDULE_DUE)
 
     @classmethod
     def of(cls, settings: Settings) -> Names:
-        return cls.for_prefix(settings.queue_prefix, settings.retry_delays)
+        return cls.for_prefix(
+            settings.queue_prefix, settings.retry_delays, bool(settings.webhook_urls)
+        )
 
     def all_queues(self) -> tuple[str, ...]:
-        return (self.send_queue, self.dead_queue, *(t.queue for t in self.retry_tiers))
+        return (
+            self.send_queue,
+            self.dead_queue,
+            *(t.queue for t in self.retry_tiers),
+            *(t.queue for t in self.schedule_tiers),
+            *(q for q in (self.webhook_queue, self.webhook_dead_queue) if q),
+            *(t.queue for t in self.webhook_tiers),
+        )
 
 
 @dataclass(frozen=True)
@@ -139,7 +199,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
         send_args["x-delivery-limit"] = settings.delivery_limit
     send = await channel.declare_queue(names.send_queue, durable=True, arguments=send_args)
     await send.bind(exchange, SEND_KEY)
-    for tier in names.retry_tiers:
+    for tier in (*names.retry_tiers, *names.schedule_tiers):
         tier_args = _queue_arguments(
             settings,
             **{
@@ -153,6 +213,8 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
             tier_args["x-overflow"] = "reject-publish"
         queue = await channel.declare_queue(tier.queue, durable=True, arguments=tier_args)
         await queue.bind(exchange, tier.routing_key)
+    if settings.webhook_urls:
+        await _declare_webhook_queues(channel, settings, names, exchange)
     return Topology(exchange=exchange, send_queue=send, dead_queue=dead)
 
 
@@ -185,6 +247,35 @@ class FailoverConnection(aio_pika.RobustConnection):
         except BaseException:
             self._next_broker()
             raise
+
+
+async def _declare_webhook_queues(
+    channel: AbstractChannel, settings: Settings, names: Names, exchange: AbstractExchange
+) -> None:
+    """Only when WEBHOOK_URLS is set: the events' queue, its retry tiers (dead-lettering
+    back to it) and its dead-letter queue."""
+    dead = await channel.declare_queue(
+        names.webhook_dead_queue, durable=True, arguments=_queue_arguments(settings)
+    )
+    await dead.bind(exchange, WEBHOOK_DEAD_KEY)
+    queue = await channel.declare_queue(
+        names.webhook_queue, durable=True, arguments=_queue_arguments(settings)
+    )
+    await queue.bind(exchange, WEBHOOK_KEY)
+    for tier in names.webhook_tiers:
+        tier_args = _queue_arguments(
+            settings,
+            **{
+                "x-message-ttl": round(tier.delay * 1000),
+                "x-dead-letter-exchange": names.exchange,
+                "x-dead-letter-routing-key": WEBHOOK_KEY,
+            },
+        )
+        if settings.queue_type == "quorum":
+            tier_args["x-dead-letter-strategy"] = "at-least-once"
+            tier_args["x-overflow"] = "reject-publish"
+        tier_queue = await channel.declare_queue(tier.queue, durable=True, arguments=tier_args)
+        await tier_queue.bind(exchange, tier.routing_key)
 
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:

@@ -139,17 +139,26 @@ class Settings:
     # Set (by the launcher) when several server processes count into one directory.
     prometheus_multiproc_dir: Path | None = None
     log_format: LogFormat = "text"
+    # Issue 13: scheduled sends, the sandbox, the suppression list.
+    max_schedule_days: int = 30
+    sandbox: bool = False
+    suppression_refresh: float = 5.0
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: Secret | None = None
+    webhook_timeout: float = 10.0
+    webhook_concurrency: int = 4
 
     def __repr__(self) -> str:  # the URL carries a password: show it redacted
         shown = ", ".join(
             f"{name}={value!r}"
             for name, value in self.__dict__.items()
-            if name not in ("amqp_url", "database_url", "rate_limit_storage")
+            if name not in ("amqp_url", "database_url", "rate_limit_storage", "webhook_urls")
         )
         return (
             f"Settings(amqp_url={redact_url(self.amqp_url.get())!r}, "
             f"database_url={redact_url(self.database_url.get())!r}, "
-            f"rate_limit_storage={redact_url(self.rate_limit_storage.get())!r}, {shown})"
+            f"rate_limit_storage={redact_url(self.rate_limit_storage.get())!r}, "
+            f"webhook_urls={tuple(redact_url(u) for u in self.webhook_urls)!r}, {shown})"
         )
 
     @property
@@ -270,6 +279,12 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if ca_file is not None and not Path(ca_file).is_file():
         raise ConfigError("SMTP_CA_FILE", f"no such file: {ca_file}")
     dkim = _dkim(raw)
+    webhook_urls: tuple[str, ...] = conv("WEBHOOK_URLS", _webhook_urls, ())
+    webhook_secret = raw("WEBHOOK_SECRET")
+    if webhook_urls and webhook_secret is None:
+        raise ConfigError("WEBHOOK_SECRET", "required when WEBHOOK_URLS is set")
+    if webhook_secret is not None and len(webhook_secret) < 16:
+        raise ConfigError("WEBHOOK_SECRET", "must be at least 16 characters")
     return Settings(
         amqp_url=Secret(conv("AMQP_URL", _amqp_url, "amqp://guest:guest@localhost:5672/")),
         queue_prefix=conv("QUEUE_PREFIX", _name, "mailroom"),
@@ -321,6 +336,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
         worker_metrics_port=conv("WORKER_METRICS_PORT", _optional_port, None),
         prometheus_multiproc_dir=conv("PROMETHEUS_MULTIPROC_DIR", _directory, None),
         log_format=conv("LOG_FORMAT", _log_format, "text"),
+        max_schedule_days=conv("MAX_SCHEDULE_DAYS", _size(1, 365), 30),
+        sandbox=conv("SANDBOX", _bool, False),
+        suppression_refresh=conv("SUPPRESSION_REFRESH", _positive_float, 5.0),
+        webhook_urls=webhook_urls,
+        webhook_secret=Secret(webhook_secret) if webhook_secret else None,
+        webhook_timeout=conv("WEBHOOK_TIMEOUT", _positive_float, 10.0),
+        webhook_concurrency=conv("WEBHOOK_CONCURRENCY", _concurrency, 4),
     )
 
 
@@ -454,6 +476,28 @@ def _delays(value: str) -> tuple[float, ...]:
     if not delays or any(not d > 0 for d in delays) or len(set(delays)) != len(delays):
         raise ValueError(f"must be distinct positive seconds, not {value!r}")
     return delays
+
+
+_LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def _webhook_urls(value: str) -> tuple[str, ...]:
+    urls = tuple(part.strip() for part in value.split(",") if part.strip())
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ValueError(f"has a malformed port: {redact_url(url)!r}") from None
+        host = parts.hostname or ""
+        loopback = host in _LOOPBACK_HOSTS or host.startswith("127.")
+        if not host or parts.scheme not in ("https", "http"):
+            raise ValueError(f"each must be an https:// URL, not {redact_url(url)!r}")
+        if parts.scheme == "http" and not loopback:
+            raise ValueError(
+                f"http:// is allowed only for loopback receivers (use https): {redact_url(url)!r}"
+            )
+    return urls
 
 
 def _queue_type(value: str) -> QueueType:

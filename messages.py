@@ -16,7 +16,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import getaddresses
 from typing import Any
 
@@ -195,6 +195,20 @@ def addr_spec(address: str) -> str:
     return getaddresses([address])[0][1]
 
 
+@functools.lru_cache(maxsize=4096)
+def suppression_key(address: str) -> str:
+    """The form the suppression list compares: the envelope address in lower case, its
+    domain in ASCII (an IDN domain as punycode). (A local part is case-sensitive in
+    principle, never in practice: ``Bob@`` and ``bob@`` are one mailbox.) Raises
+    :class:`InvalidMessage` for what is not an address."""
+    spec = addr_spec(check_header_text(address, "address").strip()) or address.strip()
+    try:
+        checked = check_email(spec)
+    except EmailNotValidError as exc:
+        raise InvalidMessage(f"not a valid email address: {exc}", "address") from None
+    return f"{checked.local_part.lower()}@{checked.ascii_domain.lower()}"
+
+
 def strip_mailto(value: str) -> str:
     """``mailto:a@b`` -> ``a@b``; the legacy API accepts both."""
     if value[:7].lower() == "mailto:":
@@ -213,6 +227,7 @@ class InputLimits:
     # total size of its attachments (decoded bytes).
     allowed_senders: tuple[str, ...] = ()
     max_attachment_bytes: int = 7 * 1024 * 1024
+    max_schedule_days: int = 30
 
 
 # One encoder, built once (json.dumps with options builds one per call).
@@ -250,6 +265,9 @@ class MailJob:
         (the ones :func:`mailer.render` writes without the email package)."""
         return not (self.sender or self.headers or self.attachments)
 
+    # When to send it (UTC, ISO 8601), if later than accepted: see :func:`parse_send_at`.
+    send_at: str | None = None
+
     def to_bytes(self) -> bytes:
         body: dict[str, Any] = {
             "id": self.id,
@@ -259,6 +277,7 @@ class MailJob:
             "html": self.html,
             "reply_to": self.reply_to,
             "created_at": self.created_at,
+            "send_at": self.send_at,
             "v": FORMAT_VERSION,
         }
         body.update(
@@ -300,7 +319,14 @@ class MailJob:
             attachments=body.get("attachments"),
             tags=body.get("tags"),
             metadata=body.get("metadata"),
+            send_at=body.get("send_at"),
         )
+
+    def due_at(self) -> datetime | None:
+        """When a scheduled message is due (None: at once)."""
+        if self.send_at is None:
+            return None
+        return datetime.fromisoformat(self.send_at)
 
 
 def _is_hex(value: str) -> bool:
@@ -329,6 +355,7 @@ def new_job(
     tags: Any = None,
     metadata: Any = None,
     queued: bool = False,
+    send_at: Any = None,
 ) -> MailJob:
     """Validate a message request and give it an id. Raises :class:`InvalidMessage`.
 
@@ -391,6 +418,8 @@ def new_job(
         sender = address(sender, "from")
         if limits is not None:
             check_sender(sender, limits.allowed_senders)
+    if send_at is not None and not _is_utc_time(send_at):
+        raise InvalidMessage("send_at must be a UTC time (ISO 8601)", "send_at")
     return MailJob(
         id=job_id or uuid.uuid4().hex,
         to=recipients,
@@ -408,7 +437,49 @@ def new_job(
         attachments=_attachments(attachments, limits),
         tags=_tags(tags),
         metadata=_metadata(metadata),
+        send_at=send_at,
     )
+
+
+def _is_utc_time(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return at.utcoffset() == timedelta(0)
+
+
+# RFC 3339 date-time: a date, "T" (or a space, or "t"), a time, and an offset (Z or +hh:mm).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+def parse_send_at(value: str, max_days: int, now: datetime | None = None) -> str | None:
+    """``send_at`` of a request (RFC 3339 with an offset) as the job's UTC time; None when
+    it is not in the future (send now). More than ``max_days`` ahead is refused."""
+    if not _RFC3339.fullmatch(value):
+        raise InvalidMessage(
+            "send_at must be an RFC 3339 time with an offset, like 2030-01-02T03:04:05Z",
+            "send_at",
+        )
+    text = value.upper().replace("Z", "+00:00")
+    # Python 3.11 reads at most 6 fraction digits: drop the rest (under a microsecond).
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    try:
+        at = datetime.fromisoformat(text).astimezone(UTC)
+    except ValueError as exc:
+        raise InvalidMessage(f"send_at is not a valid time: {exc}", "send_at") from None
+    now = now or datetime.now(UTC)
+    if at <= now:
+        return None
+    if at - now > timedelta(days=max_days):
+        raise InvalidMessage(
+            f"send_at is more than {max_days} days ahead (MAX_SCHEDULE_DAYS)", "send_at"
+        )
+    return at.isoformat(timespec="milliseconds")
 
 
 def request_job(data: Any, limits: InputLimits) -> MailJob:
@@ -429,6 +500,11 @@ def request_job(data: Any, limits: InputLimits) -> MailJob:
         ),
         tags=data.tags,
         metadata=data.metadata,
+        send_at=(
+            parse_send_at(send_at, limits.max_schedule_days)
+            if isinstance(send_at := getattr(data, "send_at", None), str)
+            else None
+        ),
     )
 
 

@@ -95,11 +95,18 @@ class MessageRequest(_Strict):
         description="Up to 20 keys (as tags) with string values (up to 500 characters), "
         "stored on the record: GET /api/messages?metadata=key:value finds them.",
     )
+    send_at: str | None = Field(
+        default=None,
+        description="Send it then, not before (RFC 3339 with an offset, e.g. "
+        "2030-01-02T03:04:05+02:00): status 'scheduled' until then. A time in the past "
+        "means now; more than MAX_SCHEDULE_DAYS (30) ahead is a 400.",
+        examples=["2030-01-02T03:04:05Z"],
+    )
 
 
 class Queued(BaseModel):
     id: str = Field(pattern="^[0-9a-f]{32}$")
-    status: Literal["queued"]
+    status: Literal["queued", "scheduled"]
 
 
 class Error(BaseModel):
@@ -125,7 +132,9 @@ class BatchResult(BaseModel):
         "in error) or 503 (not queued)."
     )
     id: str | None = Field(default=None, pattern="^[0-9a-f]{32}$", description="When queued.")
-    status: Literal["queued"] | None = Field(default=None, description="When queued.")
+    status: Literal["queued", "scheduled"] | None = Field(
+        default=None, description="When queued: scheduled with a future send_at."
+    )
     error: str | None = Field(default=None, description="When not queued: why.")
     field: str | None = Field(default=None, description="The offending field, if one.")
 
@@ -137,7 +146,7 @@ class BatchAnswer(BaseModel):
 
 class RecipientView(BaseModel):
     address: str
-    status: Literal["pending", "sent", "refused"]
+    status: Literal["pending", "sent", "refused", "suppressed"]
     code: int | None
     message: str | None
 
@@ -153,7 +162,9 @@ class HistoryEntry(BaseModel):
     at: str
 
 
-MessageStatus = Literal["queued", "sending", "retrying", "sent", "partial", "failed"]
+MessageStatus = Literal[
+    "queued", "scheduled", "sending", "retrying", "sent", "partial", "failed", "cancelled"
+]
 
 
 class MessageView(BaseModel):
@@ -161,7 +172,8 @@ class MessageView(BaseModel):
     status: MessageStatus = Field(
         description="sent: every recipient accepted it; partial: some did, the others "
         "refused it (5xx) or kept deferring it (4xx) until the retries ran out; failed: "
-        "none did. All three are final."
+        "none did. All three are final, and so is cancelled (DELETE /api/messages/<id>); "
+        "scheduled: waiting for its send_at."
     )
     recipients: list[RecipientView]
     subject: str
@@ -177,6 +189,10 @@ class MessageView(BaseModel):
 
 class MessageList(BaseModel):
     messages: list[MessageView]
+    next_cursor: str | None = Field(
+        default=None,
+        description="Pass as ?cursor= for the next page (older messages); null on the last.",
+    )
 
 
 class Stats(BaseModel):
@@ -203,6 +219,46 @@ class ListQuery(BaseModel):
         max_length=600,
         description="key:value: only messages whose metadata has this value for key.",
     )
+    cursor: str | None = Field(
+        default=None, max_length=200, description="next_cursor of the page before."
+    )
+    recipient: str | None = Field(
+        default=None, max_length=400, description="Only messages to this address."
+    )
+    since: str | None = Field(
+        default=None, description="Only messages accepted at or after this RFC 3339 time."
+    )
+    until: str | None = Field(
+        default=None, description="Only messages accepted before this RFC 3339 time."
+    )
+
+
+class Cancelled(BaseModel):
+    id: str = Field(pattern="^[0-9a-f]{32}$")
+    status: Literal["cancelled"]
+
+
+class Suppression(BaseModel):
+    address: str = Field(description="The address in normalised form (domain in ASCII).")
+    reason: str
+    source: Literal["bounce", "operator"] = Field(
+        description="bounce: an SMTP server refused it as unknown (5.1.x); operator: added."
+    )
+    created_at: str
+
+
+class SuppressionList(BaseModel):
+    suppressions: list[Suppression] = Field(description="In address order.")
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
+
+
+class SuppressionQuery(BaseModel):
+    limit: int = Field(default=500, ge=1, le=5000)
+    cursor: str | None = Field(default=None, max_length=400)
+
+
+class SuppressionRequest(_Strict):
+    reason: str | None = Field(default=None, max_length=1000, description="Why (optional).")
 
 
 class LegacyQuery(BaseModel):

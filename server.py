@@ -7,7 +7,8 @@ too (``app`` builds itself from the environment on first use). Routes:
 * ``GET /?sendmail=<address>``  queue the fixed test mail (``mailto:`` accepted)
 * ``POST /api/messages``        queue a mail described by JSON
 * ``POST /api/messages/batch``  queue up to 500 of them (batch.py)
-* ``GET /api/messages[/<id>]``  what became of messages
+* ``GET /api/messages[/<id>]``  what became of messages; ``DELETE`` one to cancel it
+* ``GET /api/suppressions``, ``PUT``/``DELETE /api/suppressions/<address>``
 * ``GET /api/dead-letters``     what could not be sent, and why
 * ``GET /logs``                 the last lines of the talktome log
 * ``GET /api/stats``            queue depths and records by status
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import contextlib
 import dataclasses
 import hashlib
@@ -32,6 +34,7 @@ import re
 import signal
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any, cast, get_args
 
 import uvloop
@@ -75,9 +78,12 @@ from messages import (
     parse_json,
     request_job,
     strict_query,
+    strip_mailto,
+    suppression_key,
 )
 from schemas import (
     TEMPLATE_NAME,
+    Cancelled,
     DeadLetterList,
     IdempotencyHeaders,
     LegacyQuery,
@@ -90,11 +96,16 @@ from schemas import (
     MessageView,
     Queued,
     Stats,
+    Suppression,
+    SuppressionList,
+    SuppressionQuery,
+    SuppressionRequest,
     TemplateRequest,
     TemplateView,
 )
-from store import IdempotencyConflict, Store, StoredTemplate, StoreUnavailable
+from store import IdempotencyConflict, Store, StoredTemplate, StoreUnavailable, now_utc
 from talklog import TalkLog
+from webhooks import event_body, publish_event
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +115,10 @@ USAGE = """Mailroom: asynchronous mail dispatch.
   GET  /?sendmail=<address>       queue a test mail to <address> (mailto: accepted)
   POST /api/messages              queue a mail: {"to", "subject", "text", "html"?, "reply_to"?}
   POST /api/messages/batch        queue up to 500 mails: a JSON array of those objects
-  GET  /api/messages[/<id>]       what became of messages (?status=, ?limit=)
+  GET  /api/messages[/<id>]       what became of messages (?status=, ?recipient=, ?since=,
+                                  ?until=, ?limit=, ?cursor=)
+  DELETE /api/messages/<id>       cancel a queued, scheduled or retrying message
+  GET  /api/suppressions          the suppression list; PUT/DELETE /api/suppressions/<address>
   GET  /api/dead-letters          what could not be sent, and why
   GET  /api/stats                 queue depths and records by status
   GET  /logs?lines=N              the last lines of the talktome log
@@ -122,6 +136,7 @@ MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
 TEMPLATE_NAME_RE = re.compile(TEMPLATE_NAME)
 SEND_PATHS = ("/api/messages", "/api/messages/batch")
 STATUSES: tuple[str, ...] = get_args(MessageStatus)
+NO_ROUTE = "No such route: the address is empty or holds a '/'."
 
 
 def client_identity() -> str:
@@ -177,8 +192,10 @@ def create_app(settings: Settings) -> Quart:
         max_body_chars=settings.max_body_chars,
         allowed_senders=settings.senders,
         max_attachment_bytes=settings.max_attachment_bytes,
+        max_schedule_days=settings.max_schedule_days,
     )
     app.extensions["mailroom_broker"] = broker
+    names = Names.of(settings)
     dead_letter_listings = DeadLetterListings(settings)
     depths = metrics.QueueDepths(Names.of(settings), lambda: broker.connection)
     stores: list[Store] = []
@@ -317,9 +334,14 @@ def create_app(settings: Settings) -> Quart:
             log.warning("message %s: queued, but its record waits for the worker: %s", job.id, exc)
 
     async def enqueue(job: MailJob, key: str | None = None, client: str = "") -> None:
-        """Publish (confirmed), then record."""
+        """Publish (confirmed), then record. A scheduled message goes straight to the
+        schedule tier it waits in first (see broker.SCHEDULE_DELAYS)."""
         try:
-            await broker.publish(job.to_bytes(), job.id)
+            if (due := job.due_at()) is not None:
+                routing_key, expiration = names.schedule_hop((due - now_utc()).total_seconds())
+                await broker.publish(job.to_bytes(), job.id, routing_key, expiration=expiration)
+            else:
+                await broker.publish(job.to_bytes(), job.id)
         except PublishUnconfirmed as exc:
             watch_late(job, exc, key, client)
             raise
@@ -481,10 +503,12 @@ def create_app(settings: Settings) -> Quart:
                 log.error("message %s: idempotency store unavailable: %s", job.id, exc)
                 return json_error("the message store is unavailable; try again", 503, RETRY)
             if earlier is not None:
-                if await store().get(earlier) is None:
+                if (first := await store().get(earlier)) is None:
                     return json_error("a request with this Idempotency-Key is in progress", 409)
                 replay = {"Idempotent-Replayed": "true", "Location": f"/api/messages/{earlier}"}
-                return jsonify(id=earlier, status="queued"), 202, replay
+                scheduled = bool(first.history) and first.history[0].get("status") == "scheduled"
+                status = "scheduled" if scheduled else "queued"
+                return jsonify(id=earlier, status=status), 202, replay
         try:
             await enqueue(job, key, client)
         except BrokerUnavailable as exc:
@@ -495,7 +519,8 @@ def create_app(settings: Settings) -> Quart:
                 except StoreUnavailable as release_error:
                     log.error("message %s: key not released: %s", job.id, release_error)
             return json_error(unavailable(exc, job), 503, RETRY)
-        return jsonify(id=job.id, status="queued"), 202, {"Location": f"/api/messages/{job.id}"}
+        status = "scheduled" if job.send_at is not None else "queued"
+        return jsonify(id=job.id, status=status), 202, {"Location": f"/api/messages/{job.id}"}
 
     batch.register(
         app,
@@ -606,23 +631,164 @@ def create_app(settings: Settings) -> Quart:
             return json_error("no such message", 404)
         return jsonify(record.to_json())
 
+    @app.delete("/api/messages/<message_id>")
+    @document_response(Cancelled)
+    @answers(
+        (200, "Cancelled (now, or before: idempotent); it will never be sent."),
+        400,
+        401,
+        404,
+        (
+            409,
+            "Too late: the message is being sent or is final (sent, partial, failed); the "
+            "answer's status says which.",
+        ),
+        (503, STORE_DOWN),
+    )
+    @security_scheme([{"token": []}])
+    async def cancel_message(message_id: str) -> Response:
+        """Take back a queued, scheduled or retrying message: it becomes cancelled."""
+        if not MESSAGE_ID.fullmatch(message_id):
+            return json_error("no such message", 404)
+        try:
+            outcome, record = await store().cancel(message_id)
+        except StoreUnavailable as exc:
+            log.error("message %s: store unavailable: %s", message_id, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        if record is None:
+            return json_error("no such message", 404)
+        if outcome == "conflict":
+            answer = jsonify(
+                error=f"the message is {record.status}: too late to cancel",
+                id=message_id,
+                status=record.status,
+            )
+            answer.status_code = 409
+            return answer
+        if outcome == "cancelled":
+            log.info("message %s: cancelled by %s", message_id, g.client.address)
+            if settings.webhook_urls:
+                body = event_body(
+                    "cancelled", message_id, "cancelled", record.results, len(record.history)
+                )
+                await publish_event(broker, settings, message_id, body)
+        return jsonify(id=message_id, status="cancelled")
+
     @app.get("/api/messages")
     @validate_querystring(ListQuery)
     @document_response(MessageList)
-    @answers((200, "The records, newest first."), 400, 401, (503, STORE_DOWN))
+    @answers(
+        (200, "The records, newest first, and next_cursor for the next page."),
+        400,
+        401,
+        (503, STORE_DOWN),
+    )
     @security_scheme([{"token": []}])
     async def list_messages(query_args: ListQuery) -> ResponseReturnValue:
-        """Messages, newest first, optionally of one status."""
+        """Messages, newest first: of one status, to one recipient, accepted in a time
+        range; a page at a time (?cursor= is the next_cursor of the page before)."""
         try:
+            before = decode_cursor(query_args.cursor) if query_args.cursor else None
+            since = parse_time(query_args.since, "since") if query_args.since else None
+            until = parse_time(query_args.until, "until") if query_args.until else None
+            recipient = suppression_address(query_args.recipient) if query_args.recipient else None
             meta = None
             if query_args.metadata is not None:
                 key, _, value = query_args.metadata.partition(":")
                 meta = (key, value)
-            records = await store().list(query_args.status, query_args.limit, query_args.tag, meta)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field=exc.field)
+        try:
+            records = await store().list(
+                query_args.status,
+                query_args.limit,
+                query_args.tag,
+                meta,
+                before=before,
+                recipient=recipient,
+                since=since,
+                until=until,
+            )
         except StoreUnavailable as exc:
             log.error("listing messages: store unavailable: %s", exc)
             return json_error("the message store is unavailable; try again", 503, RETRY)
-        return jsonify(messages=[r.to_json() for r in records])
+        cursor = None
+        if len(records) == query_args.limit:
+            cursor = encode_cursor(records[-1].created_at, records[-1].id)
+        return jsonify(messages=[r.to_json() for r in records], next_cursor=cursor)
+
+    # -- the suppression list --------------------------------------------------------
+
+    @app.get("/api/suppressions")
+    @validate_querystring(SuppressionQuery)
+    @document_response(SuppressionList)
+    @answers((200, "The suppressed addresses, in address order."), 400, 401, (503, STORE_DOWN))
+    @security_scheme([{"token": []}])
+    async def list_suppressions(query_args: SuppressionQuery) -> ResponseReturnValue:
+        """The addresses never sent to: refused as unknown (5.1.x), or added here."""
+        try:
+            found = await store().suppressions(query_args.limit, query_args.cursor)
+        except StoreUnavailable as exc:
+            log.error("listing suppressions: store unavailable: %s", exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        cursor = found[-1]["address"] if len(found) == query_args.limit else None
+        return jsonify(suppressions=found, next_cursor=cursor)
+
+    @app.put("/api/suppressions/<address>")
+    @validate_request(SuppressionRequest)
+    @document_response(Suppression)
+    @answers(
+        (200, "On the list (added, or its reason replaced)."),
+        400,
+        401,
+        (404, NO_ROUTE),
+        413,
+        415,
+        (503, STORE_DOWN),
+    )
+    @security_scheme([{"token": []}])
+    async def put_suppression(address: str, data: SuppressionRequest) -> ResponseReturnValue:
+        """Suppress an address: later messages are not sent to it (result 'suppressed').
+        A worker sees it within SUPPRESSION_REFRESH seconds."""
+        try:
+            key = suppression_address(address)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field="address")
+        reason = data.reason or "added by an operator"
+        if "\0" in reason:
+            return json_error("reason must not contain NUL", 400, field="reason")
+        try:
+            await store().suppress({key: reason}, "operator")
+            entry = await store().suppressions(1, None, only=key)
+        except StoreUnavailable as exc:
+            log.error("suppressing %s: store unavailable: %s", key, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        log.info("suppressed %s (by %s)", key, g.client.address)
+        return jsonify(entry[0])
+
+    @app.delete("/api/suppressions/<address>")
+    @answers(
+        (200, "Off the list: {address, removed} (removed: false when it was not on it)."),
+        400,
+        401,
+        (404, NO_ROUTE),
+        (503, STORE_DOWN),
+    )
+    @security_scheme([{"token": []}])
+    async def delete_suppression(address: str) -> Response:
+        """Send to an address again (workers notice within SUPPRESSION_REFRESH seconds)."""
+        try:
+            key = suppression_address(address)
+        except InvalidMessage as exc:
+            return json_error(exc.reason, 400, field="address")
+        try:
+            removed = await store().unsuppress(key)
+        except StoreUnavailable as exc:
+            log.error("unsuppressing %s: store unavailable: %s", key, exc)
+            return json_error("the message store is unavailable; try again", 503, RETRY)
+        if removed:
+            log.info("unsuppressed %s (by %s)", key, g.client.address)
+        return jsonify(address=key, removed=removed)
 
     @app.get("/api/dead-letters")
     @document_response(DeadLetterList)
@@ -762,6 +928,40 @@ def store_down(what: str, exc: StoreUnavailable) -> Response:
 def refusal_code(exc: InvalidMessage) -> int:
     """413 for attachments over MAX_ATTACHMENT_BYTES, 400 for any other invalid message."""
     return 413 if isinstance(exc, AttachmentTooLarge) else 400
+
+
+def encode_cursor(created_at: datetime, message_id: str) -> str:
+    """A page's position: the (created_at, id) of its last record, opaque to clients."""
+    raw = f"{created_at.isoformat()}|{message_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at_text, _, message_id = raw.partition("|")
+        at = datetime.fromisoformat(at_text)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidMessage("cursor is not a cursor this API gave", "cursor") from None
+    if not MESSAGE_ID.fullmatch(message_id) or at.tzinfo is None:
+        raise InvalidMessage("cursor is not a cursor this API gave", "cursor")
+    return at, message_id
+
+
+def parse_time(value: str, field: str) -> datetime:
+    """An RFC 3339 time with an offset (a query filter), in UTC."""
+    try:
+        at = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise InvalidMessage(f"{field} must be an RFC 3339 time with an offset", field)
+    return at.astimezone(UTC)
+
+
+def suppression_address(value: str) -> str:
+    """An address from a URL or query, normalised as the suppression list compares it."""
+    return suppression_key(strip_mailto(value))
 
 
 def describe_validation(error: Any) -> tuple[str | None, str]:

@@ -9,7 +9,9 @@ upgraded when a process opens it.
 
 A record's ``status`` moves
 ``queued -> sending -> (retrying -> sending)* -> sent | partial | failed``
-and every transition is appended to its ``history`` with a UTC time stamp.
+(a message with ``send_at`` starts ``scheduled``; ``queued``, ``scheduled`` and
+``retrying`` may become ``cancelled``, final too) and every transition is appended to its
+``history`` with a UTC time stamp.
 
 Who may send, and which copy counts (see the README's delivery guarantees):
 
@@ -33,6 +35,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import json
 import logging
 import os
 import time
@@ -62,6 +65,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -75,9 +79,13 @@ from messages import MailJob, addr_spec
 
 log = logging.getLogger(__name__)
 
-Status = Literal["queued", "sending", "retrying", "sent", "partial", "failed"]
+Status = Literal[
+    "queued", "scheduled", "sending", "retrying", "sent", "partial", "failed", "cancelled"
+]
 FINAL = frozenset({"sent", "partial", "failed", "cancelled"})
-SCHEMA_VERSION = 4
+# What DELETE /api/messages/<id> may still take back (nothing is being sent).
+CANCELLABLE = frozenset({"queued", "scheduled", "retrying"})
+SCHEMA_VERSION = 5
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
@@ -147,6 +155,17 @@ templates_table = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# The suppression list (schema 5): addresses never sent to again, in normalised form
+# (:func:`suppression_key`); ``reason`` says why (a 5.1.x refusal, or an operator).
+suppressions_table = Table(
+    "mailroom_suppressions",
+    metadata,
+    Column("address", String(320), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 schema_table = Table(
     "mailroom_schema",
     metadata,
@@ -177,9 +196,10 @@ def _iso(value: datetime | None) -> str | None:
 
 @dataclass(frozen=True)
 class RecipientResult:
-    """``pending`` (not tried or deferred by a 4xx), ``sent`` or ``refused`` (5xx, final)."""
+    """``pending`` (not tried or deferred by a 4xx), ``sent``, ``refused`` (5xx, final) or
+    ``suppressed`` (on the suppression list: not sent to, final)."""
 
-    status: Literal["pending", "sent", "refused"]
+    status: Literal["pending", "sent", "refused", "suppressed"]
     code: int | None = None
     message: str | None = None
 
@@ -695,6 +715,125 @@ class Store:
         cutoff = now_utc() - IDEMPOTENCY_TTL
         await self._run(delete(idempotency_table).where(idempotency_table.c.created_at < cutoff))
 
+    async def cancel(
+        self, message_id: str, detail: str = "cancelled through the API"
+    ) -> tuple[Literal["cancelled", "already", "conflict", "missing"], MessageRecord | None]:
+        """Take back a ``queued``, ``scheduled`` or ``retrying`` message: it becomes
+        ``cancelled`` (final), and a worker that gets its copy later acks it unsent.
+
+        A compare-and-set on the status read (and the attempt number): a worker's claim
+        that committed first wins (``conflict``: the record is ``sending`` or final), and
+        a claim after this sees ``cancelled``. ``already`` when it was cancelled before."""
+
+        def work(conn: Connection) -> tuple[Any, MessageRecord | None]:
+            while True:
+                record = self._load(conn, message_id)
+                if record is None:
+                    return "missing", None
+                if record.status == "cancelled":
+                    return "already", record
+                if record.status not in CANCELLABLE:
+                    return "conflict", record
+                expect = {"expect_status": record.status, "expect_attempts": record.attempts}
+                values = {"next_attempt_at": None, "lease_until": None}
+                updated = self._write_transition(
+                    conn, record, "cancelled", detail, values, expected=expect
+                )
+                if updated is not None:
+                    return "cancelled", updated
+
+        try:
+            result: tuple[Any, MessageRecord | None] = await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return result
+
+    # -- the suppression list --------------------------------------------------------
+
+    async def suppress(
+        self, addresses: dict[str, str], source: Literal["bounce", "operator"]
+    ) -> None:
+        """Put ``addresses`` (normalised form -> reason) on the suppression list. An
+        operator's entry replaces the reason of one already there; a bounce's keeps it."""
+        if not addresses:
+            return
+        table = suppressions_table
+        rows = [
+            {"address": a, "reason": r[:1000], "source": source, "created_at": now_utc()}
+            for a, r in addresses.items()
+        ]
+
+        def work(conn: Connection) -> None:
+            if conn.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                statement: Any = pg_insert(table)
+            else:
+                statement = sqlite_insert(table)
+            if source == "operator":
+                statement = statement.on_conflict_do_update(
+                    index_elements=["address"],
+                    set_={"reason": statement.excluded.reason, "source": "operator"},
+                )
+            else:
+                statement = statement.on_conflict_do_nothing(index_elements=["address"])
+            conn.execute(statement, rows)
+
+        try:
+            await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    async def unsuppress(self, address: str) -> bool:
+        """Take ``address`` (normalised) off the list; False when it was not on it."""
+        table = suppressions_table
+
+        def work(conn: Connection) -> bool:
+            return bool(conn.execute(delete(table).where(table.c.address == address)).rowcount)
+
+        try:
+            removed: bool = await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return removed
+
+    async def suppressions(
+        self, limit: int | None = None, after: str | None = None, only: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Entries in address order (``after``: the last address of the page before;
+        ``only``: just this address)."""
+        table = suppressions_table
+        query = select(table).order_by(table.c.address)
+        if after is not None:
+            query = query.where(table.c.address > after)
+        if only is not None:
+            query = query.where(table.c.address == only)
+        if limit is not None:
+            query = query.limit(limit)
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        return [
+            {
+                "address": r.address,
+                "reason": r.reason,
+                "source": r.source,
+                "created_at": _iso(r.created_at),
+            }
+            for r in rows
+        ]
+
+    async def suppressed_addresses(self) -> frozenset[str]:
+        """Every suppressed address (normalised): what a worker caches."""
+        try:
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(select(suppressions_table.c.address))
+                return frozenset(rows.scalars())
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
     # -- reads -------------------------------------------------------------------------
 
     # -- templates (issue 12) ------------------------------------------------------------
@@ -764,14 +903,37 @@ class Store:
         limit: int = 50,
         tag: str | None = None,
         meta: tuple[str, str] | None = None,
+        *,
+        before: tuple[datetime, str] | None = None,
+        recipient: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> list[MessageRecord]:
-        query = select(messages_table).order_by(
-            messages_table.c.created_at.desc(), messages_table.c.id.desc()
-        )
+        """Records newest first (``created_at``, then ``id``). ``before`` is a cursor: the
+        ``(created_at, id)`` of the last record of the page before, so a page never
+        shifts when messages arrive meanwhile. ``recipient`` is an envelope address
+        (``user@example.com``); ``since`` and ``until`` bound ``created_at`` (until:
+        exclusive)."""
+        table = messages_table
+        query = select(table).order_by(table.c.created_at.desc(), table.c.id.desc())
         if status is not None:
-            query = query.where(messages_table.c.status == status)
+            query = query.where(table.c.status == status)
+        if before is not None:
+            at, last_id = before
+            query = query.where(
+                (table.c.created_at < at) | ((table.c.created_at == at) & (table.c.id < last_id))
+            )
+        if since is not None:
+            query = query.where(table.c.created_at >= since)
+        if until is not None:
+            query = query.where(table.c.created_at < until)
         if tag is not None or meta is not None:
             query = query.where(*_tag_and_meta_filter(tag, meta))
+        if recipient is not None:
+            # The results' keys are the envelope addresses, as JSON text (json.dumps).
+            quoted = json.dumps(recipient)
+            pattern = quoted.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            query = query.where(cast(table.c.results, Text).like(f"%{pattern}%", escape="\\"))
         try:
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(query.limit(limit))).all()
@@ -822,37 +984,42 @@ class Store:
                 )
                 if claimed is not None:
                     return Claim("claimed", claimed, Attempt(job.id, number, owner, claimed))
-            record = self._load(conn, job.id)
-            if record is None:
-                _insert_queued(conn, job)
+            while True:
                 record = self._load(conn, job.id)
-                assert record is not None
-            if record.status in FINAL:
-                return Claim("final", record)
-            if copy < record.copy:
-                return Claim("stale", record)
-            now = now_utc()
-            held = (
-                record.status == "sending"
-                and record.owner is not None
-                and record.owner != owner
-                and record.lease_until is not None
-                and record.lease_until > now
-            )
-            if held and owner_alive(record.owner or ""):
-                return Claim("busy", record)
-            number = record.attempts + 1
-            updated = self._transition(
-                conn,
-                record,
-                "sending",
-                attempts=number,
-                next_attempt_at=None,
-                owner=owner,
-                lease_until=now + timedelta(seconds=lease),
-                copy=copy,
-            )
-            return Claim("claimed", updated, Attempt(job.id, number, owner, updated))
+                if record is None:
+                    _insert_queued(conn, job)
+                    record = self._load(conn, job.id)
+                    assert record is not None
+                if record.status in FINAL:
+                    return Claim("final", record)
+                if copy < record.copy:
+                    return Claim("stale", record)
+                now = now_utc()
+                held = (
+                    record.status == "sending"
+                    and record.owner is not None
+                    and record.owner != owner
+                    and record.lease_until is not None
+                    and record.lease_until > now
+                )
+                if held and owner_alive(record.owner or ""):
+                    return Claim("busy", record)
+                number = record.attempts + 1
+                values = {
+                    "attempts": number,
+                    "next_attempt_at": None,
+                    "owner": owner,
+                    "lease_until": now + timedelta(seconds=lease),
+                    "copy": copy,
+                }
+                # Compare-and-set on the state just read: a cancel (or another claim) that
+                # committed in between wins, and the record is read again.
+                expect = {"expect_status": record.status, "expect_attempts": record.attempts}
+                updated = self._write_transition(
+                    conn, record, "sending", None, values, expected=expect
+                )
+                if updated is not None:
+                    return Claim("claimed", updated, Attempt(job.id, number, owner, updated))
 
         try:
             result: Claim = await self._write(work)
@@ -1022,6 +1189,7 @@ class Store:
         values: dict[str, Any],
         held: dict[str, Any] | None = None,
         untouched: bool = False,
+        expected: dict[str, Any] | None = None,
     ) -> MessageRecord | None:
         at = now_utc()
         entry: dict[str, Any] = {"status": status, "at": _iso(at)}
@@ -1033,8 +1201,17 @@ class Store:
             }
         history = [*record.history, entry]
         changes = {"status": status, "history": history, "updated_at": at, **values}
-        kind: _Where = "untouched" if untouched else "held" if held is not None else "one"
-        if _update_row(conn, kind, record.id, changes, held) != 1 and kind != "one":
+        kind: _Where = (
+            "untouched"
+            if untouched
+            else "held"
+            if held is not None
+            else "expected"
+            if expected is not None
+            else "one"
+        )
+        condition = held if held is not None else expected
+        if _update_row(conn, kind, record.id, changes, condition) != 1 and kind != "one":
             return None
         # The new state, without reading it back.
         changes = {k: v for k, v in values.items() if k != "results"}
@@ -1059,6 +1236,12 @@ _UPDATE_UNTOUCHED = update(messages_table).where(
     (messages_table.c.id == bindparam("message_id"))
     & (messages_table.c.status == "queued")
     & (messages_table.c.attempts == 0)
+    & (messages_table.c.copy == 0)
+)
+_UPDATE_EXPECTED = update(messages_table).where(
+    (messages_table.c.id == bindparam("message_id"))
+    & (messages_table.c.status == bindparam("expect_status"))
+    & (messages_table.c.attempts == bindparam("expect_attempts"))
 )
 _UPDATE_HELD = update(messages_table).where(
     (messages_table.c.id == bindparam("message_id"))
@@ -1066,17 +1249,19 @@ _UPDATE_HELD = update(messages_table).where(
     & (messages_table.c.owner == bindparam("held_owner"))
     & (messages_table.c.attempts == bindparam("held_attempts"))
 )
-_Where = Literal["one", "held", "untouched"]
+_Where = Literal["one", "held", "untouched", "expected"]
 _UPDATES: dict[_Where, Any] = {
     "one": _UPDATE_ONE,
     "held": _UPDATE_HELD,
     "untouched": _UPDATE_UNTOUCHED,
+    "expected": _UPDATE_EXPECTED,
 }
 # The same conditions, for the statements written for SQLite's driver (below).
 _SQLITE_WHERE: dict[_Where, str] = {
     "one": "id = ?",
     "held": "id = ? AND status = 'sending' AND owner = ? AND attempts = ?",
-    "untouched": "id = ? AND status = 'queued' AND attempts = 0",
+    "untouched": "id = ? AND status = 'queued' AND attempts = 0 AND copy = 0",
+    "expected": "id = ? AND status = ? AND attempts = ?",
 }
 
 
@@ -1085,9 +1270,10 @@ def _update_row(
     kind: _Where,
     message_id: str,
     changes: dict[str, Any],
-    held: dict[str, Any] | None = None,
+    condition: dict[str, Any] | None = None,
 ) -> int:
-    """UPDATE one record with ``changes`` where ``kind`` holds; the rows it changed.
+    """UPDATE one record with ``changes`` where ``kind`` holds (``condition``: the values
+    it compares with, for ``held`` and ``expected``); the rows it changed.
 
     The writes of every mail (a claim, an outcome) on SQLite go straight to the driver's
     cursor, with the values converted by SQLAlchemy's own column types: a fifth of the
@@ -1096,15 +1282,18 @@ def _update_row(
     if conn.dialect.name != "sqlite":
         return int(
             conn.execute(
-                _UPDATES[kind], {"message_id": message_id, **changes, **(held or {})}
+                _UPDATES[kind], {"message_id": message_id, **changes, **(condition or {})}
             ).rowcount
         )
     convert = _sqlite_converters(conn.dialect)
     args = [(c(v) if (c := convert[k]) else v) for k, v in changes.items()]
     args.append(message_id)
     if kind == "held":
-        assert held is not None
-        args += [held["held_owner"], held["held_attempts"]]
+        assert condition is not None
+        args += [condition["held_owner"], condition["held_attempts"]]
+    elif kind == "expected":
+        assert condition is not None
+        args += [condition["expect_status"], condition["expect_attempts"]]
     sql = _sqlite_update_sql(tuple(changes), kind)
     return int(conn.connection.driver_connection.execute(sql, args).rowcount)  # type: ignore[union-attr]
 
@@ -1146,20 +1335,24 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
     other way round) is left as it is (ON CONFLICT DO NOTHING): no error, so a batch of
     writes is never rolled back and replayed one unit at a time for it."""
     at = _accepted_at(job) or now_utc()
+    due = job.due_at()
+    entry: dict[str, Any] = {"status": "scheduled" if due else "queued", "at": _iso(at)}
+    if due is not None:
+        entry["detail"] = f"send at {_iso(due)}"
     row = {
         "id": job.id,
         "recipients": list(job.recipients),
         "subject": job.subject,
-        "status": "queued",
+        "status": entry["status"],
         "attempts": 0,
-        "next_attempt_at": None,
+        "next_attempt_at": due,
         "last_error": None,
         "last_error_code": None,
         "results": {
             addr_spec(a): {"status": "pending", "code": None, "message": None}
             for a in job.recipients
         },
-        "history": [{"status": "queued", "at": _iso(at)}],
+        "history": [entry],
         "created_at": at,
         "updated_at": at,
         "tags": list(job.tags) if job.tags else None,
@@ -1185,7 +1378,7 @@ def _queued_record(job: MailJob) -> MessageRecord | None:
     """The record :func:`_insert_queued` wrote for ``job``, as long as nothing changed it
     since (status ``queued``, no attempt yet); None when its time is not the job's."""
     at = _accepted_at(job)
-    if at is None:
+    if at is None or job.send_at is not None:
         return None
     return MessageRecord(
         id=job.id,
@@ -1248,6 +1441,8 @@ def _create_or_upgrade(conn: Connection) -> None:
             f"{SCHEMA_VERSION}: upgrade Mailroom"
         )
     elif version < SCHEMA_VERSION:
+        # Schema 5 (issue 13) adds only a table (mailroom_suppressions), which create_all
+        # above made: nothing to alter, whichever other steps ran.
         if version < 2:
             # Attempt ownership: an owner, its lease, and the newest copy number.
             for ddl in (

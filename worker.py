@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -39,7 +42,7 @@ import uvloop
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 import metrics
-from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, Broker, Names
+from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, SCHEDULE_DUE, Broker, Names
 from config import Settings, configure_logging
 from errors import (
     BrokerUnavailable,
@@ -52,8 +55,9 @@ from errors import (
 )
 from guard import token_matches
 from mailer import SendResult, SmtpPool
-from messages import MailJob
-from store import Attempt, Claim, RecipientResult, Store, StoreUnavailable, now_utc
+from messages import MailJob, suppression_key
+from store import FINAL, Attempt, Claim, RecipientResult, Store, StoreUnavailable, now_utc
+from webhooks import Event, WebhookSender, event_body, publish_event
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +73,21 @@ LEASE_POLL = 0.5  # seconds between looks at a record whose attempt another work
 
 class Worker:
     def __init__(self, settings: Settings) -> None:
-        if settings.smtp_host is None:
+        if settings.smtp_host is None and not settings.sandbox:
             raise ConfigError(
                 "SMTP_HOST", "not set; the worker needs an SMTP server to send through"
             )
         self.settings = settings
         self.names = Names.of(settings)
         self.broker = Broker(settings, "mailroom-worker")
-        self.pool = SmtpPool(settings, settings.worker_concurrency)
+        # In the sandbox the pool is never used (nothing is handed to SMTP).
+        pool_settings = settings
+        if settings.smtp_host is None:
+            pool_settings = dataclasses.replace(settings, smtp_host="sandbox.invalid")
+        self.pool = SmtpPool(pool_settings, settings.worker_concurrency)
+        # The suppression list, read every SUPPRESSION_REFRESH seconds (never per mail).
+        self._suppressed: frozenset[str] = frozenset()
+        self.webhooks = WebhookSender(settings, self.broker) if settings.webhook_urls else None
         self.store: Store | None = None
         self.ready = asyncio.Event()
         # Who holds an attempt: this process, told apart from any other on any host.
@@ -134,9 +145,13 @@ class Worker:
             await self.endpoint.start()
         await self.broker.start()
         renewer = asyncio.create_task(self._renew_leases(), name="renew-leases")
+        refresher = asyncio.create_task(self._refresh_suppressions(), name="suppressions")
         try:
             if not await self._wait_connected():
                 return
+            if self.webhooks is not None:
+                assert self.broker.connection is not None
+                await self.webhooks.start(self.broker.connection)
             queue = await self._consume_queue()
             tag = await queue.consume(self._on_message, no_ack=False)
             log.info(
@@ -158,10 +173,13 @@ class Worker:
                 # Loudly (exit 1): a process manager restarting us finds out why at once.
                 raise StoreUnavailable(f"{lost}; stopped taking messages")
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            for task in (renewer, refresher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.pool.close()
+            if self.webhooks is not None:
+                await self.webhooks.close()
             await self.broker.close()
             await self.store.close()
             if self.endpoint is not None:
@@ -215,6 +233,16 @@ class Worker:
                 log.error(
                     "could not renew the leases of %d attempt(s): %s", len(self._attempts), exc
                 )
+
+    async def _refresh_suppressions(self) -> None:
+        """Keep the cached suppression list at most SUPPRESSION_REFRESH seconds old."""
+        assert self.store is not None
+        while True:
+            try:
+                self._suppressed = await self.store.suppressed_addresses()
+            except StoreUnavailable as exc:
+                log.error("could not read the suppression list: %s", exc)
+            await asyncio.sleep(self.settings.suppression_refresh)
 
     def _owner_alive(self, owner: str) -> bool:
         """False only when ``owner`` is known dead: a process of this host that is gone."""
@@ -301,6 +329,13 @@ class Worker:
             await asyncio.sleep(min(max(wait, 0.05), LEASE_POLL))
 
     async def _handle_job(self, message: AbstractIncomingMessage, job: MailJob) -> None:
+        if job.send_at is not None:
+            due = job.due_at()
+            assert due is not None
+            remaining = (due - now_utc()).total_seconds()
+            if remaining > SCHEDULE_DUE:
+                await self._wait_more(message, job, remaining)
+                return
         copy = _int_header(message.headers or {}, COPY_HEADER)
         claim = await self._claim(message, job, copy)
         if claim is None:
@@ -346,6 +381,31 @@ class Worker:
             log.info("message %s: no recipient left to send to", job.id)
             await self._settle(message, attempt, SendResult(()), record.results, sent_before)
             return
+        # Suppressed and simulator recipients, and everyone in the sandbox: never SMTP.
+        # (O(1) checks per recipient, no database: the suppression set is a cache.)
+        if (
+            self._suppressed
+            or self.settings.sandbox
+            or any(a.endswith(SIMULATOR_SUFFIX) for a in pending)
+        ):
+            skipped = {
+                a: RecipientResult("suppressed", None, "on the suppression list")
+                for a in pending
+                if _suppression_key(a) in self._suppressed
+            }
+            simulated = [a for a in pending if a not in skipped and a.endswith(SIMULATOR_SUFFIX)]
+            real = [a for a in pending if a not in skipped and not a.endswith(SIMULATOR_SUFFIX)]
+            await self._settle(
+                message,
+                attempt,
+                _simulate(simulated, real if self.settings.sandbox else []),
+                record.results,
+                sent_before,
+                skipped,
+                detail="sandbox: not handed to SMTP" if self.settings.sandbox else None,
+                then=None if self.settings.sandbox or not real else (job, real),
+            )
+            return
         log.debug(
             "message %s: attempt %d, sending to %d recipient(s)",
             job.id,
@@ -375,18 +435,45 @@ class Worker:
         result: SendResult,
         before: dict[str, RecipientResult],
         sent_before: set[str],
+        skipped: dict[str, RecipientResult] | None = None,
+        detail: str | None = None,
+        then: tuple[MailJob, list[str]] | None = None,
     ) -> None:
         """Record per-recipient results; then sent, retry (4xx refusals), or partial or
-        failed (5xx refusals: see :meth:`_fail`)."""
+        failed (5xx refusals: see :meth:`_fail`). ``skipped``: results decided without
+        SMTP (suppressed); ``then``: a job and recipients still to send to over SMTP,
+        whose outcome joins ``result``."""
         assert self.store is not None
         job_id = attempt.message_id
+        if then is not None:
+            try:
+                sent = await self.pool.send(*then)
+            except SmtpConfigError as exc:
+                await self._config_fault(message, attempt, exc)
+                return
+            except PermanentDeliveryError as exc:
+                await self._fail(message, attempt, exc.reason, exc.code, {})
+                return
+            except DeliveryError as exc:
+                await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
+                return
+            result = SendResult((*result.accepted, *sent.accepted), result.refused | sent.refused)
         results = {a: RecipientResult("sent") for a in (*result.accepted, *sent_before)}
         for address, (smtp_code, text) in result.refused.items():
             kind: Literal["pending", "refused"] = "pending" if 400 <= smtp_code < 500 else "refused"
             results[address] = RecipientResult(kind, smtp_code, text)
+        results.update(skipped or {})
+        if skipped:
+            await self._emit("suppressed", attempt, "sending", results, step=0)
+        if result.refused:
+            await self._suppress_unknown_users(job_id, result.refused)
         # This attempt's answers over the earlier ones: who is still deferred (4xx), who
         # was refused for good (5xx, in this attempt or before).
         merged = {**before, **results}
+        if not any(r.status in ("pending", "refused", "sent") for r in merged.values()):
+            # Every recipient is suppressed: nothing to send, nothing to re-queue.
+            await self._finish_unsent(message, attempt, results)
+            return
         reason, code = _undelivered(merged)
         if any(r.status == "pending" for r in merged.values()):
             await self._retry_or_fail(message, attempt, reason, code, results)
@@ -401,7 +488,7 @@ class Worker:
             accepted_at = attempt.record.created_at.timestamp()
             metrics.DELIVERY_SECONDS.observe(max(time.time() - accepted_at, 0.0))
         try:
-            applied = await self.store.finish(attempt, "sent", results)
+            applied = await self.store.finish(attempt, "sent", results, detail=detail)
         except StoreUnavailable as exc:
             # The mail went out; if the ack below also lands, nothing is lost or repeated.
             log.error("message %s: sent, but could not record it: %s", job_id, exc)
@@ -413,7 +500,67 @@ class Worker:
             )
         else:
             log.info("message %s: sent (attempt %d)", job_id, attempt.number)
+            await self._emit("sent", attempt, "sent", results)
         await self._ack(message, job_id)
+
+    async def _emit(
+        self,
+        event: Event,
+        attempt: Attempt,
+        status: str,
+        results: dict[str, RecipientResult],
+        error: str | None = None,
+        step: int = 1,
+    ) -> None:
+        """A webhook event about ``attempt``'s message (nothing without WEBHOOK_URLS).
+        Its sequence is the record's history length once the outcome is written (``step``
+        1), or while the attempt runs (0: the suppressed recipients, before the outcome)."""
+        if self.webhooks is None:
+            return
+        before = attempt.record.results if attempt.record is not None else {}
+        sequence = len(attempt.record.history) + step if attempt.record is not None else 0
+        body = event_body(event, attempt.message_id, status, {**before, **results}, sequence, error)
+        await publish_event(self.broker, self.settings, attempt.message_id, body)
+
+    async def _finish_unsent(
+        self,
+        message: AbstractIncomingMessage,
+        attempt: Attempt,
+        results: dict[str, RecipientResult],
+    ) -> None:
+        """``failed`` without a dead letter: every recipient is on the suppression list."""
+        assert self.store is not None
+        reason = "every recipient is on the suppression list"
+        try:
+            await self.store.finish(attempt, "failed", results, reason)
+        except StoreUnavailable as exc:
+            log.error(
+                "message %s: could not record the outcome (failed): %s", attempt.message_id, exc
+            )
+        log.warning("message %s: failed: %s", attempt.message_id, reason)
+        await self._emit("failed", attempt, "failed", results, reason)
+        await self._ack(message, attempt.message_id)
+
+    async def _suppress_unknown_users(
+        self, job_id: str, refused: dict[str, tuple[int, str]]
+    ) -> None:
+        """Recipients refused as unknown (a 5xx with a 5.1.x status) join the suppression
+        list (simulated bounces do not: applications test with them again and again)."""
+        assert self.store is not None
+        found = {
+            _suppression_key(a): f"{code} {text}"[:1000]
+            for a, (code, text) in refused.items()
+            if code >= 500 and _UNKNOWN_USER.match(text) and not a.endswith(SIMULATOR_SUFFIX)
+        }
+        if not found:
+            return
+        try:
+            await self.store.suppress(found, "bounce")
+        except StoreUnavailable as exc:
+            log.error("message %s: could not add %d suppression(s): %s", job_id, len(found), exc)
+            return
+        self._suppressed = self._suppressed | found.keys()
+        log.info("message %s: suppressed from now on: %s", job_id, ", ".join(sorted(found)))
 
     async def _retry_or_fail(
         self,
@@ -537,6 +684,7 @@ class Worker:
             )
         else:
             log.error("message %s: failed: %s", job_id, reason)
+        await self._emit("failed", attempt, status, results, reason)
         await self._dead_letter(message, reason, code, sent)
 
     async def _hand_over(
@@ -586,7 +734,36 @@ class Worker:
                     job_id,
                     attempt.number,
                 )
+            else:
+                await self._emit("deferred", attempt, "retrying", results or {}, error)
         await self._ack(message, job_id)
+
+    async def _wait_more(
+        self, message: AbstractIncomingMessage, job: MailJob, remaining: float
+    ) -> None:
+        """A scheduled message that is not due yet goes on to the next schedule tier (see
+        broker.SCHEDULE_DELAYS), unless its record says it is over (cancelled)."""
+        assert self.store is not None
+        try:
+            record = await self.store.get(job.id)
+        except StoreUnavailable as exc:
+            log.warning("message %s: could not read its record (%s); still waiting", job.id, exc)
+            record = None
+        if record is not None and record.status in FINAL:
+            log.info("message %s: %s before it was due; dropping it", job.id, record.status)
+            await self._ack(message, job.id)
+            return
+        routing_key, expiration = self.names.schedule_hop(remaining)
+        try:
+            await self.broker.publish(
+                message.body, job.id, routing_key, dict(message.headers or {}), expiration
+            )
+        except BrokerUnavailable as exc:
+            log.error("message %s: could not put it back to wait (%s)", job.id, exc)
+            await asyncio.sleep(1)
+            await self._settle_delivery(message, job.id, "nack")
+            return
+        await self._ack(message, job.id)
 
     async def _to_retry_tier(
         self,
@@ -683,6 +860,42 @@ class Worker:
         metrics.DEAD_LETTERED.inc()
         log.info("message %s: dead-lettered: %s", message_id, reason)
         await self._ack(message, message_id)
+
+
+# Simulator recipients (in any mode): bounce@, defer@ and delivered@ this domain (a +tag
+# after the name is allowed) get the outcome they name, without a network connection.
+SIMULATOR_SUFFIX = "@simulator.mailroom.invalid"
+_SIMULATED: dict[str, tuple[int, str] | None] = {
+    "delivered": None,
+    "bounce": (550, "5.1.1 simulated bounce: no such user (Mailroom simulator)"),
+    "defer": (451, "4.3.0 simulated deferral: try again later (Mailroom simulator)"),
+}
+# An enhanced status code 5.1.x (RFC 3463: bad destination mailbox address), as the text of
+# a 5xx refusal starts.
+_UNKNOWN_USER = re.compile(r"\s*5\.1\.\d{1,3}\b")
+
+
+def _simulate(simulated: list[str], sandboxed: list[str]) -> SendResult:
+    """The outcome of simulator recipients (by the name before ``+`` or ``@``; an unknown
+    name is delivered) and of sandboxed ones (delivered)."""
+    accepted = list(sandboxed)
+    refused: dict[str, tuple[int, str]] = {}
+    for address in simulated:
+        name = address[: -len(SIMULATOR_SUFFIX)].split("+", 1)[0].lower()
+        outcome = _SIMULATED.get(name)
+        if outcome is None:
+            accepted.append(address)
+        else:
+            refused[address] = outcome
+    return SendResult(tuple(accepted), refused)
+
+
+@functools.lru_cache(maxsize=4096)
+def _suppression_key(address: str) -> str:
+    try:
+        return suppression_key(address)
+    except InvalidMessage:
+        return address.lower()
 
 
 def _undelivered(results: dict[str, RecipientResult]) -> tuple[str, int | None]:

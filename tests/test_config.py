@@ -50,6 +50,15 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         ({"SMTP_HELO_NAME": "two words"}, "SMTP_HELO_NAME"),
         ({"SMTP_HELO_NAME": "bücher.example"}, "SMTP_HELO_NAME"),
         ({"SMTP_HELO_NAME": "-dash.example"}, "SMTP_HELO_NAME"),
+        ({"MAX_SCHEDULE_DAYS": "0"}, "MAX_SCHEDULE_DAYS"),
+        ({"SANDBOX": "maybe"}, "SANDBOX"),
+        (
+            {"WEBHOOK_URLS": "http://hooks.example.com/x", "WEBHOOK_SECRET": "s" * 16},
+            "WEBHOOK_URLS",
+        ),
+        ({"WEBHOOK_URLS": "ftp://127.0.0.1/x", "WEBHOOK_SECRET": "s" * 16}, "WEBHOOK_URLS"),
+        ({"WEBHOOK_URLS": "https://hooks.example.com/x"}, "WEBHOOK_SECRET"),
+        ({"WEBHOOK_SECRET": "short"}, "WEBHOOK_SECRET"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -142,3 +151,19 @@ def test_settings_are_frozen() -> None:
     settings = Settings.from_env({}, env_file=None)
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_webhook_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "WEBHOOK_URLS": "https://hooks.example.com/a, http://127.0.0.1:9000/b,http://[::1]/c",
+            "WEBHOOK_SECRET": "webhook-secret-value-42",
+        },
+        env_file=None,
+    )
+    assert settings.webhook_urls == (
+        "https://hooks.example.com/a",
+        "http://127.0.0.1:9000/b",
+        "http://[::1]/c",
+    )
+    assert "webhook-secret-value-42" not in repr(settings)

@@ -250,6 +250,10 @@ async def test_openapi_lists_every_answer_of_each_operation(app_client: AppClien
         ("delete", "/api/templates/{name}"): {204, 400, 401, 404, 503},
         ("get", "/api/stats"): {200, 400, 401, 503},
         ("get", "/metrics"): {200, 400, 401},
+        ("delete", "/api/messages/{message_id}"): {200, 400, 401, 404, 409, 503},
+        ("get", "/api/suppressions"): {200, 400, 401, 503},
+        ("put", "/api/suppressions/{address}"): {200, 400, 401, 404, 413, 415, 503},
+        ("delete", "/api/suppressions/{address}"): {200, 400, 401, 404, 503},
     }
     found = {(m, p) for p, operations in paths.items() for m in operations}
     assert found == set(expected)

@@ -14,7 +14,7 @@
 
 (() => {
   const TOKEN_KEY = "mailroom.token";
-  const FINAL = new Set(["sent", "partial", "failed"]);
+  const FINAL = new Set(["sent", "partial", "failed", "cancelled"]);
   const FAST = 1000;
   const SLOW = 10000;
   const OUTBOX_EVERY = 3000;
