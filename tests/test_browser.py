@@ -4,7 +4,8 @@ the real server (Hypercorn), RabbitMQ, worker and the capture SMTP server of dev
 One stack and one browser for the module (a context, so a fresh tab storage, per test).
 The capture SMTP server stores every mail in the outbox as devsmtp does, but answers some
 recipients first with an error: ``later-*@`` gets ``451`` on its first try (retried, then
-sent), ``once-*@`` gets ``550`` the first time (failed and dead-lettered; sent once
+sent), ``once-*@`` gets ``550 5.7.1`` the first time (a policy refusal, which does not
+suppress the address as an unknown user would: failed and dead-lettered; sent once
 re-queued). Every test fails if the page opens a dialog (alert, confirm) or throws.
 Screenshots go to ``test-artifacts/``.
 
@@ -83,7 +84,7 @@ class Capture(OutboxHandler):
         if first and address.startswith("later-"):
             return "451 4.3.0 Mailbox busy, try again later"
         if first and address.startswith("once-"):
-            return "550 5.1.1 No such user here"
+            return "550 5.7.1 Refused here this once"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -359,7 +360,7 @@ async def test_requeue_a_dead_letter_from_the_page(stack: Stack, browser: Browse
         await page.goto(stack.base + "/#/dead")
         letter = page.locator(f'#dead tbody tr[data-id="{message_id}"]')
         await expect(letter).to_contain_text("550")
-        await expect(letter).to_contain_text("No such user here")
+        await expect(letter).to_contain_text("Refused here this once")
         await page.screenshot(path=str(ARTIFACTS / "dead-letters.png"))
         await letter.get_by_role("button", name=f"Re-queue message {message_id}").click()
         await expect(page.locator("#dead-result")).to_have_text("Re-queued 1 message(s).")
