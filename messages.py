@@ -191,11 +191,12 @@ def _quote_name(name: str) -> str:
 
 @functools.lru_cache(maxsize=512)
 def addr_spec(address: str) -> str:
-    """``Name <a@b>`` -> ``a@b`` (for the SMTP envelope)."""
-    return getaddresses([address])[0][1]
+    """``Name <a@b>`` -> ``a@b`` (for the SMTP envelope); "" when there is none."""
+    parsed = getaddresses([address])
+    return parsed[0][1] if parsed else ""
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def suppression_key(address: str) -> str:
     """The form the suppression list compares: the envelope address in lower case, its
     domain in ASCII (an IDN domain as punycode). (A local part is case-sensitive in

@@ -112,6 +112,7 @@ class Tunnel:
         self.settings = settings
         self.args = args
         self.output: collections.deque[str] = collections.deque(maxlen=20)
+        self._output_read = asyncio.Event()  # ngrok's output was read to its end
         self.stop = asyncio.Event()
 
     async def run(self) -> int:
@@ -163,8 +164,11 @@ class Tunnel:
 
     async def _keep_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
-        while line := await process.stdout.readline():
-            self.output.append(line.decode(errors="replace").rstrip())
+        try:
+            while line := await process.stdout.readline():
+                self.output.append(line.decode(errors="replace").rstrip())
+        finally:
+            self._output_read.set()
 
     async def _wait_for_url(
         self, process: asyncio.subprocess.Process, target: Target
@@ -176,6 +180,9 @@ class Tunnel:
             if self.stop.is_set():
                 return None
             if process.returncode is not None:
+                # What it said before it exited may still be on its way through the pipe.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._output_read.wait(), 5)
                 self._ngrok_failed(f"ngrok exited (status {process.returncode})")
                 return None
             answer = await http_get(api.hostname or "127.0.0.1", api.port or 80, "/api/tunnels")

@@ -33,7 +33,16 @@ from config import Secret, Settings
 from errors import InvalidMessage
 from guard import identify
 from mailer import build_mime, render
-from messages import MAX_NAME_CHARS, InputLimits, MailJob, _plain_address, check_email, new_job
+from messages import (
+    MAX_NAME_CHARS,
+    InputLimits,
+    MailJob,
+    _plain_address,
+    addr_spec,
+    check_email,
+    new_job,
+    suppression_key,
+)
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -315,6 +324,14 @@ def test_the_everyday_address_shortcut_on_edges(addr: str) -> None:
         assert fast is None
     else:
         assert fast in (None, expected)
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t", ",", "<>"])
+def test_no_address_at_all_is_an_invalid_address_not_a_crash(value: str) -> None:
+    """Found by the schemathesis run: DELETE /api/suppressions/%09 answered 500."""
+    assert addr_spec(value) == "" or "@" not in addr_spec(value)
+    with pytest.raises(InvalidMessage):
+        suppression_key(value)
 
 
 def test_the_queued_form_carries_every_field_of_a_job() -> None:
