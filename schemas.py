@@ -247,6 +247,11 @@ class Suppression(BaseModel):
     created_at: str
 
 
+class Unsuppressed(BaseModel):
+    address: str = Field(description="The address in normalised form.")
+    removed: bool = Field(description="false when it was not on the list.")
+
+
 class SuppressionList(BaseModel):
     suppressions: list[Suppression] = Field(description="In address order.")
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")

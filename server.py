@@ -102,6 +102,7 @@ from schemas import (
     SuppressionRequest,
     TemplateRequest,
     TemplateView,
+    Unsuppressed,
 )
 from store import IdempotencyConflict, Store, StoredTemplate, StoreUnavailable, now_utc
 from talklog import TalkLog
@@ -767,6 +768,7 @@ def create_app(settings: Settings) -> Quart:
         return jsonify(entry[0])
 
     @app.delete("/api/suppressions/<address>")
+    @document_response(Unsuppressed)
     @answers(
         (200, "Off the list: {address, removed} (removed: false when it was not on it)."),
         400,

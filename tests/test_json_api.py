@@ -227,6 +227,21 @@ def find_operation(description: dict[str, Any], method: str, path: str) -> Any:
     return None
 
 
+async def test_every_documented_answer_says_what_its_body_is(app_client: AppClient) -> None:
+    """Each answer but a 204 names its media type (the schemathesis run checks that what
+    comes back matches; this does not leave it to chance that it tries every route)."""
+    _, client = app_client
+    paths = (await (await client.get("/openapi.json")).get_json())["paths"]
+    missing = [
+        (method, path, code)
+        for path, operations in paths.items()
+        for method, operation in operations.items()
+        for code, answer in operation["responses"].items()
+        if code != "204" and not answer.get("content")
+    ]
+    assert missing == []
+
+
 async def test_openapi_lists_every_answer_of_each_operation(app_client: AppClient) -> None:
     """Every status each operation can give is in /openapi.json, with what it means."""
     _, client = app_client
