@@ -168,12 +168,31 @@ def create_app(settings: Settings) -> Quart:
                 log.warning("could not purge old idempotency keys: %s", exc)
             await asyncio.sleep(3600)
 
+    async def expire_hourly() -> None:
+        """Retention: once at start, then every hour, in small batches (store.prune)."""
+        days = settings.message_retention_days
+        while True:
+            try:
+                removed = await store().expire(days)
+            except StoreUnavailable as exc:
+                log.warning("could not delete expired message records: %s", exc)
+            else:
+                if removed:
+                    log.info(
+                        "deleted %d message records older than %d days (MESSAGE_RETENTION_DAYS)",
+                        removed,
+                        days,
+                    )
+            await asyncio.sleep(3600)
+
     @app.before_serving
     async def startup() -> None:
         await talklog.open()
         stores.append(await Store.open(settings))
         await broker.start()
         housekeeping.append(asyncio.create_task(purge_hourly(), name="purge-idempotency-keys"))
+        if settings.message_retention_days:
+            housekeeping.append(asyncio.create_task(expire_hourly(), name="message-retention"))
 
     @app.after_serving
     async def shutdown() -> None:

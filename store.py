@@ -45,14 +45,17 @@ from sqlalchemy import (
     JSON,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Text,
     bindparam,
     delete,
     event,
+    func,
     insert,
     select,
     update,
@@ -73,8 +76,10 @@ log = logging.getLogger(__name__)
 
 Status = Literal["queued", "sending", "retrying", "sent", "failed"]
 FINAL = frozenset({"sent", "failed", "cancelled"})
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 IDEMPOTENCY_TTL = timedelta(hours=24)
+PRUNE_BATCH = 500  # records deleted per write transaction by retention
+PRUNE_PAUSE = 0.01  # seconds between two such transactions
 
 
 class StoreUnavailable(MailroomError):
@@ -93,20 +98,25 @@ messages_table = Table(
     Column("id", String(32), primary_key=True),
     Column("recipients", JSON, nullable=False),
     Column("subject", Text, nullable=False),
-    Column("status", String(16), nullable=False, index=True),
+    Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("last_error", Text),
     Column("last_error_code", Integer),
     Column("results", JSON, nullable=False),
     Column("history", JSON, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # Attempt ownership (schema 2): who holds the current attempt, until when, and the
     # newest copy number seen.
     Column("owner", String(96)),
     Column("lease_until", DateTime(timezone=True)),
     Column("copy", Integer, nullable=False, server_default="0"),
+    # Every list is read from an index in the order it answers, newest first (schema 3):
+    # all records, or those of one status; and retention finds the oldest final records
+    # of a status in the first one.
+    Index("ix_mailroom_messages_status_created", "status", "created_at", "id"),
+    Index("ix_mailroom_messages_created", "created_at", "id"),
 )
 
 idempotency_table = Table(
@@ -150,6 +160,13 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _expired(created_at: datetime) -> bool:
     return created_at.replace(tzinfo=created_at.tzinfo or UTC) < now_utc() - IDEMPOTENCY_TTL
+
+
+def _datetime(value: Any) -> datetime | None:
+    """A time as the driver returned it from an aggregate (SQLite gives its text)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -253,6 +270,16 @@ class Attempt:
     # The record as this attempt's claim left it: while the attempt holds the record,
     # only its lease changes, so the outcome can be written without reading it again.
     record: MessageRecord | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class RecordStats:
+    total: int
+    by_status: dict[str, int]
+    oldest: datetime | None  # when the oldest record was created
+
+    def to_json(self) -> dict[str, Any]:
+        return {"total": self.total, "by_status": self.by_status, "oldest": _iso(self.oldest)}
 
 
 ClaimKind = Literal["claimed", "final", "stale", "busy"]
@@ -673,17 +700,102 @@ class Store:
         return _record(row) if row is not None else None
 
     async def list(self, status: str | None = None, limit: int = 50) -> list[MessageRecord]:
-        query = select(messages_table).order_by(
-            messages_table.c.created_at.desc(), messages_table.c.id.desc()
-        )
-        if status is not None:
-            query = query.where(messages_table.c.status == status)
         try:
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(query.limit(limit))).all()
+                rows = (await conn.execute(list_statement(status, limit))).all()
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return [_record(r) for r in rows]
+
+    # -- upkeep: retention, figures, capacity tests --------------------------------------
+
+    async def prune(self, older_than: datetime, batch: int = PRUNE_BATCH) -> int:
+        """Delete the final records (sent, failed, cancelled) created before ``older_than``;
+        how many. Records still to be sent are never touched.
+
+        Each batch of at most ``batch`` records is one small unit of the writer (so it
+        shares the write lock with accepts and outcomes rather than holding it), found
+        through the status index, oldest first; a short pause between batches lets other
+        writes through.
+        """
+        removed = 0
+        for status in sorted(FINAL):
+
+            def work(conn: Connection, status: str = status) -> int:
+                oldest = (
+                    select(messages_table.c.id)
+                    .where(
+                        (messages_table.c.status == status)
+                        & (messages_table.c.created_at < older_than)
+                    )
+                    .order_by(messages_table.c.created_at, messages_table.c.id)
+                    .limit(batch)
+                )
+                deleted: int = conn.execute(
+                    delete(messages_table).where(messages_table.c.id.in_(oldest))
+                ).rowcount
+                return deleted
+
+            while True:
+                try:
+                    deleted = await self._write(work)
+                except _DB_ERRORS as exc:
+                    raise StoreUnavailable(_describe(exc)) from exc
+                removed += deleted
+                if deleted < batch:
+                    break
+                await asyncio.sleep(PRUNE_PAUSE)
+        return removed
+
+    async def expire(self, retention_days: int) -> int:
+        """Apply the retention (``MESSAGE_RETENTION_DAYS``; 0 keeps everything): prune the
+        final records created more than that many days ago; how many were removed."""
+        if retention_days <= 0:
+            return 0
+        return await self.prune(now_utc() - timedelta(days=retention_days))
+
+    async def stats(self) -> RecordStats:
+        """How many records there are, by status, and when the oldest was created."""
+        table = messages_table
+        try:
+            async with self.engine.connect() as conn:
+                counts = (
+                    await conn.execute(
+                        select(table.c.status, func.count()).group_by(table.c.status)
+                    )
+                ).all()
+                oldest = (await conn.execute(select(func.min(table.c.created_at)))).scalar()
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        by_status = {str(status): int(n) for status, n in sorted(counts)}
+        return RecordStats(sum(by_status.values()), by_status, _aware(_datetime(oldest)))
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return str(self.engine.dialect.name)
+
+    async def insert_rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert ready-made rows into ``mailroom_messages`` in one write transaction,
+        with the driver's own ``executemany``: each value as the driver takes it (see
+        seeding.py). For capacity tests: nothing is checked or converted."""
+        names = ", ".join(columns)
+
+        def work(conn: Connection) -> None:
+            if conn.dialect.paramstyle == "qmark":
+                conn.exec_driver_sql("PRAGMA cache_size=-262144")
+                marks = ", ".join("?" for _ in columns)
+            else:  # asyncpg: numeric_dollar
+                marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+            conn.exec_driver_sql(
+                f"INSERT INTO {messages_table.name} ({names}) VALUES ({marks})",  # noqa: S608 - our column names
+                list(rows),
+            )
+
+        try:
+            await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
 
     # -- the worker's side -------------------------------------------------------------
 
@@ -966,6 +1078,19 @@ _UPDATE_HELD = update(messages_table).where(
     & (messages_table.c.owner == bindparam("held_owner"))
     & (messages_table.c.attempts == bindparam("held_attempts"))
 )
+
+
+def list_statement(status: str | None, limit: int) -> Select[Any]:
+    """The query of a list: newest first (``created_at``, then ``id``), of one status or
+    all; read from ``ix_mailroom_messages_status_created`` or ``ix_mailroom_messages_created``
+    in that order, so it reads ``limit`` rows whatever the table holds."""
+    table = messages_table
+    query = select(table).order_by(table.c.created_at.desc(), table.c.id.desc())
+    if status is not None:
+        query = query.where(table.c.status == status)
+    return query.limit(limit)
+
+
 # A record that is already there (the worker got the message before the server's write
 # committed, or the other way round) is left as it is: no error, so a batch of writes is
 # never rolled back and replayed one unit at a time for it.
@@ -1068,6 +1193,13 @@ def _create_or_upgrade(conn: Connection) -> None:
                 "ALTER TABLE mailroom_messages ADD COLUMN copy INTEGER NOT NULL DEFAULT 0",
             ):
                 conn.exec_driver_sql(ddl)
+        if version < 3:
+            # Lists read from indexes in their order: two composite indexes replace the
+            # single-column ones (building them reads the whole table once).
+            for old in ("ix_mailroom_messages_status", "ix_mailroom_messages_created_at"):
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {old}")
+            for index in messages_table.indexes:
+                index.create(conn, checkfirst=True)
         conn.execute(update(schema_table).values(version=SCHEMA_VERSION))
 
 

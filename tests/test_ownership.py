@@ -18,7 +18,7 @@ from aiosmtpd.smtp import Envelope
 from broker import COPY_HEADER, Names
 from config import Secret, Settings
 from messages import legacy_job
-from store import Store
+from store import SCHEMA_VERSION, Store
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -483,6 +483,6 @@ async def test_schema_1_database_is_upgraded(
         assert claim.kind == "claimed" and claim.record.copy == 0
         async with store.engine.connect() as conn:
             version = (await conn.execute(text("SELECT version FROM mailroom_schema"))).scalar()
-        assert version == 2
+        assert version == SCHEMA_VERSION
     finally:
         await store.close()

@@ -1,0 +1,246 @@
+"""Synthetic message records, for capacity tests and the bench (``admin.py records seed``).
+
+``seed(store, count, days)`` writes ``count`` records spread evenly over the last ``days``
+days, oldest first, in the shapes the worker leaves them: mostly ``sent``, some
+``failed`` (a recipient refused for good, or deferred until the retries ran out), and,
+within the last day only, a few still ``retrying`` or ``queued`` as in a live system.
+Recipients are in ``seed.invalid`` (a name that never resolves, RFC 2606), so nothing
+seeded can ever be mailed.
+
+Not for production databases: the rows go in as they are (no validation, no idempotency
+keys, nothing in RabbitMQ behind the pending ones), in large transactions that hold the
+write lock for about a second each. They are built as the driver takes them and inserted
+with its ``executemany`` through the store's writer (so a running server or worker only
+waits for the lock, never fights it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from store import Store, now_utc
+
+DOMAIN = "seed.invalid"
+CHUNK = 25_000  # records per write transaction
+COLUMNS = (
+    "id",
+    "recipients",
+    "subject",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "last_error_code",
+    "results",
+    "history",
+    "created_at",
+    "updated_at",
+    "owner",
+    "lease_until",
+    "copy",
+)
+OWNER = "seed/0/00000000"
+SUBJECTS = ("Your order {n} has shipped", "Password reset", "Invoice {n}", "Welcome aboard")
+REFUSED = "5.1.1 no such user"
+DEFERRED = "4.7.1 try again later"
+# Seconds after creation of each step of an attempt: taken, then its outcome.
+TAKEN, DONE = 0.004, 0.045
+RETRY_DELAYS = (30.0, 120.0, 600.0, 3600.0, 14400.0)  # the default RETRY_DELAYS
+DAY = 86400.0
+
+
+def _iso(at: datetime) -> str:
+    """A time as the records' history and ``to_json`` write it (store._iso)."""
+    return at.isoformat(timespec="milliseconds")
+
+
+class _Rows:
+    """Builds rows in COLUMNS order for one dialect, from one random source.
+
+    The common shapes (one attempt, then sent or refused: 99% of the rows) are written
+    from string templates, the same text ``json.dumps`` makes: ``json.dumps`` and
+    ``datetime`` arithmetic for each field would take several times as long.
+    """
+
+    def __init__(self, dialect: str, rng: random.Random) -> None:
+        self.rng = rng
+        self.sqlite = dialect == "sqlite"
+
+    def stored(self, at: datetime) -> Any:
+        """A time as the driver takes it: for SQLite the text SQLAlchemy's DateTime
+        writes (UTC, no offset, microseconds); a datetime for asyncpg."""
+        return at.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite else at
+
+    def row(self, created: datetime, recent: bool) -> tuple[Any, ...]:
+        rng = self.rng
+        roll = rng.random()
+        n = 1 if roll < 0.85 else 2 if roll < 0.95 else 3
+        addresses = [f"user{rng.randrange(1_000_000)}@{DOMAIN}" for _ in range(n)]
+        subject = SUBJECTS[rng.randrange(len(SUBJECTS))].format(n=rng.randrange(1_000_000))
+        record_id = f"{rng.getrandbits(128):032x}"
+        recipients = '["' + '", "'.join(addresses) + '"]'
+        roll = rng.random()
+        if not (recent and roll < 0.03) and roll < 0.99 and created.microsecond < 950_000:
+            # One attempt within the same second: sent, or refused for good.
+            sent = roll < 0.96
+            iso = created.isoformat(timespec="milliseconds")
+            head, ms = iso[:20], created.microsecond // 1000
+            at = (iso, f"{head}{ms + 4:03d}+00:00", f"{head}{ms + 45:03d}+00:00")
+            final = "sent" if sent else "failed"
+            history = (
+                f'[{{"status": "queued", "at": "{at[0]}"}}, '
+                f'{{"status": "sending", "at": "{at[1]}"}}, '
+                f'{{"status": "{final}", "at": "{at[2]}"}}]'
+            )
+            result = (
+                '{"status": "sent", "code": null, "message": null}'
+                if sent
+                else f'{{"status": "refused", "code": 550, "message": "{REFUSED}"}}'
+            )
+            results = "{" + ", ".join(f'"{a}": {result}' for a in addresses) + "}"
+            if self.sqlite:
+                stamp = created.replace(tzinfo=None).isoformat(" ", "microseconds")
+                created_at: Any = stamp
+                updated_at: Any = f"{stamp[:20]}{created.microsecond + 45_000:06d}"
+            else:
+                created_at, updated_at = created, created + timedelta(seconds=DONE)
+            error = None if sent else _error("refused", addresses, 550, REFUSED)
+            return (
+                record_id,
+                recipients,
+                subject,
+                final,
+                1,
+                None,
+                error,
+                None if sent else 550,
+                results,
+                history,
+                created_at,
+                updated_at,
+                OWNER,
+                None,
+                0,
+            )
+        return self._rare(record_id, recipients, subject, addresses, created, recent, roll)
+
+    def _rare(
+        self,
+        record_id: str,
+        recipients: str,
+        subject: str,
+        addresses: list[str],
+        created: datetime,
+        recent: bool,
+        roll: float,
+    ) -> tuple[Any, ...]:
+        """The other shapes, field by field."""
+        history = [{"status": "queued", "at": _iso(created)}]
+        error: str | None = None
+        code: int | None = None
+        next_at: datetime | None = None
+        owner: str | None = OWNER
+        updated = created
+        outcome: dict[str, tuple[str, int | None, str | None]]
+        if recent and roll < 0.01:
+            status, attempts, owner = "queued", 0, None
+            outcome = dict.fromkeys(addresses, ("pending", None, None))
+        elif recent and roll < 0.03:
+            status, attempts = "retrying", 1
+            updated = created + timedelta(seconds=DONE)
+            history += [
+                {"status": "sending", "at": _iso(created + timedelta(seconds=TAKEN))},
+                {"status": "retrying", "at": _iso(updated)},
+            ]
+            next_at = updated + timedelta(seconds=RETRY_DELAYS[0])
+            outcome = dict.fromkeys(addresses, ("pending", 451, DEFERRED))
+            error, code = _error("deferred", addresses, 451, DEFERRED), 451
+        elif roll < 0.99:
+            # One attempt that crosses into the next second.
+            sent = roll < 0.96
+            status, attempts = ("sent" if sent else "failed"), 1
+            updated = created + timedelta(seconds=DONE)
+            history += [
+                {"status": "sending", "at": _iso(created + timedelta(seconds=TAKEN))},
+                {"status": status, "at": _iso(updated)},
+            ]
+            if sent:
+                outcome = dict.fromkeys(addresses, ("sent", None, None))
+            else:
+                outcome = dict.fromkeys(addresses, ("refused", 550, REFUSED))
+                error, code = _error("refused", addresses, 550, REFUSED), 550
+        else:
+            # Deferred at every attempt until the retries ran out (about 5 hours).
+            status, attempts = "failed", len(RETRY_DELAYS) + 1
+            at = 0.0
+            for delay in (*RETRY_DELAYS, None):
+                history.append({"status": "sending", "at": _iso(created + timedelta(seconds=at))})
+                at += DONE
+                step = "failed" if delay is None else "retrying"
+                history.append({"status": step, "at": _iso(created + timedelta(seconds=at))})
+                at += delay or 0.0
+            updated = created + timedelta(seconds=at)
+            outcome = dict.fromkeys(addresses, ("pending", 451, DEFERRED))
+            error, code = _error("deferred", addresses, 451, DEFERRED), 451
+        results = {a: {"status": s, "code": c, "message": m} for a, (s, c, m) in outcome.items()}
+        return (
+            record_id,
+            recipients,
+            subject,
+            status,
+            attempts,
+            None if next_at is None else self.stored(next_at),
+            error,
+            code,
+            json.dumps(results),
+            json.dumps(history),
+            self.stored(created),
+            self.stored(updated),
+            owner,
+            None,
+            0,
+        )
+
+
+def _error(kind: str, addresses: list[str], code: int, text: str) -> str:
+    return f"recipients {kind}: " + "; ".join(f"{a}: {code} {text}" for a in addresses)
+
+
+async def seed(
+    store: Store,
+    count: int,
+    days: float,
+    now: datetime | None = None,
+    rng: random.Random | None = None,
+    chunk: int = CHUNK,
+) -> int:
+    """Write ``count`` synthetic records created over the ``days`` days before ``now``
+    (see the module docstring); how many were written."""
+    if count < 0 or days <= 0:
+        raise ValueError("count must be at least 0 and days more than 0")
+    end = (now or now_utc()).astimezone(UTC)
+    start = end - timedelta(days=days)
+    step = (end - start).total_seconds() / max(count, 1)
+    recent_from = end - timedelta(seconds=DAY)
+    rows = _Rows(store.dialect, rng or random.Random())
+
+    def build(first: int, last: int) -> list[tuple[Any, ...]]:
+        out = []
+        for i in range(first, last):
+            created = start + timedelta(seconds=(i + rows.rng.random()) * step)
+            out.append(rows.row(created, created >= recent_from))
+        return out
+
+    written = 0
+    for first in range(0, count, chunk):
+        # Built in a thread (pure CPU work: the event loop stays free), then written.
+        # One after the other: building while the writer thread inserts is slower,
+        # both threads wanting the GIL for every row.
+        batch = await asyncio.to_thread(build, first, min(first + chunk, count))
+        await store.insert_rows(COLUMNS, batch)
+        written += len(batch)
+    return written
