@@ -78,7 +78,7 @@ Status = Literal["queued", "sending", "retrying", "sent", "failed"]
 FINAL = frozenset({"sent", "failed", "cancelled"})
 SCHEMA_VERSION = 3
 IDEMPOTENCY_TTL = timedelta(hours=24)
-PRUNE_BATCH = 500  # records deleted per write transaction by retention
+PRUNE_BATCH = 200  # records deleted per write transaction by retention (about 3 ms)
 PRUNE_PAUSE = 0.01  # seconds between two such transactions
 
 
@@ -346,6 +346,7 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")  # a reader: WAL never makes it wait
 
 
+READ_CONNECTIONS = 3  # SQLite: read connections per process (each a thread of aiosqlite)
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
 
 
@@ -511,8 +512,11 @@ class Store:
                 raise StoreUnavailable(f"cannot open the database: {refused}")
         writer: Engine | None = None
         if is_sqlite:
-            # Reads: one connection per process (WAL: they never wait for the writer).
-            engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
+            # Reads: a few connections per process (WAL: they never wait for the writer),
+            # so that a read by id never queues behind a list.
+            engine = create_async_engine(
+                url, pool_size=READ_CONNECTIONS, max_overflow=0, pool_timeout=30
+            )
             event.listen(engine.sync_engine, "connect", _sqlite_connect)
             event.listen(engine.sync_engine, "begin", _sqlite_begin)
             # Writes: one plain connection, used only in the writer thread.
@@ -541,10 +545,12 @@ class Store:
             await store._dispose()
             raise StoreUnavailable(f"cannot open the database: {_describe(exc)}") from exc
         if lock_path is not None and path:
-            # Open the read connection now, on this file: the rescue copy of a removed
-            # file is read through it (a connection opened later would make a new file).
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql("SELECT 1")
+            # Open the read connections now, on this file: the rescue copy of a removed
+            # file is read through one (a connection opened later would make a new file).
+            async with contextlib.AsyncExitStack() as held:
+                for _ in range(READ_CONNECTIONS):
+                    conn = await held.enter_async_context(engine.connect())
+                    await conn.exec_driver_sql("SELECT 1")
             store._file_watch = FileWatch(Path(path), engine)
             await store._file_watch.start()
         elif not is_sqlite:

@@ -72,6 +72,23 @@ async def test_every_list_reads_an_index_in_its_order(store: Store) -> None:
         assert all(r.status == status for r in listed if status is not None)
 
 
+async def test_a_slow_read_delays_neither_writes_nor_other_reads(store: Store) -> None:
+    """While one read holds its transaction open (a list that takes its time), records
+    are written, claimed and finished, and read by id and listed on other connections."""
+    await seed(store, 200, 1, rng=random.Random(2))
+    async with store.engine.connect() as slow:
+        assert len((await slow.execute(list_statement(None, 500))).all()) == 200
+        async with asyncio.timeout(10):
+            job = legacy_job("reader@example.com")
+            await store.insert_queued(job)
+            claim = await store.claim(job, "worker-a", 0, lease=30)
+            assert claim.attempt is not None
+            assert await store.finish(claim.attempt, "sent")
+            record = await store.get(job.id)
+            assert record is not None and record.status == "sent"
+            assert (await store.list("sent", 1))[0].id == job.id
+
+
 async def test_seeded_records_read_like_the_service_wrote_them(store: Store) -> None:
     now = now_utc()
     assert await seed(store, 2000, 10, now=now, rng=random.Random(7)) == 2000
