@@ -159,6 +159,10 @@ def create_app(settings: Settings) -> Quart:
         return stores[0]
 
     housekeeping: list[asyncio.Task[None]] = []
+    # Lists take turns, one at a time in this process: a list is the costliest read (up
+    # to 500 records decoded and encoded again on the event loop), and clients listing in
+    # a loop must not take the process from the accepts. Reads by id do not wait.
+    listing = asyncio.Semaphore(1)
 
     async def purge_hourly() -> None:
         while True:
@@ -438,12 +442,13 @@ def create_app(settings: Settings) -> Quart:
     @security_scheme([{"token": []}])
     async def list_messages(query_args: ListQuery) -> ResponseReturnValue:
         """Messages, newest first, optionally of one status."""
-        try:
-            records = await store().list(query_args.status, query_args.limit)
-        except StoreUnavailable as exc:
-            log.error("listing messages: store unavailable: %s", exc)
-            return json_error("the message store is unavailable; try again", 503, RETRY)
-        return jsonify(messages=[r.to_json() for r in records])
+        async with listing:
+            try:
+                records = await store().list(query_args.status, query_args.limit)
+            except StoreUnavailable as exc:
+                log.error("listing messages: store unavailable: %s", exc)
+                return json_error("the message store is unavailable; try again", 503, RETRY)
+            return jsonify(messages=[r.to_json() for r in records])
 
     @app.get("/api/dead-letters")
     @document_response(DeadLetterList)

@@ -274,6 +274,40 @@ async def test_server_expires_old_records_at_start(make_settings: Callable[..., 
         assert (await client.get(f"/api/messages/{job.id}")).status_code == 200
 
 
+async def test_lists_take_turns_and_reads_by_id_do_not_wait(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server answers one list at a time (clients listing in a loop cannot take the
+    process from the accepts); reads by id and accepts go on meanwhile."""
+    running = {"now": 0, "most": 0}
+    real_list = Store.list
+
+    async def counted(self: Store, status: str | None = None, limit: int = 50) -> typing.Any:
+        running["now"] += 1
+        running["most"] = max(running["most"], running["now"])
+        try:
+            await asyncio.sleep(0.05)  # a list that takes its time
+            return await real_list(self, status, limit)
+        finally:
+            running["now"] -= 1
+
+    monkeypatch.setattr(Store, "list", counted)
+    async with running_app(make_settings()) as (app, client):
+        await wait_ready(app)
+        sent = await client.get("/?sendmail=first@example.com")
+        first = (await sent.get_data(as_text=True)).split("(id ")[1].rstrip(")\n")
+        lists = [asyncio.ensure_future(client.get("/api/messages?limit=5")) for _ in range(6)]
+        async with asyncio.timeout(5):
+            while running["now"] == 0:
+                await asyncio.sleep(0.01)
+        assert (await client.get(f"/api/messages/{first}")).status_code == 200
+        assert (await client.get("/?sendmail=second@example.com")).status_code == 200
+        assert not all(task.done() for task in lists)  # still taking turns
+        answers = await asyncio.gather(*lists)
+    assert [a.status_code for a in answers] == [200] * 6
+    assert running["most"] == 1
+
+
 async def test_records_commands(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     """``admin.py records seed | stats | prune``, as an operator runs them."""
     settings = make_settings()
