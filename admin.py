@@ -1,15 +1,18 @@
-"""Operator commands: dead-lettered messages, and the message records.
+"""Operator commands: dead-lettered messages, moving the message database, the records.
 
     python admin.py dead list                 # what is in <QUEUE_PREFIX>.dead, and why
     python admin.py dead requeue --all        # send every dead letter again
     python admin.py dead requeue ID [ID ...]  # send these again
+    python admin.py db copy --from URL        # copy records from URL into DATABASE_URL
     python admin.py records stats             # JSON: total, by status, the oldest record
     python admin.py records prune             # apply MESSAGE_RETENTION_DAYS now
     python admin.py records seed --count N --days D   # synthetic records: not in production
 
 A re-queued message gets a fresh retry budget; recipients that refused it are tried
-again, recipients that already accepted it are not. Uses the same settings (environment
-and ``.env``) as the server and worker.
+again, recipients that already accepted it are not. ``db copy`` (for instance from
+``sqlite:///var/mailroom.db`` to a new PostgreSQL ``DATABASE_URL``) copies message records,
+idempotency keys and batch answers, skipping what the target has already, so it can run
+again. Uses the same settings (environment and ``.env``) as the server and worker.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import sys
 import time
 
 from broker import Names
-from config import Settings
+from config import Settings, quiet_amqp_libraries, redact_url
+from dbcopy import copy_records, describe
 from deadletters import dead_letters
 from errors import BrokerUnavailable, ConfigError
 from seeding import seed
@@ -38,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     requeue = actions.add_parser("requeue", help="send dead letters again")
     requeue.add_argument("ids", nargs="*", help="message ids to re-queue")
     requeue.add_argument("--all", action="store_true", help="re-queue every dead letter")
+    db = sub.add_parser("db", help="the message database (DATABASE_URL)")
+    db_actions = db.add_subparsers(dest="action", required=True)
+    copy = db_actions.add_parser(
+        "copy", help="copy records from another database into DATABASE_URL (idempotent)"
+    )
+    copy.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="URL",
+        help="the database to copy from, e.g. sqlite:///var/mailroom.db",
+    )
     records = sub.add_parser("records", help="message records in the database")
     chores = records.add_subparsers(dest="action", required=True)
     chores.add_parser("stats", help="JSON: how many records, by status, and the oldest one")
@@ -60,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"admin: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_amqp_libraries()
+    if args.area == "db":
+        return copy_database(args.source, settings)
     if args.area == "records":
         try:
             print(asyncio.run(records_command(settings, args)))
@@ -114,6 +133,18 @@ def dead_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"not in the dead-letter queue: {', '.join(missing)}", file=sys.stderr)
     if kept or missing:
         return 1
+    return 0
+
+
+def copy_database(source: str, settings: Settings) -> int:
+    try:
+        copied = asyncio.run(copy_records(source, settings))
+    except StoreUnavailable as exc:
+        print(f"admin: {exc}", file=sys.stderr)
+        return 1
+    for line in describe(copied):
+        print(line)
+    print(f"into {redact_url(settings.database_url.get())}")
     return 0
 
 

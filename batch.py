@@ -38,19 +38,20 @@ from quart_schema import (
     validate_headers,
 )
 
+import mailtemplates
+from apidoc import answers
 from broker import Broker
 from errors import InvalidMessage, PublishUnconfirmed
 from guard import Denied, Guard
-from messages import InputLimits, MailJob, addr_spec, request_job
+from messages import AttachmentTooLarge, InputLimits, MailJob, addr_spec, request_job
 from schemas import (
     MAX_BATCH,
     BatchAnswer,
     BatchRequest,
-    Error,
     IdempotencyHeaders,
     MessageRequest,
 )
-from store import IdempotencyConflict, Store, StoreUnavailable
+from store import IdempotencyConflict, Store, StoredTemplate, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,25 @@ def register(app: Quart, accepting: Accepting) -> None:
     @document_request(BatchRequest)
     @validate_headers(IdempotencyHeaders)
     @document_response(BatchAnswer, 200)
-    @document_response(Error, 400)
-    @document_response(Error, 503)
+    @answers(
+        (
+            200,
+            "One result per item, in request order (the whole batch with "
+            "Idempotent-Replayed: true when it repeats an Idempotency-Key and body).",
+        ),
+        (
+            400,
+            "The body is not a JSON array of 1 to 500 items, not JSON, or a header is "
+            "malformed; invalid items are reported in their results instead.",
+        ),
+        401,
+        409,
+        413,
+        415,
+        422,
+        429,
+        (503, "RabbitMQ took none of it: nothing was queued; try again after Retry-After."),
+    )
     @security_scheme([{"token": []}])
     async def create_batch(headers: IdempotencyHeaders) -> ResponseReturnValue:
         """Queue up to 500 mails, each what POST /api/messages takes and judged on its own:
@@ -123,15 +141,28 @@ def register(app: Quart, accepting: Accepting) -> None:
             return refuse("Idempotency-Key must be printable characters", 400)
         results: list[Result] = [{}] * len(body)
         jobs: list[tuple[int, MailJob]] = []
+        fetched: dict[str, StoredTemplate | None] = {}
+
+        async def template(name: str) -> StoredTemplate | None:
+            """Each template of the batch read once."""
+            if name not in fetched:
+                fetched[name] = await a.store().get_template(name)
+            return fetched[name]
+
         for index, item in enumerate(body):
             try:
                 data = _ITEM.validate_python(item)
+                data = await mailtemplates.apply(data, template, a.limits.max_body_chars)
                 job = request_job(data, a.limits)
+            except StoreUnavailable as exc:
+                log.error("batch item %d: template store unavailable: %s", index, exc)
+                results[index] = failed(503, "the message store is unavailable; try again")
             except ValidationError as exc:
                 field, reason = a.describe_validation(exc)
                 results[index] = failed(400, reason, field)
             except InvalidMessage as exc:
-                results[index] = failed(400, exc.reason, exc.field)
+                code = 413 if isinstance(exc, AttachmentTooLarge) else 400
+                results[index] = failed(code, exc.reason, exc.field)
             else:
                 jobs.append((index, job))
         # Shielded, as the single endpoint: a client that hangs up must not leave the key
@@ -171,7 +202,8 @@ def register(app: Quart, accepting: Accepting) -> None:
         uncertain = 0
         for (index, job), failure in zip(allowed, outcomes, strict=True):
             if failure is None:
-                results[index] = {"code": 202, "id": job.id, "status": "queued"}
+                status = "scheduled" if job.send_at is not None else "queued"
+                results[index] = {"code": 202, "id": job.id, "status": status}
                 queued.append(job)
             elif isinstance(failure, PublishUnconfirmed):
                 a.watch_late(job, failure)
@@ -214,7 +246,7 @@ def register(app: Quart, accepting: Accepting) -> None:
         refused = 0
         for index, job in jobs:
             try:
-                await a.guard.spend_send(g.client, [addr_spec(r) for r in job.to])
+                await a.guard.spend_send(g.client, [addr_spec(r) for r in job.recipients])
             except Denied as exc:
                 results[index] = failed(exc.status, exc.message)
                 refused += 1

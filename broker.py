@@ -23,6 +23,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
+import yarl
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -30,14 +31,18 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pamqp.commands import Basic
+from prometheus_client import Counter
 
-from config import Settings
-from errors import BrokerUnavailable, PublishUnconfirmed
+from config import Settings, redact_url
+from errors import BrokerRefused, BrokerUnavailable, PublishUnconfirmed
 
 log = logging.getLogger(__name__)
 
 SEND_KEY = "send"
 RECONNECT_INTERVAL = 1.0  # seconds between attempts of a robust connection to come back
+# The first connection: attempts wait FIRST_RETRY seconds, doubling up to LAST_RETRY.
+FIRST_RETRY = 0.5
+LAST_RETRY = 15.0
 DEAD_KEY = "dead"
 # Which copy of a message a queue message is: 0 (or absent) for the accepted one, then +1
 # for each retry copy and operator re-queue. The record keeps the newest (see store.py).
@@ -57,6 +62,15 @@ AMQP_ERRORS: tuple[type[BaseException], ...] = (
 # Connecting can also fail on a URL the client library cannot use (ValueError).
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (*AMQP_ERRORS, ValueError)
 
+PUBLISHED = Counter(
+    "mailroom_messages_published",
+    "Messages RabbitMQ confirmed, by where they went (send, retry, dead).",
+    ["queue"],
+)
+_PUBLISHED_SEND = PUBLISHED.labels("send")
+_PUBLISHED_DEAD = PUBLISHED.labels(DEAD_KEY)
+_PUBLISHED_RETRY = PUBLISHED.labels("retry")
+
 
 @dataclass(frozen=True)
 class RetryTier:
@@ -65,28 +79,88 @@ class RetryTier:
     routing_key: str
 
 
+# Scheduled messages (``send_at``) wait in these tiers, a timer wheel: each is a queue whose
+# own TTL (never a per-message one, which RabbitMQ expires only at a queue's head) returns
+# a message to the work queue; the worker hands a message that is not yet due on to the
+# longest tier that does not overshoot. Powers of 8 seconds, up to 24 days: a message due
+# in 30 days makes about 20 hops, and a late-due message never holds up an early one.
+SCHEDULE_DELAYS: tuple[float, ...] = (1, 8, 64, 512, 4096, 32768, 262144, 2097152)
+SCHEDULE_DUE = 0.01  # seconds: closer to send_at than this is due
+# Delivery webhooks (webhooks.py): their own queue, retry tiers and dead-letter queue, so
+# that a receiver that is down or slow never holds up mail.
+WEBHOOK_KEY = "webhook"
+WEBHOOK_DEAD_KEY = "webhook.dead"
+
+
 @dataclass(frozen=True)
 class Names:
     exchange: str
     send_queue: str
     dead_queue: str
     retry_tiers: tuple[RetryTier, ...] = ()
+    schedule_tiers: tuple[RetryTier, ...] = ()
+    webhook_queue: str = ""
+    webhook_dead_queue: str = ""
+    webhook_tiers: tuple[RetryTier, ...] = ()
 
     @classmethod
-    def for_prefix(cls, prefix: str, retry_delays: tuple[float, ...] = ()) -> Names:
+    def for_prefix(
+        cls, prefix: str, retry_delays: tuple[float, ...] = (), webhooks: bool = True
+    ) -> Names:
+        """Every name under ``prefix``; the webhook queues' too unless ``webhooks`` is
+        False (they exist only with WEBHOOK_URLS)."""
         tiers = tuple(
             RetryTier(delay, f"{prefix}.retry.{ms}ms", f"retry.{ms}")
             for delay in retry_delays
             for ms in [round(delay * 1000)]
         )
-        return cls(prefix, f"{prefix}.send", f"{prefix}.dead", tiers)
+        schedule = tuple(
+            RetryTier(delay, f"{prefix}.schedule.{round(delay)}s", f"schedule.{round(delay)}")
+            for delay in SCHEDULE_DELAYS
+        )
+        hooks = tuple(
+            RetryTier(delay, f"{prefix}.webhook.retry.{ms}ms", f"webhook.retry.{ms}")
+            for delay in retry_delays
+            for ms in [round(delay * 1000)]
+        )
+        if not webhooks:
+            return cls(prefix, f"{prefix}.send", f"{prefix}.dead", tiers, schedule)
+        return cls(
+            prefix,
+            f"{prefix}.send",
+            f"{prefix}.dead",
+            tiers,
+            schedule,
+            f"{prefix}.webhooks",
+            f"{prefix}.webhooks.dead",
+            hooks,
+        )
+
+    def schedule_hop(self, remaining: float) -> tuple[str, float | None]:
+        """Where a message due in ``remaining`` seconds waits next: (routing key, a
+        per-message expiration or None). The longest tier not longer than ``remaining``;
+        under the shortest (1 s), that one with the remaining time as the expiration
+        (a head-of-line wait of under a second at most)."""
+        fitting = [t for t in self.schedule_tiers if t.delay <= remaining]
+        if fitting:
+            return fitting[-1].routing_key, None
+        return self.schedule_tiers[0].routing_key, max(remaining, SCHEDULE_DUE)
 
     @classmethod
     def of(cls, settings: Settings) -> Names:
-        return cls.for_prefix(settings.queue_prefix, settings.retry_delays)
+        return cls.for_prefix(
+            settings.queue_prefix, settings.retry_delays, bool(settings.webhook_urls)
+        )
 
     def all_queues(self) -> tuple[str, ...]:
-        return (self.send_queue, self.dead_queue, *(t.queue for t in self.retry_tiers))
+        return (
+            self.send_queue,
+            self.dead_queue,
+            *(t.queue for t in self.retry_tiers),
+            *(t.queue for t in self.schedule_tiers),
+            *(q for q in (self.webhook_queue, self.webhook_dead_queue) if q),
+            *(t.queue for t in self.webhook_tiers),
+        )
 
 
 @dataclass(frozen=True)
@@ -125,7 +199,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
         send_args["x-delivery-limit"] = settings.delivery_limit
     send = await channel.declare_queue(names.send_queue, durable=True, arguments=send_args)
     await send.bind(exchange, SEND_KEY)
-    for tier in names.retry_tiers:
+    for tier in (*names.retry_tiers, *names.schedule_tiers):
         tier_args = _queue_arguments(
             settings,
             **{
@@ -139,26 +213,117 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
             tier_args["x-overflow"] = "reject-publish"
         queue = await channel.declare_queue(tier.queue, durable=True, arguments=tier_args)
         await queue.bind(exchange, tier.routing_key)
+    if settings.webhook_urls:
+        await _declare_webhook_queues(channel, settings, names, exchange)
     return Topology(exchange=exchange, send_queue=send, dead_queue=dead)
 
 
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection that, when it cannot (re)connect to one broker of
+    ``AMQP_URL``'s list, tries the next one next time (round robin); channels,
+    queues and consumers are restored on whichever node answers."""
+
+    def __init__(self, url: Any, *, urls: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.urls = [yarl.URL(u) for u in urls] or [self.url]
+        self._current = next((n for n, u in enumerate(self.urls) if u == self.url), 0)
+
+    def _next_broker(self) -> None:
+        if len(self.urls) > 1:
+            self._current = (self._current + 1) % len(self.urls)
+            self.url = self.urls[self._current]
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        # The broker went away: its neighbour is the likelier to answer first.
+        if not self._close_called:
+            self._next_broker()
+        await super()._on_connection_close(closing)
+
+    # aio-pika 9/10 call this (a name-mangled private method) for every reconnection
+    # attempt; a failed attempt moves on to the next broker.
+    async def _RobustConnection__connect_transport(self) -> None:
+        try:
+            await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+        except BaseException:
+            self._next_broker()
+            raise
+
+
+async def _declare_webhook_queues(
+    channel: AbstractChannel, settings: Settings, names: Names, exchange: AbstractExchange
+) -> None:
+    """Only when WEBHOOK_URLS is set: the events' queue, its retry tiers (dead-lettering
+    back to it) and its dead-letter queue."""
+    dead = await channel.declare_queue(
+        names.webhook_dead_queue, durable=True, arguments=_queue_arguments(settings)
+    )
+    await dead.bind(exchange, WEBHOOK_DEAD_KEY)
+    queue = await channel.declare_queue(
+        names.webhook_queue, durable=True, arguments=_queue_arguments(settings)
+    )
+    await queue.bind(exchange, WEBHOOK_KEY)
+    for tier in names.webhook_tiers:
+        tier_args = _queue_arguments(
+            settings,
+            **{
+                "x-message-ttl": round(tier.delay * 1000),
+                "x-dead-letter-exchange": names.exchange,
+                "x-dead-letter-routing-key": WEBHOOK_KEY,
+            },
+        )
+        if settings.queue_type == "quorum":
+            tier_args["x-dead-letter-strategy"] = "at-least-once"
+            tier_args["x-overflow"] = "reject-publish"
+        tier_queue = await channel.declare_queue(tier.queue, durable=True, arguments=tier_args)
+        await tier_queue.bind(exchange, tier.routing_key)
+
+
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
-    """Open a robust connection, bounded by ``CONNECT_TIMEOUT``."""
-    try:
-        return await asyncio.wait_for(
-            aio_pika.connect_robust(
-                settings.amqp_url.get(),
-                timeout=settings.connect_timeout,
+    """Open a robust connection to the first broker of ``AMQP_URL`` that answers (each
+    attempt bounded by ``CONNECT_TIMEOUT``); it fails over to the others later on."""
+    urls = settings.amqp_urls
+    failures: list[str] = []
+    for url in urls:
+        try:
+            connection = FailoverConnection(
+                yarl.URL(url),
+                urls=urls,
                 reconnect_interval=RECONNECT_INTERVAL,
                 client_properties={"connection_name": name},
-            ),
-            timeout=settings.connect_timeout + 1,
+            )
+            await asyncio.wait_for(
+                connection.connect(timeout=settings.connect_timeout),
+                timeout=settings.connect_timeout + 1,
+            )
+            return connection
+        except CONNECT_ERRORS as exc:
+            await _close_quietly(connection)
+            if refused := _refusal(exc, settings):
+                raise BrokerRefused(refused) from exc
+            failures.append(f"{redact_url(url)}: {type(exc).__name__}: {exc}")
+    raise BrokerUnavailable(f"cannot connect to RabbitMQ at {'; '.join(failures)}")
+
+
+def _refusal(exc: BaseException, settings: Settings) -> str | None:
+    """What RabbitMQ refused, when the failure is a settings fault rather than an outage."""
+    where = settings.amqp_url_redacted
+    if isinstance(
+        exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
+    ):
+        return (
+            f"RABBITMQ LOGIN REFUSED by {where}: the user name or password in AMQP_URL is "
+            f"wrong (a settings fault, not an outage; RabbitMQ said: {exc})"
         )
-    except CONNECT_ERRORS as exc:
-        raise BrokerUnavailable(
-            f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+    if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
+        # aiormq reports a refused Connection.Open (an unknown virtual host, or one the
+        # user may not use) as an unexpected frame.
+        isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)
+    ):
+        return (
+            f"RabbitMQ at {where} refused the virtual host in AMQP_URL: it does not exist, "
+            "or the user may not use it (a settings fault, not an outage)"
+        )
+    return None
 
 
 def build_message(
@@ -181,8 +346,9 @@ class Broker:
     """A confirmed publisher over one robust connection.
 
     :meth:`start` returns at once; the connection is made in the background and retried
-    until it succeeds, so a process can start before RabbitMQ does. Until then (and
-    whenever the connection is down) :meth:`publish` raises :class:`BrokerUnavailable`.
+    until it succeeds, so a process can start before RabbitMQ does. :meth:`publish` waits
+    for the first attempt (within ``PUBLISH_TIMEOUT``); whenever there is no connection
+    after that, it raises :class:`BrokerUnavailable` at once.
     """
 
     def __init__(self, settings: Settings, name: str) -> None:
@@ -192,6 +358,7 @@ class Broker:
         self.channel: AbstractChannel | None = None
         self.topology: Topology | None = None
         self._connected = asyncio.Event()
+        self._first_attempt = asyncio.Event()  # set once the first attempt ended, either way
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -204,6 +371,16 @@ class Broker:
             and not self.channel.is_closed
         )
 
+    @property
+    def starting(self) -> bool:
+        """Started, and the first attempt to connect is still under way. (After it, a
+        connection that is down means RabbitMQ is away: publishing does not wait then.)"""
+        return (
+            self._task is not None
+            and not self._first_attempt.is_set()
+            and not self._closing.is_set()
+        )
+
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._connect_forever(), name=f"{self.name}-connect")
@@ -213,18 +390,22 @@ class Broker:
         await self._connected.wait()
 
     async def _connect_forever(self) -> None:
-        delay = 0.5
+        delay = FIRST_RETRY
         while not self._closing.is_set():
             try:
                 await self._connect_once()
             except BrokerUnavailable as exc:
-                log.warning("%s; retrying in %.1fs", exc, delay)
+                self._first_attempt.set()
+                # One line per attempt (configure_logging() drops aiormq's own).
+                level = logging.ERROR if isinstance(exc, BrokerRefused) else logging.WARNING
+                log.log(level, "%s; retrying in %.1fs", exc, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), delay)
-                delay = min(delay * 2, 15.0)
+                delay = min(delay * 2, LAST_RETRY)
             else:
                 log.info("connected to %s", self.settings.amqp_url_redacted)
                 self._connected.set()
+                self._first_attempt.set()
                 return
 
     async def _connect_once(self) -> None:
@@ -250,17 +431,26 @@ class Broker:
         headers: Mapping[str, Any] | None = None,
         expiration: float | None = None,
     ) -> None:
-        """Publish a persistent message; return only after RabbitMQ confirmed it."""
-        if self.topology is None or not self.is_ready:
+        """Publish a persistent message; return only after RabbitMQ confirmed it.
+
+        While the first attempt to connect is under way (the process just started), wait
+        for it: the whole, waiting included, takes at most ``PUBLISH_TIMEOUT``."""
+        timeout = self.settings.publish_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not self.is_ready and self.starting:
+            log.info("message %s: waiting up to %gs for RabbitMQ", message_id, timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_attempt.wait(), timeout)
+        if self.topology is None or not self.is_ready or loop.time() >= deadline:
             raise BrokerUnavailable("not connected to RabbitMQ")
         message = build_message(body, message_id, headers, expiration)
-        timeout = self.settings.publish_timeout
         publish = asyncio.ensure_future(
             self.topology.exchange.publish(message, routing_key, mandatory=True)
         )
         try:
             # Shielded: on a timeout the publish goes on, and its late outcome is reported.
-            confirm = await asyncio.wait_for(asyncio.shield(publish), timeout)
+            confirm = await asyncio.wait_for(asyncio.shield(publish), deadline - loop.time())
         except asyncio.CancelledError:
             # The channel closed under the publish and aio-pika cancelled it: that is a
             # broker failure, unless this request itself is being cancelled.
@@ -279,6 +469,12 @@ class Broker:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}: {exc}") from exc
         if not isinstance(confirm, Basic.Ack):
             raise BrokerUnavailable(f"RabbitMQ did not acknowledge the message: {confirm!r}")
+        if routing_key == SEND_KEY:
+            _PUBLISHED_SEND.inc()
+        elif routing_key == DEAD_KEY:
+            _PUBLISHED_DEAD.inc()
+        else:
+            _PUBLISHED_RETRY.inc()
 
     async def publish_many(
         self, messages: Sequence[tuple[bytes, str]]

@@ -8,11 +8,13 @@ in a repr, a log line or a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
@@ -24,6 +26,7 @@ from errors import ConfigError
 
 SmtpSecurity = Literal["ssl", "starttls", "none"]
 QueueType = Literal["classic", "quorum"]
+LogFormat = Literal["text", "json"]
 _DEFAULT_SMTP_PORTS: dict[str, int] = {"ssl": 465, "starttls": 587, "none": 25}
 
 T = TypeVar("T")
@@ -86,8 +89,10 @@ class Settings:
     smtp_password: Secret | None = None
     smtp_timeout: float = 30.0
     smtp_ca_file: Path | None = None
+    smtp_helo_name: str | None = None  # None: the machine's fully qualified name
     mail_from: str = "mailroom@localhost"
     talktome_log: Path = Path("var/log/messaging_system.log")
+    outbox_dir: Path = Path("var/outbox")
     host: str = "127.0.0.1"
     port: int = 5000
     worker_concurrency: int = 16
@@ -114,22 +119,57 @@ class Settings:
     max_recipients: int = 50
     max_subject_chars: int = 998
     max_body_chars: int = 5_000_000
+    # Issue 12: who may be a message's "from" (empty: MAIL_FROM only), attachment sizes,
+    # and DKIM signing (all three DKIM_* or none).
+    allowed_senders: tuple[str, ...] = ()
+    max_attachment_bytes: int = 7 * 1024 * 1024
+    dkim_domain: str | None = None
+    dkim_selector: str | None = None
+    dkim_private_key_file: Path | None = None
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        """Who may be a message's "from": ALLOWED_SENDERS, else MAIL_FROM alone."""
+        if self.allowed_senders:
+            return self.allowed_senders
+        return ((getaddresses([self.mail_from])[0][1] or self.mail_from).lower(),)
+
+    metrics_public: bool = False
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int | None = None  # None: the worker serves no metrics
+    # Set (by the launcher) when several server processes count into one directory.
+    prometheus_multiproc_dir: Path | None = None
+    log_format: LogFormat = "text"
+    # Issue 13: scheduled sends, the sandbox, the suppression list.
+    max_schedule_days: int = 30
+    sandbox: bool = False
+    suppression_refresh: float = 5.0
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: Secret | None = None
+    webhook_timeout: float = 10.0
+    webhook_concurrency: int = 4
 
     def __repr__(self) -> str:  # the URL carries a password: show it redacted
         shown = ", ".join(
             f"{name}={value!r}"
             for name, value in self.__dict__.items()
-            if name not in ("amqp_url", "database_url", "rate_limit_storage")
+            if name not in ("amqp_url", "database_url", "rate_limit_storage", "webhook_urls")
         )
         return (
             f"Settings(amqp_url={redact_url(self.amqp_url.get())!r}, "
             f"database_url={redact_url(self.database_url.get())!r}, "
-            f"rate_limit_storage={redact_url(self.rate_limit_storage.get())!r}, {shown})"
+            f"rate_limit_storage={redact_url(self.rate_limit_storage.get())!r}, "
+            f"webhook_urls={tuple(redact_url(u) for u in self.webhook_urls)!r}, {shown})"
         )
 
     @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The brokers of ``AMQP_URL`` (a comma-separated list: a cluster's nodes)."""
+        return tuple(part.strip() for part in self.amqp_url.get().split(",") if part.strip())
+
+    @property
     def amqp_url_redacted(self) -> str:
-        return redact_url(self.amqp_url.get())
+        return ", ".join(redact_url(url) for url in self.amqp_urls)
 
     @classmethod
     def from_env(
@@ -145,22 +185,75 @@ class Settings:
         return _parse(values)
 
 
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def configure_logging(settings: Settings) -> None:
-    """For the entry points (server, worker): one line per event, at LOG_LEVEL."""
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    """For the entry points (server, worker): one line per event, at LOG_LEVEL; with
+    ``LOG_FORMAT=json`` one JSON object per line (see :class:`JsonFormatter`)."""
+    handler = logging.StreamHandler()
+    formatter = (
+        JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
     )
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    quiet_amqp_libraries()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and ``message_id`` when
+    the event is about one message (a line that starts ``message <id>:``, or
+    ``extra={"message_id": ...}``); an exception's traceback in ``exc_info``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        message_id = getattr(record, "message_id", None)
+        if (
+            message_id is None
+            and isinstance(record.msg, str)
+            and record.msg.startswith("message %s")
+            and isinstance(record.args, tuple)
+            and record.args
+        ):
+            message_id = record.args[0]
+        if message_id is not None:
+            entry["message_id"] = str(message_id)
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class _OwnConnectLog(logging.Filter):
+    """aiormq logs every failed connection attempt at ERROR; so does whoever made the
+    attempt (broker.py, admin.py, or aio-pika's reconnect loop), saying more: keep one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+def quiet_amqp_libraries() -> None:
+    """aiormq and aio-pika log warnings and errors only, and each failed connection
+    attempt once (see :class:`_OwnConnectLog`)."""
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    connection_log = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _OwnConnectLog) for f in connection_log.filters):
+        connection_log.addFilter(_OwnConnectLog())
 
 
 def _parse(env: Mapping[str, str]) -> Settings:
     def raw(name: str, *legacy: str) -> str | None:
+        # The first name given at all counts: an empty SMTP_USERNAME= (in the environment,
+        # say, over a .env account) means unset, whatever the old EMAIL_USERNAME says.
         for key in (name, *legacy):
             value = env.get(key)
-            if value is not None and value.strip() != "":
-                return value.strip()
+            if value is not None:
+                return value.strip() or None
         return None
 
     def conv(name: str, parse: Callable[[str], T], default: T, *legacy: str) -> T:
@@ -186,6 +279,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
     ca_file = raw("SMTP_CA_FILE")
     if ca_file is not None and not Path(ca_file).is_file():
         raise ConfigError("SMTP_CA_FILE", f"no such file: {ca_file}")
+    dkim = _dkim(raw)
+    webhook_urls: tuple[str, ...] = conv("WEBHOOK_URLS", _webhook_urls, ())
+    webhook_secret = raw("WEBHOOK_SECRET")
+    if webhook_urls and webhook_secret is None:
+        raise ConfigError("WEBHOOK_SECRET", "required when WEBHOOK_URLS is set")
+    if webhook_secret is not None and len(webhook_secret) < 16:
+        raise ConfigError("WEBHOOK_SECRET", "must be at least 16 characters")
     return Settings(
         amqp_url=Secret(conv("AMQP_URL", _amqp_url, "amqp://guest:guest@localhost:5672/")),
         queue_prefix=conv("QUEUE_PREFIX", _name, "mailroom"),
@@ -196,8 +296,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         smtp_password=Secret(password) if password is not None else None,
         smtp_timeout=conv("SMTP_TIMEOUT", _positive_float, 30.0),
         smtp_ca_file=Path(ca_file) if ca_file else None,
+        smtp_helo_name=conv("SMTP_HELO_NAME", _helo_name, None),
         mail_from=mail_from,
         talktome_log=Path(raw("TALKTOME_LOG") or "var/log/messaging_system.log"),
+        outbox_dir=Path(raw("OUTBOX_DIR") or "var/outbox"),
         host=raw("HOST") or "127.0.0.1",
         port=conv("PORT", _port, 5000),
         worker_concurrency=conv("WORKER_CONCURRENCY", _concurrency, 16),
@@ -224,6 +326,25 @@ def _parse(env: Mapping[str, str]) -> Settings:
         max_recipients=conv("MAX_RECIPIENTS", _size(1, 10_000), 50),
         max_subject_chars=conv("MAX_SUBJECT_CHARS", _size(1, 100_000), 998),
         max_body_chars=conv("MAX_BODY_CHARS", _size(1, 1024**3), 5_000_000),
+        allowed_senders=conv("ALLOWED_SENDERS", _senders, ()),
+        max_attachment_bytes=conv(
+            "MAX_ATTACHMENT_BYTES", _size(0, 100 * 1024 * 1024), 7 * 1024 * 1024
+        ),
+        dkim_domain=dkim[0],
+        dkim_selector=dkim[1],
+        dkim_private_key_file=dkim[2],
+        metrics_public=conv("METRICS_PUBLIC", _bool, False),
+        worker_metrics_host=raw("WORKER_METRICS_HOST") or "127.0.0.1",
+        worker_metrics_port=conv("WORKER_METRICS_PORT", _optional_port, None),
+        prometheus_multiproc_dir=conv("PROMETHEUS_MULTIPROC_DIR", _directory, None),
+        log_format=conv("LOG_FORMAT", _log_format, "text"),
+        max_schedule_days=conv("MAX_SCHEDULE_DAYS", _size(1, 365), 30),
+        sandbox=conv("SANDBOX", _bool, False),
+        suppression_refresh=conv("SUPPRESSION_REFRESH", _positive_float, 5.0),
+        webhook_urls=webhook_urls,
+        webhook_secret=Secret(webhook_secret) if webhook_secret else None,
+        webhook_timeout=conv("WEBHOOK_TIMEOUT", _positive_float, 10.0),
+        webhook_concurrency=conv("WEBHOOK_CONCURRENCY", _concurrency, 4),
     )
 
 
@@ -238,6 +359,20 @@ def _security(value: str) -> SmtpSecurity:
     raise ValueError(f"must be ssl, starttls or none, not {value!r}")
 
 
+# RFC 5321 4.1.1.1: EHLO takes a domain name or an address literal ([192.0.2.1]).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HELO_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")
+
+
+def _helo_name(value: str) -> str:
+    if len(value) > 253 or not _HELO_NAME.fullmatch(value):
+        raise ValueError(
+            "must be a host name (letters, digits, '-' and '.'; an internationalized name "
+            f"in its xn-- form) or an address literal like [192.0.2.1], not {value!r}"
+        )
+    return value
+
+
 def _whole(value: str) -> int:
     try:
         return int(value)
@@ -250,6 +385,27 @@ def _port(value: str) -> int:
     if not 0 < port < 65536:
         raise ValueError(f"must be a TCP port (1-65535), not {value}")
     return port
+
+
+def _optional_port(value: str) -> int | None:
+    """A TCP port, or 0 for none."""
+    return None if _whole(value) == 0 else _port(value)
+
+
+def _directory(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise ValueError(f"no such directory: {value}")
+    return path
+
+
+def _log_format(value: str) -> LogFormat:
+    lowered = value.lower()
+    if lowered == "text":
+        return "text"
+    if lowered == "json":
+        return "json"
+    raise ValueError(f"must be text or json, not {value!r}")
 
 
 def _positive_float(value: str) -> float:
@@ -277,6 +433,16 @@ def _concurrency(value: str) -> int:
 
 
 def _amqp_url(value: str) -> str:
+    """One URL, or several separated by commas (tried in turn)."""
+    urls = [part.strip() for part in value.split(",")]
+    if not all(urls):
+        raise ValueError("has an empty entry in its comma-separated list")
+    for url in urls:
+        _one_amqp_url(url)
+    return value
+
+
+def _one_amqp_url(value: str) -> str:
     parts = urlsplit(value)
     try:
         parts.port  # noqa: B018 - raises on a malformed authority
@@ -321,6 +487,28 @@ def _delays(value: str) -> tuple[float, ...]:
     if not delays or any(not d > 0 for d in delays) or len(set(delays)) != len(delays):
         raise ValueError(f"must be distinct positive seconds, not {value!r}")
     return delays
+
+
+_LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def _webhook_urls(value: str) -> tuple[str, ...]:
+    urls = tuple(part.strip() for part in value.split(",") if part.strip())
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ValueError(f"has a malformed port: {redact_url(url)!r}") from None
+        host = parts.hostname or ""
+        loopback = host in _LOOPBACK_HOSTS or host.startswith("127.")
+        if not host or parts.scheme not in ("https", "http"):
+            raise ValueError(f"each must be an https:// URL, not {redact_url(url)!r}")
+        if parts.scheme == "http" and not loopback:
+            raise ValueError(
+                f"http:// is allowed only for loopback receivers (use https): {redact_url(url)!r}"
+            )
+    return urls
 
 
 def _queue_type(value: str) -> QueueType:
@@ -400,3 +588,37 @@ def _log_level(value: str) -> str:
     if upper not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {value!r}")
     return upper
+
+
+def _senders(value: str) -> tuple[str, ...]:
+    """ALLOWED_SENDERS: comma-separated addresses and @domain entries."""
+    entries = [e.strip().lower() for e in value.split(",") if e.strip()]
+    for entry in entries:
+        _, at, domain = entry.rpartition("@")
+        bad_domain = not domain or ("." not in domain and domain != "localhost")
+        if not at or bad_domain or any(c.isspace() or c in '<>,;"' for c in entry):
+            raise ValueError(
+                f"must be addresses and @domain entries, comma-separated, not {entry!r}"
+            )
+    return tuple(entries)
+
+
+def _dkim(raw: Callable[[str], str | None]) -> tuple[str | None, str | None, Path | None]:
+    """DKIM_DOMAIN, DKIM_SELECTOR and DKIM_PRIVATE_KEY_FILE: all three, or none. The key
+    itself is loaded and checked by the worker at start (mailer.DkimSigner)."""
+    names = ("DKIM_DOMAIN", "DKIM_SELECTOR", "DKIM_PRIVATE_KEY_FILE")
+    values = {name: raw(name) for name in names}
+    given = [name for name in names if values[name] is not None]
+    if not given:
+        return None, None, None
+    missing = [name for name in names if values[name] is None]
+    if missing:
+        raise ConfigError(missing[0], f"required when {given[0]} is set")
+    domain, selector, key_file = (values[name] or "" for name in names)
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", domain):
+        raise ConfigError("DKIM_DOMAIN", f"must be a domain name, not {domain!r}")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?", selector):
+        raise ConfigError("DKIM_SELECTOR", f"must be a DNS label, not {selector!r}")
+    if not Path(key_file).is_file():
+        raise ConfigError("DKIM_PRIVATE_KEY_FILE", f"no such file: {key_file}")
+    return domain.lower(), selector, Path(key_file)

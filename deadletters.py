@@ -77,9 +77,12 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
 
 
 async def dead_letters(
-    settings: Settings, requeue: set[str] | None, requeue_all: bool
+    settings: Settings, requeue: set[str] | None, requeue_all: bool, store: Store | None = None
 ) -> list[DeadLetter]:
-    """List the dead-letter queue; re-queue the selected messages. Returns what was seen."""
+    """List the dead-letter queue; re-queue the selected messages. Returns what was seen.
+
+    A re-queue updates the records through ``store`` (the server's), or through a store
+    opened for the purpose (``admin.py``)."""
     names = Names.of(settings)
     try:
         connection = await asyncio.wait_for(
@@ -89,11 +92,11 @@ async def dead_letters(
     except AMQP_ERRORS as exc:
         raise BrokerUnavailable(f"cannot connect to {settings.amqp_url_redacted}: {exc}") from exc
     seen: list[DeadLetter] = []
-    store: Store | None = None
+    own_store: Store | None = None
     try:
         async with connection:
-            if requeue or requeue_all:
-                store = await Store.open(settings)
+            if (requeue or requeue_all) and store is None:
+                store = own_store = await Store.open(settings)
             channel = await connection.channel(publisher_confirms=True)
             topology = await declare_topology(channel, settings)
             await _take_lock(connection, f"{names.dead_queue}.lock")
@@ -114,8 +117,8 @@ async def dead_letters(
                 if not message.processed:
                     await message.nack(requeue=True)
     finally:
-        if store is not None:
-            await store.close()
+        if own_store is not None:
+            await own_store.close()
     return seen
 
 

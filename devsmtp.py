@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import itertools
 import logging
+import os
 import signal
 import sys
 from datetime import datetime
@@ -69,8 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
-    async def run() -> None:
-        server = await start(args.host, args.port, args.outbox)
+    async def run() -> int:
+        try:
+            server = await start(args.host, args.port, args.outbox)
+        except OSError as exc:
+            # A busy port (or an address that is not ours): one line, no traceback.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            hint = " (choose another --port)" if exc.errno == errno.EADDRINUSE else ""
+            print(
+                f"devsmtp: cannot listen on {args.host}:{args.port}: {why}{hint}", file=sys.stderr
+            )
+            return 1
         log.info("listening on %s:%d, writing to %s/", args.host, args.port, args.outbox)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -79,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         await stop.wait()
         server.close()
         await server.wait_closed()
+        return 0
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ class BrokerUnavailable(MailroomError):
     """RabbitMQ could not be reached, or did not confirm a publish in time."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """RabbitMQ refused the user, password or virtual host in AMQP_URL: a settings fault,
+    not an outage (retried all the same, in case the broker's side is what gets fixed)."""
+
+
 class PublishUnconfirmed(BrokerUnavailable):
     """RabbitMQ has not confirmed in time: the message may still be stored, or not.
 
@@ -76,11 +81,22 @@ class PermanentDeliveryError(DeliveryError):
 
 
 class SmtpConfigError(TransientDeliveryError):
-    """The SMTP server and our settings do not fit (login, STARTTLS, AUTH): fix the settings.
+    """The SMTP server and our settings do not fit (login, TLS, STARTTLS, AUTH): fix the
+    settings. ``settings`` names the variables to check.
 
     Retried with backoff, never counted against the message.
     """
 
+    SETTINGS: tuple[str, ...] = ("SMTP_USERNAME", "SMTP_PASSWORD", "SMTP_SECURITY")
+
+    def __init__(
+        self, reason: str, code: int | None = None, settings: tuple[str, ...] | None = None
+    ) -> None:
+        super().__init__(reason, code)
+        self.settings = settings or self.SETTINGS
+
 
 class SmtpAuthError(SmtpConfigError):
     """The SMTP server refused our login."""
+
+    SETTINGS = ("SMTP_USERNAME", "SMTP_PASSWORD")

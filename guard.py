@@ -21,11 +21,12 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,7 @@ class Client:
         return not self.proxied and is_loopback(self.peer)
 
 
+@functools.lru_cache(maxsize=1024)  # asked several times per request, for few addresses
 def is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
@@ -100,6 +102,17 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def token_matches(tokens: Sequence[bytes], presented: str | None) -> bool:
+    """Constant-time comparison against every configured token."""
+    if presented is None or not tokens:
+        return False
+    candidate = presented.encode()
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(candidate, token)
+    return matched
 
 
 class Guard:
@@ -134,14 +147,7 @@ class Guard:
             await self._pool.disconnect()
 
     def token_ok(self, presented: str | None) -> bool:
-        """Constant-time comparison against every configured token."""
-        if presented is None or not self._tokens:
-            return False
-        candidate = presented.encode()
-        matched = False
-        for token in self._tokens:
-            matched |= hmac.compare_digest(candidate, token)
-        return matched
+        return token_matches(self._tokens, presented)
 
     def authorize(self, client: Client, presented: str | None) -> None:
         """Raise :class:`Denied` (401) unless this client may send and read."""

@@ -1,8 +1,12 @@
 """Build MIME messages and send them over a small pool of reused SMTP connections.
 
 Every SMTP failure leaves this module as a :class:`TransientDeliveryError` (try again
-later), :class:`PermanentDeliveryError` (give up) or :class:`SmtpAuthError` (fix the
-configuration), so callers never see aiosmtplib's own exception classes.
+later), :class:`PermanentDeliveryError` (give up) or :class:`SmtpConfigError` (fix the
+settings it names: a refused login, an untrusted certificate, a SMTP_SECURITY that does
+not fit the port ...), so callers never see aiosmtplib's own exception classes.
+
+Each new connection logs in at most once, with one mechanism (see ``SmtpPool._login``),
+and every session that is still open ends with QUIT.
 """
 
 from __future__ import annotations
@@ -13,32 +17,38 @@ import functools
 import io
 import logging
 import re
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.charset import QP, Charset
+from email.encoders import encode_base64
 from email.generator import BytesGenerator
 from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
+from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTPUTF8, compat32
 from email.utils import format_datetime, getaddresses, quote
 
 import aiosmtplib
-from email_validator import EmailNotValidError, validate_email
+import dkim
+from aiosmtplib.email import flatten_message
+from email_validator import EmailNotValidError
 
 from config import Settings
 from errors import (
+    ConfigError,
     DeliveryError,
     PermanentDeliveryError,
     SmtpAuthError,
     SmtpConfigError,
     TransientDeliveryError,
 )
-from messages import MailJob, addr_spec
+from messages import Attachment, MailJob, addr_spec, check_email
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +79,7 @@ class SendResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=4096)  # pure, and asked for several times per mail
+@functools.lru_cache(maxsize=512)  # pure, and asked for several times per mail
 def envelope_address(address: str) -> str:
     """The SMTP envelope form of an address: an IDN domain in ASCII (punycode).
 
@@ -79,7 +89,7 @@ def envelope_address(address: str) -> str:
     if spec.isascii():
         return spec
     try:
-        valid = validate_email(spec, check_deliverability=False)
+        valid = check_email(spec)
     except EmailNotValidError:
         return spec
     return valid.ascii_email or f"{valid.local_part}@{valid.ascii_domain}"
@@ -104,12 +114,15 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
     998: non-ASCII text and words too long to fold become RFC 2047 encoded words (which
     can be split anywhere), and messages.py limits display names (MAX_NAME_CHARS).
     """
-    addresses = [mail_from, *job.to, *([job.reply_to] if job.reply_to else [])]
+    mail_from = job.sender or mail_from
+    addresses = [mail_from, *job.to, *job.cc, *([job.reply_to] if job.reply_to else [])]
     if not all(envelope_address(a).isascii() for a in addresses):
         return _build_utf8(job, mail_from)
-    msg = _content_part(job.text, job.html)
+    msg = _with_attachments(_content_part(job.text, job.html), job)
     msg["From"] = _format_address(mail_from)
     msg["To"] = ", ".join(_format_address(a) for a in job.to)
+    if job.cc:
+        msg["Cc"] = ", ".join(_format_address(a) for a in job.cc)
     # compat32 folds a Header itself (the stubs only know str values).
     msg["Subject"] = _unstructured("Subject", job.subject)  # type: ignore[assignment]
     msg["Date"] = format_datetime(_created(job))
@@ -117,6 +130,8 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
     if job.reply_to:
         msg["Reply-To"] = _format_address(job.reply_to)
     msg["X-Mailroom-Id"] = job.id
+    for name, value in job.headers:
+        msg[name] = _unstructured(name, value)  # type: ignore[assignment]
     return msg
 
 
@@ -129,7 +144,9 @@ def render(job: MailJob, mail_from: str) -> bytes | None:
     HTML and reused; a header line that fits in 78 characters as it is, is written as it
     is (what compat32's folding does with it); any other goes through the same folding.
     """
-    addresses = [mail_from, *job.to, *([job.reply_to] if job.reply_to else [])]
+    if not job.plain:  # a per-message From, custom headers, attachments: build_mime
+        return None
+    addresses = [mail_from, *job.to, *job.cc, *([job.reply_to] if job.reply_to else [])]
     if not all(envelope_address(a).isascii() for a in addresses):
         return None
     if len(job.text) + len(job.html or "") <= CACHED_CONTENT_CHARS:
@@ -140,6 +157,7 @@ def render(job: MailJob, mail_from: str) -> bytes | None:
         head,
         _from_line(mail_from),
         _header("To", ", ".join(_format_address(a) for a in job.to)),
+        *([_header("Cc", ", ".join(_format_address(a) for a in job.cc))] if job.cc else []),
         _subject_line(job.subject),
         _header("Date", format_datetime(_created(job))),
         _header("Message-ID", _message_id(job, mail_from)),
@@ -148,6 +166,12 @@ def render(job: MailJob, mail_from: str) -> bytes | None:
         lines.append(_header("Reply-To", _format_address(job.reply_to)))
     lines += [_header("X-Mailroom-Id", job.id), b"\n", body]
     return b"".join(lines)
+
+
+def _size(job: MailJob) -> int:
+    """About how much there is to encode (characters and attachment bytes)."""
+    size = len(job.text) + len(job.html or "")
+    return size + sum(len(a.content) for a in job.attachments) if job.attachments else size
 
 
 def _content_part(text: str, html: str | None) -> Message:
@@ -203,7 +227,7 @@ def _unstructured(name: str, value: str) -> Header:
     return Header(value, "utf-8", header_name=name)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def _format_address(address: str) -> str:
     name, spec = getaddresses([address])[0]
     spec = envelope_address(spec)  # may keep a UTF-8 local part (the SMTPUTF8 builder)
@@ -228,16 +252,75 @@ def _build_utf8(job: MailJob, mail_from: str) -> EmailMessage:
     msg = EmailMessage(policy=SMTPUTF8)
     msg["From"] = _header_address(mail_from)
     msg["To"] = [_header_address(a) for a in job.to]
+    if job.cc:
+        msg["Cc"] = [_header_address(a) for a in job.cc]
     msg["Subject"] = job.subject
     msg["Date"] = format_datetime(_created(job))
     msg["Message-ID"] = _message_id(job, mail_from)
     if job.reply_to:
         msg["Reply-To"] = _header_address(job.reply_to)
     msg["X-Mailroom-Id"] = job.id
+    for name, value in job.headers:
+        msg[name] = value
     msg.set_content(job.text)
     if job.html is not None:
         msg.add_alternative(job.html, subtype="html")
+    for item in job.attachments:
+        maintype, _, subtype = item.content_type.partition("/")
+        if item.content_id is not None and job.html is not None:
+            html_part = msg.get_body(("html",))
+            assert html_part is not None
+            html_part.add_related(
+                item.content,
+                maintype,
+                subtype,
+                cid=f"<{item.content_id}>",
+                filename=item.filename,
+                disposition="inline",
+            )
+    for item in job.attachments:
+        if item.content_id is None or job.html is None:
+            maintype, _, subtype = item.content_type.partition("/")
+            msg.add_attachment(item.content, maintype, subtype, filename=item.filename)
     return msg
+
+
+def _with_attachments(content: Message, job: MailJob) -> Message:
+    """multipart/related around the content and its inline images (``content_id``, when
+    there is HTML to show them), then multipart/mixed around that and the other files."""
+    if not job.attachments:
+        return content
+    inline = [a for a in job.attachments if a.content_id is not None and job.html is not None]
+    files = [a for a in job.attachments if a not in inline]
+    if inline:
+        related = MIMEMultipart("related", type=content.get_content_type())
+        related.attach(content)
+        for item in inline:
+            related.attach(_attachment_part(item, "inline"))
+        content = related
+    if not files:
+        return content
+    mixed = MIMEMultipart("mixed")
+    mixed.attach(content)
+    for item in files:
+        mixed.attach(_attachment_part(item, "attachment"))
+    return mixed
+
+
+def _attachment_part(item: Attachment, disposition: str) -> Message:
+    maintype, _, subtype = item.content_type.partition("/")
+    part = MIMEBase(maintype, subtype)
+    part.set_payload(item.content)
+    encode_base64(part)
+    # RFC 2231 (filename*=utf-8''...) for a name that is not ASCII.
+    filename: str | tuple[str, str, str] = (
+        item.filename if item.filename.isascii() else ("utf-8", "", item.filename)
+    )
+    part.set_param("name", item.filename, charset=None if item.filename.isascii() else "utf-8")
+    part.add_header("Content-Disposition", disposition, filename=filename)
+    if item.content_id is not None:
+        part["Content-ID"] = f"<{item.content_id}>"
+    return part
 
 
 def _created(job: MailJob) -> datetime:
@@ -252,8 +335,19 @@ def classify(exc: BaseException) -> DeliveryError:
     """Map an aiosmtplib / network error to our hierarchy."""
     if isinstance(exc, DeliveryError):
         return exc
-    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return SmtpAuthError(f"SMTP login refused: {exc.message}", exc.code)
+    if isinstance(exc, aiosmtplib.SMTPHeloError) and 500 <= exc.code < 600:
+        return SmtpConfigError(
+            f"the SMTP server refused our EHLO (HELO) name: {exc.message}",
+            exc.code,
+            settings=("SMTP_HELO_NAME",),
+        )
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 530:
+        # RFC 4954: 530 5.7.0 Authentication required (to MAIL, without a login).
+        return SmtpConfigError(
+            f"the SMTP server requires a login: {exc.message}",
+            exc.code,
+            settings=("SMTP_USERNAME", "SMTP_PASSWORD"),
+        )
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         codes = [r.code for r in exc.recipients]
         text = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
@@ -275,10 +369,6 @@ def classify(exc: BaseException) -> DeliveryError:
                 "characters before the @ needs"
             )
         return SmtpConfigError(f"the SMTP server lacks a feature our settings need: {exc}")
-    if isinstance(exc, aiosmtplib.SMTPException) and "AUTH extension" in str(exc):
-        return SmtpConfigError(f"the SMTP server offers no login (AUTH): {exc}")
-    if isinstance(exc, aiosmtplib.SMTPException) and "STARTTLS extension" in str(exc):
-        return SmtpConfigError(f"the SMTP server offers no STARTTLS (SMTP_SECURITY): {exc}")
     if isinstance(exc, ssl.SSLError):
         return TransientDeliveryError(f"TLS error: {exc}")
     if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):
@@ -287,6 +377,98 @@ def classify(exc: BaseException) -> DeliveryError:
 
 
 _SMTP_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError)
+
+# The AUTH mechanisms we use, best first. Over TLS: PLAIN (one round trip; TLS protects
+# the password), then LOGIN. Without TLS: CRAM-MD5 first, which never sends the password.
+_MECHANISMS_TLS = ("plain", "login", "cram-md5")
+_MECHANISMS_CLEAR = ("cram-md5", "plain", "login")
+# OpenSSL's reasons when the answer to our TLS hello is not TLS at all (a plain greeting).
+_NOT_TLS = frozenset(
+    {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
+)
+_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc`` (aiosmtplib wraps it in its own errors), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _auth_failure(mechanism: str, exc: aiosmtplib.SMTPAuthenticationError) -> DeliveryError:
+    """What a failed AUTH means: refused (5xx), try later (4xx), or not an answer to AUTH."""
+    name = f"AUTH {mechanism.upper()}"
+    if 500 <= exc.code < 600:
+        settings: tuple[str, ...] = SmtpAuthError.SETTINGS
+        if exc.code == 538:  # 5.7.11 encryption required for this mechanism
+            settings = (*settings, "SMTP_SECURITY")
+        return SmtpAuthError(f"SMTP login refused ({name}): {exc.message}", exc.code, settings)
+    if 400 <= exc.code < 500:
+        return TransientDeliveryError(
+            f"SMTP login failed for now ({name}): {exc.message}", exc.code
+        )
+    return SmtpConfigError(
+        f"the SMTP server answered {name} with '{exc.code} {exc.message}', which is neither "
+        "a login nor a refusal: is it a mail server that takes logins?",
+        settings=("SMTP_HOST", "SMTP_PORT", "SMTP_USERNAME"),
+    )
+
+
+class DkimSigner:
+    """Signs each mail's final bytes (DKIM_DOMAIN, DKIM_SELECTOR, DKIM_PRIVATE_KEY_FILE):
+    dkimpy, RSA-SHA256, relaxed/relaxed, dkimpy's default header set (From, To, Cc,
+    Subject, Date, Message-ID, Reply-To, MIME-Version, Content-*, ... as present). The key
+    never reaches a log line or a repr."""
+
+    __slots__ = ("_key", "domain", "selector")
+
+    def __init__(self, domain: str, selector: str, key: bytes) -> None:
+        self.domain = domain
+        self.selector = selector
+        self._key = key
+
+    def __repr__(self) -> str:
+        return f"DkimSigner(domain={self.domain!r}, selector={self.selector!r})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DkimSigner | None:
+        """None without DKIM settings; else a signer whose key was tried on a test mail
+        (at start: a key that cannot sign is a :class:`ConfigError` naming the variable)."""
+        if settings.dkim_domain is None or settings.dkim_selector is None:
+            return None
+        path = settings.dkim_private_key_file
+        assert path is not None
+        try:
+            key = path.read_bytes()  # once, at start (not in a request or a send)
+        except OSError as exc:
+            raise ConfigError("DKIM_PRIVATE_KEY_FILE", f"cannot read {path}: {exc}") from None
+        signer = cls(settings.dkim_domain, settings.dkim_selector, key)
+        try:
+            signer.sign(b"From: a@example.org\nSubject: key check\n\nkey check\n")
+        except dkim.DKIMException as exc:
+            raise ConfigError(
+                "DKIM_PRIVATE_KEY_FILE",
+                f"{path} is not a usable RSA private key in PEM form ({type(exc).__name__})",
+            ) from None
+        return signer
+
+    def sign(self, data: bytes) -> bytes:
+        """``data`` with its DKIM-Signature header line in front."""
+        signature: bytes = dkim.sign(
+            data,
+            self.selector.encode(),
+            self.domain.encode(),
+            self._key,
+            canonicalize=(b"relaxed", b"relaxed"),
+            linesep=b"\n",
+        )
+        return signature + data
 
 
 class SmtpPool:
@@ -302,21 +484,33 @@ class SmtpPool:
         self.settings = settings
         self._slots = asyncio.Semaphore(size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self._busy = 0  # sends under way (each holds one connection, or is opening one)
+        self._helo_name = settings.smtp_helo_name
+        self.signer = DkimSigner.from_settings(settings)
         self._tls_context: ssl.SSLContext | None = None
         if settings.smtp_security != "none":
             self._tls_context = ssl.create_default_context(
                 cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
             )
 
-    def _new_client(self) -> aiosmtplib.SMTP:
+    async def helo_name(self) -> str:
+        """The name we give in EHLO: SMTP_HELO_NAME, else this machine's fully qualified
+        name (looked up once)."""
+        if self._helo_name is None:
+            # socket.getfqdn may ask DNS: not on the event loop.
+            self._helo_name = await asyncio.to_thread(socket.getfqdn)
+        return self._helo_name
+
+    def _new_client(self, helo_name: str) -> aiosmtplib.SMTP:
         s = self.settings
+        # No username: aiosmtplib's login would try each mechanism in turn with the same
+        # password. STARTTLS and the login are ours (see _open).
         return aiosmtplib.SMTP(
             hostname=s.smtp_host,
             port=s.smtp_port,
-            username=s.smtp_username,
-            password=s.smtp_password.get() if s.smtp_password else None,
+            local_hostname=helo_name,
             use_tls=s.smtp_security == "ssl",
-            start_tls=s.smtp_security == "starttls",
+            start_tls=False,
             tls_context=self._tls_context,
             timeout=s.smtp_timeout,
         )
@@ -337,9 +531,154 @@ class SmtpPool:
                     await self._discard(client)
                     continue
             return client, True
-        client = self._new_client()
-        await client.connect()
-        return client, False
+        return await self._open(), False
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        """A new session: the greeting (over TLS for ``ssl``), STARTTLS for ``starttls``,
+        then one login when SMTP_USERNAME is set.
+
+        Failures come out as :class:`DeliveryError`; a session that got past the greeting
+        is ended with QUIT (but not after a failed TLS handshake: nothing more can be said
+        on such a connection).
+        """
+        client = self._new_client(await self.helo_name())
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPConnectTimeoutError as exc:
+            raise await self._timeout_fault(exc) from exc
+        except _SMTP_ERRORS as exc:
+            raise (self._tls_fault(exc) or classify(exc)) from exc
+        try:
+            if self.settings.smtp_security == "starttls":
+                await self._starttls(client)
+            if self.settings.smtp_username is not None:
+                await self._login(client)
+        except _SMTP_ERRORS as exc:
+            fault = self._tls_fault(exc)
+            if fault is not None:
+                client.close()
+                raise fault from exc
+            await self._discard(client)
+            raise classify(exc) from exc
+        except DeliveryError:
+            await self._discard(client)
+            raise
+        except BaseException:  # cancelled (shutdown): no time for a QUIT
+            client.close()
+            raise
+        return client
+
+    async def _starttls(self, client: aiosmtplib.SMTP) -> None:
+        await client.ehlo()
+        if not client.supports_extension("starttls"):
+            s = self.settings
+            raise SmtpConfigError(
+                f"SMTP_SECURITY is starttls, but the SMTP server offers no STARTTLS on port "
+                f"{s.smtp_port}: set SMTP_SECURITY=ssl if that is its implicit-TLS port "
+                "(465), or SMTP_PORT to its STARTTLS port (587)",
+                settings=("SMTP_SECURITY", "SMTP_PORT"),
+            )
+        await client.starttls()
+
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        """One AUTH, with the best mechanism both sides have: a refusal ends the attempt
+        (every refused AUTH counts toward locking the account at many providers)."""
+        s = self.settings
+        assert s.smtp_username is not None
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
+        over_tls = client.get_transport_info("sslcontext") is not None
+        if not client.supports_extension("auth"):
+            hint = ""
+            settings: tuple[str, ...] = ("SMTP_USERNAME", "SMTP_PASSWORD")
+            if not over_tls:
+                hint = " on this connection without TLS (SMTP_SECURITY=starttls may get one)"
+                settings = (*settings, "SMTP_SECURITY")
+            raise SmtpConfigError(
+                f"SMTP_USERNAME is set, but the SMTP server offers no login (no AUTH in its "
+                f"EHLO answer){hint}; for a server that takes no login, unset SMTP_USERNAME "
+                "and SMTP_PASSWORD",
+                settings=settings,
+            )
+        offered = client.server_auth_methods
+        preferred = _MECHANISMS_TLS if over_tls else _MECHANISMS_CLEAR
+        mechanism = next((m for m in preferred if m in offered), None)
+        if mechanism is None:
+            raise SmtpConfigError(
+                f"the SMTP server offers only AUTH {' '.join(offered).upper()}; Mailroom logs "
+                "in with PLAIN, LOGIN or CRAM-MD5",
+                settings=("SMTP_HOST",),
+            )
+        auth = {
+            "plain": client.auth_plain,
+            "login": client.auth_login,
+            "cram-md5": client.auth_crammd5,
+        }[mechanism]
+        password = s.smtp_password.get() if s.smtp_password else ""
+        try:
+            await auth(s.smtp_username, password)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise _auth_failure(mechanism, exc) from exc
+
+    def _tls_fault(self, exc: BaseException) -> SmtpConfigError | None:
+        """A TLS failure that our settings cause (an untrusted certificate, TLS to a plain
+        port), as the settings fault it is; None for anything else."""
+        s = self.settings
+        cause = _ssl_cause(exc)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            detail = cause.verify_message or cause.reason or str(cause)
+            if cause.verify_code == _HOSTNAME_MISMATCH:
+                return SmtpConfigError(
+                    f"the SMTP server's TLS certificate is not for {s.smtp_host} ({detail}): "
+                    "set SMTP_HOST to a name the certificate is for",
+                    settings=("SMTP_HOST",),
+                )
+            trusted = f"the CAs in {s.smtp_ca_file}" if s.smtp_ca_file else "the system's CAs"
+            return SmtpConfigError(
+                f"the SMTP server's TLS certificate is not trusted by {trusted} ({detail}): "
+                "set SMTP_CA_FILE to the CA certificate (PEM) that signed it",
+                settings=("SMTP_CA_FILE",),
+            )
+        if cause is not None and cause.reason in _NOT_TLS and s.smtp_security == "ssl":
+            return SmtpConfigError(
+                f"SMTP_SECURITY is ssl, but the SMTP server does not speak TLS on port "
+                f"{s.smtp_port} ({cause.reason}): set SMTP_SECURITY=starttls (or none) for "
+                "that port, or SMTP_PORT to its implicit-TLS port (465)",
+                settings=("SMTP_SECURITY", "SMTP_PORT"),
+            )
+        return None
+
+    async def _timeout_fault(self, exc: aiosmtplib.SMTPConnectTimeoutError) -> DeliveryError:
+        """No greeting in time. An implicit-TLS port waits for our TLS hello and never
+        greets a plain client: when the port answers a TLS handshake, that is the fault."""
+        s = self.settings
+        if s.smtp_security != "ssl" and await self._speaks_tls():
+            return SmtpConfigError(
+                f"SMTP_SECURITY is {s.smtp_security}, but port {s.smtp_port} of the SMTP "
+                "server expects TLS from the start (no greeting without it): set "
+                "SMTP_SECURITY=ssl for that port, or SMTP_PORT to its "
+                f"{'STARTTLS port (587)' if s.smtp_security == 'starttls' else 'plain port'}",
+                settings=("SMTP_SECURITY", "SMTP_PORT"),
+            )
+        return classify(exc)
+
+    async def _speaks_tls(self) -> bool:
+        """Whether the server completes a TLS handshake on connect. Nothing is sent over
+        it, so its certificate need not be trusted for this question."""
+        s = self.settings
+        probe = ssl.create_default_context()
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(s.smtp_host, s.smtp_port, ssl=probe), s.smtp_timeout
+            )
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+        return True
 
     async def send(self, job: MailJob, recipients: list[str] | None = None) -> SendResult:
         """Send ``job`` to ``recipients`` (default: all of ``job.to``, envelope form).
@@ -350,66 +689,123 @@ class SmtpPool:
         mail_from = self.settings.mail_from
         try:
             message: bytes | Message | None
-            if len(job.text) + len(job.html or "") > LARGE_BODY_CHARS:
+            if _size(job) > LARGE_BODY_CHARS:
                 # Encoding megabytes takes a while: not on the event loop.
                 message = await asyncio.to_thread(render, job, mail_from)
                 if message is None:
                     message = await asyncio.to_thread(build_mime, job, mail_from)
             else:
                 message = render(job, mail_from) or build_mime(job, mail_from)
+            if self.signer is not None and isinstance(message, bytes):
+                message = await self._sign(message, job)
         except (ValueError, TypeError) as exc:
             raise PermanentDeliveryError(f"cannot build the message: {exc}") from exc
-        sender = envelope_address(self.settings.mail_from)
+        sender = envelope_address(job.sender or self.settings.mail_from)
         if recipients is None:
-            recipients = [addr_spec(a) for a in job.to]
+            recipients = [addr_spec(a) for a in job.recipients]
         envelope = {envelope_address(r): r for r in recipients}
         async with self._slots:
-            for attempt in (1, 2):
-                client: aiosmtplib.SMTP | None = None
-                reused = False
-                try:
-                    client, reused = await self._checkout()
-                    if isinstance(message, bytes):
-                        refused, _ = await client.sendmail(sender, list(envelope), message)
-                    else:
-                        refused, _ = await client.send_message(
-                            message, sender=sender, recipients=list(envelope)
-                        )
-                except aiosmtplib.SMTPRecipientsRefused as exc:
-                    assert client is not None
-                    await self._reset_or_discard(client)
-                    return SendResult(
-                        accepted=(),
-                        refused={
-                            envelope.get(r.recipient, r.recipient): (r.code, r.message)
-                            for r in exc.recipients
-                        },
+            self._busy += 1
+            try:
+                return await self._send_on_a_connection(message, sender, envelope, job)
+            finally:
+                self._busy -= 1
+
+    async def _send_on_a_connection(
+        self, message: bytes | Message, sender: str, envelope: dict[str, str], job: MailJob
+    ) -> SendResult:
+        """One send on a pooled connection (a second, new one if the pooled one had closed)."""
+        for attempt in (1, 2):
+            client: aiosmtplib.SMTP | None = None
+            reused = False
+            try:
+                client, reused = await self._checkout()
+                if isinstance(message, bytes):
+                    refused, _ = await client.sendmail(sender, list(envelope), message)
+                elif self.signer is not None:
+                    data, options = await self._flatten(client, message, sender, envelope)
+                    refused, _ = await client.sendmail(
+                        sender,
+                        list(envelope),
+                        await self._sign(data, job),
+                        mail_options=options,
                     )
-                except aiosmtplib.SMTPServerDisconnected as exc:
-                    if client is not None:
-                        await self._discard(client)
-                    if reused and attempt == 1:
-                        log.debug("smtp: pooled connection was closed, opening a new one")
-                        continue
-                    raise classify(exc) from exc
-                except _SMTP_ERRORS as exc:
-                    if client is not None:
-                        await self._discard(client)
-                    raise classify(exc) from exc
-                except BaseException:
-                    # Anything else (a cancelled send at shutdown, a flattening error): the
-                    # connection is in an unknown state; close it, never back to the pool.
-                    if client is not None:
-                        client.close()
-                    raise
-                self._idle.append((client, time.monotonic()))
+                else:
+                    refused, _ = await client.send_message(
+                        message, sender=sender, recipients=list(envelope)
+                    )
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                assert client is not None
+                await self._reset_or_discard(client)
                 return SendResult(
-                    accepted=tuple(orig for env, orig in envelope.items() if env not in refused),
+                    accepted=(),
                     refused={
-                        envelope.get(r, r): (resp.code, resp.message) for r, resp in refused.items()
+                        envelope.get(r.recipient, r.recipient): (r.code, r.message)
+                        for r in exc.recipients
                     },
                 )
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                if client is not None:
+                    await self._discard(client)
+                if reused and attempt == 1:
+                    log.debug("smtp: pooled connection was closed, opening a new one")
+                    continue
+                raise classify(exc) from exc
+            except _SMTP_ERRORS as exc:
+                if client is not None:
+                    await self._discard(client)
+                raise classify(exc) from exc
+            except BaseException:
+                # Anything else (a cancelled send at shutdown, a flattening error): the
+                # connection is in an unknown state; close it, never back to the pool.
+                if client is not None:
+                    client.close()
+                raise
+            self._idle.append((client, time.monotonic()))
+            return SendResult(
+                accepted=tuple(orig for env, orig in envelope.items() if env not in refused),
+                refused={
+                    envelope.get(r, r): (resp.code, resp.message) for r, resp in refused.items()
+                },
+            )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def connections_open(self) -> int:
+        """SMTP connections open: idle in the pool, or in use (or being opened)."""
+        return len(self._idle) + self._busy
+
+    async def _sign(self, data: bytes, job: MailJob) -> bytes:
+        """DKIM-sign the final bytes: a big mail (its body hash) in a worker thread."""
+        assert self.signer is not None
+        try:
+            if _size(job) > LARGE_BODY_CHARS:
+                return await asyncio.to_thread(self.signer.sign, data)
+            return self.signer.sign(data)
+        except dkim.DKIMException as exc:
+            raise PermanentDeliveryError(f"cannot DKIM-sign the message: {exc}") from exc
+
+    @staticmethod
+    async def _flatten(
+        client: aiosmtplib.SMTP, message: Message, sender: str, envelope: dict[str, str]
+    ) -> tuple[bytes, list[str]]:
+        """What ``send_message`` would send (and its MAIL options), as bytes to sign."""
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
+        options = []
+        utf8 = not (sender + "".join(envelope)).isascii()
+        if utf8:
+            if not client.supports_extension("smtputf8"):
+                raise aiosmtplib.SMTPNotSupported(
+                    "An address containing non-ASCII characters was provided, but "
+                    "SMTPUTF8 is not supported by this server"
+                )
+            options.append("SMTPUTF8")
+        cte_type = "7bit"
+        if client.supports_extension("8BITMIME"):
+            options.append("BODY=8BITMIME")
+            cte_type = "8bit"
+        return flatten_message(message, utf8=utf8, cte_type=cte_type), options
 
     async def _reset_or_discard(self, client: aiosmtplib.SMTP) -> None:
         """After a refused transaction: RSET and keep the connection, or drop it."""

@@ -5,7 +5,8 @@ days, oldest first, in the shapes the worker leaves them: mostly ``sent``, some
 ``failed`` (a recipient refused for good, or deferred until the retries ran out), and,
 within the last day only, a few still ``retrying`` or ``queued`` as in a live system.
 Recipients are in ``seed.invalid`` (a name that never resolves, RFC 2606), so nothing
-seeded can ever be mailed.
+seeded can ever be mailed; most records carry a tag (TAGS) and half of them metadata
+``{"customer": "c<n>"}``, with their lookup rows (the lists by recipient, tag, metadata).
 
 Not for production databases: the rows go in as they are (no validation, no idempotency
 keys, nothing in RabbitMQ behind the pending ones), in large transactions that hold the
@@ -45,7 +46,11 @@ COLUMNS = (
     "owner",
     "lease_until",
     "copy",
+    "tags",
+    "meta",
 )
+TAGS = ("receipt", "newsletter", "password-reset", "welcome")
+CUSTOMERS = 20_000  # metadata {"customer": "c<n>"}
 OWNER = "seed/0/00000000"
 SUBJECTS = ("Your order {n} has shipped", "Password reset", "Invoice {n}", "Welcome aboard")
 REFUSED = "5.1.1 no such user"
@@ -80,15 +85,44 @@ class _Rows:
         writes (UTC, no offset, microseconds); a datetime for asyncpg."""
         return at.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite else at
 
-    def row(self, created: datetime, recent: bool) -> tuple[Any, ...]:
+    def row(self, created: datetime, recent: bool, lookups: list[tuple[str, Any, str]]) -> Any:
+        """One record as a tuple of COLUMNS; its lookup rows are appended to ``lookups``."""
         random_ = self.rng.random  # random() is C; randrange() is Python, and slower
         roll = random_()
         n = 1 if roll < 0.85 else 2 if roll < 0.95 else 3
-        addresses = [f"user{int(random_() * 1_000_000)}@{DOMAIN}" for _ in range(n)]
+        addresses = list(
+            dict.fromkeys([f"user{int(random_() * 1_000_000)}@{DOMAIN}" for _ in range(n)])
+        )
         subject = SUBJECTS[int(roll * 1000) % len(SUBJECTS)].format(n=int(random_() * 1e6))
         record_id = f"{self.rng.getrandbits(128):032x}"
         recipients = '["' + '", "'.join(addresses) + '"]'
+        record = self._shape(record_id, recipients, subject, addresses, created, recent)
+        stamp = record[10]  # created_at, as stored
+        terms = [f"to:{a}" for a in addresses]
         roll = random_()
+        tags = meta = None
+        if roll < 0.6:  # most mail is tagged with its kind
+            tag = TAGS[int(roll * 100) % len(TAGS)]
+            tags = f'["{tag}"]'
+            terms.append(f"tag:{tag}")
+        if random_() < 0.5:
+            customer = f"c{int(random_() * CUSTOMERS)}"
+            meta = f'{{"customer": "{customer}"}}'
+            terms.append(f"meta:customer {customer}")
+        lookups.extend([(term, stamp, record_id) for term in terms])
+        return (*record, tags, meta)
+
+    def _shape(
+        self,
+        record_id: str,
+        recipients: str,
+        subject: str,
+        addresses: list[str],
+        created: datetime,
+        recent: bool,
+    ) -> tuple[Any, ...]:
+        """The record's columns up to ``copy``, as the worker leaves a message."""
+        roll = self.rng.random()
         micro = created.microsecond
         if not (recent and roll < 0.03) and roll < 0.99 and micro < 950_000:
             # One attempt within the same second: sent, or refused for good.
@@ -221,13 +255,15 @@ class _Plan:
     recent_from: datetime
     seed: int
 
-    def build(self, first: int, last: int) -> list[tuple[Any, ...]]:
+    def build(self, first: int, last: int) -> tuple[list[Any], list[Any]]:
+        """Records ``first`` to ``last``, and their lookup rows."""
         rows = _Rows(self.dialect, random.Random(self.seed + first))
-        out = []
+        out: list[Any] = []
+        lookups: list[Any] = []
         for i in range(first, last):
             created = self.start + timedelta(seconds=(i + rows.rng.random()) * self.step)
-            out.append(rows.row(created, created >= self.recent_from))
-        return out
+            out.append(rows.row(created, created >= self.recent_from, lookups))
+        return out, lookups
 
 
 async def seed(
@@ -260,7 +296,7 @@ async def seed(
     firsts = range(0, count, chunk)
     if len(firsts) <= 1:
         for first in firsts:
-            await store.insert_rows(COLUMNS, await asyncio.to_thread(plan.build, first, count))
+            await store.insert_rows(COLUMNS, *await asyncio.to_thread(plan.build, first, count))
         return count
     loop = asyncio.get_running_loop()
     # spawn, not fork: this process runs threads (the writer, the drivers').
@@ -272,7 +308,7 @@ async def seed(
             if first + chunk < count:
                 after = first + chunk
                 building = loop.run_in_executor(pool, plan.build, after, min(after + chunk, count))
-            await store.insert_rows(COLUMNS, batch)
+            await store.insert_rows(COLUMNS, *batch)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return count

@@ -23,21 +23,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import uvloop
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, Broker, Names
+import metrics
+from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, SCHEDULE_DUE, Broker, Names
 from config import Settings, configure_logging
 from errors import (
     BrokerUnavailable,
@@ -48,15 +53,19 @@ from errors import (
     SmtpAuthError,
     SmtpConfigError,
 )
+from guard import token_matches
 from mailer import SendResult, SmtpPool
-from messages import MailJob
-from store import Attempt, Claim, RecipientResult, Store, StoreUnavailable, now_utc
+from messages import MailJob, suppression_key
+from store import FINAL, Attempt, Claim, RecipientResult, Store, StoreUnavailable, now_utc
+from webhooks import Event, WebhookSender, event_body, publish_event
 
 log = logging.getLogger(__name__)
 
 RETRIES_HEADER = "x-mailroom-retries"  # transient failures so far
 SENT_HEADER = "x-mailroom-sent"  # recipients that accepted it already (comma-separated)
 CONFIG_FAULTS_HEADER = "x-mailroom-config-faults"  # refused logins so far (never fatal)
+# Final, but not sent to everyone: dead-lettered, and put there again if a copy comes back.
+DEAD_LETTERED = frozenset({"failed", "partial"})
 JITTER = 0.1
 CONFIG_FAULT_MAX_WAIT = 600.0  # seconds: the longest retry tier used for settings faults
 LEASE_POLL = 0.5  # seconds between looks at a record whose attempt another worker holds
@@ -64,14 +73,21 @@ LEASE_POLL = 0.5  # seconds between looks at a record whose attempt another work
 
 class Worker:
     def __init__(self, settings: Settings) -> None:
-        if settings.smtp_host is None:
+        if settings.smtp_host is None and not settings.sandbox:
             raise ConfigError(
                 "SMTP_HOST", "not set; the worker needs an SMTP server to send through"
             )
         self.settings = settings
         self.names = Names.of(settings)
         self.broker = Broker(settings, "mailroom-worker")
-        self.pool = SmtpPool(settings, settings.worker_concurrency)
+        # In the sandbox the pool is never used (nothing is handed to SMTP).
+        pool_settings = settings
+        if settings.smtp_host is None:
+            pool_settings = dataclasses.replace(settings, smtp_host="sandbox.invalid")
+        self.pool = SmtpPool(pool_settings, settings.worker_concurrency)
+        # The suppression list, read every SUPPRESSION_REFRESH seconds (never per mail).
+        self._suppressed: frozenset[str] = frozenset()
+        self.webhooks = WebhookSender(settings, self.broker) if settings.webhook_urls else None
         self.store: Store | None = None
         self.ready = asyncio.Event()
         # Who holds an attempt: this process, told apart from any other on any host.
@@ -82,6 +98,34 @@ class Worker:
         # The attempts running here, by message id: a redelivered copy waits for them.
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._attempts: dict[str, Attempt] = {}
+        self._consuming: AbstractChannel | None = None
+        self.endpoint: metrics.WorkerEndpoint | None = None
+        if settings.worker_metrics_port is not None:
+            tokens = [t.get().encode() for t in settings.api_tokens]
+            self.endpoint = metrics.WorkerEndpoint(
+                settings.worker_metrics_host,
+                settings.worker_metrics_port,
+                self.health_problem,
+                metrics.loopback_or_token(
+                    settings.metrics_public,
+                    settings.allow_loopback,
+                    lambda token: token_matches(tokens, token),
+                ),
+            )
+        metrics.SMTP_CONNECTIONS.set_function(lambda: self.pool.connections_open)
+        metrics.IN_FLIGHT.set_function(lambda: len(self._inflight))
+
+    def health_problem(self) -> str | None:
+        """Why this worker cannot consume now, or None (what ``GET /healthz`` reports)."""
+        if self._stop.is_set():
+            return "stopping"
+        if not self.ready.is_set():
+            return "starting"
+        if not self.broker.is_ready or self._consuming is None or self._consuming.is_closed:
+            return "no connection to RabbitMQ"
+        if self.store is not None and self.store.lost is not None:
+            return self.store.lost
+        return None
 
     def stop(self) -> None:
         """Ask :meth:`run` to drain and return (safe to call from a signal handler)."""
@@ -89,21 +133,35 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then drain in-flight sends and close everything."""
+        helo_name = await self.pool.helo_name()
+        if "." not in helo_name:
+            log.warning(
+                "the SMTP EHLO name %r has no dot: many SMTP servers refuse such a name; "
+                "set SMTP_HELO_NAME to this host's fully qualified name",
+                helo_name,
+            )
         self.store = await Store.open(self.settings)
+        if self.endpoint is not None:
+            await self.endpoint.start()
         await self.broker.start()
         renewer = asyncio.create_task(self._renew_leases(), name="renew-leases")
+        refresher = asyncio.create_task(self._refresh_suppressions(), name="suppressions")
         try:
             if not await self._wait_connected():
                 return
+            if self.webhooks is not None:
+                assert self.broker.connection is not None
+                await self.webhooks.start(self.broker.connection)
             queue = await self._consume_queue()
             tag = await queue.consume(self._on_message, no_ack=False)
             log.info(
-                "consuming %s (concurrency %d, SMTP %s:%d %s)",
+                "consuming %s (concurrency %d, SMTP %s:%d %s, EHLO %s)",
                 queue.name,
                 self.settings.worker_concurrency,
                 self.settings.smtp_host,
                 self.settings.smtp_port,
                 self.settings.smtp_security,
+                helo_name,
             )
             self.ready.set()
             lost = await self._wait_stop_or_database_lost()
@@ -115,12 +173,17 @@ class Worker:
                 # Loudly (exit 1): a process manager restarting us finds out why at once.
                 raise StoreUnavailable(f"{lost}; stopped taking messages")
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            for task in (renewer, refresher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.pool.close()
+            if self.webhooks is not None:
+                await self.webhooks.close()
             await self.broker.close()
             await self.store.close()
+            if self.endpoint is not None:
+                await self.endpoint.close()
             log.info("stopped")
 
     async def _wait_stop_or_database_lost(self) -> str | None:
@@ -140,6 +203,7 @@ class Worker:
             connection.channel(publisher_confirms=False), self.settings.connect_timeout
         )
         await channel.set_qos(prefetch_count=self.settings.worker_concurrency)
+        self._consuming = channel
         return await channel.get_queue(self.names.send_queue, ensure=True)
 
     async def _drain(self) -> None:
@@ -169,6 +233,16 @@ class Worker:
                 log.error(
                     "could not renew the leases of %d attempt(s): %s", len(self._attempts), exc
                 )
+
+    async def _refresh_suppressions(self) -> None:
+        """Keep the cached suppression list at most SUPPRESSION_REFRESH seconds old."""
+        assert self.store is not None
+        while True:
+            try:
+                self._suppressed = await self.store.suppressed_addresses()
+            except StoreUnavailable as exc:
+                log.error("could not read the suppression list: %s", exc)
+            await asyncio.sleep(self.settings.suppression_refresh)
 
     def _owner_alive(self, owner: str) -> bool:
         """False only when ``owner`` is known dead: a process of this host that is gone."""
@@ -203,6 +277,7 @@ class Worker:
             await self._handle(message)
         except Exception as exc:  # the edge: reported and dead-lettered, never swallowed
             log.exception("message %s: internal error", message.message_id)
+            metrics.FAILED.labels("internal").inc()
             await self._dead_letter(message, f"internal error: {type(exc).__name__}: {exc}", None)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
@@ -210,6 +285,7 @@ class Worker:
             job = MailJob.from_bytes(message.body)
         except InvalidMessage as exc:
             log.error("message %s: cannot be decoded: %s", message.message_id, exc)
+            metrics.FAILED.labels("undecodable").inc()
             await self._dead_letter(message, f"undecodable: {exc}", None)
             return
         # A copy redelivered while an attempt at it still runs here (the channel died
@@ -253,6 +329,13 @@ class Worker:
             await asyncio.sleep(min(max(wait, 0.05), LEASE_POLL))
 
     async def _handle_job(self, message: AbstractIncomingMessage, job: MailJob) -> None:
+        if job.send_at is not None:
+            due = job.due_at()
+            assert due is not None
+            remaining = (due - now_utc()).total_seconds()
+            if remaining > SCHEDULE_DUE:
+                await self._wait_more(message, job, remaining)
+                return
         copy = _int_header(message.headers or {}, COPY_HEADER)
         claim = await self._claim(message, job, copy)
         if claim is None:
@@ -267,11 +350,13 @@ class Worker:
             )
             await self._ack(message, job.id)
             return
-        if record.status == "failed":
-            # Failed, but it may not have reached the dead-letter queue (the connection
-            # died in between): put it there (again) rather than drop it.
-            log.info("message %s: already failed; dead-lettering it", job.id)
-            await self._dead_letter(message, record.last_error or "failed", record.last_error_code)
+        if record.status in DEAD_LETTERED:
+            # Failed (or partly sent), but it may not have reached the dead-letter queue
+            # (the connection died in between): put it there (again) rather than drop it.
+            log.info("message %s: already %s; dead-lettering it", job.id, record.status)
+            sent = {a for a, r in record.results.items() if r.status == "sent"}
+            reason = record.last_error or record.status
+            await self._dead_letter(message, reason, record.last_error_code, sent)
             return
         if claim.kind == "final":
             log.info("message %s: already %s; acking without sending", job.id, record.status)
@@ -285,17 +370,41 @@ class Worker:
             # Started again and again without an outcome: something (a crash, an OOM kill)
             # stops the worker on this message. Classic queues have no delivery limit.
             reason = f"{unfinished} attempts without an outcome; the worker may crash on it"
-            await self._fail(message, attempt, reason, None, {})
+            await self._fail(message, attempt, reason, None, {}, "delivery_limit")
             return
         # Recipients that accepted it, carried on the retry copy in case the record could
         # not say so (the database failed then): never sent to twice.
         sent_before = set(_list_header(message.headers or {}, SENT_HEADER))
         pending = [a for a in record.pending() if a not in sent_before]
-        already_sent = bool(sent_before) or any(r.status == "sent" for r in record.results.values())
         if not pending:
             # Nothing left to send (every recipient accepted or refused it already).
             log.info("message %s: no recipient left to send to", job.id)
-            await self._settle(message, attempt, SendResult(()), already_sent, sent_before)
+            await self._settle(message, attempt, SendResult(()), record.results, sent_before)
+            return
+        # Suppressed and simulator recipients, and everyone in the sandbox: never SMTP.
+        # (O(1) checks per recipient, no database: the suppression set is a cache.)
+        if (
+            self._suppressed
+            or self.settings.sandbox
+            or any(a.endswith(SIMULATOR_SUFFIX) for a in pending)
+        ):
+            skipped = {
+                a: RecipientResult("suppressed", None, "on the suppression list")
+                for a in pending
+                if _suppression_key(a) in self._suppressed
+            }
+            simulated = [a for a in pending if a not in skipped and a.endswith(SIMULATOR_SUFFIX)]
+            real = [a for a in pending if a not in skipped and not a.endswith(SIMULATOR_SUFFIX)]
+            await self._settle(
+                message,
+                attempt,
+                _simulate(simulated, real if self.settings.sandbox else []),
+                record.results,
+                sent_before,
+                skipped,
+                detail="sandbox: not handed to SMTP" if self.settings.sandbox else None,
+                then=None if self.settings.sandbox or not real else (job, real),
+            )
             return
         log.debug(
             "message %s: attempt %d, sending to %d recipient(s)",
@@ -303,57 +412,83 @@ class Worker:
             record.attempts,
             len(pending),
         )
+        started = time.perf_counter()
         try:
             result = await self.pool.send(job, pending)
         except SmtpConfigError as exc:
             await self._config_fault(message, attempt, exc)
             return
         except PermanentDeliveryError as exc:
-            await self._fail(message, attempt, str(exc), exc.code, {})
+            await self._fail(message, attempt, exc.reason, exc.code, {})
             return
         except DeliveryError as exc:
-            await self._retry_or_fail(message, attempt, str(exc), exc.code, {})
+            await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
             return
-        await self._settle(message, attempt, result, already_sent, sent_before)
+        finally:
+            metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
+        await self._settle(message, attempt, result, record.results, sent_before)
 
     async def _settle(
         self,
         message: AbstractIncomingMessage,
         attempt: Attempt,
         result: SendResult,
-        already_sent: bool,
+        before: dict[str, RecipientResult],
         sent_before: set[str],
+        skipped: dict[str, RecipientResult] | None = None,
+        detail: str | None = None,
+        then: tuple[MailJob, list[str]] | None = None,
     ) -> None:
-        """Record per-recipient results; then sent, retry (4xx refusals) or failed."""
+        """Record per-recipient results; then sent, retry (4xx refusals), or partial or
+        failed (5xx refusals: see :meth:`_fail`). ``skipped``: results decided without
+        SMTP (suppressed); ``then``: a job and recipients still to send to over SMTP,
+        whose outcome joins ``result``."""
         assert self.store is not None
         job_id = attempt.message_id
+        if then is not None:
+            try:
+                sent = await self.pool.send(*then)
+            except SmtpConfigError as exc:
+                await self._config_fault(message, attempt, exc)
+                return
+            except PermanentDeliveryError as exc:
+                await self._fail(message, attempt, exc.reason, exc.code, {})
+                return
+            except DeliveryError as exc:
+                await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
+                return
+            result = SendResult((*result.accepted, *sent.accepted), result.refused | sent.refused)
         results = {a: RecipientResult("sent") for a in (*result.accepted, *sent_before)}
-        deferred: list[str] = []
-        for address, (code, text) in result.refused.items():
-            if 400 <= code < 500:
-                deferred.append(address)
-                results[address] = RecipientResult("pending", code, text)
-            else:
-                results[address] = RecipientResult("refused", code, text)
-        refused_text = "; ".join(f"{a}: {c} {t}" for a, (c, t) in result.refused.items())
-        first_code = next(iter(result.refused.values()))[0] if result.refused else None
-        if deferred:
-            await self._retry_or_fail(
-                message, attempt, f"recipients deferred: {refused_text}", first_code, results
-            )
+        for address, (smtp_code, text) in result.refused.items():
+            kind: Literal["pending", "refused"] = "pending" if 400 <= smtp_code < 500 else "refused"
+            results[address] = RecipientResult(kind, smtp_code, text)
+        results.update(skipped or {})
+        if skipped:
+            await self._emit("suppressed", attempt, "sending", results, step=0)
+        if result.refused:
+            await self._suppress_unknown_users(job_id, result.refused)
+        # This attempt's answers over the earlier ones: who is still deferred (4xx), who
+        # was refused for good (5xx, in this attempt or before).
+        merged = {**before, **results}
+        if not any(r.status in ("pending", "refused", "sent") for r in merged.values()):
+            # Every recipient is suppressed: nothing to send, nothing to re-queue.
+            await self._finish_unsent(message, attempt, results)
             return
-        if not result.accepted and not already_sent:
-            reason = f"every recipient refused: {refused_text}"
-            await self._fail(message, attempt, reason, first_code, results)
+        reason, code = _undelivered(merged)
+        if any(r.status == "pending" for r in merged.values()):
+            await self._retry_or_fail(message, attempt, reason, code, results)
             return
+        if any(r.status == "refused" for r in merged.values()):
+            if not any(r.status == "sent" for r in merged.values()):
+                reason = f"every recipient refused: {reason}"
+            await self._fail(message, attempt, reason, code, results, "refused")
+            return
+        metrics.SENT.inc()
+        if attempt.record is not None:
+            accepted_at = attempt.record.created_at.timestamp()
+            metrics.DELIVERY_SECONDS.observe(max(time.time() - accepted_at, 0.0))
         try:
-            applied = await self.store.finish(
-                attempt,
-                "sent",
-                results,
-                error=f"recipients refused: {refused_text}" if result.refused else None,
-                code=first_code,
-            )
+            applied = await self.store.finish(attempt, "sent", results, detail=detail)
         except StoreUnavailable as exc:
             # The mail went out; if the ack below also lands, nothing is lost or repeated.
             log.error("message %s: sent, but could not record it: %s", job_id, exc)
@@ -363,11 +498,69 @@ class Worker:
             log.warning(
                 "message %s: sent, but attempt %d had lost its claim", job_id, attempt.number
             )
-        elif result.refused:
-            log.warning("message %s: sent; refused for %s", job_id, refused_text)
         else:
             log.info("message %s: sent (attempt %d)", job_id, attempt.number)
+            await self._emit("sent", attempt, "sent", results)
         await self._ack(message, job_id)
+
+    async def _emit(
+        self,
+        event: Event,
+        attempt: Attempt,
+        status: str,
+        results: dict[str, RecipientResult],
+        error: str | None = None,
+        step: int = 1,
+    ) -> None:
+        """A webhook event about ``attempt``'s message (nothing without WEBHOOK_URLS).
+        Its sequence is the record's history length once the outcome is written (``step``
+        1), or while the attempt runs (0: the suppressed recipients, before the outcome)."""
+        if self.webhooks is None:
+            return
+        before = attempt.record.results if attempt.record is not None else {}
+        sequence = len(attempt.record.history) + step if attempt.record is not None else 0
+        body = event_body(event, attempt.message_id, status, {**before, **results}, sequence, error)
+        await publish_event(self.broker, self.settings, attempt.message_id, body)
+
+    async def _finish_unsent(
+        self,
+        message: AbstractIncomingMessage,
+        attempt: Attempt,
+        results: dict[str, RecipientResult],
+    ) -> None:
+        """``failed`` without a dead letter: every recipient is on the suppression list."""
+        assert self.store is not None
+        reason = "every recipient is on the suppression list"
+        try:
+            await self.store.finish(attempt, "failed", results, reason)
+        except StoreUnavailable as exc:
+            log.error(
+                "message %s: could not record the outcome (failed): %s", attempt.message_id, exc
+            )
+        log.warning("message %s: failed: %s", attempt.message_id, reason)
+        await self._emit("failed", attempt, "failed", results, reason)
+        await self._ack(message, attempt.message_id)
+
+    async def _suppress_unknown_users(
+        self, job_id: str, refused: dict[str, tuple[int, str]]
+    ) -> None:
+        """Recipients refused as unknown (a 5xx with a 5.1.x status) join the suppression
+        list (simulated bounces do not: applications test with them again and again)."""
+        assert self.store is not None
+        found = {
+            _suppression_key(a): f"{code} {text}"[:1000]
+            for a, (code, text) in refused.items()
+            if code >= 500 and _UNKNOWN_USER.match(text) and not a.endswith(SIMULATOR_SUFFIX)
+        }
+        if not found:
+            return
+        try:
+            await self.store.suppress(found, "bounce")
+        except StoreUnavailable as exc:
+            log.error("message %s: could not add %d suppression(s): %s", job_id, len(found), exc)
+            return
+        self._suppressed = self._suppressed | found.keys()
+        log.info("message %s: suppressed from now on: %s", job_id, ", ".join(sorted(found)))
 
     async def _retry_or_fail(
         self,
@@ -377,12 +570,12 @@ class Worker:
         code: int | None,
         results: dict[str, RecipientResult],
     ) -> None:
+        metrics.DEFERRED.inc()
         headers = dict(message.headers or {})
         retries = _int_header(headers, RETRIES_HEADER)
         if retries >= len(self.names.retry_tiers):
-            await self._fail(
-                message, attempt, f"gave up after {retries + 1} attempts: {reason}", code, results
-            )
+            reason = f"gave up after {retries + 1} attempts: {reason}"
+            await self._fail(message, attempt, reason, code, results, "retries_exhausted")
             return
         headers[RETRIES_HEADER] = retries + 1
         accepted = {a for a, r in results.items() if r.status == "sent"}
@@ -425,13 +618,13 @@ class Worker:
         delay = self.names.retry_tiers[tier].delay
         what = "SMTP LOGIN REFUSED" if isinstance(exc, SmtpAuthError) else "SMTP SETTINGS FAULT"
         log.error(
-            "message %s: %s by %s:%d (%s): check SMTP_USERNAME, SMTP_PASSWORD and "
-            "SMTP_SECURITY; the message is kept and retried in %.1fs",
+            "message %s: %s by %s:%d (%s): check %s; the message is kept and retried in %.1fs",
             attempt.message_id,
             what,
             self.settings.smtp_host,
             self.settings.smtp_port,
             exc,
+            " and ".join(", ".join(exc.settings).rsplit(", ", 1)),
             delay,
         )
         await self._hand_over(
@@ -440,7 +633,7 @@ class Worker:
             tier,
             headers,
             delay,
-            error=str(exc),
+            error=exc.reason,
             code=exc.code,
             detail=f"configuration fault: {what.lower()}",
         )
@@ -452,26 +645,47 @@ class Worker:
         reason: str,
         code: int | None,
         results: dict[str, RecipientResult],
+        kind: str = "permanent",
     ) -> None:
+        """The end without sending to everyone: ``partial`` when some recipient has the mail
+        (accepted in this attempt or an earlier one), else ``failed``; dead-lettered either
+        way, so that an operator can send it again to the others."""
         assert self.store is not None
         job_id = attempt.message_id
+        headers = message.headers or {}
+        before = attempt.record.results if attempt.record is not None else {}
+        sent = {a for a, r in {**before, **results}.items() if r.status == "sent"}
+        sent.update(_list_header(headers, SENT_HEADER))
+        status: Literal["partial", "failed"] = "partial" if sent else "failed"
+        metrics.FAILED.labels(kind).inc()
         try:
-            applied = await self.store.finish(attempt, "failed", results, reason, code)
+            applied = await self.store.finish(attempt, status, results, reason, code)
         except StoreUnavailable as exc:
-            log.error("message %s: could not record the failure: %s", job_id, exc)
+            log.error("message %s: could not record the outcome (%s): %s", job_id, status, exc)
         else:
             if not applied:
                 # Another attempt took over (its outcome stands): this copy is done.
                 log.warning(
-                    "message %s: attempt %d failed (%s) after losing its claim; not applied",
+                    "message %s: attempt %d ended %s (%s) after losing its claim; not applied",
                     job_id,
                     attempt.number,
+                    status,
                     reason,
                 )
                 await self._ack(message, job_id)
                 return
-        log.error("message %s: failed: %s", job_id, reason)
-        await self._dead_letter(message, reason, code)
+        if sent:
+            log.error(
+                "message %s: partial: sent to %d of %d recipient(s); %s",
+                job_id,
+                len(sent),
+                len(attempt.record.results) if attempt.record is not None else len(sent),
+                reason,
+            )
+        else:
+            log.error("message %s: failed: %s", job_id, reason)
+        await self._emit("failed", attempt, status, results, reason)
+        await self._dead_letter(message, reason, code, sent)
 
     async def _hand_over(
         self,
@@ -498,6 +712,7 @@ class Worker:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.release(attempt)
             return
+        metrics.RETRIED.inc()
         try:
             applied = await self.store.finish(
                 attempt,
@@ -519,7 +734,36 @@ class Worker:
                     job_id,
                     attempt.number,
                 )
+            else:
+                await self._emit("deferred", attempt, "retrying", results or {}, error)
         await self._ack(message, job_id)
+
+    async def _wait_more(
+        self, message: AbstractIncomingMessage, job: MailJob, remaining: float
+    ) -> None:
+        """A scheduled message that is not due yet goes on to the next schedule tier (see
+        broker.SCHEDULE_DELAYS), unless its record says it is over (cancelled)."""
+        assert self.store is not None
+        try:
+            record = await self.store.get(job.id)
+        except StoreUnavailable as exc:
+            log.warning("message %s: could not read its record (%s); still waiting", job.id, exc)
+            record = None
+        if record is not None and record.status in FINAL:
+            log.info("message %s: %s before it was due; dropping it", job.id, record.status)
+            await self._ack(message, job.id)
+            return
+        routing_key, expiration = self.names.schedule_hop(remaining)
+        try:
+            await self.broker.publish(
+                message.body, job.id, routing_key, dict(message.headers or {}), expiration
+            )
+        except BrokerUnavailable as exc:
+            log.error("message %s: could not put it back to wait (%s)", job.id, exc)
+            await asyncio.sleep(1)
+            await self._settle_delivery(message, job.id, "nack")
+            return
+        await self._ack(message, job.id)
 
     async def _to_retry_tier(
         self,
@@ -589,10 +833,17 @@ class Worker:
             )
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, reason: str, code: int | None
+        self,
+        message: AbstractIncomingMessage,
+        reason: str,
+        code: int | None,
+        sent: set[str] | None = None,
     ) -> None:
-        """Publish a copy to the dead-letter queue with the reason, then ack the original."""
+        """Publish a copy to the dead-letter queue with the reason (and the recipients that
+        have it already, never sent to again on a re-queue), then ack the original."""
         headers = dict(message.headers or {})
+        if sent:
+            headers[SENT_HEADER] = ",".join(sorted(sent))
         headers["x-mailroom-error"] = reason[:1000]
         headers["x-mailroom-failed-at"] = datetime.now().astimezone().isoformat(timespec="seconds")
         if code is not None:
@@ -604,9 +855,62 @@ class Worker:
             log.error("message %s: could not dead-letter (%s); rejecting it", message_id, exc)
             # The work queue dead-letters rejected messages to the same place.
             await self._settle_delivery(message, message_id, "reject")
+            metrics.DEAD_LETTERED.inc()
             return
+        metrics.DEAD_LETTERED.inc()
         log.info("message %s: dead-lettered: %s", message_id, reason)
         await self._ack(message, message_id)
+
+
+# Simulator recipients (in any mode): bounce@, defer@ and delivered@ this domain (a +tag
+# after the name is allowed) get the outcome they name, without a network connection.
+SIMULATOR_SUFFIX = "@simulator.mailroom.invalid"
+_SIMULATED: dict[str, tuple[int, str] | None] = {
+    "delivered": None,
+    "bounce": (550, "5.1.1 simulated bounce: no such user (Mailroom simulator)"),
+    "defer": (451, "4.3.0 simulated deferral: try again later (Mailroom simulator)"),
+}
+# An enhanced status code 5.1.x (RFC 3463: bad destination mailbox address), as the text of
+# a 5xx refusal starts.
+_UNKNOWN_USER = re.compile(r"\s*5\.1\.\d{1,3}\b")
+
+
+def _simulate(simulated: list[str], sandboxed: list[str]) -> SendResult:
+    """The outcome of simulator recipients (by the name before ``+`` or ``@``; an unknown
+    name is delivered) and of sandboxed ones (delivered)."""
+    accepted = list(sandboxed)
+    refused: dict[str, tuple[int, str]] = {}
+    for address in simulated:
+        name = address[: -len(SIMULATOR_SUFFIX)].split("+", 1)[0].lower()
+        outcome = _SIMULATED.get(name)
+        if outcome is None:
+            accepted.append(address)
+        else:
+            refused[address] = outcome
+    return SendResult(tuple(accepted), refused)
+
+
+@functools.lru_cache(maxsize=4096)
+def _suppression_key(address: str) -> str:
+    try:
+        return suppression_key(address)
+    except InvalidMessage:
+        return address.lower()
+
+
+def _undelivered(results: dict[str, RecipientResult]) -> tuple[str, int | None]:
+    """Who has not got the mail, deferred (4xx, tried again) apart from refused (5xx, for
+    good), and the SMTP code to report: the first deferral's, else the first refusal's."""
+    deferred = {a: r for a, r in results.items() if r.status == "pending"}
+    refused = {a: r for a, r in results.items() if r.status == "refused"}
+    parts = [
+        f"recipients {what}: "
+        + "; ".join(f"{a}: {r.code} {r.message}" if r.code else a for a, r in group.items())
+        for what, group in (("deferred", deferred), ("refused", refused))
+        if group
+    ]
+    codes = [r.code for r in (*deferred.values(), *refused.values()) if r.code]
+    return " / ".join(parts), codes[0] if codes else None
 
 
 async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:

@@ -41,15 +41,8 @@ system_nginx_pid() {
 }
 running_before="$(system_nginx_pid || true)"
 
-# Deny every service start while the package installs (invoke-rc.d and deb-systemd-invoke
-# honour /usr/sbin/policy-rc.d; exit status 101 means "not allowed"). An existing
-# policy-rc.d (Docker images ship one) is left as it is.
-policy=/usr/sbin/policy-rc.d
-if [ ! -e "$policy" ]; then
-    as_root sh -c "printf '#!/bin/sh\n# mailroom scripts/ensure-nginx.sh: installing nginx\nexit 101\n' >$policy && chmod 755 $policy" ||
-        die "could not write $policy"
-    trap 'as_root rm -f "$policy"' EXIT
-fi
+# No service start while the package installs (see lib.sh).
+deny_service_starts || die "could not write /usr/sbin/policy-rc.d"
 
 say "installing nginx with apt-get (the binary only; its service is not started)"
 as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null >&2 || {

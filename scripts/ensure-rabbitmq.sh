@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure RabbitMQ answers on the host/port of AMQP_URL (environment, else .env,
-# else amqp://guest:guest@localhost:5672/). Only a local broker (localhost, 127.0.0.1,
+# else amqp://guest:guest@localhost:5672/; of a comma-separated list, the first). Only a local broker (localhost, 127.0.0.1,
 # ::1) is started or installed; a remote one is only checked. Safe to run repeatedly.
 # RABBITMQ_WAIT (seconds, default 60) bounds the wait after starting it.
 set -euo pipefail
@@ -8,6 +8,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 url="$(env_setting AMQP_URL amqp://guest:guest@localhost:5672/)"
+url="${url%%,*}" # a list of brokers (a cluster): the first one is checked
 wait_seconds="${RABBITMQ_WAIT:-60}"
 
 scheme="${url%%://*}"

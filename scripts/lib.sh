@@ -39,6 +39,19 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" </dev/null
 }
 
+# deny_service_starts: until the calling script exits, packages being installed may not
+# start their services (invoke-rc.d and deb-systemd-invoke honour /usr/sbin/policy-rc.d;
+# exit status 101 means "not allowed"). An existing policy-rc.d (Docker images ship one)
+# is left as it is. Sets the script's EXIT trap.
+deny_service_starts() {
+    local policy=/usr/sbin/policy-rc.d
+    [ -e "$policy" ] && return 0
+    as_root sh -c "printf '#!/bin/sh\n# mailroom scripts: installing packages without starting services\nexit 101\n' >$policy && chmod 755 $policy" ||
+        return 1
+    # shellcheck disable=SC2064 # expand now: the path is fixed
+    trap "as_root rm -f '$policy'" EXIT
+}
+
 # port_open HOST PORT: can we open a TCP connection (2 s limit)?
 port_open() {
     # shellcheck disable=SC2016 # $0 and $1 expand in the inner shell

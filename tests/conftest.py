@@ -15,16 +15,27 @@ from typing import Any, cast
 
 import aio_pika
 import asyncpg
+import httpx
 import pytest
 import trustme
+from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 from quart.testing import QuartClient
 from quart.typing import TestClientProtocol as Client
 
 from broker import Names
 from config import Secret, Settings
+from graceful import serve
 from server import create_app
-from tests.support import AMQP_URL, Proc, SmtpServer, finish, rabbitmqctl, start_smtp
+from tests.support import (
+    AMQP_URL,
+    Proc,
+    SmtpServer,
+    finish,
+    free_port,
+    rabbitmqctl,
+    start_smtp,
+)
 from tests.support import ROOT as ROOT  # re-exported for the test modules
 from worker import Worker
 
@@ -99,25 +110,32 @@ async def delete_topology(names: Names) -> None:
             await channel.exchange_delete(names.exchange)
 
 
+def settings_for(prefix: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """The tests' settings: queues under ``prefix``, files under ``tmp_path``, short
+    timeouts and retry delays; ``overrides`` on top."""
+    base = Settings(
+        amqp_url=Secret(AMQP_URL),
+        queue_prefix=prefix,
+        talktome_log=tmp_path / "log" / "messaging_system.log",
+        outbox_dir=tmp_path / "outbox",
+        smtp_timeout=5.0,
+        publish_timeout=3.0,
+        connect_timeout=3.0,
+        shutdown_grace=10.0,
+        worker_concurrency=8,
+        database_url=Secret(f"sqlite:///{tmp_path}/mailroom.db"),
+        retry_delays=TEST_RETRY_DELAYS,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
 @pytest.fixture
 async def make_settings(prefix: str, tmp_path: Path) -> AsyncIterator[Callable[..., Settings]]:
     """Settings for this test; every topology they name is deleted afterwards."""
     made: list[Settings] = []
 
     def make(**overrides: Any) -> Settings:
-        base = Settings(
-            amqp_url=Secret(AMQP_URL),
-            queue_prefix=prefix,
-            talktome_log=tmp_path / "log" / "messaging_system.log",
-            smtp_timeout=5.0,
-            publish_timeout=3.0,
-            connect_timeout=3.0,
-            shutdown_grace=10.0,
-            worker_concurrency=8,
-            database_url=Secret(f"sqlite:///{tmp_path}/mailroom.db"),
-            retry_delays=TEST_RETRY_DELAYS,
-        )
-        settings = dataclasses.replace(base, **overrides)
+        settings = settings_for(prefix, tmp_path, **overrides)
         made.append(settings)
         return settings
 
@@ -191,6 +209,35 @@ async def running_app(settings: Settings) -> AsyncIterator[tuple[Quart, Client]]
     app.test_client_class = cast("type[Client]", PeerClient)
     async with app.test_app() as test_app:
         yield app, test_app.test_client()
+
+
+@contextlib.asynccontextmanager
+async def serving_app(settings: Settings) -> AsyncIterator[str]:
+    """The app served by Hypercorn as ``python server.py`` serves it, on a free loopback
+    port, in this process; its base URL once ``GET /readyz`` answers 200. Stopped after."""
+    config = HypercornConfig()
+    port = free_port()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 5
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(create_app(settings), config, stop))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(trust_env=False) as client, asyncio.timeout(30):
+            while not task.done():
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(f"{base}/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+            raise AssertionError("the server stopped before it was ready")
+        yield base
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 async def wait_ready(app: Quart, timeout: float = 10.0) -> None:

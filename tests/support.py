@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import aio_pika
 import httpx
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ class Received:
     data: bytes
     login: str | None
     peer: Any
+    helo: str | None = None  # the name the client gave in EHLO (HELO)
 
     @property
     def message(self) -> EmailMessage:
@@ -54,9 +55,15 @@ class SmtpRecorder:
 
     received: list[Received] = field(default_factory=list)
     connections: int = 0
+    logins: list[tuple[str, bool]] = field(default_factory=list)  # (mechanism, accepted)
+    quits: int = 0
     on_data: DataHook | None = None
     on_rcpt: RcptHook | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
+        self.quits += 1
+        return MISSING  # aiosmtpd answers as usual
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -80,6 +87,7 @@ class SmtpRecorder:
             data=bytes(envelope.original_content or b""),
             login=login,
             peer=session.peer,
+            helo=session.host_name,
         )
         async with self._changed:
             self.received.append(item)
@@ -136,6 +144,13 @@ async def start_smtp(
 ) -> SmtpServer:
     recorder = recorder or SmtpRecorder()
 
+    def authenticator(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        result = _authenticator(server, session, envelope, mechanism, auth_data)
+        recorder.logins.append((mechanism, result.success))
+        return result
+
     def factory() -> SMTP:
         recorder.connections += 1
         with warnings.catch_warnings():
@@ -146,7 +161,7 @@ async def start_smtp(
                 hostname="smtp.test",
                 tls_context=tls if security == "starttls" else None,
                 require_starttls=security == "starttls",
-                authenticator=_authenticator if auth else None,
+                authenticator=authenticator if auth else None,
                 auth_required=auth,
                 # implicit TLS is invisible to aiosmtpd here: it would hide AUTH
                 auth_require_tls=security == "starttls",
@@ -305,10 +320,15 @@ def worker_env(
 
 
 async def spawn(script: str, cwd: Path, env: dict[str, str], *args: str) -> Proc:
+    """``python script.py ARGS`` (or ``python -m module ARGS``) from this repository."""
+    program = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]
+    return await spawn_argv([sys.executable, *program, *args], cwd, env)
+
+
+async def spawn_argv(argv: list[str], cwd: Path, env: dict[str, str]) -> Proc:
+    """Any command, output (stdout and stderr) to a pipe, in a process group of its own."""
     return await asyncio.create_subprocess_exec(
-        sys.executable,
-        *([str(ROOT / script)] if script.endswith(".py") else ["-m", script]),
-        *args,
+        *argv,
         cwd=cwd,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,

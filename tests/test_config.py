@@ -54,6 +54,18 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         ({"SMTP_CA_FILE": "/no/such/ca.pem"}, "SMTP_CA_FILE"),
         ({"MESSAGE_RETENTION_DAYS": "-1"}, "MESSAGE_RETENTION_DAYS"),
         ({"MESSAGE_RETENTION_DAYS": "2.5"}, "MESSAGE_RETENTION_DAYS"),
+        ({"SMTP_HELO_NAME": "two words"}, "SMTP_HELO_NAME"),
+        ({"SMTP_HELO_NAME": "bücher.example"}, "SMTP_HELO_NAME"),
+        ({"SMTP_HELO_NAME": "-dash.example"}, "SMTP_HELO_NAME"),
+        ({"MAX_SCHEDULE_DAYS": "0"}, "MAX_SCHEDULE_DAYS"),
+        ({"SANDBOX": "maybe"}, "SANDBOX"),
+        (
+            {"WEBHOOK_URLS": "http://hooks.example.com/x", "WEBHOOK_SECRET": "s" * 16},
+            "WEBHOOK_URLS",
+        ),
+        ({"WEBHOOK_URLS": "ftp://127.0.0.1/x", "WEBHOOK_SECRET": "s" * 16}, "WEBHOOK_URLS"),
+        ({"WEBHOOK_URLS": "https://hooks.example.com/x"}, "WEBHOOK_SECRET"),
+        ({"WEBHOOK_SECRET": "short"}, "WEBHOOK_SECRET"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -61,6 +73,14 @@ def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> Non
         Settings.from_env(env, env_file=None)
     assert info.value.variable == variable
     assert str(info.value).startswith(f"{variable}: ")
+
+
+@pytest.mark.parametrize(
+    "name", ["mailer.example.org", "xn--bcher-kva.example", "host-1", "[192.0.2.1]", "[IPv6:::1]"]
+)
+def test_helo_name(name: str) -> None:
+    assert Settings.from_env({}, env_file=None).smtp_helo_name is None  # the machine's name
+    assert Settings.from_env({"SMTP_HELO_NAME": name}, env_file=None).smtp_helo_name == name
 
 
 def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
@@ -79,6 +99,22 @@ def test_legacy_credential_names() -> None:
     assert settings.smtp_username == "me@example.com"
     assert settings.smtp_password == Secret("pw")
     assert settings.mail_from == "me@example.com"  # defaults to the username
+
+
+def test_empty_setting_in_environment_unsets_the_dotenv_one(tmp_path: Path) -> None:
+    """What "Running the pieces by hand" relies on: SMTP_USERNAME= SMTP_PASSWORD= in the
+    environment mean no login, whatever .env says under the new or the old names."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "SMTP_HOST=smtp.example.com\nSMTP_USERNAME=me@example.com\nSMTP_PASSWORD=pw\n"
+        "EMAIL_USERNAME=old@example.com\nEMAIL_PASSWORD=old-pw\n"
+    )
+    settings = Settings.from_env(
+        {"SMTP_HOST": "127.0.0.1", "SMTP_USERNAME": "", "SMTP_PASSWORD": ""}, env_file=env_file
+    )
+    assert settings.smtp_host == "127.0.0.1"
+    assert settings.smtp_username is None and settings.smtp_password is None
+    assert settings.mail_from == "mailroom@localhost"
 
 
 def test_secrets_never_show(caplog: pytest.LogCaptureFixture) -> None:
@@ -122,3 +158,19 @@ def test_settings_are_frozen() -> None:
     settings = Settings.from_env({}, env_file=None)
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_webhook_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "WEBHOOK_URLS": "https://hooks.example.com/a, http://127.0.0.1:9000/b,http://[::1]/c",
+            "WEBHOOK_SECRET": "webhook-secret-value-42",
+        },
+        env_file=None,
+    )
+    assert settings.webhook_urls == (
+        "https://hooks.example.com/a",
+        "http://127.0.0.1:9000/b",
+        "http://[::1]/c",
+    )
+    assert "webhook-secret-value-42" not in repr(settings)

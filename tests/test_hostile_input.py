@@ -22,13 +22,18 @@ from typing import Any
 import httpx
 import pytest
 from aiosmtplib.email import flatten_message
+from email_validator import EmailNotValidError
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from werkzeug.datastructures import Headers
 
 from broker import Names
 from config import Secret, Settings
+from errors import InvalidMessage
 from guard import identify
 from mailer import build_mime, render
-from messages import MAX_NAME_CHARS, InputLimits, MailJob, new_job
+from messages import MAX_NAME_CHARS, InputLimits, MailJob, _plain_address, check_email, new_job
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -233,6 +238,12 @@ RENDER_CASES: dict[str, dict[str, Any]] = {
     "idn": {"to": ["Z\u00fcrich <a@z\u00fcrich.example>", "b@example.com"]},
     "long text": {"text": "line of text\n" * 2000, "html": "<b>x</b>" * 3000},
     "dot lines": {"text": ".\n..\nfrom here\r\n.end"},
+    "cc and bcc": {
+        "cc": ["C\u00e9cile <c@example.com>", *(f"cc{i}@example.com" for i in range(12))],
+        "bcc": ["hidden@example.com"],
+        "html": "<p>only html</p>",
+        "text": None,
+    },
 }
 
 
@@ -255,11 +266,91 @@ def same_boundary(data: bytes) -> bytes:
     return data
 
 
+_ADDRESS_CHARS = "aZ09.-_+!#$%&'*/=?^`{|}~@\"() ,:;<>[]\\\u00e9\u00fc\u0394"
+_PARTS = st.text(alphabet=_ADDRESS_CHARS, min_size=0, max_size=12)
+_LABELS = st.lists(st.from_regex(r"[A-Za-z0-9-]{1,12}", fullmatch=True), min_size=1, max_size=4)
+
+
+@hypothesis_settings(max_examples=2000, deadline=None)
+@given(
+    local=_PARTS | st.from_regex(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,70}", fullmatch=True),
+    labels=_LABELS,
+    tld=st.from_regex(r"[A-Za-z0-9-]{0,4}", fullmatch=True),
+)
+def test_the_everyday_address_shortcut_agrees_with_email_validator(
+    local: str, labels: list[str], tld: str
+) -> None:
+    """messages._plain_address answers only where email-validator accepts, with the very
+    same normalised form; everything else goes to email-validator."""
+    addr = f"{local}@{'.'.join([*labels, tld] if tld else labels)}"
+    fast = _plain_address(addr)
+    if fast is None:
+        return
+    assert check_email(addr).normalized == fast
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "Ann.Lee+x@Example.COM",
+        "a@b.co",
+        "x@xn--bcher-kva.example",
+        "a..b@example.com",
+        "-a@example.com",
+        "a@-example.com",
+        "a@example-.com",
+        "a@example.c0m",
+        "a" * 65 + "@e.com",
+        "a@" + "b" * 64 + ".com",
+        "a@localhost",
+        "user@mailroom.test",
+        "a@b.invalid",
+    ],
+)
+def test_the_everyday_address_shortcut_on_edges(addr: str) -> None:
+    fast = _plain_address(addr)
+    try:
+        expected = check_email(addr).normalized
+    except EmailNotValidError:
+        assert fast is None
+    else:
+        assert fast in (None, expected)
+
+
 def test_the_queued_form_carries_every_field_of_a_job() -> None:
     job = new_job(to=["A <a@example.com>", "b@example.com"], subject="s", text="t", html="h")
     body = json.loads(job.to_bytes())
     assert set(body) == {f.name for f in dataclasses.fields(job)} | {"v"}
     assert MailJob.from_bytes(job.to_bytes()) == job
+
+
+@pytest.mark.parametrize(
+    "to",
+    ["a@example.com\r\nBcc: x@example.net", "a@example.com, b@example.com", "nobody", "", 7],
+)
+def test_a_queued_message_with_a_bad_address_is_refused(to: Any) -> None:
+    """The worker checks a queued address again for what keeps headers safe (its syntax
+    was checked at the door): a message not written by the server is undecodable."""
+    body = json.loads(new_job(to="a@example.com", subject="s", text="t").to_bytes())
+    body["to"] = [to]
+    with pytest.raises(InvalidMessage):
+        MailJob.from_bytes(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"sender": "other@example.com"},
+        {"headers": {"X-Campaign": "c"}},
+        {"attachments": [{"filename": "a.txt", "content": "eA=="}]},
+    ],
+)
+def test_rendering_leaves_from_headers_and_attachments_to_the_email_package(
+    extra: dict[str, Any],
+) -> None:
+    job = new_job(**{**BODY, **extra})
+    assert render(job, "Mailroom <mailroom@example.com>") is None
+    assert b"hidden" not in flatten_message(build_mime(job, "m@example.com"))
 
 
 def test_rendering_leaves_utf8_addresses_to_the_email_package() -> None:

@@ -352,6 +352,46 @@ async def test_token_through_nginx(start_front: StartFront, http: httpx.AsyncCli
     assert status.json()["id"] == message_id
 
 
+# -- ngrok in front of nginx -----------------------------------------------------------------
+
+
+async def test_what_ngrok_forwards_through_nginx_needs_the_token(
+    start_front: StartFront, http: httpx.AsyncClient
+) -> None:
+    """A request as the ngrok agent hands it to nginx (ngrok's X-Forwarded-* headers, its
+    public Host): with TRUSTED_PROXY_HOPS=2 the client is the address ngrok saw, and it
+    needs the token for everything but the open routes. The web page comes through
+    with its security headers; its data needs the token as any client's."""
+    front = await start_front(API_TOKEN=TOKEN, TRUSTED_PROXY_HOPS=2)
+    host = "a1b2-203-0-113-7.ngrok-free.app"
+    ngrok = {
+        "Host": host,
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": host,
+    }
+    for path in ("/?sendmail=a@example.com", "/api/messages", "/api/outbox", "/logs"):
+        refused = await http.get(f"{front.url}{path}", headers=ngrok)
+        assert refused.status_code == 401, path
+        assert "A token is required" in refused.text
+    bearer = {**ngrok, "Authorization": f"Bearer {TOKEN}"}
+    assert (await http.get(f"{front.url}/api/outbox", headers=bearer)).status_code == 200
+    sent = await http.get(f"{front.url}/?sendmail=a@example.com", headers=bearer)
+    assert sent.status_code == 200, sent.text
+    assert await front.depth() == 1
+
+    page = await http.get(f"{front.url}/", headers={**ngrok, "Accept": "text/html"})
+    assert page.status_code == 200
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert (await http.get(f"{front.url}/", headers=ngrok)).text.startswith("Mailroom:")
+    script = await http.get(f"{front.url}/ui/app.js", headers=ngrok)
+    assert script.status_code == 200 and "textContent" in script.text
+
+    assert (await http.get(f"{front.url}/?talktome", headers=ngrok)).status_code == 200
+    assert front.talktome_log.read_text().endswith(" talktome from 203.0.113.7\n")
+
+
 # -- forged forwarding headers ------------------------------------------------------------
 
 

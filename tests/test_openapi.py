@@ -1,4 +1,5 @@
-"""Property-based tests through the real server: no 5xx, and nothing queued when rejected.
+"""Property-based tests through the real server: no 5xx, nothing queued when rejected, and
+every answer documented (status and body type) in the served OpenAPI description.
 
 schemathesis generates requests from the served OpenAPI description (valid and invalid
 ones); hypothesis generates hostile legacy queries and JSON bodies. Both run against
@@ -9,6 +10,7 @@ work queue's depth counts exactly what the server accepted.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -113,6 +115,19 @@ def test_generated_requests_never_5xx(
             before = api_server.depth()
             response = case.call(base_url=api_server.base_url, timeout=10)
             assert response.status_code < 500, (case.method, case.path, response.text)
+            # Whatever it answers is in its description, with the body type it sends.
+            responses = case.operation.definition.raw["responses"]
+            documented = responses.get(str(response.status_code))
+            assert documented is not None, (case.method, case.path, response.status_code)
+            if response.status_code == 204 or (
+                # h11's own answer to a malformed header (an empty Content-Length on a
+                # DELETE): no body, before the app sees the request.
+                response.status_code == 400 and not response.content
+            ):
+                assert not response.content
+            else:
+                media = response.headers.get("content-type", [""])[0].split(";")[0]
+                assert media in documented["content"], (case.method, case.path, media)
             after = api_server.depth()
             if response.status_code >= 400:
                 assert after == before, f"rejected with {response.status_code} but queued"
@@ -133,6 +148,8 @@ def test_generated_requests_never_5xx(
         "POST /api/messages/batch",
         "GET /api/messages",
         "GET /logs",
+        "PUT /api/templates/{name}",
+        "GET /api/templates/{name}",
     } <= set(tested)
 
 
@@ -162,6 +179,7 @@ def test_legacy_sendmail_hostile_values(value: str, api_server: RunningServer) -
         assert 400 <= response.status_code < 500 and after == before
 
 
+base64s = st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode())
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | hostile_text,
     lambda children: (
@@ -176,7 +194,33 @@ message_bodies = st.one_of(
             "to": st.one_of(hostile_text, st.lists(hostile_text, max_size=3)),
             "subject": hostile_text,
         },
-        optional={"text": hostile_text, "html": json_values, "reply_to": hostile_text},
+        optional={
+            "text": hostile_text,
+            "html": json_values,
+            "reply_to": hostile_text,
+            "cc": st.one_of(hostile_text, st.lists(hostile_text, max_size=3)),
+            "bcc": st.one_of(hostile_text, st.lists(hostile_text, max_size=3)),
+            "from": hostile_text,
+            "headers": st.one_of(
+                json_values, st.dictionaries(hostile_text, hostile_text, max_size=3)
+            ),
+            "attachments": st.one_of(
+                json_values,
+                st.lists(
+                    st.fixed_dictionaries(
+                        {"filename": hostile_text, "content": st.one_of(hostile_text, base64s)},
+                        optional={"content_type": hostile_text, "content_id": hostile_text},
+                    ),
+                    max_size=3,
+                ),
+            ),
+            "tags": st.one_of(json_values, st.lists(hostile_text, max_size=3)),
+            "metadata": st.one_of(
+                json_values, st.dictionaries(hostile_text, hostile_text, max_size=3)
+            ),
+            "template": st.one_of(hostile_text, st.just("welcome")),
+            "variables": json_values,
+        },
     ),
 )
 
@@ -184,6 +228,8 @@ message_bodies = st.one_of(
 @given(body=message_bodies)
 @hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 def test_json_api_hostile_bodies(body: Any, api_server: RunningServer) -> None:
+    welcome = {"subject": "Hi {{ name }}", "text": "{{ name }}", "html": "<p>{{ name }}</p>"}
+    httpx.put(f"{api_server.base_url}/api/templates/welcome", json=welcome, timeout=10)
     before = api_server.depth()
     response = httpx.post(
         f"{api_server.base_url}/api/messages",

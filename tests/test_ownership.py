@@ -238,6 +238,9 @@ async def test_first_claim_without_reading_matches_the_stored_record(
         assert await store.finish(claim.attempt, "sent")
         again = await store.get(job.id)
         assert again is not None and again.status == "sent" and again.attempts == 1
+        assert [h["status"] for h in again.history] == ["queued", "sending", "sent"]
+        assert again.owner == "worker-a" and again.lease_until is None
+        assert again.updated_at >= stored.updated_at >= stored.created_at
         # A second claim of the same job reads the record (no longer untouched).
         assert (await store.claim(job, "worker-b", 0, 30)).kind == "final"
     finally:

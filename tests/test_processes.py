@@ -6,6 +6,8 @@ import asyncio
 import json
 import re
 import signal
+import socket
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from aiosmtpd.smtp import Envelope
 
 from broker import Names
 from config import Settings
+from launcher import port_open
 from messages import MailJob
 from tests.conftest import ROOT, running_app, wait_ready
 from tests.support import (
@@ -27,6 +30,7 @@ from tests.support import (
     get_messages,
     queue_depth,
     spawn,
+    spawn_argv,
     start_smtp,
     wait_http,
     worker_env,
@@ -94,6 +98,79 @@ async def test_several_server_processes_share_the_log_intact(
         proc.send_signal(signal.SIGTERM)
         code, out = await finish(proc)
         assert code == 0, out
+
+
+def readme_commands(section: str) -> list[str]:
+    """The commands of the first code block under ``## <section>`` in the README (a line
+    ending in a backslash continues on the next)."""
+    text = (ROOT / "README.md").read_text()
+    after = text.split(f"\n## {section}\n", 1)[1]
+    block = after.split("```\n", 2)[1]
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+async def test_readme_commands_by_hand_work_despite_a_dotenv_account(
+    prefix: str, tmp_path: Path, stop_later: list[Proc]
+) -> None:
+    """ "Running the pieces by hand", as written, in a directory whose .env holds a real
+    SMTP account: the worker still sends to the local devsmtp, without trying to log in."""
+    commands = readme_commands("Running the pieces by hand")
+    smtp_port, http_port = free_port(), free_port()
+    (tmp_path / ".env").write_text(
+        "SMTP_HOST=smtp.example.com\nSMTP_SECURITY=ssl\n"
+        "SMTP_USERNAME=me@example.com\nSMTP_PASSWORD=account-Passw0rd\n"
+        "EMAIL_USERNAME=old@example.com\nEMAIL_PASSWORD=old-Passw0rd\n"
+        f"PORT={http_port}\n"
+    )
+    env = child_env(prefix)  # RabbitMQ and the queue prefix; the rest from .env
+
+    def run(script: str) -> Awaitable[Proc]:
+        line = next(c for c in commands if f" {script}" in c and "hypercorn" not in c)
+        line = line.replace(".venv/bin/python ", f"{sys.executable} {ROOT}/")
+        return spawn_argv(["bash", "-c", line.replace("2525", str(smtp_port))], tmp_path, env)
+
+    devsmtp = await run("devsmtp.py")
+    stop_later.append(devsmtp)
+    async with asyncio.timeout(20):
+        while not await port_open("127.0.0.1", smtp_port):
+            assert devsmtp.returncode is None, await finish(devsmtp)
+            await asyncio.sleep(0.05)
+    worker, server = await run("worker.py"), await run("server.py")
+    stop_later.extend((worker, server))
+    await wait_http(f"http://127.0.0.1:{http_port}/readyz", server)
+    async with httpx.AsyncClient() as client:
+        sent = await client.get(f"http://127.0.0.1:{http_port}/?sendmail=by-hand@example.com")
+    assert sent.status_code == 200, sent.text
+    outbox = tmp_path / "var" / "outbox"
+    async with asyncio.timeout(20):
+        while not list(outbox.glob("*.eml")):
+            await asyncio.sleep(0.05)
+    (mail,) = outbox.glob("*.eml")
+    assert "X-Envelope-To: by-hand@example.com" in mail.read_text()
+    code, listed = await finish(await run("admin.py"))
+    assert code == 0 and "0 dead letter(s)" in listed, listed
+    for proc in (server, worker, devsmtp):
+        proc.send_signal(signal.SIGTERM)
+    outputs = [await finish(proc) for proc in (server, worker, devsmtp)]
+    assert [code for code, _ in outputs] == [0, 0, 0], outputs
+    worker_log = outputs[1][1]
+    assert f"SMTP 127.0.0.1:{smtp_port} none" in worker_log
+    assert "SETTINGS FAULT" not in worker_log and "LOGIN REFUSED" not in worker_log
+    assert "Passw0rd" not in "".join(out for _, out in outputs)
+
+
+async def test_devsmtp_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await spawn("devsmtp.py", tmp_path, child_env("unused"), "--port", str(port))
+        code, out = await finish(proc)
+    assert code == 1
+    assert out == (
+        f"devsmtp: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(choose another --port)\n"
+    )
 
 
 async def test_hypercorn_server_app(prefix: str, tmp_path: Path, stop_later: list[Proc]) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import sqlite3
 import sys
 import typing
@@ -17,16 +18,26 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from config import Secret, Settings
 from messages import legacy_job, new_job
 from schemas import ListQuery
 from seeding import DOMAIN, seed
-from store import FINAL, SCHEMA_VERSION, Store, list_statement, messages_table, now_utc
+from store import (
+    FINAL,
+    SCHEMA_VERSION,
+    MessageRecord,
+    Store,
+    list_statement,
+    messages_table,
+    now_utc,
+)
 from tests.conftest import running_app, wait_ready
 from tests.support import ROOT, child_env
 
-# Every list GET /api/messages offers: all records, or those of one status.
+# GET /api/messages of all records, or of one status.
 STATUSES: list[str | None] = [
     None,
     *typing.get_args(typing.get_args(ListQuery.model_fields["status"].annotation)[0]),
@@ -42,34 +53,102 @@ async def store(
     await opened.close()
 
 
+class Explain(Executable, ClauseElement):
+    """``EXPLAIN [QUERY PLAN] <statement>``, its parameters bound as the statement's."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: typing.Any) -> None:
+        self.statement = statement
+
+
+@compiles(Explain)
+def _explain(element: Explain, compiler: typing.Any, **kw: typing.Any) -> str:
+    prefix = "EXPLAIN QUERY PLAN " if compiler.dialect.name == "sqlite" else "EXPLAIN "
+    return prefix + str(compiler.process(element.statement, **kw))
+
+
 async def plan(store: Store, statement: typing.Any) -> list[str]:
     """The query plan of ``statement``, one string per line."""
-    sql = str(statement.compile(store.engine.sync_engine, compile_kwargs={"literal_binds": True}))
-    explain = "EXPLAIN QUERY PLAN " if store.dialect == "sqlite" else "EXPLAIN "
     async with store.engine.connect() as conn:
-        rows = (await conn.exec_driver_sql(explain + sql)).all()
+        rows = (await conn.execute(Explain(statement))).all()
     return [str(row[-1]) for row in rows]
 
 
+def the_lists(newest: MessageRecord, sample: MessageRecord) -> list[dict[str, typing.Any]]:
+    """Every list GET /api/messages offers, by kind of filter, and a few combinations;
+    ``sample`` gives a recipient, tag and metadata value that exist."""
+    recipient = sample.recipients[0]
+    tag = sample.tags[0]
+    meta = next(iter(sample.metadata.items()))
+    cursor = (sample.created_at, sample.id)
+    window = {
+        "since": sample.created_at - timedelta(days=3),
+        "until": sample.created_at + timedelta(milliseconds=1),
+    }
+    return [
+        *({"status": status} for status in STATUSES),
+        {"recipient": recipient},
+        {"recipient": recipient.upper(), "status": sample.status},
+        {"tag": tag},
+        {"meta": meta},
+        {"tag": tag, "meta": meta, "status": "sent"},
+        {"before": cursor},
+        {"status": "sent", "before": cursor},
+        {"tag": tag, "before": cursor},
+        window,
+        {"status": "failed", **window},
+        {"meta": meta, **window},
+        {"before": (newest.created_at, newest.id), "recipient": recipient, "tag": tag},
+    ]
+
+
+def matches(record: MessageRecord, query: dict[str, typing.Any]) -> bool:
+    at = (record.created_at, record.id)
+    return (
+        query.get("status") in (None, record.status)
+        and ("recipient" not in query or query["recipient"].lower() in record.recipients)
+        and ("tag" not in query or query["tag"] in record.tags)
+        and ("meta" not in query or record.metadata.get(query["meta"][0]) == query["meta"][1])
+        and ("before" not in query or at < query["before"])
+        and ("since" not in query or record.created_at >= query["since"])
+        and ("until" not in query or record.created_at < query["until"])
+    )
+
+
 async def test_every_list_reads_an_index_in_its_order(store: Store) -> None:
-    """No list sorts: each walks an index backwards and stops after ``limit`` rows."""
+    """No list sorts: each walks an index backwards (the records' own, or the lookup
+    table's) and stops after ``limit`` rows; and each finds what it should."""
     await seed(store, 3000, 30, rng=random.Random(17))
     if store.dialect == "postgresql":
         async with store.engine.begin() as conn:  # what autovacuum does after a bulk load
             await conn.execute(text("ANALYZE mailroom_messages"))
+            await conn.execute(text("ANALYZE mailroom_lookup"))
+    everything: list[MessageRecord] = []
+    before = None
+    while page := await store.list(limit=500, before=before):
+        everything += page
+        before = (page[-1].created_at, page[-1].id)
+    assert len(everything) == 3000
+    sample = next(r for r in everything[1000:] if r.tags and r.metadata and r.status == "sent")
     assert "sent" in STATUSES and "failed" in STATUSES
-    for status in STATUSES:
-        lines = await plan(store, list_statement(status, 50))
+    for query in the_lists(everything[0], sample):
+        arguments = {k: v for k, v in query.items() if k != "status"}
+        lines = await plan(store, list_statement(query.get("status"), 20, **arguments))
         if store.dialect == "sqlite":
-            assert not any("TEMP B-TREE" in line for line in lines), (status, lines)
-            assert any("USING INDEX ix_mailroom_messages_" in line for line in lines), lines
+            assert not any("TEMP B-TREE" in line for line in lines), (query, lines)
+            assert re.match(
+                r"(SEARCH|SCAN) \w+ USING (COVERING )?INDEX ix_mailroom_messages_|"
+                r"(SEARCH|SCAN) found USING PRIMARY KEY",
+                lines[0],
+            ), (query, lines)
         else:
-            assert not any("Sort" in line for line in lines), (status, lines)
-            assert any("Index Scan Backward using ix_mailroom_messages_" in line for line in lines)
-        listed = await store.list(status, 50)
-        stamps = [(r.created_at, r.id) for r in listed]
-        assert stamps == sorted(stamps, reverse=True)
-        assert all(r.status == status for r in listed if status is not None)
+            assert not any("Sort" in line for line in lines), (query, lines)
+            assert any(" Scan Backward using " in line for line in lines), (query, lines)
+        listed = await store.list(query.get("status"), 20, **arguments)
+        expected = [r.id for r in everything if matches(r, query)][:20]
+        assert [r.id for r in listed] == expected, query
+        assert expected or "status" in query, query  # the sample makes every filter find some
 
 
 async def test_a_slow_read_delays_neither_writes_nor_other_reads(store: Store) -> None:
@@ -167,6 +246,17 @@ async def test_retention_keeps_what_is_still_to_be_sent(store: Store) -> None:
     assert {job.id for job in waiting} <= {r.id for r in kept}
     for record in expired[:20]:
         assert await store.get(record.id) is None
+    async with store.engine.connect() as conn:  # their lookup rows went with them
+        orphans = await conn.scalar(
+            text(
+                "SELECT count(*) FROM mailroom_lookup "
+                "WHERE message_id NOT IN (SELECT id FROM mailroom_messages)"
+            )
+        )
+        kept_rows = await conn.scalar(
+            text("SELECT count(DISTINCT message_id) FROM mailroom_lookup")
+        )
+    assert orphans == 0 and kept_rows == after.total
     assert await store.expire(0) == 0  # 0 keeps everything
     assert await store.expire(30) == 0  # nothing left to expire
 
@@ -215,24 +305,34 @@ async def database_size(store: Store) -> int:
     return await asyncio.to_thread(checkpointed)
 
 
-async def test_schema_2_database_gets_the_list_indexes(
+async def test_schema_5_database_gets_the_list_indexes_and_lookups(
     database_url: Secret, make_settings: Callable[..., Settings]
 ) -> None:
-    """A database of the previous version (schema 2: single-column indexes) is upgraded
-    in place when a process opens it: the composite indexes replace the old ones."""
+    """A database of the previous version (schema 5: single-column indexes, no lookup
+    table) is upgraded in place when a process opens it: the composite indexes replace
+    the old ones, and every record's recipients, tags and metadata are in the lookup."""
     settings = make_settings(database_url=database_url)
-    job = legacy_job("old@example.com")
+    tagged = new_job(
+        to=["Old@Example.com", "two@example.com"],
+        subject="s",
+        text="t",
+        tags=["promo"],
+        metadata={"order": "42"},
+    )
+    plain = legacy_job("plain@example.com")
     store = await Store.open(settings)
     try:
-        await store.insert_queued(job)
-        async with store.engine.begin() as conn:  # back to what schema 2 looked like
+        for job in (tagged, plain):
+            await store.insert_queued(job)
+        async with store.engine.begin() as conn:  # back to what schema 5 looked like
             for index in messages_table.indexes:
                 await conn.exec_driver_sql(f"DROP INDEX {index.name}")
             for column in ("status", "created_at"):
                 await conn.exec_driver_sql(
                     f"CREATE INDEX ix_mailroom_messages_{column} ON mailroom_messages ({column})"
                 )
-            await conn.execute(text("UPDATE mailroom_schema SET version = 2"))
+            await conn.exec_driver_sql("DROP TABLE mailroom_lookup")
+            await conn.execute(text("UPDATE mailroom_schema SET version = 5"))
     finally:
         await store.close()
     store = await Store.open(settings)
@@ -244,10 +344,17 @@ async def test_schema_2_database_gets_the_list_indexes(
             else:
                 query = "SELECT indexname FROM pg_indexes WHERE tablename = 'mailroom_messages'"
             names = {row[0] for row in (await conn.exec_driver_sql(query)).all()}
-        assert version == SCHEMA_VERSION == 3
+        assert version == SCHEMA_VERSION == 6
         assert {i.name for i in messages_table.indexes} <= names
         assert not names & {"ix_mailroom_messages_status", "ix_mailroom_messages_created_at"}
-        assert [r.id for r in await store.list("queued")] == [job.id]
+        assert {r.id for r in await store.list("queued")} == {plain.id, tagged.id}
+        for found in (
+            await store.list(recipient="old@example.com"),
+            await store.list(recipient="TWO@example.com", tag="promo"),
+            await store.list(meta=("order", "42")),
+        ):
+            assert [r.id for r in found] == [tagged.id]
+        assert [r.id for r in await store.list(recipient="plain@example.com")] == [plain.id]
     finally:
         await store.close()
 
@@ -282,12 +389,12 @@ async def test_lists_take_turns_and_reads_by_id_do_not_wait(
     running = {"now": 0, "most": 0}
     real_list = Store.list
 
-    async def counted(self: Store, status: str | None = None, limit: int = 50) -> typing.Any:
+    async def counted(self: Store, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
         running["now"] += 1
         running["most"] = max(running["most"], running["now"])
         try:
             await asyncio.sleep(0.05)  # a list that takes its time
-            return await real_list(self, status, limit)
+            return await real_list(self, *args, **kwargs)
         finally:
             running["now"] -= 1
 

@@ -59,6 +59,11 @@ async def depth(settings: Settings) -> int:
         ("GET", f"/api/messages/{'a' * 32}", {}),
         ("GET", "/api/dead-letters", {}),
         ("GET", "/logs", {}),
+        # the web page's endpoints (web.py)
+        ("GET", "/api/outbox", {}),
+        ("GET", "/api/outbox/20261204-120000-000001-1.eml", {}),
+        ("GET", "/api/outbox/20261204-120000-000001-1.eml/raw", {}),
+        ("POST", "/api/dead-letters/requeue", {"json": {"ids": ["a" * 32]}}),
     ],
 )
 @pytest.mark.parametrize(

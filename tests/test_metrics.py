@@ -1,0 +1,166 @@
+"""Observability: /metrics on the server and on a worker, /api/stats, worker health,
+JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from config import JsonFormatter, Secret, Settings
+from tests.conftest import running_app, running_worker, wait_ready
+from tests.support import SmtpServer, TcpProxy, free_port
+from tests.test_status_api import wait_status
+
+TOKEN = "metrics-token-0123456789"
+BODY = {"to": "a@example.com", "subject": "metrics", "text": "t"}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, of a text exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_server_metrics_count_and_need_the_token(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(api_tokens=(Secret(TOKEN),), allow_loopback=False)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        assert (await client.get("/metrics")).status_code == 401
+        before = samples(await (await client.get("/metrics", headers=auth)).get_data(as_text=True))
+        assert (await client.post("/api/messages", json=BODY, headers=auth)).status_code == 202
+        bad = {**BODY, "to": "not an address"}
+        assert (await client.post("/api/messages", json=bad, headers=auth)).status_code == 400
+        assert (await client.post("/api/messages", json=BODY)).status_code == 401
+        response = await client.get("/metrics", headers=auth)
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        after = samples(await response.get_data(as_text=True))
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("mailroom_messages_accepted_total") == 1
+    assert delta("mailroom_messages_published_total", queue="send") == 1
+    assert delta("mailroom_messages_refused_total", reason="invalid") == 1
+    assert delta("mailroom_messages_refused_total", reason="unauthorized") == 1
+    assert delta("mailroom_accept_seconds_count") == 1
+    send_queue = (("kind", "send"), ("queue", f"{settings.queue_prefix}.send"))
+    assert after[("mailroom_queue_messages", send_queue)] >= 0
+
+
+async def test_metrics_public_needs_no_token(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(api_tokens=(Secret(TOKEN),), metrics_public=True)
+    async with running_app(settings) as (_, client):
+        remote = {"scope_base": {"client": ("192.0.2.7", 40000)}}  # not loopback
+        assert (await client.get("/metrics", **remote)).status_code == 200
+        assert (await client.get("/api/stats", **remote)).status_code == 401
+
+
+async def test_stats_counts_queues_and_records(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    settings = make_settings(**smtp.settings_overrides(None, login=False))
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        ids = []
+        for _ in range(2):
+            response = await client.post("/api/messages", json=BODY)
+            ids.append((await response.get_json())["id"])
+        stats = await (await client.get("/api/stats")).get_json()
+        assert stats["queues"][f"{settings.queue_prefix}.send"] == 2
+        assert stats["queues"][f"{settings.queue_prefix}.dead"] == 0
+        assert stats["messages"]["queued"] == 2
+        assert stats["messages"]["sent"] == 0
+        async with running_worker(settings):
+            for message_id in ids:
+                await wait_status(client, message_id, "sent")
+        stats = await (await client.get("/api/stats")).get_json()
+        assert stats["messages"]["sent"] == 2
+        assert stats["messages"]["queued"] == 0
+
+
+async def test_worker_metrics_and_health(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    """The worker's own port: /metrics counts what it sent (behind the token), /healthz
+    turns 503 while it cannot consume and 200 again once it can."""
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    port = free_port()
+    worker_settings = make_settings(
+        amqp_url=Secret(f"amqp://guest:guest@127.0.0.1:{proxy.port}/"),
+        worker_metrics_port=port,
+        api_tokens=(Secret(TOKEN),),
+        allow_loopback=False,
+        **smtp.settings_overrides(None, login=False),
+    )
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        async with (
+            running_app(make_settings()) as (app, client),
+            running_worker(worker_settings),
+            httpx.AsyncClient(trust_env=False, timeout=10) as http,
+        ):
+            await wait_ready(app)
+            assert (await http.get(f"{base}/healthz")).status_code == 200
+            assert (await http.get(f"{base}/metrics")).status_code == 401
+            before = samples((await http.get(f"{base}/metrics", headers=auth)).text)
+            response = await client.post("/api/messages", json=BODY)
+            await wait_status(client, (await response.get_json())["id"], "sent")
+            after = samples((await http.get(f"{base}/metrics", headers=auth)).text)
+            for name in ("mailroom_messages_sent_total", "mailroom_accept_to_sent_seconds_count"):
+                assert after[(name, ())] - before.get((name, ()), 0.0) == 1
+            assert after[("mailroom_smtp_transaction_seconds_count", ())] >= 1
+            assert after[("mailroom_smtp_connections_open", ())] == 1
+            assert after[("mailroom_messages_in_flight", ())] == 0
+
+            proxy.accepting = False
+            proxy.cut()
+            health: list[int] = []
+
+            async def probe() -> bool:
+                health.append((await http.get(f"{base}/healthz")).status_code)
+                return health[-1] == 503
+
+            await wait_until_async(probe)
+            proxy.accepting = True
+
+            async def healthy() -> bool:
+                return (await http.get(f"{base}/healthz")).status_code == 200
+
+            await wait_until_async(healthy, 30)
+    finally:
+        await proxy.close()
+
+
+async def wait_until_async(check: Callable[[], Awaitable[bool]], timeout: float = 20) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.1)
+
+
+def test_json_log_lines_carry_the_message_id() -> None:
+    record = logging.LogRecord(
+        "worker", logging.INFO, __file__, 1, "message %s: sent (attempt %d)", ("ab12", 1), None
+    )
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["message_id"] == "ab12"
+    assert entry["message"] == "message ab12: sent (attempt 1)"
+    assert entry["level"] == "INFO"
+    assert entry["logger"] == "worker"
+    plain = logging.LogRecord("server", logging.INFO, __file__, 1, "serving", (), None)
+    assert "message_id" not in json.loads(JsonFormatter().format(plain))

@@ -1,0 +1,276 @@
+"""The SMTP session of the worker's connection pool, against in-process aiosmtpd servers:
+one AUTH per attempt, QUIT whenever an open session ends, the EHLO name, and which
+failures are settings faults (and which setting they name)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.smtp import MISSING
+
+import mailer
+from config import Secret, Settings
+from devsmtp import start as start_devsmtp
+from errors import DeliveryError, PermanentDeliveryError, SmtpAuthError, SmtpConfigError
+from mailer import SmtpPool
+from messages import MailJob, new_job
+from tests.conftest import running_worker
+from tests.support import (
+    SMTP_PASS,
+    SMTP_USER,
+    Security,
+    SmtpRecorder,
+    SmtpServer,
+    start_smtp,
+)
+
+
+def job() -> MailJob:
+    return new_job(to="a@example.com", subject="s", text="t")
+
+
+def settings_for(server: SmtpServer, ca_file: str | None, **overrides: Any) -> Settings:
+    return Settings(
+        **{**server.settings_overrides(ca_file, login=True), "smtp_timeout": 5.0, **overrides}
+    )
+
+
+@pytest.fixture
+async def servers(server_tls: ssl.SSLContext) -> AsyncIterator[dict[Security, SmtpServer]]:
+    """An aiosmtpd server of each kind (with AUTH PLAIN and LOGIN), closed afterwards."""
+    kinds: tuple[Security, ...] = ("none", "starttls", "ssl")
+    started = {k: await start_smtp(k, server_tls if k != "none" else None) for k in kinds}
+    yield started
+    for server in started.values():
+        server.server.close()
+        await server.server.wait_closed()
+
+
+async def send_error(settings: Settings) -> DeliveryError:
+    """What one send with ``settings`` raises (the pool is closed afterwards)."""
+    pool = SmtpPool(settings, 1)
+    try:
+        with pytest.raises(DeliveryError) as info:
+            await pool.send(job())
+    finally:
+        await pool.close()
+    return info.value
+
+
+@pytest.mark.parametrize("security", ["ssl", "starttls"])
+async def test_refused_login_is_one_auth_then_quit(
+    security: Security, servers: dict[Security, SmtpServer], ca_file: str
+) -> None:
+    """The server offers PLAIN and LOGIN: a refused PLAIN is not followed by LOGIN with
+    the same password, and the session ends with QUIT, not a dropped connection."""
+    server = servers[security]
+    error = await send_error(settings_for(server, ca_file, smtp_password=Secret("wrong-1234")))
+    assert isinstance(error, SmtpAuthError)
+    assert server.recorder.logins == [("PLAIN", False)]
+    assert server.recorder.quits == 1
+    assert error.code == 535
+    assert error.reason.startswith("SMTP login refused (AUTH PLAIN): 5.7.8 ")  # not "535 ..."
+    assert error.settings == ("SMTP_USERNAME", "SMTP_PASSWORD")
+
+
+async def test_login_once_per_connection_and_quit_when_retired_and_at_close(
+    servers: dict[Security, SmtpServer], ca_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = servers["ssl"]
+    pool = SmtpPool(settings_for(server, ca_file, smtp_helo_name="worker.example.org"), 2)
+    try:
+        await pool.send(job())
+        await pool.send(job())  # the same connection: no second login
+        assert (server.recorder.connections, server.recorder.logins) == (1, [("PLAIN", True)])
+        monkeypatch.setattr(mailer, "IDLE_CLOSE_SECONDS", 0.0)
+        await pool.send(job())  # the idle connection is retired (QUIT) for a new one
+        assert server.recorder.connections == 2
+        assert server.recorder.quits == 1
+    finally:
+        await pool.close()  # shutdown: QUIT on the idle one
+    assert server.recorder.quits == 2
+    assert [m.helo for m in server.recorder.received] == ["worker.example.org"] * 3
+    assert {m.login for m in server.recorder.received} == {SMTP_USER}
+
+
+@pytest.fixture
+def other_ca_file(tmp_path: Path) -> str:
+    path = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+async def test_untrusted_certificates_name_smtp_ca_file(
+    servers: dict[Security, SmtpServer], other_ca_file: str, tmp_path: Path
+) -> None:
+    """CERTIFICATE_VERIFY_FAILED is a settings fault (never the message's), for implicit
+    TLS and STARTTLS, without SMTP_CA_FILE, with the wrong one, and for a self-signed
+    server certificate."""
+    for security in ("ssl", "starttls"):
+        for ca_file in (None, other_ca_file):
+            error = await send_error(settings_for(servers[security], ca_file))
+            assert isinstance(error, SmtpConfigError), (security, ca_file, error)
+            assert error.settings == ("SMTP_CA_FILE",)
+            assert "certificate is not trusted" in error.reason
+            assert (ca_file or "the system's CAs") in error.reason
+    self_signed = trustme.CA()  # its own certificate, signed by itself, serves as the server's
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with self_signed.cert_pem.tempfile() as cert, self_signed.private_key_pem.tempfile() as key:
+        tls.load_cert_chain(cert, key)
+    server = await start_smtp("ssl", tls)
+    try:
+        error = await send_error(settings_for(server, None))
+    finally:
+        server.server.close()
+        await server.server.wait_closed()
+    assert isinstance(error, SmtpConfigError)
+    assert error.settings == ("SMTP_CA_FILE",)
+    assert "self-signed" in error.reason
+    assert all(not s.recorder.received for s in servers.values())
+
+
+@pytest.mark.parametrize(
+    ("security", "server_kind", "expected"),
+    [
+        ("ssl", "none", "does not speak TLS"),  # TLS to a plain server
+        ("starttls", "ssl", "expects TLS from the start"),  # STARTTLS to implicit TLS
+        ("none", "ssl", "expects TLS from the start"),  # plain to implicit TLS
+        ("starttls", "none", "offers no STARTTLS"),  # STARTTLS to a server without it
+    ],
+)
+async def test_wrong_security_for_the_port_names_smtp_security(
+    security: Security,
+    server_kind: Security,
+    expected: str,
+    servers: dict[Security, SmtpServer],
+    ca_file: str,
+) -> None:
+    # An implicit-TLS server never greets a plain client: found out after SMTP_TIMEOUT.
+    settings = settings_for(servers[server_kind], ca_file, smtp_security=security, smtp_timeout=1.0)
+    error = await send_error(settings)
+    assert isinstance(error, SmtpConfigError), error
+    assert expected in error.reason
+    assert error.settings == ("SMTP_SECURITY", "SMTP_PORT")
+    assert not servers[server_kind].recorder.logins
+
+
+async def test_username_for_a_server_without_auth_says_so(tmp_path: Path) -> None:
+    """devsmtp (the local capture server) offers no AUTH: with SMTP_USERNAME set, the
+    fault says exactly that, rather than calling some answer a refused login."""
+    server = await start_devsmtp("127.0.0.1", 0, tmp_path / "outbox")
+    try:
+        port = server.sockets[0].getsockname()[1]
+        settings = Settings(
+            smtp_host="127.0.0.1",
+            smtp_port=port,
+            smtp_security="none",
+            smtp_username=SMTP_USER,
+            smtp_password=Secret(SMTP_PASS),
+        )
+        error = await send_error(settings)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert type(error) is SmtpConfigError
+    assert error.reason.startswith("SMTP_USERNAME is set, but the SMTP server offers no login")
+    assert "unset SMTP_USERNAME and SMTP_PASSWORD" in error.reason
+    assert error.settings == ("SMTP_USERNAME", "SMTP_PASSWORD", "SMTP_SECURITY")
+    assert error.code is None
+    assert not list((tmp_path / "outbox").glob("*.eml"))
+
+
+async def test_login_required_but_no_username_names_it(
+    servers: dict[Security, SmtpServer], ca_file: str
+) -> None:
+    """530 Authentication required (no SMTP_USERNAME) is a settings fault, not a 5xx that
+    fails the message."""
+    settings = settings_for(servers["ssl"], ca_file, smtp_username=None, smtp_password=None)
+    error = await send_error(settings)
+    assert isinstance(error, SmtpConfigError)
+    assert not isinstance(error, PermanentDeliveryError)
+    assert (error.code, error.settings) == (530, ("SMTP_USERNAME", "SMTP_PASSWORD"))
+    assert error.reason == "the SMTP server requires a login: 5.7.0 Authentication required"
+
+
+async def test_worker_warns_at_start_when_the_ehlo_name_has_no_dot(
+    make_settings: Callable[..., Settings], smtp: SmtpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain = smtp.settings_overrides(None, login=False)
+    for name, warned in (("mailhost", True), ("mailer.example.org", False)):
+        caplog.clear()
+        async with running_worker(make_settings(**plain, smtp_helo_name=name)):
+            pass
+        warnings = [r.getMessage() for r in caplog.records if "EHLO name" in r.getMessage()]
+        assert len(warnings) == warned, warnings
+        if warned:
+            assert f"EHLO name {name!r} has no dot" in warnings[0]
+            assert "set SMTP_HELO_NAME" in warnings[0]
+    # Unset, the name is the machine's fully qualified name.
+    assert await SmtpPool(make_settings(**plain), 1).helo_name() == socket.getfqdn()
+
+
+@dataclass
+class RefusesDotlessNames(SmtpRecorder):
+    """Refuses an EHLO (HELO) name without a dot, as Postfix's
+    reject_non_fqdn_helo_hostname does when it does not delay the refusal."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if "." not in hostname:
+            return [f"504 5.5.2 <{hostname}>: Helo command rejected: need fully-qualified name"]
+        session.host_name = hostname
+        return responses
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> Any:
+        return f"504 5.5.2 <{hostname}>: Helo command rejected" if "." not in hostname else MISSING
+
+
+async def test_a_refused_ehlo_name_names_smtp_helo_name() -> None:
+    server = await start_smtp("none", None, auth=False, recorder=RefusesDotlessNames())
+    try:
+        plain = server.settings_overrides(None, login=False)
+        error = await send_error(Settings(**plain, smtp_helo_name="mailhost"))
+        assert isinstance(error, SmtpConfigError)
+        assert (error.code, error.settings) == (504, ("SMTP_HELO_NAME",))
+        assert "Helo command rejected" in error.reason
+        pool = SmtpPool(Settings(**plain, smtp_helo_name="mailer.example.org"), 1)
+        await pool.send(job())
+        await pool.close()
+    finally:
+        server.server.close()
+        await server.server.wait_closed()
+    assert [m.helo for m in server.recorder.received] == ["mailer.example.org"]
+
+
+@dataclass
+class AnswersAuthWith250(SmtpRecorder):
+    """Answers AUTH with "250 2.0.0 Ok": what a newcomer's sink did (issue 9)."""
+
+    async def handle_AUTH(self, server: Any, session: Any, envelope: Any, args: list[str]) -> str:
+        self.logins.append((args[0], False))
+        return "250 2.0.0 Ok"
+
+
+async def test_an_answer_to_auth_that_is_no_refusal_is_not_called_one(ca_file: str) -> None:
+    server = await start_smtp("none", None, auth=True, recorder=AnswersAuthWith250())
+    try:
+        error = await send_error(settings_for(server, ca_file))
+    finally:
+        server.server.close()
+        await server.server.wait_closed()
+    assert type(error) is SmtpConfigError  # not SmtpAuthError: nothing was refused
+    assert error.reason.startswith(
+        "the SMTP server answered AUTH PLAIN with '250 2.0.0 Ok', which is neither a login "
+        "nor a refusal"
+    )
+    assert error.code is None
+    assert server.recorder.logins == [("PLAIN", False)]
+    assert server.recorder.quits == 1
