@@ -63,6 +63,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    true,
     tuple_,
     update,
 )
@@ -1472,10 +1473,35 @@ def _sqlite_update_sql(columns: tuple[str, ...], kind: _Where) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _pg_insert_new() -> Any:
+    """The record and its lookup rows in one statement (one round trip): the INSERT of
+    the record, RETURNING nothing when it was there already, feeds the lookup rows of
+    the ``terms`` parameter."""
     # PostgreSQL's dialect is loaded only where it is used (SQLite processes never need it).
+    from sqlalchemy.dialects.postgresql import ARRAY
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-    return pg_insert(messages_table).on_conflict_do_nothing(index_elements=["id"])
+    record = (
+        pg_insert(messages_table)
+        .values({c.name: bindparam(c.name, type_=c.type) for c in messages_table.c})
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(messages_table.c.id, messages_table.c.created_at)
+        .cte("new_record")
+    )
+    terms = (
+        func.unnest(bindparam("terms", type_=ARRAY(Text)))
+        .table_valued("term")
+        .render_derived(name="terms")
+    )
+    return (
+        pg_insert(lookup_table)
+        .from_select(
+            ["term", "created_at", "message_id"],
+            select(terms.c.term, record.c.created_at, record.c.id).select_from(
+                record.join(terms, true())
+            ),
+        )
+        .on_conflict_do_nothing()
+    )
 
 
 def _accepted_at(job: MailJob) -> datetime | None:
@@ -1520,17 +1546,19 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
     }
     terms = _terms(row["results"], job.tags, job.metadata)
     if conn.dialect.name != "sqlite":
-        conn.execute(_pg_insert_new(), row)
-        lookups = [{"term": t, "created_at": at, "message_id": job.id} for t in terms]
-        conn.execute(_insert_lookup_ignoring("postgresql"), lookups)
+        every = dict.fromkeys((c.name for c in messages_table.c), None)
+        conn.execute(_pg_insert_new(), every | {"copy": 0} | row | {"terms": terms})
         return
     convert = _sqlite_converters(conn.dialect)
     args = [(c(v) if (c := convert[k]) else v) for k, v in row.items()]
     driver = conn.connection.driver_connection
     assert driver is not None
     driver.execute(_sqlite_insert_sql(tuple(row)), args)
-    created = args[list(row).index("created_at")]
-    driver.executemany(_SQLITE_INSERT_LOOKUP, [(t, created, job.id) for t in terms])
+    created = convert["created_at"](at)  # type: ignore[misc]
+    if len(terms) == 1:  # the usual case: one recipient, no tags or metadata
+        driver.execute(_SQLITE_INSERT_LOOKUP, (terms[0], created, job.id))
+    else:
+        driver.executemany(_SQLITE_INSERT_LOOKUP, [(t, created, job.id) for t in terms])
 
 
 _SQLITE_INSERT_LOOKUP = (
@@ -1572,10 +1600,12 @@ def _terms(results: Any, tags: Any, meta: Any) -> list[str]:
     of its results), ``tag:<tag>`` for each tag, ``meta:<key> <value>`` for each metadata
     pair (a key has no space). Each once."""
     terms = [f"to:{_recipient_key(a)}" for a in results]
-    terms += [f"tag:{t}" for t in tags or ()]
-    pairs = meta.items() if isinstance(meta, dict) else meta or ()
-    terms += [f"meta:{k} {v}" for k, v in pairs]
-    return list(dict.fromkeys(terms))
+    if tags:
+        terms += [f"tag:{t}" for t in tags]
+    if meta:
+        pairs = meta.items() if isinstance(meta, dict) else meta
+        terms += [f"meta:{k} {v}" for k, v in pairs]
+    return terms if len(terms) == 1 else list(dict.fromkeys(terms))
 
 
 def list_statement(
