@@ -6,7 +6,7 @@ days, oldest first, in the shapes the worker leaves them: mostly ``sent``, some
 within the last day only, a few still ``retrying`` or ``queued`` as in a live system.
 Recipients are in ``seed.invalid`` (a name that never resolves, RFC 2606), so nothing
 seeded can ever be mailed; most records carry a tag (TAGS) and half of them metadata
-``{"customer": "c<n>"}``, with their lookup rows (the lists by recipient, tag, metadata).
+``{"customer": "c<n>"}``. The database writes their lookup rows (store.insert_rows).
 
 Not for production databases: the rows go in as they are (no validation, no idempotency
 keys, nothing in RabbitMQ behind the pending ones), in large transactions that hold the
@@ -85,8 +85,8 @@ class _Rows:
         writes (UTC, no offset, microseconds); a datetime for asyncpg."""
         return at.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite else at
 
-    def row(self, created: datetime, recent: bool, lookups: list[tuple[str, Any, str]]) -> Any:
-        """One record as a tuple of COLUMNS; its lookup rows are appended to ``lookups``."""
+    def row(self, created: datetime, recent: bool) -> Any:
+        """One record as a tuple of COLUMNS."""
         random_ = self.rng.random  # random() is C; randrange() is Python, and slower
         roll = random_()
         n = 1 if roll < 0.85 else 2 if roll < 0.95 else 3
@@ -97,19 +97,12 @@ class _Rows:
         record_id = f"{self.rng.getrandbits(128):032x}"
         recipients = '["' + '", "'.join(addresses) + '"]'
         record = self._shape(record_id, recipients, subject, addresses, created, recent)
-        stamp = record[10]  # created_at, as stored
-        terms = [f"to:{a}" for a in addresses]
         roll = random_()
         tags = meta = None
         if roll < 0.6:  # most mail is tagged with its kind
-            tag = TAGS[int(roll * 100) % len(TAGS)]
-            tags = f'["{tag}"]'
-            terms.append(f"tag:{tag}")
+            tags = f'["{TAGS[int(roll * 100) % len(TAGS)]}"]'
         if random_() < 0.5:
-            customer = f"c{int(random_() * CUSTOMERS)}"
-            meta = f'{{"customer": "{customer}"}}'
-            terms.append(f"meta:customer {customer}")
-        lookups.extend([(term, stamp, record_id) for term in terms])
+            meta = f'{{"customer": "c{int(random_() * CUSTOMERS)}"}}'
         return (*record, tags, meta)
 
     def _shape(
@@ -255,15 +248,14 @@ class _Plan:
     recent_from: datetime
     seed: int
 
-    def build(self, first: int, last: int) -> tuple[list[Any], list[Any]]:
-        """Records ``first`` to ``last``, and their lookup rows."""
+    def build(self, first: int, last: int) -> list[Any]:
+        """Records ``first`` to ``last``, oldest first."""
         rows = _Rows(self.dialect, random.Random(self.seed + first))
         out: list[Any] = []
-        lookups: list[Any] = []
         for i in range(first, last):
             created = self.start + timedelta(seconds=(i + rows.rng.random()) * self.step)
-            out.append(rows.row(created, created >= self.recent_from, lookups))
-        return out, lookups
+            out.append(rows.row(created, created >= self.recent_from))
+        return out
 
 
 async def seed(
@@ -296,7 +288,7 @@ async def seed(
     firsts = range(0, count, chunk)
     if len(firsts) <= 1:
         for first in firsts:
-            await store.insert_rows(COLUMNS, *await asyncio.to_thread(plan.build, first, count))
+            await store.insert_rows(COLUMNS, await asyncio.to_thread(plan.build, first, count))
         return count
     loop = asyncio.get_running_loop()
     # spawn, not fork: this process runs threads (the writer, the drivers').
@@ -308,7 +300,7 @@ async def seed(
             if first + chunk < count:
                 after = first + chunk
                 building = loop.run_in_executor(pool, plan.build, after, min(after + chunk, count))
-            await store.insert_rows(COLUMNS, *batch)
+            await store.insert_rows(COLUMNS, batch)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return count

@@ -63,6 +63,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
     true,
     tuple_,
     update,
@@ -414,6 +415,8 @@ def _sqlite_begin(conn: Connection) -> None:
 
 READ_CONNECTIONS = 3  # SQLite: read connections per process (each a thread of aiosqlite)
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
+MIGRATION_WAIT = 600.0  # seconds a process may wait for another's schema upgrade
+MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema upgrade
 
 
 def _flock_within(fd: int, seconds: float) -> bool:
@@ -503,33 +506,32 @@ class Store:
             if not future.done():
                 future.set_result(result)
 
-    async def _transaction(self, units: list[Unit]) -> list[Any]:
-        """One write transaction running ``units`` in order; their results."""
+    async def _transaction(self, units: list[Unit], wait: float = LOCK_WAIT) -> list[Any]:
+        """One write transaction running ``units`` in order; their results. ``wait``:
+        how long to wait for another process's write (SQLite)."""
         if self._sqlite_writer is None:
             async with self.engine.begin() as conn:
                 results: list[Any] = await conn.run_sync(_run_units, units)
                 return results
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._thread, self._sqlite_transaction, units)
+            return await loop.run_in_executor(self._thread, self._sqlite_transaction, units, wait)
         except StoreUnavailable:
             if self._file_watch is not None:
                 await self._file_watch.verify()  # declares a lost file (rescue copy, ERROR)
             raise
 
-    def _sqlite_transaction(self, units: list[Unit]) -> list[Any]:
+    def _sqlite_transaction(self, units: list[Unit], wait: float = LOCK_WAIT) -> list[Any]:
         """In the writer thread: take Mailroom's file lock (processes queue on it, bounded
-        by LOCK_WAIT), run the units, and commit unless the file was removed or replaced."""
+        by ``wait``), run the units, and commit unless the file was removed or replaced."""
         assert self._sqlite_writer is not None
         fd = self._lock_fd
         if fd is None and self._lock_path is not None:
             fd = self._lock_fd = os.open(
                 self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
-        if fd is not None and not _flock_within(fd, LOCK_WAIT):
-            raise StoreUnavailable(
-                f"another process has held {self._lock_path} for over {LOCK_WAIT:g}s"
-            )
+        if fd is not None and not _flock_within(fd, wait):
+            raise StoreUnavailable(f"another process has held {self._lock_path} for over {wait:g}s")
         try:
             with self._sqlite_writer.begin() as conn:
                 results = _run_units(conn, units)
@@ -656,7 +658,9 @@ class Store:
     async def _migrate(self) -> None:
         for attempt in (1, 2):
             try:
-                await self._transaction([_create_or_upgrade])
+                # A process that starts while another upgrades a big database waits
+                # for it (SQLite: the file lock; PostgreSQL: an advisory lock).
+                await self._transaction([_create_or_upgrade], wait=MIGRATION_WAIT)
                 return
             except (IntegrityError, DBAPIError):
                 # Another process created the schema at the same moment: look again.
@@ -1055,37 +1059,30 @@ class Store:
         """``sqlite`` or ``postgresql``."""
         return str(self.engine.dialect.name)
 
-    async def insert_rows(
-        self,
-        columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
-        lookups: Sequence[tuple[str, Any, str]] = (),
-    ) -> None:
-        """Insert ready-made rows into ``mailroom_messages`` (and their ``lookups``:
-        term, created_at, message id) in one write transaction, with the driver's own
-        ``executemany``: each value as the driver takes it (see seeding.py). For
-        capacity tests: nothing is checked or converted."""
+    async def insert_rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert ready-made rows into ``mailroom_messages`` in one write transaction, with
+        the driver's own ``executemany`` (each value as the driver takes it: see
+        seeding.py), and have the database write their lookup rows. The rows are in the
+        order of ``created_at``, and their recipients in ASCII. For capacity tests:
+        nothing is checked or converted."""
+        if not rows:
+            return
         names = ", ".join(columns)
+        at = columns.index("created_at")
+        low, high = (_aware(_datetime(rows[n][at])) for n in (0, -1))
 
         def work(conn: Connection) -> None:
             if conn.dialect.paramstyle == "qmark":
                 # This process's write connection: a larger page cache for the indexes.
                 conn.exec_driver_sql("PRAGMA cache_size=-262144")
                 marks = ", ".join("?" for _ in columns)
-                three = "?, ?, ?"
             else:  # asyncpg: numeric_dollar
                 marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-                three = "$1, $2, $3"
             conn.exec_driver_sql(
                 f"INSERT INTO {messages_table.name} ({names}) VALUES ({marks})",  # noqa: S608 - our column names
                 list(rows),
             )
-            if lookups:
-                conn.exec_driver_sql(
-                    f"INSERT INTO {lookup_table.name} (term, created_at, message_id) "  # noqa: S608 - our names
-                    f"VALUES ({three})",
-                    list(lookups),
-                )
+            _fill_lookup_between(conn, low, high, from_low=True)
 
         try:
             await self._write(work)
@@ -1716,6 +1713,17 @@ def _holds(record: MessageRecord, attempt: Attempt) -> bool:
 
 
 def _create_or_upgrade(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        # One process at a time sets up or upgrades the schema; the others then find it
+        # done (SQLite's processes take turns on the file lock already).
+        # Polled: a statement may take 30 s at most (asyncpg's command_timeout).
+        deadline = time.monotonic() + MIGRATION_WAIT
+        while not conn.scalar(select(func.pg_try_advisory_xact_lock(MIGRATION_LOCK))):
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(
+                    f"another process has been upgrading the schema for over {MIGRATION_WAIT:g}s"
+                )
+            conn.execute(select(func.pg_sleep(0.2)))
     metadata.create_all(conn, checkfirst=True)
     version = conn.execute(select(schema_table.c.version)).scalar()
     if version is None:
@@ -1753,17 +1761,98 @@ def _create_or_upgrade(conn: Connection) -> None:
         conn.execute(update(schema_table).values(version=SCHEMA_VERSION))
 
 
+# The lookup rows of the records created in (:lo, :hi], written by the database itself
+# from their JSON (schema 6): envelope addresses in ASCII (the results' keys, in lower
+# case), tags, metadata pairs. Records with a non-ASCII address are completed by
+# _fill_lookup. In the order of the lookup's key on SQLite: one pass over its pages.
+_FILL_LOOKUP = {
+    "sqlite": (
+        "INSERT OR IGNORE INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'to:' || lower(j.key), m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_each(m.results) AS j "
+        "WHERE j.key NOT GLOB '*[^ -~]*' AND {range} ORDER BY 1",
+        "INSERT OR IGNORE INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'tag:' || j.value, m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_each(m.tags) AS j "
+        "WHERE json_type(m.tags) = 'array' AND {range} ORDER BY 1",
+        "INSERT OR IGNORE INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'meta:' || j.key || ' ' || j.value, m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_each(m.meta) AS j "
+        "WHERE json_type(m.meta) = 'object' AND {range} ORDER BY 1",
+    ),
+    "postgresql": (
+        "INSERT INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'to:' || lower(k), m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_object_keys(m.results) AS k "
+        "WHERE k ~ '^[ -~]*$' AND {range} ON CONFLICT DO NOTHING",
+        "INSERT INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'tag:' || t, m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_array_elements_text(m.tags) AS t "
+        "WHERE json_typeof(m.tags) = 'array' AND {range} ON CONFLICT DO NOTHING",
+        "INSERT INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'meta:' || e.key || ' ' || e.value, m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_each_text(m.meta) AS e "
+        "WHERE json_typeof(m.meta) = 'object' AND {range} ON CONFLICT DO NOTHING",
+    ),
+}
+# json.dumps writes a non-ASCII character as \\uXXXX: the records _fill_lookup completes.
+_NOT_ASCII = {
+    "sqlite": "instr(results, '\\u') > 0",
+    "postgresql": "strpos(results::text, '\\u') > 0",
+}
+FILL_CHUNK = 200_000  # records per statement of the schema 6 upgrade
+
+
+def _fill_lookup_between(
+    conn: Connection, low: datetime | None, high: datetime | None, *, from_low: bool = False
+) -> None:
+    """The database writes the lookup rows of the records created after ``low`` (from it,
+    with ``from_low``) up to ``high`` (None: no bound), but for non-ASCII recipients."""
+    bounds = []
+    if low is not None:
+        bounds.append("m.created_at >= :lo" if from_low else "m.created_at > :lo")
+    if high is not None:
+        bounds.append("m.created_at <= :hi")
+    values = {k: v for k, v in (("lo", low), ("hi", high)) if v is not None}
+    stamp = DateTime(timezone=True)
+    for statement in _FILL_LOOKUP[conn.dialect.name]:
+        sql = text(statement.format(range=" AND ".join(bounds) or "1 = 1"))
+        conn.execute(sql.bindparams(*(bindparam(k, type_=stamp) for k in values)), values)
+
+
 def _fill_lookup(conn: Connection, chunk: int = 5000) -> None:
-    """Write the lookup rows of every record (oldest first, ``chunk`` at a time)."""
+    """Write the lookup rows of every record: by the database itself, FILL_CHUNK records
+    a statement (none may take more than a few seconds), then here (in :func:`_terms`'s
+    form: an IDN domain in ASCII) those of the records with a non-ASCII recipient,
+    ``chunk`` at a time, oldest first."""
     table = messages_table
+    low: Any = None
+    while True:
+        after = table.c.created_at > low if low is not None else true()
+        high = conn.scalar(
+            select(table.c.created_at)
+            .where(after)
+            .order_by(table.c.created_at)
+            .offset(FILL_CHUNK)
+            .limit(1)
+        )
+        _fill_lookup_between(conn, low, high)
+        if high is None:
+            break
+        low = high
     columns = (table.c.id, table.c.created_at, table.c.results, table.c.tags, table.c.meta)
-    query = select(*columns).order_by(table.c.created_at, table.c.id).limit(chunk)
-    after: tuple[Any, str] | None = None
+    query = (
+        select(*columns)
+        .where(text(_NOT_ASCII[conn.dialect.name]))
+        .order_by(table.c.created_at, table.c.id)
+        .limit(chunk)
+    )
+    last: tuple[Any, str] | None = None
     while True:
         page = (
             query
-            if after is None
-            else query.where(tuple_(table.c.created_at, table.c.id) > tuple_(*after))
+            if last is None
+            else query.where(tuple_(table.c.created_at, table.c.id) > tuple_(*last))
         )
         rows = conn.execute(page).all()
         if not rows:
@@ -1773,9 +1862,8 @@ def _fill_lookup(conn: Connection, chunk: int = 5000) -> None:
             for row in rows
             for term in _terms(row.results, row.tags, row.meta)
         ]
-        if keys:
-            conn.execute(_insert_lookup_ignoring(conn.dialect.name), keys)
-        after = (rows[-1].created_at, rows[-1].id)
+        conn.execute(_insert_lookup_ignoring(conn.dialect.name), keys)
+        last = (rows[-1].created_at, rows[-1].id)
 
 
 def _add_missing_columns(conn: Connection, table: str, columns: dict[str, str]) -> None:

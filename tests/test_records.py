@@ -306,18 +306,18 @@ async def database_size(store: Store) -> int:
 
 
 async def test_schema_5_database_gets_the_list_indexes_and_lookups(
-    database_url: Secret, make_settings: Callable[..., Settings]
+    database_url: Secret, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A database of the previous version (schema 5: single-column indexes, no lookup
     table) is upgraded in place when a process opens it: the composite indexes replace
     the old ones, and every record's recipients, tags and metadata are in the lookup."""
     settings = make_settings(database_url=database_url)
     tagged = new_job(
-        to=["Old@Example.com", "two@example.com"],
+        to=["Old@Example.com", "two@example.com", "Ann@BÜCHER.de"],
         subject="s",
         text="t",
         tags=["promo"],
-        metadata={"order": "42"},
+        metadata={"order": "42", "city": "Zürich"},
     )
     plain = legacy_job("plain@example.com")
     store = await Store.open(settings)
@@ -335,6 +335,7 @@ async def test_schema_5_database_gets_the_list_indexes_and_lookups(
             await conn.execute(text("UPDATE mailroom_schema SET version = 5"))
     finally:
         await store.close()
+    monkeypatch.setattr("store.FILL_CHUNK", 1)  # a statement per record
     store = await Store.open(settings)
     try:
         async with store.engine.connect() as conn:
@@ -352,11 +353,31 @@ async def test_schema_5_database_gets_the_list_indexes_and_lookups(
             await store.list(recipient="old@example.com"),
             await store.list(recipient="TWO@example.com", tag="promo"),
             await store.list(meta=("order", "42")),
+            await store.list(meta=("city", "Zürich"), recipient="ann@xn--bcher-kva.de"),
+            await store.list(recipient="ann@bücher.de"),
         ):
             assert [r.id for r in found] == [tagged.id]
         assert [r.id for r in await store.list(recipient="plain@example.com")] == [plain.id]
     finally:
         await store.close()
+
+
+async def test_processes_opening_a_new_database_at_once_take_turns(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """Several processes set up (or upgrade) the schema at the same moment: one does it,
+    the others wait for it and find it done."""
+    settings = make_settings(database_url=database_url)
+    stores = await asyncio.gather(*(Store.open(settings) for _ in range(4)))
+    try:
+        for opened in stores:
+            async with opened.engine.connect() as conn:
+                version = await conn.scalar(text("SELECT version FROM mailroom_schema"))
+                rows = await conn.scalar(text("SELECT count(*) FROM mailroom_schema"))
+            assert (version, rows) == (SCHEMA_VERSION, 1)
+    finally:
+        for opened in stores:
+            await opened.close()
 
 
 async def test_server_expires_old_records_at_start(make_settings: Callable[..., Settings]) -> None:
