@@ -90,7 +90,7 @@ FINAL = frozenset({"sent", "partial", "failed", "cancelled"})
 CANCELLABLE = frozenset({"queued", "scheduled", "retrying"})
 SCHEMA_VERSION = 6
 IDEMPOTENCY_TTL = timedelta(hours=24)
-PRUNE_BATCH = 200  # records deleted per write transaction by retention (about 3 ms)
+PRUNE_BATCH = 50  # records deleted per write transaction by retention (about 3 ms)
 PRUNE_PAUSE = 0.01  # seconds between two such transactions
 
 

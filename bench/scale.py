@@ -49,9 +49,11 @@ import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 
@@ -78,7 +80,17 @@ from bench import (
 
 log = logging.getLogger("bench.scale")
 
-LISTS = ("by id", "limit=50", "status=failed", "status=sent")
+LISTS = (
+    "by id",
+    "limit=50",
+    "status=failed",
+    "status=sent",
+    "recipient",
+    "tag",
+    "metadata",
+    "status=sent, page n",
+)
+SEED_TAGS = ("receipt", "newsletter", "password-reset", "welcome")  # seeding.TAGS
 OTHER_LISTS = tuple(n for n in LISTS if n != "limit=50")  # against the plain list
 LOOP_TARGETS = ("/api/messages?status=sent&limit=50", "/api/messages?status=failed&limit=50")
 LIST_TARGET = 2.0  # issue 17: any list's p99 within 2x the plain list's, at 1M and more
@@ -140,6 +152,22 @@ async def list_load(
         }
         for kind in kinds
     }
+
+
+async def deep_page(port: int, sample: Sample, within: float) -> str | None:
+    """A cursor into the middle of the sent records: the page after the newest sent
+    record accepted up to ``sample`` (None when there is none)."""
+    until = datetime.fromisoformat(sample.created_at) + timedelta(milliseconds=1)
+    conn = KeepAliveConnection(port)
+    try:
+        target = f"/api/messages?status=sent&limit=1&until={quote(until.isoformat())}"
+        status, body = await conn.request("GET", target, within)
+    finally:
+        await conn.close()
+    if status != 200:
+        raise BenchError(f"GET {target} answered {status}: {body[:200]!r}")
+    cursor = json.loads(body).get("next_cursor")
+    return str(cursor) if cursor else None
 
 
 async def list_loops(port: int, loops: int, within: float, done: list[int]) -> None:
@@ -210,21 +238,23 @@ class Database:
         finally:
             await conn.close()
 
-    async def sample_ids(self, n: int) -> list[str]:
-        """About ``n`` stored ids from all over the table."""
+    async def sample(self, n: int) -> list[Sample]:
+        """About ``n`` stored records from all over the table."""
         if self.sqlite is not None:
             path = self.sqlite
 
-            def pick() -> list[str]:
+            def pick() -> list[Sample]:
                 conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
                 try:
                     top = conn.execute("SELECT max(rowid) FROM mailroom_messages").fetchone()[0]
                     rowids = [random.randint(1, top or 1) for _ in range(n)]
                     return [
-                        row[0]
+                        Sample.of(*row)
                         for r in rowids
                         for row in conn.execute(
-                            "SELECT id FROM mailroom_messages WHERE rowid = ?", (r,)
+                            "SELECT id, results, created_at, meta FROM mailroom_messages "
+                            "WHERE rowid = ?",
+                            (r,),
                         )
                     ]
                 finally:
@@ -236,13 +266,37 @@ class Database:
             total = await conn.fetchval("SELECT count(*) FROM mailroom_messages")
             percent = min(100.0, max(0.01, 100.0 * 4 * n / max(total, 1)))
             rows = await conn.fetch(
-                f"SELECT id FROM mailroom_messages TABLESAMPLE SYSTEM ({percent:.4f})"  # noqa: S608
+                "SELECT id, results::text, created_at, meta::text FROM mailroom_messages "  # noqa: S608
+                f"TABLESAMPLE SYSTEM ({percent:.4f})"
             )
         finally:
             await conn.close()
-        ids = [r["id"] for r in rows]
-        random.shuffle(ids)
-        return ids[:n]
+        found = [Sample.of(*r) for r in rows]
+        random.shuffle(found)
+        return found[:n]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A stored record the lists look for: its id, a recipient, when it was accepted
+    (RFC 3339), its metadata as a ``?metadata=`` value (or None)."""
+
+    id: str
+    recipient: str
+    created_at: str
+    metadata: str | None
+
+    @classmethod
+    def of(cls, record_id: str, results: str, created_at: Any, meta: str | None) -> Sample:
+        if isinstance(created_at, str):  # SQLite's text: UTC, without its offset
+            created_at = datetime.fromisoformat(created_at).replace(tzinfo=UTC)
+        pairs = json.loads(meta) if meta else None
+        return cls(
+            record_id,
+            next(iter(json.loads(results))),
+            created_at.isoformat(),
+            ":".join(next(iter(pairs.items()))) if pairs else None,
+        )
 
 
 async def at_size(
@@ -251,14 +305,25 @@ async def at_size(
     """Every figure at the database's current size."""
     port = system.ports[0]
     out: dict[str, Any] = {"database_mb": round(await db.size_mb(), 1)}
-    ids = await db.sample_ids(400)
-    if not ids:
-        raise BenchError(f"{system.name}: no stored ids to read")
+    samples = await db.sample(400)
+    if not samples:
+        raise BenchError(f"{system.name}: no stored records to read")
+    pages = [c for s in samples[:50] if (c := await deep_page(port, s, opts.request_timeout))]
+    if not pages:
+        raise BenchError(f"{system.name}: no sent record to page from")
     targets = {
-        "by id": [f"/api/messages/{i}" for i in ids],
+        "by id": [f"/api/messages/{s.id}" for s in samples],
         "limit=50": ["/api/messages?limit=50"],
         "status=failed": ["/api/messages?status=failed&limit=50"],
         "status=sent": ["/api/messages?status=sent&limit=50"],
+        "recipient": [f"/api/messages?recipient={quote(s.recipient)}&limit=50" for s in samples],
+        "tag": [f"/api/messages?tag={t}&limit=50" for t in SEED_TAGS],
+        # None before seeding: the warm-up's mail has no metadata (an empty list, then).
+        "metadata": [
+            f"/api/messages?metadata={quote(m)}&limit=50"
+            for m in [s.metadata for s in samples if s.metadata] or ["customer:c1"]
+        ],
+        "status=sent, page n": [f"/api/messages?status=sent&limit=50&cursor={c}" for c in pages],
     }
     out["lists"] = await list_load(
         port, targets, args.list_concurrency, args.list_requests, opts.request_timeout
@@ -355,7 +420,8 @@ def check(system: dict[str, Any]) -> list[dict[str, Any]]:
         if int(size) < TARGET_FROM:
             continue
         plain = figures["lists"]["limit=50"]["p99_ms"]
-        worst = max(OTHER_LISTS, key=lambda n: figures["lists"][n]["p99_ms"])
+        others = [n for n in OTHER_LISTS if n in figures["lists"]]
+        worst = max(others, key=lambda n: figures["lists"][n]["p99_ms"])
         worst_ratio = figures["lists"][worst]["p99_ms"] / plain if plain else float("nan")
         rows.append(
             {
@@ -402,22 +468,34 @@ def render(results: dict[str, Any]) -> str:
     for system in results["systems"]:
         sizes = system["sizes"]
         base = sizes.get("0")
+        kinds = [n for n in LISTS if all(n in f["lists"] for f in sizes.values())]
         out += ["", f"## {system['label']}", ""]
-        head = "| records | database | seeding |"
-        head += "".join(f" {n} p99 (c{cfg['list_concurrency']}) |" for n in LISTS)
-        head += " slowest other / limit=50 | accept p99 alone | with lists | with / alone |"
-        out += [head, "|" + "---|" * (head.count("|") - 1)]
+        out += [
+            f"List p99 at c{cfg['list_concurrency']}, limit 50:",
+            "",
+            "| list |" + "".join(f" {int(size):,} records |" for size in sizes),
+            "|---|" + "---|" * len(sizes),
+        ]
+        for n in kinds:
+            row = f"| {n} |"
+            for size, f in sizes.items():
+                p99 = f["lists"][n]["p99_ms"]
+                vs = f" ({ratio(p99, base['lists'][n]['p99_ms'])})" if base and size != "0" else ""
+                row += f" {fmt(p99, '{:.1f}')} ms{vs} |"
+            out.append(row)
+        row = "| slowest other list / limit=50 |"
+        for f in sizes.values():
+            others = [f["lists"][n]["p99_ms"] for n in kinds if n in OTHER_LISTS]
+            row += f" {ratio(max(others), f['lists']['limit=50']['p99_ms'])} |"
+        out += [row, ""]
+        out += [
+            "| records | database | seeding | accept p99 alone | with lists | with / alone |",
+            "|---|---|---|---|---|---|",
+        ]
         for size, f in sizes.items():
             seeding = f.get("seeding")
             row = f"| {int(size):,} | {f['database_mb']:,.0f} MB | "
             row += f"{seeding['per_s']:,}/s |" if seeding else "- |"
-            for n in LISTS:
-                p99 = f["lists"][n]["p99_ms"]
-                vs = f" ({ratio(p99, base['lists'][n]['p99_ms'])})" if base and size != "0" else ""
-                row += f" {fmt(p99, '{:.1f}')} ms{vs} |"
-            plain = f["lists"]["limit=50"]["p99_ms"]
-            worst = max(f["lists"][n]["p99_ms"] for n in OTHER_LISTS)
-            row += f" {ratio(worst, plain)} |"
             alone = f["accepts"]["alone"]["p99_ms"]
             busy = f["accepts"]["with lists"]["p99_ms"]
             for value, key in ((alone, "alone"), (busy, "with lists")):
