@@ -35,7 +35,6 @@ from email.policy import SMTPUTF8, compat32
 from email.utils import format_datetime, getaddresses, quote
 
 import aiosmtplib
-import dkim
 from aiosmtplib.email import flatten_message
 from email_validator import EmailNotValidError
 
@@ -449,6 +448,8 @@ class DkimSigner:
         except OSError as exc:
             raise ConfigError("DKIM_PRIVATE_KEY_FILE", f"cannot read {path}: {exc}") from None
         signer = cls(settings.dkim_domain, settings.dkim_selector, key)
+        import dkim  # only where DKIM is set up (its RSA code is a few MB)
+
         try:
             signer.sign(b"From: a@example.org\nSubject: key check\n\nkey check\n")
         except dkim.DKIMException as exc:
@@ -460,6 +461,8 @@ class DkimSigner:
 
     def sign(self, data: bytes) -> bytes:
         """``data`` with its DKIM-Signature header line in front."""
+        import dkim
+
         signature: bytes = dkim.sign(
             data,
             self.selector.encode(),
@@ -778,6 +781,8 @@ class SmtpPool:
     async def _sign(self, data: bytes, job: MailJob) -> bytes:
         """DKIM-sign the final bytes: a big mail (its body hash) in a worker thread."""
         assert self.signer is not None
+        import dkim
+
         try:
             if _size(job) > LARGE_BODY_CHARS:
                 return await asyncio.to_thread(self.signer.sign, data)

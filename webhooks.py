@@ -31,7 +31,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import httpx
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from broker import AMQP_ERRORS, WEBHOOK_DEAD_KEY, WEBHOOK_KEY, Broker, Names
@@ -101,6 +100,8 @@ class WebhookSender:
         self.broker = broker
         self.names = Names.of(settings)
         self._secret = settings.webhook_secret.get()
+        import httpx  # only where webhooks are set up
+
         self._client = httpx.AsyncClient(
             timeout=settings.webhook_timeout, trust_env=False, follow_redirects=False
         )
@@ -214,6 +215,8 @@ class WebhookSender:
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self._secret, timestamp, body),
         }
+        import httpx
+
         try:
             answer = await self._client.post(url, content=body, headers=headers)
         except httpx.TimeoutException:

@@ -186,8 +186,11 @@ async def test_launcher_runs_servers_and_workers_and_restarts_them_under_load(
         for _ in range(5):
             try:
                 response = await client.post(f"{base}/api/messages", json=body, headers=key)
-            except httpx.RemoteProtocolError:
-                resent += 1  # closed unread by a stopping server: nothing was queued
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                # Closed unread by a stopping server (a FIN, or a reset when the request's
+                # bytes were still unread): sent again with the same Idempotency-Key, so
+                # that even a request that was taken after all is queued once.
+                resent += 1
                 continue
             answers.append(response.status_code)
             if response.status_code == 202:
