@@ -13,6 +13,11 @@ A record's ``status`` moves
 ``retrying`` may become ``cancelled``, final too) and every transition is appended to its
 ``history`` with a UTC time stamp.
 
+Every list is read from an index in the order it answers (:func:`list_statement`): the
+records' own by ``(status, created_at, id)`` and ``(created_at, id)``, or, by recipient,
+tag or metadata, ``mailroom_lookup``, written with the record. Finished records expire
+after ``MESSAGE_RETENTION_DAYS`` (:meth:`Store.prune`, a few of them a write).
+
 Who may send, and which copy counts (see the README's delivery guarantees):
 
 * **Final states stay final.** An attempt's outcome is written only while the record is
