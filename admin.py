@@ -1,9 +1,12 @@
-"""Operator commands: dead-lettered messages, and moving the message database.
+"""Operator commands: dead-lettered messages, moving the message database, the records.
 
     python admin.py dead list                 # what is in <QUEUE_PREFIX>.dead, and why
     python admin.py dead requeue --all        # send every dead letter again
     python admin.py dead requeue ID [ID ...]  # send these again
     python admin.py db copy --from URL        # copy records from URL into DATABASE_URL
+    python admin.py records stats             # JSON: total, by status, the oldest record
+    python admin.py records prune             # apply MESSAGE_RETENTION_DAYS now
+    python admin.py records seed --count N --days D   # synthetic records: not in production
 
 A re-queued message gets a fresh retry budget; recipients that refused it are tried
 again, recipients that already accepted it are not. ``db copy`` (for instance from
@@ -16,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+import time
 
 from broker import Names
 from config import Settings, quiet_amqp_libraries, redact_url
 from dbcopy import copy_records, describe
 from deadletters import dead_letters
 from errors import BrokerUnavailable, ConfigError
-from store import StoreUnavailable
+from seeding import seed
+from store import Store, StoreUnavailable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         help="the database to copy from, e.g. sqlite:///var/mailroom.db",
     )
+    records = sub.add_parser("records", help="message records in the database")
+    chores = records.add_subparsers(dest="action", required=True)
+    chores.add_parser("stats", help="JSON: how many records, by status, and the oldest one")
+    chores.add_parser("prune", help="delete the records MESSAGE_RETENTION_DAYS expires, now")
+    seeder = chores.add_parser(
+        "seed", help="write synthetic records for capacity tests (never in production)"
+    )
+    seeder.add_argument("--count", type=int, required=True, help="records to write")
+    seeder.add_argument(
+        "--days", type=float, default=30.0, help="spread over the last this many days (30)"
+    )
     args = parser.parse_args(argv)
-    if args.action == "requeue" and not args.ids and not args.all:
+    if args.area == "dead" and args.action == "requeue" and not args.ids and not args.all:
         parser.error("give message ids or --all")
+    if args.area == "records" and args.action == "seed" and (args.count < 0 or args.days <= 0):
+        parser.error("--count must be at least 0 and --days more than 0")
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -60,6 +79,38 @@ def main(argv: list[str] | None = None) -> int:
     quiet_amqp_libraries()
     if args.area == "db":
         return copy_database(args.source, settings)
+    if args.area == "records":
+        try:
+            print(asyncio.run(records_command(settings, args)))
+        except StoreUnavailable as exc:
+            print(f"admin: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    return dead_command(settings, args)
+
+
+async def records_command(settings: Settings, args: argparse.Namespace) -> str:
+    """What ``records stats | prune | seed`` prints."""
+    store = await Store.open(settings)
+    try:
+        if args.action == "stats":
+            return json.dumps((await store.stats()).to_json(), indent=2)
+        if args.action == "prune":
+            days = settings.message_retention_days
+            if days == 0:
+                return "MESSAGE_RETENTION_DAYS is 0: records are kept forever; none removed"
+            removed = await store.expire(days)
+            return f"removed {removed} record(s) older than {days} days"
+        started = time.monotonic()
+        written = await seed(store, args.count, args.days)
+        took = time.monotonic() - started
+        rate = f", {written / took:.0f}/s" if written and took > 0 else ""
+        return f"seeded {written} record(s) over {args.days:g} days in {took:.1f}s{rate}"
+    finally:
+        await store.close()
+
+
+def dead_command(settings: Settings, args: argparse.Namespace) -> int:
     selected = set(args.ids) if args.action == "requeue" else None
     try:
         seen = asyncio.run(dead_letters(settings, selected, args.action == "requeue" and args.all))

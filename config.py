@@ -102,6 +102,7 @@ class Settings:
     attempt_lease: float = 30.0
     log_level: str = "INFO"
     database_url: Secret = field(default_factory=lambda: Secret("sqlite:///var/mailroom.db"))
+    message_retention_days: int = 30  # 0: message records are kept forever
     retry_delays: tuple[float, ...] = (30.0, 120.0, 600.0, 3600.0, 14400.0)
     queue_type: QueueType = "classic"
     delivery_limit: int = 20
@@ -308,6 +309,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         attempt_lease=conv("ATTEMPT_LEASE", _lease, 30.0),
         log_level=conv("LOG_LEVEL", _log_level, "INFO"),
         database_url=Secret(conv("DATABASE_URL", _database_url, "sqlite:///var/mailroom.db")),
+        message_retention_days=conv("MESSAGE_RETENTION_DAYS", _retention, 30),
         retry_delays=conv("RETRY_DELAYS", _delays, (30.0, 120.0, 600.0, 3600.0, 14400.0)),
         queue_type=conv("QUEUE_TYPE", _queue_type, "classic"),
         delivery_limit=conv("DELIVERY_LIMIT", _delivery_limit, 20),
@@ -464,6 +466,15 @@ def _database_url(value: str) -> str:
     if scheme not in ("sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"):
         raise ValueError("must be sqlite:///path/to/file.db or postgresql://user@host/db")
     return value
+
+
+def _retention(value: str) -> int:
+    days = _whole(value)
+    if not 0 <= days <= 36500:
+        raise ValueError(
+            f"must be a number of days from 1 to 36500, or 0 to keep forever, not {value}"
+        )
+    return days
 
 
 def _delays(value: str) -> tuple[float, ...]:

@@ -205,6 +205,10 @@ def create_app(settings: Settings) -> Quart:
         return stores[0]
 
     housekeeping: list[asyncio.Task[None]] = []
+    # Lists take turns, one at a time in this process: a list is the costliest read (up
+    # to 500 records decoded and encoded again on the event loop), and clients listing in
+    # a loop must not take the process from the accepts. Reads by id do not wait.
+    listing = asyncio.Semaphore(1)
 
     async def purge_hourly() -> None:
         while True:
@@ -214,12 +218,31 @@ def create_app(settings: Settings) -> Quart:
                 log.warning("could not purge old idempotency keys: %s", exc)
             await asyncio.sleep(3600)
 
+    async def expire_hourly() -> None:
+        """Retention: once at start, then every hour, in small batches (store.prune)."""
+        days = settings.message_retention_days
+        while True:
+            try:
+                removed = await store().expire(days)
+            except StoreUnavailable as exc:
+                log.warning("could not delete expired message records: %s", exc)
+            else:
+                if removed:
+                    log.info(
+                        "deleted %d message records older than %d days (MESSAGE_RETENTION_DAYS)",
+                        removed,
+                        days,
+                    )
+            await asyncio.sleep(3600)
+
     @app.before_serving
     async def startup() -> None:
         await talklog.open()
         stores.append(await Store.open(settings))
         await broker.start()
         housekeeping.append(asyncio.create_task(purge_hourly(), name="purge-idempotency-keys"))
+        if settings.message_retention_days:
+            housekeeping.append(asyncio.create_task(expire_hourly(), name="message-retention"))
 
     @app.after_serving
     async def shutdown() -> None:
@@ -699,24 +722,25 @@ def create_app(settings: Settings) -> Quart:
                 meta = (key, value)
         except InvalidMessage as exc:
             return json_error(exc.reason, 400, field=exc.field)
-        try:
-            records = await store().list(
-                query_args.status,
-                query_args.limit,
-                query_args.tag,
-                meta,
-                before=before,
-                recipient=recipient,
-                since=since,
-                until=until,
-            )
-        except StoreUnavailable as exc:
-            log.error("listing messages: store unavailable: %s", exc)
-            return json_error("the message store is unavailable; try again", 503, RETRY)
-        cursor = None
-        if len(records) == query_args.limit:
-            cursor = encode_cursor(records[-1].created_at, records[-1].id)
-        return jsonify(messages=[r.to_json() for r in records], next_cursor=cursor)
+        async with listing:
+            try:
+                records = await store().list(
+                    query_args.status,
+                    query_args.limit,
+                    query_args.tag,
+                    meta,
+                    before=before,
+                    recipient=recipient,
+                    since=since,
+                    until=until,
+                )
+            except StoreUnavailable as exc:
+                log.error("listing messages: store unavailable: %s", exc)
+                return json_error("the message store is unavailable; try again", 503, RETRY)
+            cursor = None
+            if len(records) == query_args.limit:
+                cursor = encode_cursor(records[-1].created_at, records[-1].id)
+            return jsonify(messages=[r.to_json() for r in records], next_cursor=cursor)
 
     # -- the suppression list --------------------------------------------------------
 

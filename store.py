@@ -13,6 +13,11 @@ A record's ``status`` moves
 ``retrying`` may become ``cancelled``, final too) and every transition is appended to its
 ``history`` with a UTC time stamp.
 
+Every list is read from an index in the order it answers (:func:`list_statement`): the
+records' own by ``(status, created_at, id)`` and ``(created_at, id)``, or, by recipient,
+tag or metadata, ``mailroom_lookup``, written with the record. Finished records expire
+after ``MESSAGE_RETENTION_DAYS`` (:meth:`Store.prune`, a few of them a write).
+
 Who may send, and which copy counts (see the README's delivery guarantees):
 
 * **Final states stay final.** An attempt's outcome is written only while the record is
@@ -35,7 +40,6 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
-import json
 import logging
 import os
 import time
@@ -50,19 +54,23 @@ from sqlalchemy import (
     JSON,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Text,
     bindparam,
-    cast,
     delete,
     event,
     func,
     insert,
     inspect,
     select,
+    text,
+    true,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -74,8 +82,8 @@ from sqlalchemy.pool import SingletonThreadPool
 from config import Settings
 from dbsetup import create_missing_database
 from dbwatch import FileWatch, Probe, preflight
-from errors import MailroomError
-from messages import MailJob, addr_spec
+from errors import InvalidMessage, MailroomError
+from messages import MailJob, addr_spec, suppression_key
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +93,10 @@ Status = Literal[
 FINAL = frozenset({"sent", "partial", "failed", "cancelled"})
 # What DELETE /api/messages/<id> may still take back (nothing is being sent).
 CANCELLABLE = frozenset({"queued", "scheduled", "retrying"})
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 IDEMPOTENCY_TTL = timedelta(hours=24)
+PRUNE_BATCH = 50  # records deleted per write transaction by retention (about 3 ms)
+PRUNE_PAUSE = 0.01  # seconds between two such transactions
 
 
 class StoreUnavailable(MailroomError):
@@ -105,14 +115,14 @@ messages_table = Table(
     Column("id", String(32), primary_key=True),
     Column("recipients", JSON, nullable=False),
     Column("subject", Text, nullable=False),
-    Column("status", String(16), nullable=False, index=True),
+    Column("status", String(16), nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("next_attempt_at", DateTime(timezone=True)),
     Column("last_error", Text),
     Column("last_error_code", Integer),
     Column("results", JSON, nullable=False),
     Column("history", JSON, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # Attempt ownership (schema 2): who holds the current attempt, until when, and the
     # newest copy number seen.
@@ -122,6 +132,23 @@ messages_table = Table(
     # Schema 4 (issue 12): the message's tags (a JSON list) and metadata (a JSON object).
     Column("tags", JSON),
     Column("meta", JSON),
+    # Every list is read from an index in the order it answers, newest first (schema 6):
+    # all records, or those of one status (a cursor or a time range is a range of either);
+    # retention finds the oldest finished records of a status in the first one.
+    Index("ix_mailroom_messages_status_created", "status", "created_at", "id"),
+    Index("ix_mailroom_messages_created", "created_at", "id"),
+)
+
+# The lists by recipient, tag or metadata (schema 6): one row per term of a record (its
+# envelope addresses, tags and metadata pairs: :func:`_terms`), in the order the lists
+# answer, written with the record and deleted with it. The primary key is the index.
+lookup_table = Table(
+    "mailroom_lookup",
+    metadata,
+    Column("term", String(600), primary_key=True),
+    Column("created_at", DateTime(timezone=True), primary_key=True),
+    Column("message_id", String(32), primary_key=True),
+    sqlite_with_rowid=False,
 )
 
 idempotency_table = Table(
@@ -187,6 +214,13 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def _expired(created_at: datetime) -> bool:
     return created_at.replace(tzinfo=created_at.tzinfo or UTC) < now_utc() - IDEMPOTENCY_TTL
+
+
+def _datetime(value: Any) -> datetime | None:
+    """A time as the driver returned it from an aggregate (SQLite gives its text)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -310,6 +344,16 @@ class Attempt:
     record: MessageRecord | None = field(default=None, compare=False, repr=False)
 
 
+@dataclass(frozen=True)
+class RecordStats:
+    total: int
+    by_status: dict[str, int]
+    oldest: datetime | None  # when the oldest record was created
+
+    def to_json(self) -> dict[str, Any]:
+        return {"total": self.total, "by_status": self.by_status, "oldest": _iso(self.oldest)}
+
+
 ClaimKind = Literal["claimed", "final", "stale", "busy"]
 
 
@@ -374,7 +418,10 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")  # a reader: WAL never makes it wait
 
 
+READ_CONNECTIONS = 3  # SQLite: read connections per process (each a thread of aiosqlite)
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
+MIGRATION_WAIT = 600.0  # seconds a process may wait for another's schema upgrade
+MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema upgrade
 
 
 def _flock_within(fd: int, seconds: float) -> bool:
@@ -464,33 +511,32 @@ class Store:
             if not future.done():
                 future.set_result(result)
 
-    async def _transaction(self, units: list[Unit]) -> list[Any]:
-        """One write transaction running ``units`` in order; their results."""
+    async def _transaction(self, units: list[Unit], wait: float = LOCK_WAIT) -> list[Any]:
+        """One write transaction running ``units`` in order; their results. ``wait``:
+        how long to wait for another process's write (SQLite)."""
         if self._sqlite_writer is None:
             async with self.engine.begin() as conn:
                 results: list[Any] = await conn.run_sync(_run_units, units)
                 return results
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._thread, self._sqlite_transaction, units)
+            return await loop.run_in_executor(self._thread, self._sqlite_transaction, units, wait)
         except StoreUnavailable:
             if self._file_watch is not None:
                 await self._file_watch.verify()  # declares a lost file (rescue copy, ERROR)
             raise
 
-    def _sqlite_transaction(self, units: list[Unit]) -> list[Any]:
+    def _sqlite_transaction(self, units: list[Unit], wait: float = LOCK_WAIT) -> list[Any]:
         """In the writer thread: take Mailroom's file lock (processes queue on it, bounded
-        by LOCK_WAIT), run the units, and commit unless the file was removed or replaced."""
+        by ``wait``), run the units, and commit unless the file was removed or replaced."""
         assert self._sqlite_writer is not None
         fd = self._lock_fd
         if fd is None and self._lock_path is not None:
             fd = self._lock_fd = os.open(
                 self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
-        if fd is not None and not _flock_within(fd, LOCK_WAIT):
-            raise StoreUnavailable(
-                f"another process has held {self._lock_path} for over {LOCK_WAIT:g}s"
-            )
+        if fd is not None and not _flock_within(fd, wait):
+            raise StoreUnavailable(f"another process has held {self._lock_path} for over {wait:g}s")
         try:
             with self._sqlite_writer.begin() as conn:
                 results = _run_units(conn, units)
@@ -541,8 +587,11 @@ class Store:
             raise StoreUnavailable(f"cannot open the database: {refused}")
         writer: Engine | None = None
         if is_sqlite:
-            # Reads: one connection per process (WAL: they never wait for the writer).
-            engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
+            # Reads: a few connections per process (WAL: they never wait for the writer),
+            # so that a read by id never queues behind a list.
+            engine = create_async_engine(
+                url, pool_size=READ_CONNECTIONS, max_overflow=0, pool_timeout=30
+            )
             event.listen(engine.sync_engine, "connect", _sqlite_connect)
             event.listen(engine.sync_engine, "begin", _sqlite_begin)
             # Writes: one plain connection, used only in the writer thread.
@@ -571,10 +620,12 @@ class Store:
             await store._dispose()
             raise StoreUnavailable(f"cannot open the database: {_describe(exc)}") from exc
         if lock_path is not None and path:
-            # Open the read connection now, on this file: the rescue copy of a removed
-            # file is read through it (a connection opened later would make a new file).
-            async with engine.connect() as conn:
-                await conn.exec_driver_sql("SELECT 1")
+            # Open the read connections now, on this file: the rescue copy of a removed
+            # file is read through one (a connection opened later would make a new file).
+            async with contextlib.AsyncExitStack() as held:
+                for _ in range(READ_CONNECTIONS):
+                    conn = await held.enter_async_context(engine.connect())
+                    await conn.exec_driver_sql("SELECT 1")
             store._file_watch = FileWatch(Path(path), engine)
             await store._file_watch.start()
         elif not is_sqlite:
@@ -612,7 +663,9 @@ class Store:
     async def _migrate(self) -> None:
         for attempt in (1, 2):
             try:
-                await self._transaction([_create_or_upgrade])
+                # A process that starts while another upgrades a big database waits
+                # for it (SQLite: the file lock; PostgreSQL: an advisory lock).
+                await self._transaction([_create_or_upgrade], wait=MIGRATION_WAIT)
                 return
             except (IntegrityError, DBAPIError):
                 # Another process created the schema at the same moment: look again.
@@ -912,31 +965,22 @@ class Store:
         """Records newest first (``created_at``, then ``id``). ``before`` is a cursor: the
         ``(created_at, id)`` of the last record of the page before, so a page never
         shifts when messages arrive meanwhile. ``recipient`` is an envelope address
-        (``user@example.com``); ``since`` and ``until`` bound ``created_at`` (until:
-        exclusive)."""
-        table = messages_table
-        query = select(table).order_by(table.c.created_at.desc(), table.c.id.desc())
-        if status is not None:
-            query = query.where(table.c.status == status)
-        if before is not None:
-            at, last_id = before
-            query = query.where(
-                (table.c.created_at < at) | ((table.c.created_at == at) & (table.c.id < last_id))
-            )
-        if since is not None:
-            query = query.where(table.c.created_at >= since)
-        if until is not None:
-            query = query.where(table.c.created_at < until)
-        if tag is not None or meta is not None:
-            query = query.where(*_tag_and_meta_filter(tag, meta))
-        if recipient is not None:
-            # The results' keys are the envelope addresses, as JSON text (json.dumps).
-            quoted = json.dumps(recipient)
-            pattern = quoted.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            query = query.where(cast(table.c.results, Text).like(f"%{pattern}%", escape="\\"))
+        (``user@example.com``, compared in lower case); ``since`` and ``until`` bound
+        ``created_at`` (until: exclusive). Every combination is read from an index in the
+        order it answers (:func:`list_statement`)."""
+        statement = list_statement(
+            status,
+            limit,
+            tag=tag,
+            meta=meta,
+            recipient=recipient,
+            before=before,
+            since=since,
+            until=until,
+        )
         try:
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(query.limit(limit))).all()
+                rows = (await conn.execute(statement)).all()
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return [_record(r) for r in rows]
@@ -950,6 +994,125 @@ class Store:
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return {str(status): int(count) for status, count in rows}
+
+    # -- upkeep: retention, figures, capacity tests --------------------------------------
+
+    async def prune(self, older_than: datetime, batch: int = PRUNE_BATCH) -> int:
+        """Delete the finished records (FINAL) created before ``older_than``, with their
+        lookup rows; how many. Records still to be sent are never touched.
+
+        Each batch of at most ``batch`` records is one small unit of the writer (so it
+        takes turns with the accepts and outcomes rather than holding the write lock),
+        found through the status index, oldest first; a short pause between batches lets
+        other writes through.
+        """
+        table = messages_table
+        removed = 0
+        for status in sorted(FINAL):
+            oldest = (
+                select(table.c.id, table.c.created_at, table.c.results, table.c.tags, table.c.meta)
+                .where((table.c.status == status) & (table.c.created_at < older_than))
+                .order_by(table.c.created_at, table.c.id)
+                .limit(batch)
+            )
+
+            def work(conn: Connection, oldest: Select[Any] = oldest) -> int:
+                rows = conn.execute(oldest).all()
+                if not rows:
+                    return 0
+                keys = [
+                    {"t": term, "c": row.created_at, "m": row.id}
+                    for row in rows
+                    for term in _terms(row.results, row.tags, row.meta)
+                ]
+                if keys:
+                    conn.execute(_DELETE_LOOKUP, keys)
+                ids = [row.id for row in rows]
+                return int(conn.execute(delete(table).where(table.c.id.in_(ids))).rowcount)
+
+            while True:
+                try:
+                    deleted = await self._write(work)
+                except _DB_ERRORS as exc:
+                    raise StoreUnavailable(_describe(exc)) from exc
+                removed += deleted
+                if deleted < batch:
+                    break
+                await asyncio.sleep(PRUNE_PAUSE)
+        return removed
+
+    async def expire(self, retention_days: int) -> int:
+        """Apply the retention (``MESSAGE_RETENTION_DAYS``; 0 keeps everything): prune the
+        finished records created more than that many days ago; how many were removed."""
+        if retention_days <= 0:
+            return 0
+        return await self.prune(now_utc() - timedelta(days=retention_days))
+
+    async def stats(self) -> RecordStats:
+        """How many records there are, by status, and when the oldest was created."""
+        by_status = await self.count_by_status()
+        try:
+            async with self.engine.connect() as conn:
+                oldest = await conn.scalar(select(func.min(messages_table.c.created_at)))
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        found = dict(sorted(by_status.items()))
+        return RecordStats(sum(found.values()), found, _aware(_datetime(oldest)))
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return str(self.engine.dialect.name)
+
+    async def insert_rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert ready-made rows into ``mailroom_messages`` in one write transaction, with
+        the driver's own ``executemany`` (each value as the driver takes it: see
+        seeding.py), and have the database write their lookup rows. The rows are in the
+        order of ``created_at``, and their recipients in ASCII. For capacity tests:
+        nothing is checked or converted."""
+        if not rows:
+            return
+        names = ", ".join(columns)
+        at = columns.index("created_at")
+        low, high = (_aware(_datetime(rows[n][at])) for n in (0, -1))
+
+        def work(conn: Connection) -> None:
+            if conn.dialect.paramstyle == "qmark":
+                # This process's write connection: a larger page cache for the indexes.
+                conn.exec_driver_sql("PRAGMA cache_size=-262144")
+                marks = ", ".join("?" for _ in columns)
+            else:  # asyncpg: numeric_dollar
+                marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+            conn.exec_driver_sql(
+                f"INSERT INTO {messages_table.name} ({names}) VALUES ({marks})",  # noqa: S608 - our column names
+                list(rows),
+            )
+            _fill_lookup_between(conn, low, high, from_low=True)
+
+        try:
+            await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    async def add_lookups(self, records: Sequence[dict[str, Any]]) -> None:
+        """The lookup rows of ``records`` (dicts with ``id``, ``created_at``, ``results``,
+        ``tags``, ``meta``, as SQLAlchemy reads them) that are missing: for records that
+        came in some other way than :func:`_insert_queued` (``admin.py db copy``)."""
+        keys = [
+            {"term": term, "created_at": r["created_at"], "message_id": r["id"]}
+            for r in records
+            for term in _terms(r.get("results") or {}, r.get("tags"), r.get("meta"))
+        ]
+        if not keys:
+            return
+
+        def work(conn: Connection) -> None:
+            conn.execute(_insert_lookup_ignoring(conn.dialect.name), keys)
+
+        try:
+            await self._write(work)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
 
     # -- the worker's side -------------------------------------------------------------
 
@@ -1312,10 +1475,35 @@ def _sqlite_update_sql(columns: tuple[str, ...], kind: _Where) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _pg_insert_new() -> Any:
+    """The record and its lookup rows in one statement (one round trip): the INSERT of
+    the record, RETURNING nothing when it was there already, feeds the lookup rows of
+    the ``terms`` parameter."""
     # PostgreSQL's dialect is loaded only where it is used (SQLite processes never need it).
+    from sqlalchemy.dialects.postgresql import ARRAY
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-    return pg_insert(messages_table).on_conflict_do_nothing(index_elements=["id"])
+    record = (
+        pg_insert(messages_table)
+        .values({c.name: bindparam(c.name, type_=c.type) for c in messages_table.c})
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(messages_table.c.id, messages_table.c.created_at)
+        .cte("new_record")
+    )
+    terms = (
+        func.unnest(bindparam("terms", type_=ARRAY(Text)))
+        .table_valued("term")
+        .render_derived(name="terms")
+    )
+    return (
+        pg_insert(lookup_table)
+        .from_select(
+            ["term", "created_at", "message_id"],
+            select(terms.c.term, record.c.created_at, record.c.id).select_from(
+                record.join(terms, true())
+            ),
+        )
+        .on_conflict_do_nothing()
+    )
 
 
 def _accepted_at(job: MailJob) -> datetime | None:
@@ -1358,12 +1546,127 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
         "tags": list(job.tags) if job.tags else None,
         "meta": dict(job.metadata) if job.metadata else None,
     }
+    terms = _terms(row["results"], job.tags, job.metadata)
     if conn.dialect.name != "sqlite":
-        conn.execute(_pg_insert_new(), row)
+        every = dict.fromkeys((c.name for c in messages_table.c), None)
+        conn.execute(_pg_insert_new(), every | {"copy": 0} | row | {"terms": terms})
         return
     convert = _sqlite_converters(conn.dialect)
     args = [(c(v) if (c := convert[k]) else v) for k, v in row.items()]
-    conn.connection.driver_connection.execute(_sqlite_insert_sql(tuple(row)), args)  # type: ignore[union-attr]
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute(_sqlite_insert_sql(tuple(row)), args)
+    created = convert["created_at"](at)  # type: ignore[misc]
+    if len(terms) == 1:  # the usual case: one recipient, no tags or metadata
+        driver.execute(_SQLITE_INSERT_LOOKUP, (terms[0], created, job.id))
+    else:
+        driver.executemany(_SQLITE_INSERT_LOOKUP, [(t, created, job.id) for t in terms])
+
+
+_SQLITE_INSERT_LOOKUP = (
+    "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES (?, ?, ?) "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+@functools.lru_cache(maxsize=2)
+def _insert_lookup_ignoring(dialect: str) -> Any:
+    """INSERT into mailroom_lookup, leaving a row that is there already alone."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(lookup_table).on_conflict_do_nothing()
+    return sqlite_insert(lookup_table).on_conflict_do_nothing()
+
+
+_DELETE_LOOKUP = delete(lookup_table).where(
+    (lookup_table.c.term == bindparam("t"))
+    & (lookup_table.c.created_at == bindparam("c"))
+    & (lookup_table.c.message_id == bindparam("m"))
+)
+
+
+def _recipient_key(address: str) -> str:
+    """How an envelope address is looked up: in lower case, an IDN domain in ASCII (the
+    form the suppression list compares, :func:`messages.suppression_key`)."""
+    if address.isascii():
+        return address.lower()
+    try:
+        return suppression_key(address)
+    except InvalidMessage:
+        return address.lower()
+
+
+def _terms(results: Any, tags: Any, meta: Any) -> list[str]:
+    """The lookup terms of a record: ``to:<address>`` for each envelope address (the keys
+    of its results), ``tag:<tag>`` for each tag, ``meta:<key> <value>`` for each metadata
+    pair (a key has no space). Each once."""
+    terms = [f"to:{_recipient_key(a)}" for a in results]
+    if tags:
+        terms += [f"tag:{t}" for t in tags]
+    if meta:
+        pairs = meta.items() if isinstance(meta, dict) else meta
+        terms += [f"meta:{k} {v}" for k, v in pairs]
+    return terms if len(terms) == 1 else list(dict.fromkeys(terms))
+
+
+def list_statement(
+    status: str | None,
+    limit: int,
+    *,
+    tag: str | None = None,
+    meta: tuple[str, str] | None = None,
+    recipient: str | None = None,
+    before: tuple[datetime, str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Select[Any]:
+    """The query of a list, newest first (``created_at``, then ``id``), read from an index
+    in that order so that it stops after ``limit`` matching rows whatever the table holds:
+
+    * by recipient, tag or metadata: the lookup table's primary key for the first of
+      those terms, joined to the records; another term is checked by primary key;
+    * otherwise ``ix_mailroom_messages_status_created`` for one status, else
+      ``ix_mailroom_messages_created``.
+
+    A cursor (``before``) and ``since``/``until`` are ranges of the same index; the status
+    is checked on each record found through the lookup table.
+    """
+    table = messages_table
+    terms = []
+    if recipient is not None:
+        terms.append(f"to:{_recipient_key(recipient)}")
+    if tag is not None:
+        terms.append(f"tag:{tag}")
+    if meta is not None:
+        terms.append(f"meta:{meta[0]} {meta[1]}")
+    query = select(table)
+    if terms:
+        found = lookup_table.alias("found")
+        at, key = found.c.created_at, found.c.message_id
+        query = query.select_from(found.join(table, table.c.id == key)).where(
+            found.c.term == terms[0]
+        )
+        for term in terms[1:]:
+            also = lookup_table.alias()
+            query = query.where(
+                select(also.c.term)
+                .where(
+                    (also.c.term == term) & (also.c.created_at == at) & (also.c.message_id == key)
+                )
+                .exists()
+            )
+    else:
+        at, key = table.c.created_at, table.c.id
+    if status is not None:
+        query = query.where(table.c.status == status)
+    if before is not None:
+        query = query.where(tuple_(at, key) < tuple_(*before))
+    if since is not None:
+        query = query.where(at >= since)
+    if until is not None:
+        query = query.where(at < until)
+    return query.order_by(at.desc(), key.desc()).limit(limit)
 
 
 @functools.lru_cache(maxsize=4)
@@ -1398,22 +1701,6 @@ def _queued_record(job: MailJob) -> MessageRecord | None:
     )
 
 
-def _tag_and_meta_filter(tag: str | None, meta: tuple[str, str] | None) -> list[Any]:
-    """WHERE clauses for ``GET /api/messages?tag=`` and ``?metadata=key:value``.
-
-    A tag has no quote or comma (messages.py), so ``"tag"`` is found in the stored JSON
-    list as text, the same on SQLite and PostgreSQL; a metadata value is compared through
-    the database's JSON path operator.
-    """
-    clauses: list[Any] = []
-    if tag is not None:
-        clauses.append(cast(messages_table.c.tags, Text).contains(f'"{tag}"', autoescape=True))
-    if meta is not None:
-        key, value = meta
-        clauses.append(messages_table.c.meta[key].as_string() == value)
-    return clauses
-
-
 def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     return [unit(conn) for unit in units]
 
@@ -1431,6 +1718,17 @@ def _holds(record: MessageRecord, attempt: Attempt) -> bool:
 
 
 def _create_or_upgrade(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        # One process at a time sets up or upgrades the schema; the others then find it
+        # done (SQLite's processes take turns on the file lock already).
+        # Polled: a statement may take 30 s at most (asyncpg's command_timeout).
+        deadline = time.monotonic() + MIGRATION_WAIT
+        while not conn.scalar(select(func.pg_try_advisory_xact_lock(MIGRATION_LOCK))):
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(
+                    f"another process has been upgrading the schema for over {MIGRATION_WAIT:g}s"
+                )
+            conn.execute(select(func.pg_sleep(0.2)))
     metadata.create_all(conn, checkfirst=True)
     version = conn.execute(select(schema_table.c.version)).scalar()
     if version is None:
@@ -1456,7 +1754,121 @@ def _create_or_upgrade(conn: Connection) -> None:
             # Issue 12: tags and metadata on the record (JSON; NULL for none). Added only
             # when missing, whichever other steps ran before.
             _add_missing_columns(conn, "mailroom_messages", {"tags": "JSON", "meta": "JSON"})
+        if version < 6:
+            # Issue 17: lists read from indexes in their order. Two composite indexes
+            # replace the single-column ones, and the lookup table (made by create_all
+            # above) gets the terms of every record. Both read the whole table once.
+            for old in ("ix_mailroom_messages_status", "ix_mailroom_messages_created_at"):
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {old}")
+            for index in messages_table.indexes:
+                index.create(conn, checkfirst=True)
+            _fill_lookup(conn)
         conn.execute(update(schema_table).values(version=SCHEMA_VERSION))
+
+
+# The lookup rows of the records created in (:lo, :hi], written by the database itself
+# from their JSON (schema 6): envelope addresses in ASCII (the results' keys, in lower
+# case), tags, metadata pairs. Records with a non-ASCII address are completed by
+# _fill_lookup. In the order of the lookup's key on SQLite: one pass over its pages.
+_FILL_LOOKUP = {
+    "sqlite": (
+        "INSERT OR IGNORE INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'to:' || lower(j.key), m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_each(m.results) AS j "
+        "WHERE j.key NOT GLOB '*[^ -~]*' AND {range} ORDER BY 1",
+        "INSERT OR IGNORE INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'tag:' || j.value, m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_each(m.tags) AS j "
+        "WHERE json_type(m.tags) = 'array' AND {range} ORDER BY 1",
+        "INSERT OR IGNORE INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'meta:' || j.key || ' ' || j.value, m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_each(m.meta) AS j "
+        "WHERE json_type(m.meta) = 'object' AND {range} ORDER BY 1",
+    ),
+    "postgresql": (
+        "INSERT INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'to:' || lower(k), m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_object_keys(m.results) AS k "
+        "WHERE k ~ '^[ -~]*$' AND {range} ON CONFLICT DO NOTHING",
+        "INSERT INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'tag:' || t, m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_array_elements_text(m.tags) AS t "
+        "WHERE json_typeof(m.tags) = 'array' AND {range} ON CONFLICT DO NOTHING",
+        "INSERT INTO mailroom_lookup (term, created_at, message_id) "
+        "SELECT 'meta:' || e.key || ' ' || e.value, m.created_at, m.id "
+        "FROM mailroom_messages AS m, json_each_text(m.meta) AS e "
+        "WHERE json_typeof(m.meta) = 'object' AND {range} ON CONFLICT DO NOTHING",
+    ),
+}
+# json.dumps writes a non-ASCII character as \\uXXXX: the records _fill_lookup completes.
+_NOT_ASCII = {
+    "sqlite": "instr(results, '\\u') > 0",
+    "postgresql": "strpos(results::text, '\\u') > 0",
+}
+FILL_CHUNK = 200_000  # records per statement of the schema 6 upgrade
+
+
+def _fill_lookup_between(
+    conn: Connection, low: datetime | None, high: datetime | None, *, from_low: bool = False
+) -> None:
+    """The database writes the lookup rows of the records created after ``low`` (from it,
+    with ``from_low``) up to ``high`` (None: no bound), but for non-ASCII recipients."""
+    bounds = []
+    if low is not None:
+        bounds.append("m.created_at >= :lo" if from_low else "m.created_at > :lo")
+    if high is not None:
+        bounds.append("m.created_at <= :hi")
+    values = {k: v for k, v in (("lo", low), ("hi", high)) if v is not None}
+    stamp = DateTime(timezone=True)
+    for statement in _FILL_LOOKUP[conn.dialect.name]:
+        sql = text(statement.format(range=" AND ".join(bounds) or "1 = 1"))
+        conn.execute(sql.bindparams(*(bindparam(k, type_=stamp) for k in values)), values)
+
+
+def _fill_lookup(conn: Connection, chunk: int = 5000) -> None:
+    """Write the lookup rows of every record: by the database itself, FILL_CHUNK records
+    a statement (none may take more than a few seconds), then here (in :func:`_terms`'s
+    form: an IDN domain in ASCII) those of the records with a non-ASCII recipient,
+    ``chunk`` at a time, oldest first."""
+    table = messages_table
+    low: Any = None
+    while True:
+        after = table.c.created_at > low if low is not None else true()
+        high = conn.scalar(
+            select(table.c.created_at)
+            .where(after)
+            .order_by(table.c.created_at)
+            .offset(FILL_CHUNK)
+            .limit(1)
+        )
+        _fill_lookup_between(conn, low, high)
+        if high is None:
+            break
+        low = high
+    columns = (table.c.id, table.c.created_at, table.c.results, table.c.tags, table.c.meta)
+    query = (
+        select(*columns)
+        .where(text(_NOT_ASCII[conn.dialect.name]))
+        .order_by(table.c.created_at, table.c.id)
+        .limit(chunk)
+    )
+    last: tuple[Any, str] | None = None
+    while True:
+        page = (
+            query
+            if last is None
+            else query.where(tuple_(table.c.created_at, table.c.id) > tuple_(*last))
+        )
+        rows = conn.execute(page).all()
+        if not rows:
+            return
+        keys = [
+            {"term": term, "created_at": row.created_at, "message_id": row.id}
+            for row in rows
+            for term in _terms(row.results, row.tags, row.meta)
+        ]
+        conn.execute(_insert_lookup_ignoring(conn.dialect.name), keys)
+        last = (rows[-1].created_at, rows[-1].id)
 
 
 def _add_missing_columns(conn: Connection, table: str, columns: dict[str, str]) -> None:

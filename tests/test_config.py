@@ -20,6 +20,11 @@ def test_defaults() -> None:
     assert settings.smtp_host is None
     assert settings.smtp_username is None and settings.smtp_password is None
     assert settings.talktome_log == Path("var/log/messaging_system.log")
+    assert settings.message_retention_days == 30
+    assert (
+        Settings.from_env({"MESSAGE_RETENTION_DAYS": "0"}, env_file=None).message_retention_days
+        == 0
+    )
 
 
 @pytest.mark.parametrize(("security", "port"), [("ssl", 465), ("starttls", 587), ("none", 25)])
@@ -47,6 +52,8 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         ({"QUEUE_PREFIX": "has space"}, "QUEUE_PREFIX"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
         ({"SMTP_CA_FILE": "/no/such/ca.pem"}, "SMTP_CA_FILE"),
+        ({"MESSAGE_RETENTION_DAYS": "-1"}, "MESSAGE_RETENTION_DAYS"),
+        ({"MESSAGE_RETENTION_DAYS": "2.5"}, "MESSAGE_RETENTION_DAYS"),
         ({"SMTP_HELO_NAME": "two words"}, "SMTP_HELO_NAME"),
         ({"SMTP_HELO_NAME": "bücher.example"}, "SMTP_HELO_NAME"),
         ({"SMTP_HELO_NAME": "-dash.example"}, "SMTP_HELO_NAME"),

@@ -103,8 +103,11 @@ async def test_admin_copies_sqlite_records_to_postgresql_idempotently(
         ]
         target = await Store.open(dataclasses.replace(source, database_url=Secret(target_url)))
         try:
-            for job in jobs:
+            for n, job in enumerate(jobs):
                 assert await target.get(job.id) == before[job.id]
+                # Found by recipient too: the copy wrote the lookup rows.
+                found = await target.list(recipient=f"u{n}@example.com")
+                assert [r.id for r in found] == [job.id]
             assert (await target.claim_idempotency_key("addr:127.0.0.1", "k1", "h", "x")) == (
                 jobs[1].id
             )
