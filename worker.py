@@ -414,19 +414,31 @@ class Worker:
         )
         started = time.perf_counter()
         try:
-            result = await self.pool.send(job, pending)
-        except SmtpConfigError as exc:
-            await self._config_fault(message, attempt, exc)
-            return
-        except PermanentDeliveryError as exc:
-            await self._fail(message, attempt, exc.reason, exc.code, {})
-            return
-        except DeliveryError as exc:
-            await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
-            return
+            result = await self._send(message, attempt, job, pending)
         finally:
             metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
+        if result is None:
+            return
         await self._settle(message, attempt, result, record.results, sent_before)
+
+    async def _send(
+        self,
+        message: AbstractIncomingMessage,
+        attempt: Attempt,
+        job: MailJob,
+        recipients: list[str],
+    ) -> SendResult | None:
+        """Send over SMTP; None when it failed, the failure already recorded (a settings
+        fault, failed, or a retry)."""
+        try:
+            return await self.pool.send(job, recipients)
+        except SmtpConfigError as exc:
+            await self._config_fault(message, attempt, exc)
+        except PermanentDeliveryError as exc:
+            await self._fail(message, attempt, exc.reason, exc.code, {})
+        except DeliveryError as exc:
+            await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
+        return None
 
     async def _settle(
         self,
@@ -446,16 +458,8 @@ class Worker:
         assert self.store is not None
         job_id = attempt.message_id
         if then is not None:
-            try:
-                sent = await self.pool.send(*then)
-            except SmtpConfigError as exc:
-                await self._config_fault(message, attempt, exc)
-                return
-            except PermanentDeliveryError as exc:
-                await self._fail(message, attempt, exc.reason, exc.code, {})
-                return
-            except DeliveryError as exc:
-                await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
+            sent = await self._send(message, attempt, *then)
+            if sent is None:
                 return
             result = SendResult((*result.accepted, *sent.accepted), result.refused | sent.refused)
         results = {a: RecipientResult("sent") for a in (*result.accepted, *sent_before)}
