@@ -43,6 +43,7 @@ RECONNECT_INTERVAL = 1.0  # seconds between attempts of a robust connection to c
 # The first connection: attempts wait FIRST_RETRY seconds, doubling up to LAST_RETRY.
 FIRST_RETRY = 0.5
 LAST_RETRY = 15.0
+RENEW_INTERVAL = 1.0  # seconds between fresh publishing channels while publishes are refused
 DEAD_KEY = "dead"
 # Which copy of a message a queue message is: 0 (or absent) for the accepted one, then +1
 # for each retry copy and operator re-queue. The record keeps the newest (see store.py).
@@ -361,6 +362,9 @@ class Broker:
         self._first_attempt = asyncio.Event()  # set once the first attempt ended, either way
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self._renewed_at = -RENEW_INTERVAL
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def is_ready(self) -> bool:
@@ -464,6 +468,7 @@ class Broker:
                 _late_outcome(publish, message_id, LATE_CONFIRM_WAIT),
             ) from None
         except aio_pika.exceptions.DeliveryError as exc:
+            self._renew_channel()
             raise BrokerUnavailable(f"RabbitMQ refused the message: {exc}") from exc
         except AMQP_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {type(exc).__name__}: {exc}") from exc
@@ -475,6 +480,57 @@ class Broker:
             _PUBLISHED_DEAD.inc()
         else:
             _PUBLISHED_RETRY.inc()
+
+    def _renew_channel(self) -> None:
+        """Move publishing to a fresh channel, at most once every RENEW_INTERVAL.
+
+        RabbitMQ keeps, per channel, the state of each quorum queue the channel publishes
+        to. A channel opened while a queue was electing a new leader (the node that led it
+        was killed) can go on being refused every publish to it although the queue has a
+        leader again: seen with RabbitMQ 3.10, every publish nacked for minutes on a
+        three-node cluster. A new channel starts from the queue's current leader. It also
+        declares the topology again, in case a queue was deleted (a returned publish)."""
+        loop = asyncio.get_running_loop()
+        if (
+            (self._renewal is not None and not self._renewal.done())
+            or loop.time() - self._renewed_at < RENEW_INTERVAL
+            or self._closing.is_set()
+        ):
+            return
+        self._renewed_at = loop.time()
+        self._renewal = asyncio.create_task(self._renew(), name=f"{self.name}-renew-channel")
+
+    async def _renew(self) -> None:
+        connection, old = self.connection, self.channel
+        if connection is None or connection.is_closed:
+            return
+        channel: AbstractChannel | None = None
+        try:
+            channel = await asyncio.wait_for(
+                connection.channel(publisher_confirms=True, on_return_raises=True),
+                self.settings.connect_timeout,
+            )
+            topology = await asyncio.wait_for(
+                declare_topology(channel, self.settings), self.settings.connect_timeout
+            )
+        except AMQP_ERRORS as exc:
+            log.warning("RabbitMQ refuses publishes; a fresh channel failed too: %r", exc)
+            if channel is not None:
+                await _close_channel_quietly(channel)
+            return
+        self.channel, self.topology = channel, topology
+        log.warning("RabbitMQ refused publishes: publishing on a fresh channel from now on")
+        if old is not None:
+            retire = asyncio.create_task(self._retire(old), name=f"{self.name}-retire-channel")
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, channel: AbstractChannel) -> None:
+        """Close a replaced channel once the publishes still waiting on it had their
+        PUBLISH_TIMEOUT to hear back (at once when the broker closes)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), self.settings.publish_timeout)
+        await _close_channel_quietly(channel)
 
     async def publish_many(
         self, messages: Sequence[tuple[bytes, str]]
@@ -498,6 +554,13 @@ class Broker:
 
     async def close(self) -> None:
         self._closing.set()
+        for task in (self._renewal, *self._retiring):
+            if task is None:
+                continue
+            await asyncio.wait({task}, timeout=self.settings.connect_timeout + 2)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._task is not None:
             # Let a connection attempt under way finish (it is bounded by CONNECT_TIMEOUT):
             # cancelling aio-pika halfway through leaves its internal tasks behind.
@@ -535,6 +598,13 @@ def _late_outcome(
         return stored
 
     return asyncio.ensure_future(outcome())
+
+
+async def _close_channel_quietly(channel: AbstractChannel) -> None:
+    try:
+        await asyncio.wait_for(channel.close(), 5)
+    except AMQP_ERRORS as exc:
+        log.debug("error while closing a channel: %s", exc)
 
 
 async def _close_quietly(connection: AbstractRobustConnection) -> None:

@@ -9,11 +9,23 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import aio_pika
 import pytest
 
+from broker import Broker, Names
 from config import Secret, Settings
+from errors import BrokerUnavailable
 from tests.conftest import running_app
-from tests.support import Proc, TcpProxy, child_env, finish, free_port, get_messages, spawn
+from tests.support import (
+    AMQP_URL,
+    Proc,
+    TcpProxy,
+    child_env,
+    finish,
+    free_port,
+    get_messages,
+    spawn,
+)
 
 WRONG_PASSWORD = "not-the-Passw0rd-42"
 
@@ -102,3 +114,43 @@ async def test_a_request_during_the_first_connection_waits_for_it(
         await proxy.close()
     (queued,) = await get_messages(f"{settings.queue_prefix}.send")
     assert queued.message_id is not None and queued.message_id in body
+
+
+async def test_refused_publishes_move_to_a_fresh_channel(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publish RabbitMQ refuses (here returned: the work queue was deleted under the
+    running process) moves publishing to a fresh channel, which declares the topology
+    again: publishes succeed again instead of failing for as long as the process runs.
+    (The same renewal is what gets publishing going again on a cluster whose channel kept
+    stale state of a quorum queue that changed leader: tests/test_cluster.py.)"""
+    settings = make_settings(publish_timeout=2.0)
+    names = Names.of(settings)
+    broker = Broker(settings, "test-renew")
+    await broker.start()
+    try:
+        async with asyncio.timeout(10):
+            await broker.wait_connected()
+        await broker.publish(b"{}", "before")
+        first = broker.channel
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            await (await connection.channel()).queue_delete(names.send_queue)
+        with pytest.raises(BrokerUnavailable, match="refused"):
+            await broker.publish(b"{}", "refused")
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await broker.publish(b"{}", "after")
+                    break
+                except BrokerUnavailable:
+                    await asyncio.sleep(0.2)  # the fresh channel is on its way
+        assert broker.channel is not first
+        assert [m.message_id for m in await get_messages(names.send_queue)] == ["after"]
+        assert "publishing on a fresh channel" in caplog.text
+        assert first is not None
+        async with asyncio.timeout(10):
+            while not first.is_closed:  # retired once its publishes had PUBLISH_TIMEOUT
+                await asyncio.sleep(0.1)
+    finally:
+        await broker.close()
