@@ -6,22 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import signal
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from broker import Names
 from config import Secret, Settings
 from launcher import port_open
 from tests.conftest import running_worker, serving_app
 from tests.support import SmtpServer, free_port
 
+log = logging.getLogger(__name__)
 COOKIE = "MAILROOMTESTCLUSTERCOOKIE"
 BOOT_TIMEOUT = 90.0
 
@@ -81,20 +87,23 @@ class Cluster:
             "RABBITMQ_PID_FILE": str(data / "pid"),
             "RABBITMQ_GENERATED_CONFIG_DIR": str(data / "config"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            # No scheduler busy-waiting: four brokers share this machine's cores.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}"
+            " +sbwt none +sbwtdcpu none +sbwtdio none",
         }
         return Node(name, port, env)
 
     async def start(self) -> None:
+        self.started = time.monotonic()
         for node in self.nodes:
-            log = open(self.base / f"{node.name.split('@')[0]}.out", "wb")  # noqa: SIM115
-            with log:
+            out = open(self.base / f"{node.name.split('@')[0]}.out", "wb")  # noqa: SIM115
+            with out:
                 node.process = await asyncio.create_subprocess_exec(
                     str(self.sbin / "rabbitmq-server"),
                     cwd=self.base,
                     env=node.env,
                     stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
+                    stdout=out,
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,
                 )
@@ -105,15 +114,59 @@ class Cluster:
                     if node.process.returncode is not None:
                         raise AssertionError(f"{node.name} exited: {self.output(node)}")
                     await asyncio.sleep(0.2)
+        log.info("three nodes listening after %.1f s", self.elapsed())
         first = self.nodes[0].name
         for node in self.nodes[1:]:
             await self.ctl(node, "stop_app")
             await self.ctl(node, "join_cluster", first)
             await self.ctl(node, "start_app")
+            log.info("%s joined the cluster after %.1f s", node.name, self.elapsed())
+        # Quorum queues are placed on the nodes that the declaring node (the first one
+        # in AMQP_URL) sees running: one not yet seen would leave every queue with fewer
+        # members, and then one node killed is a lost majority, not a lost node.
         async with asyncio.timeout(BOOT_TIMEOUT):
-            for node in self.nodes:
-                while not await port_open("127.0.0.1", node.port):
-                    await asyncio.sleep(0.2)
+            while await self.running_nodes(self.nodes[0]) != {n.name for n in self.nodes}:
+                await asyncio.sleep(0.5)
+        log.info("cluster of three running after %.1f s", self.elapsed())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    async def running_nodes(self, node: Node) -> set[str]:
+        status = json.loads(await self.ctl(node, "cluster_status", "--formatter", "json"))
+        return set(status.get("running_nodes", []))
+
+    async def quorum_queues(self, node: Node) -> list[dict[str, Any]]:
+        """The quorum queues as ``node`` sees them: name, members, online, leader."""
+        out = await self.ctl(
+            node,
+            "list_queues",
+            "name",
+            "type",
+            "members",
+            "online",
+            "leader",
+            "--formatter",
+            "json",
+        )
+        return [q for q in json.loads(out) if q["type"] == "quorum"]
+
+    async def wait_fully_replicated(self, node: Node, queues: set[str], timeout: float) -> None:
+        """Until each of ``queues`` is a quorum queue with a member online on every node
+        (else the kill below would test a lost majority, not a lost node)."""
+        names = {n.name for n in self.nodes}
+        seen: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    seen = await self.quorum_queues(node)
+                    ours = {q["name"]: set(q["online"]) for q in seen if q["name"] in queues}
+                    if set(ours) == queues and all(on == names for on in ours.values()):
+                        log.info("queues on all three nodes after %.1f s", self.elapsed())
+                        return
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            raise AssertionError(f"quorum queues not on all three nodes: {seen}") from None
 
     def output(self, node: Node) -> str:
         return (self.base / f"{node.name.split('@')[0]}.out").read_text(errors="replace")[-3000:]
@@ -161,12 +214,10 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         await cluster.close()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)  # three brokers booting on a busy machine take minutes
 async def test_quorum_queues_survive_a_node_killed_mid_burst(
     cluster: Cluster, make_settings: Callable[..., Settings], smtp: SmtpServer
 ) -> None:
-    status = await cluster.ctl(cluster.nodes[0], "cluster_status", "--formatter", "json")
-    assert all(node.name in status for node in cluster.nodes), status
     settings = make_settings(
         amqp_url=Secret(",".join(node.url for node in cluster.nodes)),
         queue_type="quorum",
@@ -191,17 +242,26 @@ async def test_quorum_queues_survive_a_node_killed_mid_burst(
         running_worker(settings),
         httpx.AsyncClient(trust_env=False, timeout=30) as client,
     ):
+        queues = set(Names.of(settings).all_queues())
+        await cluster.wait_fully_replicated(cluster.nodes[1], queues, timeout=60)
         n = 0
-        async with asyncio.timeout(150):
-            while sum(1 for code in answers.values() if code == 202) < total:
-                await asyncio.gather(*(send(client, base, n + k) for k in range(4)))
-                if all(answers[n + k] != 202 for k in range(4)):
-                    await asyncio.sleep(0.2)  # no node to publish to yet: not a busy loop
-                n += 4
-                accepted = sum(1 for code in answers.values() if code == 202)
-                if not killed_at and accepted >= total // 3:
-                    cluster.kill(cluster.nodes[0])  # the node both processes use
-                    killed_at.append(n)
+        try:
+            async with asyncio.timeout(150):
+                while sum(1 for code in answers.values() if code == 202) < total:
+                    await asyncio.gather(*(send(client, base, n + k) for k in range(4)))
+                    if all(answers[n + k] != 202 for k in range(4)):
+                        await asyncio.sleep(0.2)  # no node to publish to yet: not a busy loop
+                    n += 4
+                    accepted = sum(1 for code in answers.values() if code == 202)
+                    if not killed_at and accepted >= total // 3:
+                        cluster.kill(cluster.nodes[0])  # the node both processes use
+                        killed_at.append(n)
+                        log.info("killed %s after %.1f s", cluster.nodes[0].name, cluster.elapsed())
+        except TimeoutError:
+            codes = Counter(answers.values())
+            state = await cluster.quorum_queues(cluster.nodes[1])
+            raise AssertionError(f"answers {dict(codes)} after the kill; queues: {state}") from None
+        log.info("burst accepted after %.1f s: %s", cluster.elapsed(), Counter(answers.values()))
         accepted_ids = [k for k, code in answers.items() if code == 202]
         after = [k for k in accepted_ids if k >= killed_at[0]]
         assert len(after) >= total // 2, "nothing accepted through the surviving nodes"
