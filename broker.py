@@ -201,19 +201,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
     send = await channel.declare_queue(names.send_queue, durable=True, arguments=send_args)
     await send.bind(exchange, SEND_KEY)
     for tier in (*names.retry_tiers, *names.schedule_tiers):
-        tier_args = _queue_arguments(
-            settings,
-            **{
-                "x-message-ttl": round(tier.delay * 1000),
-                "x-dead-letter-exchange": names.exchange,
-                "x-dead-letter-routing-key": SEND_KEY,
-            },
-        )
-        if settings.queue_type == "quorum":
-            tier_args["x-dead-letter-strategy"] = "at-least-once"
-            tier_args["x-overflow"] = "reject-publish"
-        queue = await channel.declare_queue(tier.queue, durable=True, arguments=tier_args)
-        await queue.bind(exchange, tier.routing_key)
+        await _declare_tier(channel, settings, exchange, tier, SEND_KEY)
     if settings.webhook_urls:
         await _declare_webhook_queues(channel, settings, names, exchange)
     return Topology(exchange=exchange, send_queue=send, dead_queue=dead)
@@ -264,19 +252,31 @@ async def _declare_webhook_queues(
     )
     await queue.bind(exchange, WEBHOOK_KEY)
     for tier in names.webhook_tiers:
-        tier_args = _queue_arguments(
-            settings,
-            **{
-                "x-message-ttl": round(tier.delay * 1000),
-                "x-dead-letter-exchange": names.exchange,
-                "x-dead-letter-routing-key": WEBHOOK_KEY,
-            },
-        )
-        if settings.queue_type == "quorum":
-            tier_args["x-dead-letter-strategy"] = "at-least-once"
-            tier_args["x-overflow"] = "reject-publish"
-        tier_queue = await channel.declare_queue(tier.queue, durable=True, arguments=tier_args)
-        await tier_queue.bind(exchange, tier.routing_key)
+        await _declare_tier(channel, settings, exchange, tier, WEBHOOK_KEY)
+
+
+async def _declare_tier(
+    channel: AbstractChannel,
+    settings: Settings,
+    exchange: AbstractExchange,
+    tier: RetryTier,
+    back_to: str,
+) -> None:
+    """A delay queue: what waits in it ``tier.delay`` seconds dead-letters back to
+    ``exchange`` under the routing key ``back_to`` (with quorum queues at-least-once)."""
+    tier_args = _queue_arguments(
+        settings,
+        **{
+            "x-message-ttl": round(tier.delay * 1000),
+            "x-dead-letter-exchange": exchange.name,
+            "x-dead-letter-routing-key": back_to,
+        },
+    )
+    if settings.queue_type == "quorum":
+        tier_args["x-dead-letter-strategy"] = "at-least-once"
+        tier_args["x-overflow"] = "reject-publish"
+    queue = await channel.declare_queue(tier.queue, durable=True, arguments=tier_args)
+    await queue.bind(exchange, tier.routing_key)
 
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:

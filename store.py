@@ -485,6 +485,15 @@ class Store:
         self._wake.set()
         return await future
 
+    async def _write_or_unavailable(self, unit: Unit) -> Any:
+        """:meth:`_write`, a database error raised as :class:`StoreUnavailable`. (The
+        per-mail writes, :meth:`insert_queued`, :meth:`claim` and :meth:`finish`, spell
+        this out rather than spend another await on it.)"""
+        try:
+            return await self._write(unit)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
     async def _flush_forever(self) -> None:
         while True:
             await self._wake.wait()
@@ -745,10 +754,7 @@ class Store:
                 insert(table).values(batch_id=batch_id, answer=answer, created_at=now_utc())
             )
 
-        try:
-            await self._write(work)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        await self._write_or_unavailable(work)
 
     async def batch_answer(self, batch_id: str) -> str | None:
         """The answer :meth:`save_batch_answer` kept, or None (the batch is still running)."""
@@ -795,10 +801,7 @@ class Store:
                 if updated is not None:
                     return "cancelled", updated
 
-        try:
-            result: tuple[Any, MessageRecord | None] = await self._write(work)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        result: tuple[Any, MessageRecord | None] = await self._write_or_unavailable(work)
         return result
 
     # -- the suppression list --------------------------------------------------------
@@ -832,10 +835,7 @@ class Store:
                 statement = statement.on_conflict_do_nothing(index_elements=["address"])
             conn.execute(statement, rows)
 
-        try:
-            await self._write(work)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        await self._write_or_unavailable(work)
 
     async def unsuppress(self, address: str) -> bool:
         """Take ``address`` (normalised) off the list; False when it was not on it."""
@@ -844,10 +844,7 @@ class Store:
         def work(conn: Connection) -> bool:
             return bool(conn.execute(delete(table).where(table.c.address == address)).rowcount)
 
-        try:
-            removed: bool = await self._write(work)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        removed: bool = await self._write_or_unavailable(work)
         return removed
 
     async def suppressions(
@@ -910,10 +907,7 @@ class Store:
             conn.execute(insert(table).values(name=template.name, **values))
             return True
 
-        try:
-            return bool(await self._write(work))
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        return bool(await self._write_or_unavailable(work))
 
     async def get_template(self, name: str) -> StoredTemplate | None:
         table = templates_table
@@ -933,10 +927,7 @@ class Store:
         def work(conn: Connection) -> bool:
             return bool(conn.execute(delete(table).where(table.c.name == name)).rowcount)
 
-        try:
-            return bool(await self._write(work))
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        return bool(await self._write_or_unavailable(work))
 
     async def get(self, message_id: str) -> MessageRecord | None:
         try:
@@ -1031,10 +1022,7 @@ class Store:
                 return int(conn.execute(delete(table).where(table.c.id.in_(ids))).rowcount)
 
             while True:
-                try:
-                    deleted = await self._write(work)
-                except _DB_ERRORS as exc:
-                    raise StoreUnavailable(_describe(exc)) from exc
+                deleted = await self._write_or_unavailable(work)
                 removed += deleted
                 if deleted < batch:
                     break
@@ -1089,10 +1077,7 @@ class Store:
             )
             _fill_lookup_between(conn, low, high, from_low=True)
 
-        try:
-            await self._write(work)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        await self._write_or_unavailable(work)
 
     async def add_lookups(self, records: Sequence[dict[str, Any]]) -> None:
         """The lookup rows of ``records`` (dicts with ``id``, ``created_at``, ``results``,
@@ -1109,10 +1094,7 @@ class Store:
         def work(conn: Connection) -> None:
             conn.execute(_insert_lookup_ignoring(conn.dialect.name), keys)
 
-        try:
-            await self._write(work)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        await self._write_or_unavailable(work)
 
     # -- the worker's side -------------------------------------------------------------
 
@@ -1305,10 +1287,7 @@ class Store:
             )
             return copy
 
-        try:
-            result: int | None = await self._write(work)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        result: int | None = await self._write_or_unavailable(work)
         return result
 
     def _append_history(
@@ -1386,10 +1365,7 @@ class Store:
         def work(conn: Connection) -> None:
             conn.execute(statement)
 
-        try:
-            await self._write(work)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        await self._write_or_unavailable(work)
 
 
 # Built once: executing them with parameters skips building a statement per call.

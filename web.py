@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 from quart import Blueprint, Quart, Response, g, jsonify, request
@@ -52,6 +53,7 @@ from schemas import (
 from store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 RETRY = {"Retry-After": "5"}
@@ -163,6 +165,24 @@ def register(app: Quart, context: Context) -> None:
 
     # -- the outbox ----------------------------------------------------------------------
 
+    async def captured(
+        name: str, load: Callable[[str], Awaitable[_T | None]], doing: str
+    ) -> _T | Response:
+        """The captured mail ``name`` as ``load`` reads it, or the error to answer: 404
+        when the outbox is off or has no such mail, 422 when it is unreadable ("cannot
+        {doing} this mail")."""
+        if off_reason is not None:
+            return json_error(f"the outbox is off: {off_reason}", 404)
+        if not NAME.fullmatch(name):
+            return json_error("no such mail in the outbox", 404)
+        try:
+            found = await load(name)
+        except OutboxError as exc:
+            return json_error(f"cannot {doing} this mail: {exc}", 422)
+        if found is None:
+            return json_error("no such mail in the outbox", 404)
+        return found
+
     @app.get("/api/outbox")
     @validate_querystring(OutboxQuery)
     @document_response(OutboxList)
@@ -191,16 +211,9 @@ def register(app: Quart, context: Context) -> None:
     async def read_outbox(name: str) -> Response:
         """One captured mail: its headers, text, HTML and attachments. Show its HTML only in
         a sandboxed frame that may not run scripts or load anything."""
-        if off_reason is not None:
-            return json_error(f"the outbox is off: {off_reason}", 404)
-        if not NAME.fullmatch(name):
-            return json_error("no such mail in the outbox", 404)
-        try:
-            mail = await outbox.read(name)
-        except OutboxError as exc:
-            return json_error(f"cannot show this mail: {exc}", 422)
-        if mail is None:
-            return json_error("no such mail in the outbox", 404)
+        mail = await captured(name, outbox.read, "show")
+        if isinstance(mail, Response):
+            return mail
         return jsonify(mail.to_json())
 
     @app.get("/api/outbox/<name>/raw")
@@ -211,16 +224,9 @@ def register(app: Quart, context: Context) -> None:
     @security_scheme([{"token": []}])
     async def download_outbox(name: str) -> Response:
         """The captured mail as it was received (message/rfc822), to save as .eml."""
-        if off_reason is not None:
-            return json_error(f"the outbox is off: {off_reason}", 404)
-        if not NAME.fullmatch(name):
-            return json_error("no such mail in the outbox", 404)
-        try:
-            data = await outbox.raw(name)
-        except OutboxError as exc:
-            return json_error(f"cannot download this mail: {exc}", 422)
-        if data is None:
-            return json_error("no such mail in the outbox", 404)
+        data = await captured(name, outbox.raw, "download")
+        if isinstance(data, Response):
+            return data
         return Response(
             data,
             mimetype="message/rfc822",

@@ -2208,6 +2208,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--ref-dir", type=Path, default=Path("/work/shared/reference"))
     p.add_argument("--ref-venv", type=Path, default=Path(os.environ.get("VENV", "/tmp/refvenv")))  # noqa: S108
+    p.add_argument(
+        "--mailroom-log-level", default=None, help="LOG_LEVEL for Mailroom (its default: INFO)"
+    )
+    add_run_options(p, "results.md", "results.md and plot.png")
+    return p.parse_args(argv)
+
+
+def add_run_options(p: argparse.ArgumentParser, latest: str, report: str) -> None:
+    """The options bench.py and scale.py share: which Mailroom to run, where the reports
+    go (``latest``: the file in bench/ the latest one is copied to; ``report``: what
+    --report-only renders) and the work directories."""
     p.add_argument("--mailroom-python", type=Path, default=REPO / ".venv/bin/python")
     p.add_argument(
         "--mailroom-src",
@@ -2215,43 +2226,91 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="git revision of Mailroom to run (exported with git archive), or 'worktree' "
         "for the checkout as it is (HEAD)",
     )
-    p.add_argument(
-        "--mailroom-log-level", default=None, help="LOG_LEVEL for Mailroom (its default: INFO)"
-    )
     p.add_argument("--no-install", action="store_true", help="never apt-get install postfix")
     p.add_argument(
         "--out",
         type=Path,
         default=BENCH_DIR / "results",
-        help="each run goes to <out>/<UTC timestamp>-<commit>/ (bench/results)",
+        help="each run goes to a directory of its own in <out>, named by its UTC timestamp "
+        "and Mailroom's commit (bench/results)",
     )
     p.add_argument(
         "--latest",
-        default=str(BENCH_DIR / "results.md"),
-        help="where the latest report is copied, '' for nowhere (bench/results.md)",
+        default=str(BENCH_DIR / latest),
+        help=f"where the latest report is copied, '' for nowhere (bench/{latest})",
     )
     p.add_argument(
         "--report-only",
         type=Path,
         metavar="RESULTS_JSON",
-        help="only render results.md and plot.png (next to RESULTS_JSON) from an earlier run",
+        help=f"only render {report} (next to RESULTS_JSON) from an earlier run",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, dump)")
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def work_dirs_and_source(
+    name: str, revision: str
+) -> tuple[Path, Path, Path, dict[str, Any]] | None:
+    """A run's work directories, ``mailroom-<name>-*``: the logs and Mailroom's SQLite file
+    on disk, as in a deployment; the sink's dump on tmpfs, so that the sink stays fast.
+    With Mailroom's source at ``revision`` (:func:`mailroom_source`) and what it is. None,
+    the reason logged and the directories removed, when there is no such source."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"mailroom-{name}-"))
+    workdir.chmod(0o755)
+    shm = Path("/dev/shm")  # noqa: S108 - mkdtemp makes a private directory in it
+    sink_dir = Path(
+        tempfile.mkdtemp(prefix=f"mailroom-{name}-sink-", dir=shm if shm.is_dir() else None)
+    )
+    sink_dir.chmod(0o755)
+    try:
+        mailroom_src, mailroom_info = mailroom_source(revision, workdir)
+    except (BenchError, subprocess.SubprocessError, OSError, tarfile.TarError) as exc:
+        log.error("%s: cannot get Mailroom's source: %s", name, exc)
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(sink_dir, ignore_errors=True)
+        return None
+    return workdir, sink_dir, mailroom_src, mailroom_info
+
+
+def stop_and_clean_up(workdir: Path, sink_dir: Path, keep: bool) -> None:
+    """The end of a run, however it ended: stop everything it started (a SIGTERM no
+    longer interrupts that), and remove its work directories unless ``keep``."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    REGISTRY.stop_all()
+    if keep:
+        log.info("work directories kept: %s (logs), %s (sink)", workdir, sink_dir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(sink_dir, ignore_errors=True)
+
+
+def finish_results(results: dict[str, Any], started: float, mailroom_info: dict[str, Any]) -> str:
+    """Add the run's duration and the load after it to ``results``; the commit of Mailroom
+    it measured ('-dirty' with uncommitted .py changes), to name the run's directory by."""
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results["environment"]["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    commit: str = mailroom_info.get("commit") or mailroom_info.get("head", "unknown")
+    if mailroom_info.get("uncommitted_py"):
+        commit += "-dirty"
+    return commit
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
     latest = Path(args.latest) if args.latest else None
     if args.report_only is not None:
         write_report(json.loads(args.report_only.read_text()), args.report_only.parent, latest)
@@ -2273,22 +2332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         log.error("--systems: unknown %s (known: %s)", ", ".join(sorted(unknown)), ", ".join(ORDER))
         return 2
-    # Logs and Mailroom's SQLite file on disk, as in a deployment; the sink's dump on tmpfs
-    # so that the sink stays fast.
-    workdir = Path(tempfile.mkdtemp(prefix="mailroom-bench-"))
-    workdir.chmod(0o755)
-    shm = Path("/dev/shm")  # noqa: S108 - mkdtemp makes a private directory in it
-    sink_dir = Path(
-        tempfile.mkdtemp(prefix="mailroom-bench-sink-", dir=shm if shm.is_dir() else None)
-    )
-    sink_dir.chmod(0o755)
-    try:
-        mailroom_src, mailroom_info = mailroom_source(args.mailroom_src, workdir)
-    except (BenchError, subprocess.SubprocessError, OSError, tarfile.TarError) as exc:
-        log.error("bench: cannot get Mailroom's source: %s", exc)
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(sink_dir, ignore_errors=True)
+    prepared = work_dirs_and_source("bench", args.mailroom_src)
+    if prepared is None:
         return 1
+    workdir, sink_dir, mailroom_src, mailroom_info = prepared
     log.info("Mailroom from %s", mailroom_info)
     opts = Options(
         requests=args.requests,
@@ -2337,19 +2384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("bench: interrupted; stopping everything it started")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish cleaning up
-        REGISTRY.stop_all()
-        if args.keep:
-            log.info("work directories kept: %s (logs), %s (sink)", workdir, sink_dir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-            shutil.rmtree(sink_dir, ignore_errors=True)
-    results["duration_s"] = round(time.monotonic() - started, 1)
-    results["environment"]["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        stop_and_clean_up(workdir, sink_dir, args.keep)
+    commit = finish_results(results, started, mailroom_info)
     results["bench_commit"] = bench_commit
-    commit = mailroom_info.get("commit") or mailroom_info.get("head", "unknown")
-    if mailroom_info.get("uncommitted_py"):
-        commit += "-dirty"
     write_report(results, args.out / f"{stamp}-{commit}", latest)
     return 0
 

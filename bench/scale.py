@@ -44,8 +44,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -58,24 +56,26 @@ from urllib.parse import quote
 import asyncpg
 
 from bench import (
-    BENCH_DIR,
     PG_SERVER,
-    REGISTRY,
     BenchError,
     KeepAliveConnection,
     Mailroom,
     Options,
     Sink,
     _terminate,
+    add_run_options,
+    finish_results,
     fmt,
     git,
     machine_description,
-    mailroom_source,
     measure,
     percentile,
     preflight,
     ratio,
+    setup_logging,
+    stop_and_clean_up,
     warm_up,
+    work_dirs_and_source,
 )
 
 log = logging.getLogger("bench.scale")
@@ -573,14 +573,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-c", "--concurrency", type=int, default=32, help="burst connections (32)")
     p.add_argument("--repeat", type=int, default=2, help="bursts of each kind per size (2)")
     p.add_argument("--warmup", type=int, default=500, help="warm-up mails per system (500)")
-    p.add_argument("--mailroom-python", type=Path, default=BENCH_DIR.parent / ".venv/bin/python")
-    p.add_argument("--mailroom-src", default="HEAD", help="git revision, or 'worktree' (HEAD)")
-    p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
-    p.add_argument("--latest", default=str(BENCH_DIR / "scale-results.md"))
-    p.add_argument("--no-install", action="store_true", help="never apt-get install postfix")
-    p.add_argument("--report-only", type=Path, metavar="RESULTS_JSON")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_run_options(p, "scale-results.md", "results.md")
     args = p.parse_args(argv)
     args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -593,29 +586,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     latest = Path(args.latest) if args.latest else None
     if args.report_only is not None:
         write_report(json.loads(args.report_only.read_text()), args.report_only.parent, latest)
         return 0
-    workdir = Path(tempfile.mkdtemp(prefix="mailroom-scale-"))
-    workdir.chmod(0o755)
-    shm = Path("/dev/shm")  # noqa: S108 - mkdtemp makes a private directory in it
-    sink_dir = Path(
-        tempfile.mkdtemp(prefix="mailroom-scale-sink-", dir=shm if shm.is_dir() else None)
-    )
-    sink_dir.chmod(0o755)
-    try:
-        mailroom_src, mailroom_info = mailroom_source(args.mailroom_src, workdir)
-    except (BenchError, subprocess.SubprocessError, OSError, tarfile.TarError) as exc:
-        log.error("scale: cannot get Mailroom's source: %s", exc)
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(sink_dir, ignore_errors=True)
+    prepared = work_dirs_and_source("scale", args.mailroom_src)
+    if prepared is None:
         return 1
+    workdir, sink_dir, mailroom_src, mailroom_info = prepared
     opts = Options(
         requests=args.requests,
         concurrency=args.concurrency,
@@ -685,18 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("scale: interrupted; stopping everything it started")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        REGISTRY.stop_all()
-        if args.keep:
-            log.info("work directories kept: %s, %s", workdir, sink_dir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-            shutil.rmtree(sink_dir, ignore_errors=True)
-    results["duration_s"] = round(time.monotonic() - started, 1)
-    results["environment"]["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    commit = mailroom_info.get("commit") or mailroom_info.get("head", "unknown")
-    if mailroom_info.get("uncommitted_py"):
-        commit += "-dirty"
+        stop_and_clean_up(workdir, sink_dir, args.keep)
+    commit = finish_results(results, started, mailroom_info)
     write_report(results, args.out / f"{stamp}-{commit}-scale", latest)
     return 0
 

@@ -7,7 +7,7 @@ import contextlib
 import io
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import aio_pika
 import pytest
 from aiosmtpd.smtp import Envelope
+from quart.typing import TestClientProtocol as Client
 
 import deadletters
 import devsmtp
@@ -33,6 +34,27 @@ from tests.support import (
 from tests.test_status_api import wait_status
 
 
+@contextlib.asynccontextmanager
+async def app_and_worker(settings: Settings) -> AsyncIterator[Client]:
+    """The app, connected to the broker, and a worker, both on ``settings``: the app's
+    test client."""
+    async with running_app(settings) as (app, client), running_worker(settings):
+        await wait_ready(app)
+        yield client
+
+
+async def sendmail(client: Client, address: str = "a@example.com") -> str:
+    """A mail to ``address`` through the legacy ``/?sendmail=``: its message id."""
+    response = await client.get(f"/?sendmail={address}")
+    return (await response.get_data(as_text=True)).split("id ")[1][:32]
+
+
+async def post_mail(client: Client, to: str | list[str]) -> str:
+    """A mail (subject "s", text "t") through ``POST /api/messages``: its message id."""
+    response = await client.post("/api/messages", json={"to": to, "subject": "s", "text": "t"})
+    return str((await response.get_json())["id"])
+
+
 async def test_transient_failures_are_retried_until_sent(
     database_url: Secret, make_settings: Callable[..., Settings]
 ) -> None:
@@ -43,11 +65,9 @@ async def test_transient_failures_are_retried_until_sent(
 
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=flaky))
     settings = make_settings(database_url=database_url, **smtp.settings_overrides(None, False))
-    async with running_app(settings) as (app, client), running_worker(settings):
-        await wait_ready(app)
+    async with app_and_worker(settings) as client:
         started = datetime.now().astimezone()
-        response = await client.get("/?sendmail=a@example.com")
-        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+        message_id = await sendmail(client)
         record = await wait_status(client, message_id, "sent")
         elapsed = (datetime.now().astimezone() - started).total_seconds()
     assert len(smtp.recorder.received) == 1
@@ -69,12 +89,8 @@ async def test_retries_exhausted_then_failed_and_dead_lettered(
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=busy))
     settings = make_settings(**smtp.settings_overrides(None, False))
     names = Names.of(settings)
-    async with running_app(settings) as (app, client), running_worker(settings):
-        await wait_ready(app)
-        response = await client.post(
-            "/api/messages", json={"to": "a@example.com", "subject": "s", "text": "t"}
-        )
-        message_id = (await response.get_json())["id"]
+    async with app_and_worker(settings) as client:
+        message_id = await post_mail(client, "a@example.com")
         record = await wait_status(client, message_id, "failed")
     assert record["attempts"] == len(settings.retry_delays) + 1
     assert record["last_error"]["code"] == 452
@@ -90,12 +106,8 @@ async def test_permanent_failure_is_not_retried(make_settings: Callable[..., Set
 
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=reject))
     settings = make_settings(**smtp.settings_overrides(None, False))
-    async with running_app(settings) as (app, client), running_worker(settings):
-        await wait_ready(app)
-        response = await client.post(
-            "/api/messages", json={"to": "a@example.com", "subject": "s", "text": "t"}
-        )
-        record = await wait_status(client, (await response.get_json())["id"], "failed")
+    async with app_and_worker(settings) as client:
+        record = await wait_status(client, await post_mail(client, "a@example.com"), "failed")
     assert record["attempts"] == 1
     # The code once, in its own field: the message does not start with it.
     assert record["last_error"] == {"code": 554, "message": "5.7.1 message rejected as spam"}
@@ -119,16 +131,11 @@ async def test_partial_refusal_never_resends_to_accepted(
 
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_rcpt=rcpt))
     settings = make_settings(database_url=database_url, **smtp.settings_overrides(None, False))
-    async with running_app(settings) as (app, client), running_worker(settings):
-        await wait_ready(app)
-        body = {
-            "to": ["ok@example.com", "gone@example.com", "later@example.com"],
-            "subject": "s",
-            "text": "t",
-        }
-        response = await client.post("/api/messages", json=body)
+    async with app_and_worker(settings) as client:
+        to = ["ok@example.com", "gone@example.com", "later@example.com"]
+        message_id = await post_mail(client, to)
         # gone@ was refused in the first attempt, later@ accepted in the second: partial.
-        record = await wait_status(client, (await response.get_json())["id"], "partial")
+        record = await wait_status(client, message_id, "partial")
     by_address = {r["address"]: r for r in record["recipients"]}
     assert by_address["ok@example.com"]["status"] == "sent"
     assert by_address["later@example.com"]["status"] == "sent"
@@ -162,15 +169,9 @@ async def test_partial_delivery_is_partial_not_failed(
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_rcpt=rcpt))
     settings = make_settings(**smtp.settings_overrides(None, False))
     names = Names.of(settings)
-    async with running_app(settings) as (app, client), running_worker(settings):
-        await wait_ready(app)
-        body = {
-            "to": ["ok@example.com", "bad@example.com", "later@example.com"],
-            "subject": "s",
-            "text": "t",
-        }
-        response = await client.post("/api/messages", json=body)
-        message_id = (await response.get_json())["id"]
+    async with app_and_worker(settings) as client:
+        to = ["ok@example.com", "bad@example.com", "later@example.com"]
+        message_id = await post_mail(client, to)
         record = await wait_status(client, message_id, "partial")
         (dead,) = await get_messages(names.dead_queue)
         # Final stays final: the same copy coming back (an ack that was lost) is put in
@@ -228,8 +229,7 @@ async def test_refused_login_is_retried_not_failed(
     settings = make_settings(**overrides)
     async with running_app(settings) as (app, client):
         await wait_ready(app)
-        response = await client.get("/?sendmail=a@example.com")
-        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+        message_id = await sendmail(client)
         async with running_worker(settings):
             record = await wait_kept_past_retries(client, message_id, settings)
         assert "LOGIN REFUSED" in caplog.text
@@ -282,8 +282,7 @@ async def test_untrusted_certificate_is_kept_then_sent_once_trusted(
     settings = make_settings(**smtp.settings_overrides(None, login=True))
     async with running_app(settings) as (app, client):
         await wait_ready(app)
-        response = await client.get("/?sendmail=a@example.com")
-        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+        message_id = await sendmail(client)
         async with running_worker(settings):
             record = await wait_kept_past_retries(client, message_id, settings)
         assert "SMTP SETTINGS FAULT" in caplog.text and "check SMTP_CA_FILE;" in caplog.text
@@ -314,10 +313,8 @@ async def test_username_without_auth_on_the_server_is_kept_and_named(
         smtp_password=Secret(SMTP_PASS),
     )
     try:
-        async with running_app(settings) as (app, client), running_worker(settings):
-            await wait_ready(app)
-            response = await client.get("/?sendmail=a@example.com")
-            message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+        async with app_and_worker(settings) as client:
+            message_id = await sendmail(client)
             record = await wait_status(client, message_id, "retrying")
     finally:
         server.close()
@@ -345,8 +342,7 @@ async def test_operator_lists_and_requeues_dead_letters(
         await wait_ready(app)
         ids = []
         for n in range(3):
-            body = await (await client.get(f"/?sendmail=u{n}@example.com")).get_data(as_text=True)
-            ids.append(body.split("id ")[1][:32])
+            ids.append(await sendmail(client, f"u{n}@example.com"))
         async with running_worker(settings):
             for message_id in ids:
                 await wait_status(client, message_id, "failed")
@@ -429,10 +425,8 @@ async def test_missing_starttls_is_a_settings_fault(
     settings = make_settings(
         **{**smtp.settings_overrides(None, False), "smtp_security": "starttls"}
     )
-    async with running_app(settings) as (app, client), running_worker(settings):
-        await wait_ready(app)
-        response = await client.get("/?sendmail=a@example.com")
-        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+    async with app_and_worker(settings) as client:
+        message_id = await sendmail(client)
         await wait_kept_past_retries(client, message_id, settings)
     assert "SMTP SETTINGS FAULT" in caplog.text and "STARTTLS" in caplog.text
     assert "check SMTP_SECURITY and SMTP_PORT" in caplog.text
@@ -473,10 +467,8 @@ async def test_dropped_and_stalled_smtp_connections_are_retried(
     settings = make_settings(
         smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", smtp_timeout=1.0
     )
-    async with running_app(settings) as (app, client), running_worker(settings):
-        await wait_ready(app)
-        response = await client.get("/?sendmail=a@example.com")
-        message_id = (await response.get_data(as_text=True)).split("id ")[1][:32]
+    async with app_and_worker(settings) as client:
+        message_id = await sendmail(client)
         record = await wait_status(client, message_id, "sent", timeout=20)
     never.set()
     server.close()
