@@ -415,17 +415,29 @@ class Broker:
     async def _connect_once(self) -> None:
         connection = await connect(self.settings, self.name)
         try:
-            channel = await asyncio.wait_for(
-                connection.channel(publisher_confirms=True, on_return_raises=True),
-                self.settings.connect_timeout,
-            )
-            topology = await asyncio.wait_for(
-                declare_topology(channel, self.settings), self.settings.connect_timeout
-            )
+            channel, topology = await self._open_publishing(connection)
         except AMQP_ERRORS as exc:
             await _close_quietly(connection)
             raise BrokerUnavailable(f"cannot set up the channel: {type(exc).__name__}") from exc
         self.connection, self.channel, self.topology = connection, channel, topology
+
+    async def _open_publishing(
+        self, connection: AbstractRobustConnection
+    ) -> tuple[AbstractChannel, Topology]:
+        """A channel with publisher confirms (a returned publish raises) on ``connection``,
+        and the topology declared on it; each step bounded by CONNECT_TIMEOUT."""
+        channel = await asyncio.wait_for(
+            connection.channel(publisher_confirms=True, on_return_raises=True),
+            self.settings.connect_timeout,
+        )
+        try:
+            topology = await asyncio.wait_for(
+                declare_topology(channel, self.settings), self.settings.connect_timeout
+            )
+        except AMQP_ERRORS:
+            await _close_channel_quietly(channel)
+            raise
+        return channel, topology
 
     async def publish(
         self,
@@ -504,19 +516,10 @@ class Broker:
         connection, old = self.connection, self.channel
         if connection is None or connection.is_closed:
             return
-        channel: AbstractChannel | None = None
         try:
-            channel = await asyncio.wait_for(
-                connection.channel(publisher_confirms=True, on_return_raises=True),
-                self.settings.connect_timeout,
-            )
-            topology = await asyncio.wait_for(
-                declare_topology(channel, self.settings), self.settings.connect_timeout
-            )
+            channel, topology = await self._open_publishing(connection)
         except AMQP_ERRORS as exc:
             log.warning("RabbitMQ refuses publishes; a fresh channel failed too: %r", exc)
-            if channel is not None:
-                await _close_channel_quietly(channel)
             return
         self.channel, self.topology = channel, topology
         log.warning("RabbitMQ refused publishes: publishing on a fresh channel from now on")
