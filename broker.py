@@ -435,7 +435,7 @@ class Broker:
                 declare_topology(channel, self.settings), self.settings.connect_timeout
             )
         except AMQP_ERRORS:
-            await _close_channel_quietly(channel)
+            await _close_quietly(channel)
             raise
         return channel, topology
 
@@ -533,7 +533,7 @@ class Broker:
         PUBLISH_TIMEOUT to hear back (at once when the broker closes)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closing.wait(), self.settings.publish_timeout)
-        await _close_channel_quietly(channel)
+        await _close_quietly(channel)
 
     async def publish_many(
         self, messages: Sequence[tuple[bytes, str]]
@@ -557,21 +557,17 @@ class Broker:
 
     async def close(self) -> None:
         self._closing.set()
-        for task in (self._renewal, *self._retiring):
+        # Let a fresh channel or a connection attempt under way finish (each step bounded
+        # by CONNECT_TIMEOUT): cancelling aio-pika halfway through leaves its internal
+        # tasks behind. A replaced channel being retired closes at once now.
+        for task in (self._renewal, *self._retiring, self._task):
             if task is None:
                 continue
             await asyncio.wait({task}, timeout=self.settings.connect_timeout + 2)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._task is not None:
-            # Let a connection attempt under way finish (it is bounded by CONNECT_TIMEOUT):
-            # cancelling aio-pika halfway through leaves its internal tasks behind.
-            await asyncio.wait({self._task}, timeout=self.settings.connect_timeout + 2)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._task = None
         if self.connection is not None:
             await _close_quietly(self.connection)
             self.connection = None
@@ -603,15 +599,9 @@ def _late_outcome(
     return asyncio.ensure_future(outcome())
 
 
-async def _close_channel_quietly(channel: AbstractChannel) -> None:
+async def _close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:
+    """Close a connection or a channel within 5 s, whatever state it is in."""
     try:
-        await asyncio.wait_for(channel.close(), 5)
-    except AMQP_ERRORS as exc:
-        log.debug("error while closing a channel: %s", exc)
-
-
-async def _close_quietly(connection: AbstractRobustConnection) -> None:
-    try:
-        await asyncio.wait_for(connection.close(), 5)
+        await asyncio.wait_for(closable.close(), 5)
     except AMQP_ERRORS as exc:
         log.debug("error while closing: %s", exc)
