@@ -63,6 +63,8 @@ class Cluster:
         (base / "enabled_plugins").write_text("[].\n")
         (base / "env.conf").write_text("")
         self.nodes = [self._node(n, home) for n in (1, 2, 3)]
+        self.names = {node.name for node in self.nodes}
+        self.started = time.monotonic()
 
     def _node(self, n: int, home: Path) -> Node:
         data = self.base / f"node{n}"
@@ -125,7 +127,7 @@ class Cluster:
         # in AMQP_URL) sees running: one not yet seen would leave every queue with fewer
         # members, and then one node killed is a lost majority, not a lost node.
         async with asyncio.timeout(BOOT_TIMEOUT):
-            while await self.running_nodes(self.nodes[0]) != {n.name for n in self.nodes}:
+            while await self.running_nodes(self.nodes[0]) != self.names:
                 await asyncio.sleep(0.5)
         log.info("cluster of three running after %.1f s", self.elapsed())
 
@@ -154,14 +156,13 @@ class Cluster:
     async def wait_fully_replicated(self, node: Node, queues: set[str], timeout: float) -> None:
         """Until each of ``queues`` is a quorum queue with a member online on every node
         (else the kill below would test a lost majority, not a lost node)."""
-        names = {n.name for n in self.nodes}
         seen: list[dict[str, Any]] = []
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     seen = await self.quorum_queues(node)
                     ours = {q["name"]: set(q["online"]) for q in seen if q["name"] in queues}
-                    if set(ours) == queues and all(on == names for on in ours.values()):
+                    if set(ours) == queues and all(on == self.names for on in ours.values()):
                         log.info("queues on all three nodes after %.1f s", self.elapsed())
                         return
                     await asyncio.sleep(0.5)
