@@ -38,10 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +81,7 @@ from config import Settings
 from dbsetup import create_missing_database
 from dbwatch import FileWatch, Probe, preflight
 from errors import InvalidMessage, MailroomError
+from filelock import FileLock
 from messages import MailJob, addr_spec, suppression_key
 
 log = logging.getLogger(__name__)
@@ -424,22 +423,6 @@ MIGRATION_WAIT = 600.0  # seconds a process may wait for another's schema upgrad
 MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema upgrade
 
 
-def _flock_within(fd: int, seconds: float) -> bool:
-    """Try for the lock for up to ``seconds`` (in a worker thread); True once held."""
-    end = time.monotonic() + seconds
-    pause = 0.0005
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if time.monotonic() > end:
-                return False
-            time.sleep(pause)  # a worker thread, never the event loop
-            pause = min(pause * 2, 0.005)
-        else:
-            return True
-
-
 Unit = Callable[[Connection], Any]
 
 
@@ -467,8 +450,8 @@ class Store:
             if sqlite_writer is not None
             else None
         )
-        self._lock_path = lock_path
-        self._lock_fd: int | None = None  # opened and used in the writer thread only
+        # Mailroom's processes take turns on it; used in the writer thread only.
+        self._lock = FileLock(lock_path) if lock_path is not None else None
         self._queue: list[tuple[Unit, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -520,9 +503,9 @@ class Store:
             if not future.done():
                 future.set_result(result)
 
-    async def _transaction(self, units: list[Unit], wait: float = LOCK_WAIT) -> list[Any]:
+    async def _transaction(self, units: list[Unit], wait: float | None = None) -> list[Any]:
         """One write transaction running ``units`` in order; their results. ``wait``:
-        how long to wait for another process's write (SQLite)."""
+        how long to wait for another process's write (SQLite; default LOCK_WAIT)."""
         if self._sqlite_writer is None:
             async with self.engine.begin() as conn:
                 results: list[Any] = await conn.run_sync(_run_units, units)
@@ -535,17 +518,14 @@ class Store:
                 await self._file_watch.verify()  # declares a lost file (rescue copy, ERROR)
             raise
 
-    def _sqlite_transaction(self, units: list[Unit], wait: float = LOCK_WAIT) -> list[Any]:
+    def _sqlite_transaction(self, units: list[Unit], wait: float | None = None) -> list[Any]:
         """In the writer thread: take Mailroom's file lock (processes queue on it, bounded
         by ``wait``), run the units, and commit unless the file was removed or replaced."""
         assert self._sqlite_writer is not None
-        fd = self._lock_fd
-        if fd is None and self._lock_path is not None:
-            fd = self._lock_fd = os.open(
-                self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
-        if fd is not None and not _flock_within(fd, wait):
-            raise StoreUnavailable(f"another process has held {self._lock_path} for over {wait:g}s")
+        lock = self._lock
+        wait = LOCK_WAIT if wait is None else wait
+        if lock is not None and not lock.acquire(wait):
+            raise StoreUnavailable(f"another process has held {lock.path} for over {wait:g}s")
         try:
             with self._sqlite_writer.begin() as conn:
                 results = _run_units(conn, units)
@@ -558,8 +538,8 @@ class Store:
                         raise StoreUnavailable(problem)  # rolled back: nothing goes to a ghost
                 return results
         finally:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            if lock is not None:
+                lock.release()
 
     # -- is the database still usable (dbwatch.py) --------------------------------------
 
@@ -665,9 +645,8 @@ class Store:
         """In the writer thread, which owns the write connection and the lock file."""
         assert self._sqlite_writer is not None
         self._sqlite_writer.dispose()
-        if self._lock_fd is not None:
-            fd, self._lock_fd = self._lock_fd, None
-            os.close(fd)
+        if self._lock is not None:
+            self._lock.close()
 
     async def _migrate(self) -> None:
         for attempt in (1, 2):
