@@ -42,6 +42,7 @@ import uvloop
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 import metrics
+from acks import Acks
 from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, SCHEDULE_DUE, Broker, Names
 from config import Settings, configure_logging
 from errors import (
@@ -99,6 +100,7 @@ class Worker:
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._attempts: dict[str, Attempt] = {}
         self._consuming: AbstractChannel | None = None
+        self.acks = Acks()  # coalesced: one basic.ack for the deliveries settled together
         self.endpoint: metrics.WorkerEndpoint | None = None
         if settings.worker_metrics_port is not None:
             tokens = [t.get().encode() for t in settings.api_tokens]
@@ -262,6 +264,7 @@ class Worker:
         # aio-pika cancels its consumer callbacks when the channel dies. A send the SMTP
         # server already accepted must still be recorded, or the redelivery would send it
         # again: so the work runs in a task of our own, shielded from that cancellation.
+        self.acks.delivered(message)
         task = asyncio.create_task(self._handle_safely(message))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -821,14 +824,17 @@ class Worker:
         message back already and delivers it again, which the record makes safe.
         """
         if how == "ack":
-            action = message.ack()
+            action = self.acks.ack(message)
         elif how == "nack":
             action = message.nack(requeue=True)
         else:
             action = message.reject(requeue=False)
         try:
             await asyncio.wait_for(action, self.settings.publish_timeout)
+            if how != "ack":
+                self.acks.settled(message)
         except AMQP_ERRORS as exc:
+            self.acks.settled(message)
             log.warning(
                 "message %s: %s failed (%s); RabbitMQ will deliver it again",
                 job_id,
