@@ -32,7 +32,7 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTPUTF8, compat32
-from email.utils import format_datetime, getaddresses, quote
+from email.utils import format_datetime, quote
 
 import aiosmtplib
 from aiosmtplib.email import flatten_message
@@ -47,7 +47,7 @@ from errors import (
     SmtpConfigError,
     TransientDeliveryError,
 )
-from messages import Attachment, MailJob, addr_spec, check_email
+from messages import Attachment, MailJob, addr_spec, check_email, parse_addresses
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def envelope_address(address: str) -> str:
 
 
 def _header_address(address: str) -> Address:
-    name, spec = getaddresses([address])[0]
+    name, spec = parse_addresses(address)[0]
     spec = envelope_address(spec)
     username, _, domain = spec.rpartition("@")
     return Address(display_name=name, username=username, domain=domain)
@@ -228,7 +228,7 @@ def _unstructured(name: str, value: str) -> Header:
 
 @functools.lru_cache(maxsize=512)
 def _format_address(address: str) -> str:
-    name, spec = getaddresses([address])[0]
+    name, spec = parse_addresses(address)[0]
     spec = envelope_address(spec)  # may keep a UTF-8 local part (the SMTPUTF8 builder)
     if not name:
         return spec

@@ -41,6 +41,7 @@ from messages import (
     addr_spec,
     check_email,
     new_job,
+    parse_addresses,
     suppression_key,
 )
 from tests.conftest import running_app, running_worker, wait_ready
@@ -296,6 +297,19 @@ def test_the_everyday_address_shortcut_agrees_with_email_validator(
     if fast is None:
         return
     assert check_email(addr).normalized == fast
+
+
+@hypothesis_settings(max_examples=2000, deadline=None)
+@given(
+    value=st.from_regex(
+        r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,20}@[A-Za-z0-9.-]{1,20}\.[A-Za-z]{2,5}",
+        fullmatch=True,
+    )
+    | st.text(alphabet=_ADDRESS_CHARS, max_size=30)
+)
+def test_the_everyday_address_shortcut_agrees_with_the_parser(value: str) -> None:
+    """messages.parse_addresses answers what email.utils.getaddresses does."""
+    assert parse_addresses(value) == getaddresses([value])
 
 
 @pytest.mark.parametrize(
