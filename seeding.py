@@ -6,13 +6,26 @@ days, oldest first, in the shapes the worker leaves them: mostly ``sent``, some
 within the last day only, a few still ``retrying`` or ``queued`` as in a live system.
 Recipients are in ``seed.invalid`` (a name that never resolves, RFC 2606), so nothing
 seeded can ever be mailed; most records carry a tag (TAGS) and half of them metadata
-``{"customer": "c<n>"}``. The database writes their lookup rows (store.insert_rows).
+``{"customer": "c<n>"}``, and their lookup rows are those the service writes
+(store._terms).
 
 Not for production databases: the rows go in as they are (no validation, no idempotency
-keys, nothing in RabbitMQ behind the pending ones), in large transactions that hold the
-write lock for about a second each. They are built as the driver takes them and inserted
-with its ``executemany`` through the store's writer (so a running server or worker only
-waits for the lock, never fights it), while a process of their own builds the next.
+keys, nothing in RabbitMQ behind the pending ones), in transactions of CHUNK records that
+hold the write lock for 2-3 s up to 1M records and 2.4-3.8 s up to 3M on SQLite (on 2
+cores with other work on them; up to twice that under more; LOCK_WAIT is 15 s). A process of
+their own builds the next chunk while this one writes: the rows as the driver takes them
+and, for SQLite, their lookup rows sorted in the order of the lookup's key. (The
+database writing them from the records' JSON read every record in the chunk's time
+range, those seeded before included; PostgreSQL still does.) They go in with the
+driver's ``executemany`` through the store's writer (so a running server or worker only
+waits for the lock, never fights it). On SQLite the WAL is copied into the database
+after each chunk's commit, out of the lock (store.Store.insert_rows): each chunk
+rewrites nearly every page of the randomly ordered indexes (record ids, recipients),
+and that copy takes 1.5-2 s of a chunk's 4-5 s at 2-3M records.
+
+Seeding 0 to 1M records ran at 17.8k/s and 1M to 3M at 18.6-21.3k/s on SQLite on a
+2-core machine with other work on it (16.4k/s and 10.3-15.6k/s before these changes;
+issue 17 asks for 50k/s): see the README's "At scale".
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from typing import Any
 from store import Store, now_utc
 
 DOMAIN = "seed.invalid"
-CHUNK = 100_000  # records per write transaction (about 1 s)
+CHUNK = 100_000  # records per write transaction (see the module docstring)
 COLUMNS = (
     "id",
     "recipients",
@@ -49,6 +62,7 @@ COLUMNS = (
     "tags",
     "meta",
 )
+_ID, _CREATED = COLUMNS.index("id"), COLUMNS.index("created_at")
 TAGS = ("receipt", "newsletter", "password-reset", "welcome")
 CUSTOMERS = 20_000  # metadata {"customer": "c<n>"}
 OWNER = "seed/0/00000000"
@@ -85,8 +99,8 @@ class _Rows:
         writes (UTC, no offset, microseconds); a datetime for asyncpg."""
         return at.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite else at
 
-    def row(self, created: datetime, recent: bool) -> Any:
-        """One record as a tuple of COLUMNS."""
+    def row(self, created: datetime, recent: bool) -> tuple[Any, list[str]]:
+        """One record as a tuple of COLUMNS, and its lookup terms (store._terms)."""
         random_ = self.rng.random  # random() is C; randrange() is Python, and slower
         roll = random_()
         n = 1 if roll < 0.85 else 2 if roll < 0.95 else 3
@@ -99,11 +113,16 @@ class _Rows:
         record = self._shape(record_id, recipients, subject, addresses, created, recent)
         roll = random_()
         tags = meta = None
+        terms = [f"to:{a}" for a in addresses]  # in lower case and ASCII already
         if roll < 0.6:  # most mail is tagged with its kind
-            tags = f'["{TAGS[int(roll * 100) % len(TAGS)]}"]'
+            tag = TAGS[int(roll * 100) % len(TAGS)]
+            tags = f'["{tag}"]'
+            terms.append(f"tag:{tag}")
         if random_() < 0.5:
-            meta = f'{{"customer": "c{int(random_() * CUSTOMERS)}"}}'
-        return (*record, tags, meta)
+            customer = f"c{int(random_() * CUSTOMERS)}"
+            meta = f'{{"customer": "{customer}"}}'
+            terms.append(f"meta:customer {customer}")
+        return (*record, tags, meta), terms
 
     def _shape(
         self,
@@ -248,14 +267,25 @@ class _Plan:
     recent_from: datetime
     seed: int
 
-    def build(self, first: int, last: int) -> list[Any]:
-        """Records ``first`` to ``last``, oldest first."""
+    def build(self, first: int, last: int) -> tuple[list[Any], list[Any] | None]:
+        """Records ``first`` to ``last``, oldest first, and for SQLite their lookup rows
+        (term, created_at, message_id) in the order of the lookup's key (None for
+        PostgreSQL, which still writes them itself from the records' JSON)."""
         rows = _Rows(self.dialect, random.Random(self.seed + first))
         out: list[Any] = []
+        keys: list[Any] = []
+        add = keys.extend
         for i in range(first, last):
             created = self.start + timedelta(seconds=(i + rows.rng.random()) * self.step)
-            out.append(rows.row(created, created >= self.recent_from))
-        return out
+            row, terms = rows.row(created, created >= self.recent_from)
+            out.append(row)
+            if rows.sqlite:
+                at, record_id = row[_CREATED], row[_ID]
+                add([(term, at, record_id) for term in terms])
+        if not rows.sqlite:
+            return out, None
+        keys.sort()
+        return out, keys
 
 
 async def seed(
@@ -288,7 +318,8 @@ async def seed(
     firsts = range(0, count, chunk)
     if len(firsts) <= 1:
         for first in firsts:
-            await store.insert_rows(COLUMNS, await asyncio.to_thread(plan.build, first, count))
+            rows, lookups = await asyncio.to_thread(plan.build, first, count)
+            await store.insert_rows(COLUMNS, rows, lookups)
         return count
     loop = asyncio.get_running_loop()
     # spawn, not fork: this process runs threads (the writer, the drivers').
@@ -296,11 +327,11 @@ async def seed(
     try:
         building = loop.run_in_executor(pool, plan.build, 0, min(chunk, count))
         for first in firsts:
-            batch = await building
+            rows, lookups = await building
             if first + chunk < count:
                 after = first + chunk
                 building = loop.run_in_executor(pool, plan.build, after, min(after + chunk, count))
-            await store.insert_rows(COLUMNS, batch)
+            await store.insert_rows(COLUMNS, rows, lookups)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return count

@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -419,6 +420,8 @@ def _sqlite_begin(conn: Connection) -> None:
 
 READ_CONNECTIONS = 3  # SQLite: read connections per process (each a thread of aiosqlite)
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
+SEED_CACHE_KIB = 262144  # page cache of a connection that seeds (Store.insert_rows)
+WAL_AUTOCHECKPOINT = 1000  # SQLite's default: pages in the WAL that make a commit checkpoint
 MIGRATION_WAIT = 600.0  # seconds a process may wait for another's schema upgrade
 MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema upgrade
 
@@ -1031,12 +1034,22 @@ class Store:
         """``sqlite`` or ``postgresql``."""
         return str(self.engine.dialect.name)
 
-    async def insert_rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    async def insert_rows(
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        lookups: Sequence[Sequence[Any]] | None = None,
+    ) -> None:
         """Insert ready-made rows into ``mailroom_messages`` in one write transaction, with
         the driver's own ``executemany`` (each value as the driver takes it: see
-        seeding.py), and have the database write their lookup rows. The rows are in the
-        order of ``created_at``, and their recipients in ASCII. For capacity tests:
-        nothing is checked or converted."""
+        seeding.py), and their lookup rows: ``lookups`` (term, created_at, message_id,
+        best in the order of the lookup's key), or None to have the database write them
+        from the records' JSON. The rows are in the order of ``created_at``, and their
+        recipients in ASCII. For capacity tests: nothing is checked or converted.
+
+        SQLite: the commit does not copy the WAL into the database (a checkpoint, which
+        would hold the lock all the while); :meth:`_checkpoint` does after it, without
+        the lock."""
         if not rows:
             return
         names = ", ".join(columns)
@@ -1044,9 +1057,12 @@ class Store:
         low, high = (_aware(_datetime(rows[n][at])) for n in (0, -1))
 
         def work(conn: Connection) -> None:
-            if conn.dialect.paramstyle == "qmark":
-                # This process's write connection: a larger page cache for the indexes.
-                conn.exec_driver_sql("PRAGMA cache_size=-262144")
+            sqlite = conn.dialect.paramstyle == "qmark"
+            if sqlite:
+                # This process's write connection: a larger page cache for the indexes,
+                # and no checkpoint in the commit (with the lock held): one after it.
+                conn.exec_driver_sql(f"PRAGMA cache_size=-{SEED_CACHE_KIB}")
+                conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
                 marks = ", ".join("?" for _ in columns)
             else:  # asyncpg: numeric_dollar
                 marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
@@ -1054,9 +1070,33 @@ class Store:
                 f"INSERT INTO {messages_table.name} ({names}) VALUES ({marks})",  # noqa: S608 - our column names
                 list(rows),
             )
-            _fill_lookup_between(conn, low, high, from_low=True)
+            if lookups is None:
+                _fill_lookup_between(conn, low, high, from_low=True)
+            elif lookups:
+                insert = _SQLITE_INSERT_LOOKUP if sqlite else _PG_INSERT_LOOKUP
+                conn.exec_driver_sql(insert, list(lookups))
 
-        await self._write_or_unavailable(work)
+        try:
+            await self._write_or_unavailable(work)
+        finally:
+            if self._thread is not None:
+                await asyncio.get_running_loop().run_in_executor(self._thread, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """In the writer thread, after a transaction of :meth:`insert_rows`: copy the WAL
+        into the database (as the commit would have), without Mailroom's file lock (other
+        processes write meanwhile) and without waiting for anyone (PASSIVE); then the
+        commits checkpoint again as usual."""
+        assert self._sqlite_writer is not None
+        raw = self._sqlite_writer.raw_connection()
+        try:
+            driver = raw.driver_connection
+            assert driver is not None
+            with contextlib.suppress(sqlite3.OperationalError):  # another one runs
+                driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            driver.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+        finally:
+            raw.close()
 
     async def add_lookups(self, records: Sequence[dict[str, Any]]) -> None:
         """The lookup rows of ``records`` (dicts with ``id``, ``created_at``, ``results``,
@@ -1520,6 +1560,10 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
 
 _SQLITE_INSERT_LOOKUP = (
     "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES (?, ?, ?) "
+    "ON CONFLICT DO NOTHING"
+)
+_PG_INSERT_LOOKUP = (
+    "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES ($1, $2, $3) "
     "ON CONFLICT DO NOTHING"
 )
 

@@ -30,6 +30,7 @@ from store import (
     SCHEMA_VERSION,
     MessageRecord,
     Store,
+    _terms,
     list_statement,
     messages_table,
     now_utc,
@@ -207,6 +208,24 @@ async def test_seeded_records_read_like_the_service_wrote_them(store: Store) -> 
             for value in (recipients, results, history):
                 assert json.dumps(json.loads(value)) == value
             assert created < updated and len(created) == len(updated) == 26
+    # Their lookup rows, exactly those the service writes with a record (store._terms).
+    async with store.engine.connect() as conn:
+        found = (
+            await conn.exec_driver_sql("SELECT term, created_at, message_id FROM mailroom_lookup")
+        ).all()
+        seeded = (
+            await conn.exec_driver_sql(
+                "SELECT id, created_at, results, tags, meta FROM mailroom_messages"
+            )
+        ).all()
+    wanted = []
+    for row in seeded:
+        record_id, created, *json_columns = tuple(row)
+        values = [json.loads(v) if isinstance(v, str) else v for v in json_columns]
+        wanted += [(term, created, record_id) for term in _terms(*values)]
+    assert sorted(tuple(row) for row in found) == sorted(wanted)
+    assert any(term.startswith("tag:") for term, _, _ in wanted)
+    assert any(term.startswith("meta:customer c") for term, _, _ in wanted)
 
 
 async def test_retention_keeps_what_is_still_to_be_sent(store: Store) -> None:
