@@ -81,6 +81,7 @@ from messages import (
     strip_mailto,
     suppression_key,
 )
+from pacing import ListPacer
 from schemas import (
     TEMPLATE_NAME,
     Cancelled,
@@ -205,10 +206,10 @@ def create_app(settings: Settings) -> Quart:
         return stores[0]
 
     housekeeping: list[asyncio.Task[None]] = []
-    # Lists take turns, one at a time in this process: a list is the costliest read (up
-    # to 500 records decoded and encoded again on the event loop), and clients listing in
-    # a loop must not take the process from the accepts. Reads by id do not wait.
-    listing = asyncio.Semaphore(1)
+    # Lists take turns, one at a time in this process, and while it accepts mail they take
+    # at most half of its time (pacing.py): clients listing in a loop must not take the
+    # process from the accepts. Reads by id do not wait.
+    listing = ListPacer()
 
     async def purge_hourly() -> None:
         while True:
@@ -311,6 +312,7 @@ def create_app(settings: Settings) -> Quart:
         if started is not None:
             if response.status_code < 300:
                 metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
+                listing.sent()
             elif response.status_code >= 400:
                 metrics.refused(response.status_code)
         return response
@@ -722,7 +724,7 @@ def create_app(settings: Settings) -> Quart:
                 meta = (key, value)
         except InvalidMessage as exc:
             return json_error(exc.reason, 400, field=exc.field)
-        async with listing:
+        async with listing.turn():
             try:
                 records = await store().list(
                     query_args.status,
