@@ -7,10 +7,10 @@ with ``multiple=True`` for the longest run of its oldest unsettled deliveries th
 being acked, and single acks for the rest. A delivery not yet settled (still being sent,
 or being nacked) is never covered by a multiple ack: it ends every run.
 
-Every delivery is registered on arrival (:meth:`delivered`) and leaves once settled:
-acked here, or nacked or rejected by the caller (:meth:`settled`). A multiple ack covers
-deliveries whose aio-pika message objects do not know it: settle each delivery once,
-through here, never with its own ``ack()`` besides.
+Every delivery is registered on arrival (:meth:`delivered`) and leaves once settled
+here: acked, nacked or rejected. A multiple ack covers deliveries whose aio-pika message
+objects do not know it: settle each delivery once, through here, never with its own
+``ack()``, ``nack()`` or ``reject()`` besides.
 """
 
 from __future__ import annotations
@@ -46,11 +46,15 @@ class Acks:
             tags = self._open[channel] = set()
         tags.add(message.delivery_tag)
 
-    def settled(self, message: AbstractIncomingMessage) -> None:
-        """``message`` was nacked or rejected by the caller (or needs nothing more)."""
-        channel = _channel(message)
-        if channel is not None:
-            self._forget(channel, message.delivery_tag)
+    async def refuse(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
+        """Nack ``message`` back to the queue (``requeue``) or reject it to the dead
+        letters, at once; it leaves the deliveries being settled whatever happens (on a
+        dead channel RabbitMQ has put it back already)."""
+        try:
+            await (message.nack(requeue=True) if requeue else message.reject(requeue=False))
+        finally:
+            if (channel := _channel(message)) is not None:
+                self._forget(channel, message.delivery_tag)
 
     async def ack(self, message: AbstractIncomingMessage) -> None:
         """Ack ``message``; returns once its ack (alone or with others) was written."""
@@ -79,8 +83,8 @@ class Acks:
             if tag not in acks:
                 break
             run.append(tag)
-        sends = [(run, True)] if len(run) > 1 else []
-        covered = set(run) if len(run) > 1 else set()
+        covered = set(run) if len(run) > 1 else set()  # a run of one is a single ack
+        sends = [(run, True)] if covered else []
         sends += [([tag], False) for tag in acks if tag not in covered]
         for tags, multiple in sends:
             outcome: BaseException | None = None

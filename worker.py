@@ -825,16 +825,11 @@ class Worker:
         """
         if how == "ack":
             action = self.acks.ack(message)
-        elif how == "nack":
-            action = message.nack(requeue=True)
         else:
-            action = message.reject(requeue=False)
+            action = self.acks.refuse(message, requeue=how == "nack")
         try:
             await asyncio.wait_for(action, self.settings.publish_timeout)
-            if how != "ack":
-                self.acks.settled(message)
         except AMQP_ERRORS as exc:
-            self.acks.settled(message)
             log.warning(
                 "message %s: %s failed (%s); RabbitMQ will deliver it again",
                 job_id,
