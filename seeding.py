@@ -23,9 +23,7 @@ after each chunk's commit, out of the lock (store.Store.insert_rows): each chunk
 rewrites nearly every page of the randomly ordered indexes (record ids, recipients),
 and that copy takes 1.5-2 s of a chunk's 4-5 s at 2-3M records.
 
-Seeding 0 to 1M records ran at 17.8k/s and 1M to 3M at 18.6-21.3k/s on SQLite on a
-2-core machine with other work on it (16.4k/s and 10.3-15.6k/s before these changes;
-issue 17 asks for 50k/s): see the README's "At scale".
+How fast it seeds, measured: the README's "At scale".
 """
 
 from __future__ import annotations

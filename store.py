@@ -1042,14 +1042,17 @@ class Store:
     ) -> None:
         """Insert ready-made rows into ``mailroom_messages`` in one write transaction, with
         the driver's own ``executemany`` (each value as the driver takes it: see
-        seeding.py), and their lookup rows: ``lookups`` (term, created_at, message_id,
-        best in the order of the lookup's key), or None to have the database write them
-        from the records' JSON. The rows are in the order of ``created_at``, and their
-        recipients in ASCII. For capacity tests: nothing is checked or converted.
+        seeding.py), and their lookup rows: on SQLite ``lookups`` (term, created_at,
+        message_id, best in the order of the lookup's key), or None (always on
+        PostgreSQL) to have the database write them from the records' JSON. The rows are
+        in the order of ``created_at``, and their recipients in ASCII. For capacity
+        tests: nothing is checked or converted.
 
         SQLite: the commit does not copy the WAL into the database (a checkpoint, which
         would hold the lock all the while); :meth:`_checkpoint` does after it, without
         the lock."""
+        if lookups is not None and self.dialect != "sqlite":
+            raise ValueError("ready-made lookup rows are for SQLite only")
         if not rows:
             return
         names = ", ".join(columns)
@@ -1073,8 +1076,7 @@ class Store:
             if lookups is None:
                 _fill_lookup_between(conn, low, high, from_low=True)
             elif lookups:
-                insert = _SQLITE_INSERT_LOOKUP if sqlite else _PG_INSERT_LOOKUP
-                conn.exec_driver_sql(insert, list(lookups))
+                conn.exec_driver_sql(_SQLITE_INSERT_LOOKUP, list(lookups))
 
         try:
             await self._write_or_unavailable(work)
@@ -1560,10 +1562,6 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
 
 _SQLITE_INSERT_LOOKUP = (
     "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES (?, ?, ?) "
-    "ON CONFLICT DO NOTHING"
-)
-_PG_INSERT_LOOKUP = (
-    "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES ($1, $2, $3) "
     "ON CONFLICT DO NOTHING"
 )
 
