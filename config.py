@@ -28,6 +28,10 @@ SmtpSecurity = Literal["ssl", "starttls", "none"]
 QueueType = Literal["classic", "quorum"]
 LogFormat = Literal["text", "json"]
 _DEFAULT_SMTP_PORTS: dict[str, int] = {"ssl": 465, "starttls": 587, "none": 25}
+# WORKER_PREFETCH's default, per SMTP transaction at once: the messages beyond those being
+# sent wait for their record write or a connection, so one commit and one ack cover many
+# (measured in bench/bench.py's drain: 1341 -> 1691 mails/s at concurrency 16).
+PREFETCH_PER_SEND = 4
 
 T = TypeVar("T")
 
@@ -95,7 +99,8 @@ class Settings:
     outbox_dir: Path = Path("var/outbox")
     host: str = "127.0.0.1"
     port: int = 5000
-    worker_concurrency: int = 16
+    worker_concurrency: int = 16  # SMTP transactions at once (and connections in the pool)
+    worker_prefetch: int = 64  # messages a worker holds at once (default 4 x concurrency)
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
     shutdown_grace: float = 30.0
@@ -126,6 +131,10 @@ class Settings:
     dkim_domain: str | None = None
     dkim_selector: str | None = None
     dkim_private_key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.worker_prefetch < self.worker_concurrency:
+            raise ValueError("worker_prefetch must be at least worker_concurrency")
 
     @property
     def senders(self) -> tuple[str, ...]:
@@ -286,6 +295,11 @@ def _parse(env: Mapping[str, str]) -> Settings:
         raise ConfigError("WEBHOOK_SECRET", "required when WEBHOOK_URLS is set")
     if webhook_secret is not None and len(webhook_secret) < 16:
         raise ConfigError("WEBHOOK_SECRET", "must be at least 16 characters")
+    concurrency = conv("WORKER_CONCURRENCY", _concurrency, 16)
+    prefetch = conv("WORKER_PREFETCH", _prefetch, PREFETCH_PER_SEND * concurrency)
+    if prefetch < concurrency:
+        at_least = f"must be at least WORKER_CONCURRENCY ({concurrency})"
+        raise ConfigError("WORKER_PREFETCH", f"{at_least}, not {prefetch}")
     return Settings(
         amqp_url=Secret(conv("AMQP_URL", _amqp_url, "amqp://guest:guest@localhost:5672/")),
         queue_prefix=conv("QUEUE_PREFIX", _name, "mailroom"),
@@ -302,7 +316,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         outbox_dir=Path(raw("OUTBOX_DIR") or "var/outbox"),
         host=raw("HOST") or "127.0.0.1",
         port=conv("PORT", _port, 5000),
-        worker_concurrency=conv("WORKER_CONCURRENCY", _concurrency, 16),
+        worker_concurrency=concurrency,
+        worker_prefetch=prefetch,
         publish_timeout=conv("PUBLISH_TIMEOUT", _positive_float, 5.0),
         connect_timeout=conv("CONNECT_TIMEOUT", _positive_float, 5.0),
         shutdown_grace=conv("SHUTDOWN_GRACE", _positive_float, 30.0),
@@ -429,6 +444,13 @@ def _concurrency(value: str) -> int:
     number = _whole(value)
     if not 1 <= number <= 1000:
         raise ValueError(f"must be between 1 and 1000, not {value}")
+    return number
+
+
+def _prefetch(value: str) -> int:
+    number = _whole(value)
+    if not 1 <= number <= 10000:
+        raise ValueError(f"must be between 1 and 10000, not {value}")
     return number
 
 

@@ -474,18 +474,42 @@ class DkimSigner:
         return signature + data
 
 
+class Turn:
+    """One of a pool's ``size`` send turns, taken before a send and given back once (by
+    :meth:`SmtpPool.send`, when it is handed one, or by its taker; a second
+    :meth:`release` does nothing). The worker takes it before it claims a message, so a
+    claimed message (``sending``) always has a connection ready."""
+
+    __slots__ = ("_semaphore", "held")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self.held = False
+
+    async def acquire(self) -> None:
+        assert not self.held
+        await self._semaphore.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._semaphore.release()
+
+
 class SmtpPool:
     """Up to ``size`` SMTP connections, reused across messages.
 
     ``send`` takes an idle connection (or opens one), sends, and puts it back. A
-    connection that failed is closed, never reused.
+    connection that failed is closed, never reused. At most ``size`` sends run at once:
+    each holds a :class:`Turn` (see :meth:`turn`).
     """
 
     def __init__(self, settings: Settings, size: int) -> None:
         if settings.smtp_host is None:
             raise ValueError("SMTP_HOST is not set")
         self.settings = settings
-        self._slots = asyncio.Semaphore(size)
+        self._turns = asyncio.Semaphore(size)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._busy = 0  # sends under way (each holds one connection, or is opening one)
         self._helo_name = settings.smtp_helo_name
@@ -683,12 +707,28 @@ class SmtpPool:
             await asyncio.wait_for(writer.wait_closed(), 5)
         return True
 
-    async def send(self, job: MailJob, recipients: list[str] | None = None) -> SendResult:
-        """Send ``job`` to ``recipients`` (default: all of ``job.to``, envelope form).
+    def turn(self) -> Turn:
+        """A send turn, not yet taken (:meth:`Turn.acquire`)."""
+        return Turn(self._turns)
+
+    async def send(
+        self, job: MailJob, recipients: list[str] | None = None, turn: Turn | None = None
+    ) -> SendResult:
+        """Send ``job`` to ``recipients`` (default: all of ``job.to``, envelope form), in
+        ``turn`` when it is held (given back here, sent or not), else in a turn of its own.
 
         Refused recipients come back in :attr:`SendResult.refused` (even when every one
         was refused); anything else that goes wrong raises a :class:`DeliveryError`.
         """
+        if turn is None or not turn.held:
+            turn = self.turn()
+            await turn.acquire()
+        try:
+            return await self._send_in_turn(job, recipients)
+        finally:
+            turn.release()
+
+    async def _send_in_turn(self, job: MailJob, recipients: list[str] | None) -> SendResult:
         mail_from = self.settings.mail_from
         try:
             message: bytes | Message | None
@@ -707,12 +747,11 @@ class SmtpPool:
         if recipients is None:
             recipients = [addr_spec(a) for a in job.recipients]
         envelope = {envelope_address(r): r for r in recipients}
-        async with self._slots:
-            self._busy += 1
-            try:
-                return await self._send_on_a_connection(message, sender, envelope, job)
-            finally:
-                self._busy -= 1
+        self._busy += 1
+        try:
+            return await self._send_on_a_connection(message, sender, envelope, job)
+        finally:
+            self._busy -= 1
 
     async def _send_on_a_connection(
         self, message: bytes | Message, sender: str, envelope: dict[str, str], job: MailJob

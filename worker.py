@@ -55,7 +55,7 @@ from errors import (
     SmtpConfigError,
 )
 from guard import token_matches
-from mailer import SendResult, SmtpPool
+from mailer import SendResult, SmtpPool, Turn
 from messages import MailJob, suppression_key
 from store import FINAL, Attempt, Claim, RecipientResult, Store, StoreUnavailable, now_utc
 from webhooks import Event, WebhookSender, event_body, publish_event
@@ -157,9 +157,10 @@ class Worker:
             queue = await self._consume_queue()
             tag = await queue.consume(self._on_message, no_ack=False)
             log.info(
-                "consuming %s (concurrency %d, SMTP %s:%d %s, EHLO %s)",
+                "consuming %s (concurrency %d, prefetch %d, SMTP %s:%d %s, EHLO %s)",
                 queue.name,
                 self.settings.worker_concurrency,
+                self.settings.worker_prefetch,
                 self.settings.smtp_host,
                 self.settings.smtp_port,
                 self.settings.smtp_security,
@@ -204,7 +205,7 @@ class Worker:
         channel = await asyncio.wait_for(
             connection.channel(publisher_confirms=False), self.settings.connect_timeout
         )
-        await channel.set_qos(prefetch_count=self.settings.worker_concurrency)
+        await channel.set_qos(prefetch_count=self.settings.worker_prefetch)
         self._consuming = channel
         return await channel.get_queue(self.names.send_queue, ensure=True)
 
@@ -304,21 +305,33 @@ class Worker:
             self._attempts.pop(job.id, None)
 
     async def _claim(
-        self, message: AbstractIncomingMessage, job: MailJob, copy: int
+        self, message: AbstractIncomingMessage, job: MailJob, copy: int, turn: Turn
     ) -> Claim | None:
         """Claim the next attempt for queue copy ``copy``; wait while another live worker
-        holds one. None when the database is unavailable (the message then went to a retry
-        tier)."""
+        holds one. The claim is taken in a send ``turn`` (still held when it comes back
+        "claimed"), so a message waiting for a connection is never ``sending`` yet and
+        can still be cancelled. None when the message went back: to a retry tier (the
+        database is unavailable) or, when the worker is stopping, to the queue unsent."""
         assert self.store is not None
         while True:
+            await turn.acquire()
+            if self._stop.is_set():
+                turn.release()
+                log.info("message %s: stopping before its send; back to the queue", job.id)
+                await self._settle_delivery(message, job.id, "nack")
+                return None
             try:
                 claim = await self.store.claim(
                     job, self.owner, copy, self.settings.attempt_lease, self._owner_alive
                 )
             except StoreUnavailable as exc:
+                turn.release()
                 log.error("message %s: database unavailable (%s); retrying later", job.id, exc)
                 await self._to_retry_tier(message, job, 0, dict(message.headers or {}))
                 return None
+            if claim.kind == "claimed":
+                return claim
+            turn.release()
             if claim.kind != "busy":
                 return claim
             until = claim.record.lease_until
@@ -340,7 +353,16 @@ class Worker:
                 await self._wait_more(message, job, remaining)
                 return
         copy = _int_header(message.headers or {}, COPY_HEADER)
-        claim = await self._claim(message, job, copy)
+        turn = self.pool.turn()
+        try:
+            await self._attempt(message, job, copy, turn)
+        finally:
+            turn.release()  # the send gave it back already, unless there was none
+
+    async def _attempt(
+        self, message: AbstractIncomingMessage, job: MailJob, copy: int, turn: Turn
+    ) -> None:
+        claim = await self._claim(message, job, copy, turn)
         if claim is None:
             return
         record = claim.record
@@ -406,7 +428,7 @@ class Worker:
                 sent_before,
                 skipped,
                 detail="sandbox: not handed to SMTP" if self.settings.sandbox else None,
-                then=None if self.settings.sandbox or not real else (job, real),
+                then=None if self.settings.sandbox or not real else (job, real, turn),
             )
             return
         log.debug(
@@ -417,7 +439,7 @@ class Worker:
         )
         started = time.perf_counter()
         try:
-            result = await self._send(message, attempt, job, pending)
+            result = await self._send(message, attempt, job, pending, turn)
         finally:
             metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
         if result is None:
@@ -430,11 +452,12 @@ class Worker:
         attempt: Attempt,
         job: MailJob,
         recipients: list[str],
+        turn: Turn,
     ) -> SendResult | None:
-        """Send over SMTP; None when it failed, the failure already recorded (a settings
-        fault, failed, or a retry)."""
+        """Send over SMTP in ``turn`` (given back once the SMTP server answered); None when
+        it failed, the failure already recorded (a settings fault, failed, or a retry)."""
         try:
-            return await self.pool.send(job, recipients)
+            return await self.pool.send(job, recipients, turn)
         except SmtpConfigError as exc:
             await self._config_fault(message, attempt, exc)
         except PermanentDeliveryError as exc:
@@ -452,7 +475,7 @@ class Worker:
         sent_before: set[str],
         skipped: dict[str, RecipientResult] | None = None,
         detail: str | None = None,
-        then: tuple[MailJob, list[str]] | None = None,
+        then: tuple[MailJob, list[str], Turn] | None = None,
     ) -> None:
         """Record per-recipient results; then sent, retry (4xx refusals), or partial or
         failed (5xx refusals: see :meth:`_fail`). ``skipped``: results decided without

@@ -27,6 +27,18 @@ def test_defaults() -> None:
     )
 
 
+def test_prefetch_follows_concurrency_unless_set() -> None:
+    assert (Settings().worker_concurrency, Settings().worker_prefetch) == (16, 64)
+    default = Settings.from_env({}, env_file=None)
+    assert (default.worker_concurrency, default.worker_prefetch) == (16, 64)
+    derived = Settings.from_env({"WORKER_CONCURRENCY": "5"}, env_file=None)
+    assert derived.worker_prefetch == 20
+    both = {"WORKER_CONCURRENCY": "5", "WORKER_PREFETCH": "5"}
+    assert Settings.from_env(both, env_file=None).worker_prefetch == 5
+    with pytest.raises(ValueError, match="worker_prefetch"):
+        Settings(worker_concurrency=8, worker_prefetch=4)
+
+
 @pytest.mark.parametrize(("security", "port"), [("ssl", 465), ("starttls", 587), ("none", 25)])
 def test_default_port_follows_security(security: str, port: int) -> None:
     assert Settings.from_env({"SMTP_SECURITY": security}, env_file=None).smtp_port == port
@@ -42,6 +54,9 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         ({"AMQP_URL": "http://rabbit/"}, "AMQP_URL"),
         ({"AMQP_URL": "amqp://guest:pa#ss@localhost:5x72/"}, "AMQP_URL"),
         ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY"),
+        ({"WORKER_PREFETCH": "0"}, "WORKER_PREFETCH"),
+        ({"WORKER_PREFETCH": "many"}, "WORKER_PREFETCH"),
+        ({"WORKER_CONCURRENCY": "8", "WORKER_PREFETCH": "7"}, "WORKER_PREFETCH"),
         ({"SMTP_TIMEOUT": "-1"}, "SMTP_TIMEOUT"),
         ({"PUBLISH_TIMEOUT": "soon"}, "PUBLISH_TIMEOUT"),
         ({"ATTEMPT_LEASE": "0.5"}, "ATTEMPT_LEASE"),

@@ -126,6 +126,49 @@ async def test_connections_are_reused(
     assert smtp.recorder.connections <= 2
 
 
+async def test_prefetch_holds_more_than_it_sends(
+    make_settings: Callable[..., Settings], server_tls: ssl.SSLContext
+) -> None:
+    """WORKER_CONCURRENCY bounds SMTP transactions at once and WORKER_PREFETCH the
+    messages the worker takes from RabbitMQ: the rest stay queued for other workers."""
+    gate = asyncio.Event()
+    sending = 0
+    most = 0
+
+    async def held(envelope: Envelope) -> None:
+        nonlocal sending, most
+        sending += 1
+        most = max(most, sending)
+        try:
+            await gate.wait()
+        finally:
+            sending -= 1
+
+    server = await start_smtp("none", server_tls, auth=False, recorder=SmtpRecorder(on_data=held))
+    try:
+        settings = make_settings(
+            **server.settings_overrides(None, login=False), worker_concurrency=2, worker_prefetch=6
+        )
+        send_queue = Names.for_prefix(settings.queue_prefix).send_queue
+        async with running_app(settings) as (app, client), running_worker(settings):
+            await wait_ready(app)
+            for n in range(10):
+                assert (await client.get(f"/?sendmail=p{n}@example.com")).status_code == 200
+            async with asyncio.timeout(10):
+                while sending < 2 or await queue_depth(send_queue) != 4:
+                    await asyncio.sleep(0.05)
+            assert most == 2
+            gate.set()
+            await server.recorder.wait_for(10)
+        assert most == 2
+        assert server.recorder.connections <= 2
+        assert await queue_depth(send_queue) == 0
+    finally:
+        gate.set()
+        server.server.close()
+        await server.server.wait_closed()
+
+
 async def wait_dead(settings: Settings, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
     dead_queue = Names.for_prefix(settings.queue_prefix).dead_queue
     collected: list[aio_pika.abc.AbstractIncomingMessage] = []

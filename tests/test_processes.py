@@ -193,14 +193,18 @@ async def sigterm_mid_send(
     on_data: Callable[[Envelope], Awaitable[str | None]],
     started: asyncio.Event,
     grace: float,
+    count: int = 1,
+    **worker_settings: str,
 ) -> tuple[int, str, SmtpServer]:
-    """Queue one mail, start ``python worker.py``, SIGTERM it once the SMTP server is in
-    DATA (``on_data`` sets ``started``); return its exit status, output and the server."""
+    """Queue ``count`` mails, start ``python worker.py``, SIGTERM it once the SMTP server
+    is in DATA (``on_data`` sets ``started``); return its exit status, output and the
+    server."""
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=on_data))
     async with running_app(settings) as (app, client):
         await wait_ready(app)
-        assert (await client.get("/?sendmail=a@example.com")).status_code == 200
-    env = worker_env(prefix, settings, smtp.port, SHUTDOWN_GRACE=grace)
+        for n in range(count):
+            assert (await client.get(f"/?sendmail=a{n}@example.com")).status_code == 200
+    env = worker_env(prefix, settings, smtp.port, SHUTDOWN_GRACE=grace, **worker_settings)
     worker = await spawn("worker.py", tmp_path, env)
     stop_later.append(worker)
     await asyncio.wait_for(started.wait(), 20)
@@ -225,6 +229,42 @@ async def test_sigterm_drains_in_flight_sends(
     assert len(smtp.recorder.received) == 1
     assert await queue_depth(Names.for_prefix(prefix).send_queue) == 0
     assert "stopping; 1 message(s) in flight" in out
+    smtp.server.close()
+
+
+async def test_sigterm_returns_messages_waiting_for_a_connection_unsent(
+    prefix: str, tmp_path: Path, make_settings: Callable[..., Settings], stop_later: list[Proc]
+) -> None:
+    """The worker holds WORKER_PREFETCH messages but sends WORKER_CONCURRENCY at once: on
+    SIGTERM it finishes the send under way and puts the others back at once, unclaimed."""
+    started = asyncio.Event()
+
+    async def slow(envelope: Envelope) -> None:
+        started.set()
+        await asyncio.sleep(1.5)
+
+    settings = make_settings()
+    code, out, smtp = await sigterm_mid_send(
+        prefix,
+        tmp_path,
+        settings,
+        stop_later,
+        slow,
+        started,
+        grace=20,
+        count=5,
+        WORKER_CONCURRENCY="1",
+        WORKER_PREFETCH="5",
+    )
+    assert code == 0, out
+    assert len(smtp.recorder.received) == 1
+    assert "stopping; 5 message(s) in flight" in out
+    assert out.count("stopping before its send; back to the queue") == 4
+    assert await queue_depth(Names.for_prefix(prefix).send_queue) == 4
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        listed = await (await client.get("/api/messages?status=queued")).get_json()
+        assert len(listed["messages"]) == 4  # never claimed: still queued, cancellable
     smtp.server.close()
 
 

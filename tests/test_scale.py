@@ -34,6 +34,7 @@ from tests.support import (
 from tests.test_metrics import samples
 
 CONCURRENCY = 4
+PREFETCH = 2 * CONCURRENCY  # held per worker: CONCURRENCY being sent, the rest waiting
 
 
 @dataclass
@@ -42,9 +43,14 @@ class GatedRecorder(SmtpRecorder):
     away meanwhile is not taken (the client never heard the 250)."""
 
     gate: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: int = 0  # mails at the gate now
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        await self.gate.wait()
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
         transport = server.transport
         if transport is None or transport.is_closing():
             return "421 the client went away"
@@ -74,8 +80,9 @@ async def test_three_workers_share_a_burst_and_one_killed_loses_nothing(
     stop_later: list[Proc],
 ) -> None:
     """Three ``python worker.py`` processes against one burst of 60 mails: each takes its
-    share (all three hold ``CONCURRENCY`` mails at once), one is killed (SIGKILL) while it
-    holds its share, and every mail still arrives exactly once."""
+    share (all three hold ``PREFETCH`` mails at once, ``CONCURRENCY`` of them in DATA),
+    one is killed (SIGKILL) while it holds its share, and every mail still arrives
+    exactly once."""
     settings = make_settings(database_url=database_url)
     total = 60
     async with gated_smtp() as smtp, running_app(settings) as (app, client):
@@ -93,6 +100,7 @@ async def test_three_workers_share_a_burst_and_one_killed_loses_nothing(
                 settings,
                 smtp.port,
                 WORKER_CONCURRENCY=CONCURRENCY,
+                WORKER_PREFETCH=PREFETCH,
                 WORKER_METRICS_PORT=port,
                 LOG_LEVEL="WARNING",
             )
@@ -102,14 +110,15 @@ async def test_three_workers_share_a_burst_and_one_killed_loses_nothing(
         for worker, port in zip(workers, ports, strict=True):
             await wait_http(f"http://127.0.0.1:{port}/healthz", worker, timeout=60)
         async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
-            # Each worker takes its share: all three hold CONCURRENCY mails at the gate.
+            # Each worker takes its share: all three hold PREFETCH mails, CONCURRENCY of
+            # them at the gate.
             async with asyncio.timeout(60):
                 while True:
                     held = [
                         (await worker_metrics(http, port))["mailroom_messages_in_flight"]
                         for port in ports
                     ]
-                    if held == [CONCURRENCY] * 3:
+                    if held == [PREFETCH] * 3 and recorder.waiting == 3 * CONCURRENCY:
                         break
                     await asyncio.sleep(0.1)
             victim = workers[0]
