@@ -36,6 +36,7 @@ from email.utils import format_datetime, quote
 
 import aiosmtplib
 from aiosmtplib.email import flatten_message
+from aiosmtplib.protocol import normalize_message_line_endings
 from email_validator import EmailNotValidError
 
 from config import Settings
@@ -47,7 +48,14 @@ from errors import (
     SmtpConfigError,
     TransientDeliveryError,
 )
-from messages import Attachment, MailJob, addr_spec, check_email, parse_addresses
+from messages import (
+    Attachment,
+    MailJob,
+    addr_spec,
+    check_email,
+    is_plain_address,
+    parse_addresses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +482,47 @@ class DkimSigner:
         return signature + data
 
 
+async def sendmail(
+    client: aiosmtplib.SMTP, sender: str, recipients: list[str], message: bytes
+) -> dict[str, aiosmtplib.SMTPResponse]:
+    """``client.sendmail(sender, recipients, message)``'s refused recipients, with the
+    same commands, answers and errors. For everyday addresses (``is_plain_address``)
+    the commands are written here: aiosmtplib parses each address twice with
+    email.utils (8 us a time, about 5% of the worker's CPU per mail); its ``<address>``
+    for such an address is the address in brackets (a property test holds the two
+    together). Any other address goes through aiosmtplib's own ``sendmail``."""
+    if not (is_plain_address(sender) and all(map(is_plain_address, recipients))):
+        answered, _ = await client.sendmail(sender, recipients, message)
+        return answered
+    if client.is_ehlo_or_helo_needed:
+        await client.ehlo()
+    options = []
+    if client.supports_extension("size"):  # RFC 1870: the octets as sent, CRLFs included
+        options.append(b"size=%d" % len(normalize_message_line_endings(message)))
+    refused: dict[str, aiosmtplib.SMTPResponse] = {}
+    try:
+        answer = await client.execute_command(b"MAIL", b"FROM:<%s>" % sender.encode(), *options)
+        if answer.code != aiosmtplib.SMTPStatus.completed:
+            raise aiosmtplib.SMTPSenderRefused(answer.code, answer.message, sender)
+        for recipient in recipients:
+            answer = await client.execute_command(b"RCPT", b"TO:<%s>" % recipient.encode())
+            if answer.code not in (
+                aiosmtplib.SMTPStatus.completed,
+                aiosmtplib.SMTPStatus.will_forward,
+            ):
+                refused[recipient] = answer
+        if len(refused) == len(recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(
+                [aiosmtplib.SMTPRecipientRefused(a.code, a.message, r) for r, a in refused.items()]
+            )
+        await client.data(message)
+    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+        with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+            await client.rset()  # as aiosmtplib's sendmail: reset the envelope, then raise
+        raise
+    return refused
+
+
 class Turn:
     """One of a pool's ``size`` send turns, taken before a send and given back once (by
     :meth:`SmtpPool.send`, when it is handed one, or by its taker; a second
@@ -763,7 +812,7 @@ class SmtpPool:
             try:
                 client, reused = await self._checkout()
                 if isinstance(message, bytes):
-                    refused, _ = await client.sendmail(sender, list(envelope), message)
+                    refused = await sendmail(client, sender, list(envelope), message)
                 elif self.signer is not None:
                     data, options = await self._flatten(client, message, sender, envelope)
                     refused, _ = await client.sendmail(

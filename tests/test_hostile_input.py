@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aiosmtplib.email import flatten_message
+from aiosmtplib.email import flatten_message, quote_address
 from email_validator import EmailNotValidError
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
@@ -40,6 +40,7 @@ from messages import (
     _plain_address,
     addr_spec,
     check_email,
+    is_plain_address,
     new_job,
     parse_addresses,
     suppression_key,
@@ -299,17 +300,26 @@ def test_the_everyday_address_shortcut_agrees_with_email_validator(
     assert check_email(addr).normalized == fast
 
 
+# Mostly addresses, some of them everyday ones, and odd strings of address characters.
+_ADDRESS_LIKE = st.from_regex(
+    r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,20}@[A-Za-z0-9.-]{1,20}\.[A-Za-z]{2,5}", fullmatch=True
+) | st.text(alphabet=_ADDRESS_CHARS, max_size=30)
+
+
 @hypothesis_settings(max_examples=2000, deadline=None)
-@given(
-    value=st.from_regex(
-        r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,20}@[A-Za-z0-9.-]{1,20}\.[A-Za-z]{2,5}",
-        fullmatch=True,
-    )
-    | st.text(alphabet=_ADDRESS_CHARS, max_size=30)
-)
+@given(value=_ADDRESS_LIKE)
 def test_the_everyday_address_shortcut_agrees_with_the_parser(value: str) -> None:
     """messages.parse_addresses answers what email.utils.getaddresses does."""
     assert parse_addresses(value) == getaddresses([value])
+
+
+@hypothesis_settings(max_examples=2000, deadline=None)
+@given(value=_ADDRESS_LIKE)
+def test_the_everyday_envelope_address_is_what_aiosmtplib_would_send(value: str) -> None:
+    """mailer.sendmail writes ``<address>`` itself for an everyday address: exactly what
+    aiosmtplib's MAIL and RCPT would write (and accept without raising)."""
+    if is_plain_address(value):
+        assert quote_address(value) == f"<{value}>"
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,11 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 import trustme
 from aiosmtpd.smtp import MISSING
@@ -274,3 +275,75 @@ async def test_an_answer_to_auth_that_is_no_refusal_is_not_called_one(ca_file: s
     assert error.code is None
     assert server.recorder.logins == [("PLAIN", False)]
     assert server.recorder.quits == 1
+
+
+@dataclass
+class EnvelopeRecorder(SmtpRecorder):
+    """Refuses the sender ``refused@...`` and recipients ``nobody...``; records each
+    accepted transaction's MAIL options beside what SmtpRecorder keeps."""
+
+    mail_options: list[list[str]] = field(default_factory=list)
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address.startswith("refused@"):
+            return "553 5.7.1 sender refused"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.mail_options.append(list(envelope.mail_options))
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_the_transaction_is_what_aiosmtplibs_sendmail_sends(
+    server_tls: ssl.SSLContext,
+) -> None:
+    """mailer.sendmail writes MAIL and RCPT itself for everyday addresses: the server sees
+    the same envelope, SIZE and bytes as from aiosmtplib's sendmail, and refusals come
+    back (or are raised) the same way; the connection stays usable after each."""
+    recorder = EnvelopeRecorder(on_rcpt=refuse_nobody)
+    server = await start_smtp("none", server_tls, auth=False, recorder=recorder)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port, timeout=5)
+    message = b"Subject: s\n\nline\n.leading dot\r\nend\n"
+    try:
+        await client.connect()
+        ours = await mailer.sendmail(client, "a@example.org", ["b@example.com"], message)
+        theirs, _ = await client.sendmail("a@example.org", ["b@example.com"], message)
+        assert ours == theirs == {}
+        first, second = recorder.received
+        assert (first.mail_from, first.rcpt_tos, first.data) == (
+            second.mail_from,
+            second.rcpt_tos,
+            second.data,
+        )
+        assert recorder.mail_options[0] == recorder.mail_options[1] == [f"SIZE={len(first.data)}"]
+
+        both = ["b@example.com", "nobody@example.com"]
+        ours = await mailer.sendmail(client, "a@example.org", both, message)
+        theirs, _ = await client.sendmail("a@example.org", both, message)
+        assert ours == theirs
+        assert set(ours) == {"nobody@example.com"} and ours["nobody@example.com"].code == 550
+
+        for sender, recipients, error in (
+            ("a@example.org", ["nobody@example.com"], aiosmtplib.SMTPRecipientsRefused),
+            ("refused@example.org", ["b@example.com"], aiosmtplib.SMTPSenderRefused),
+        ):
+            with pytest.raises(error) as mine:
+                await mailer.sendmail(client, sender, recipients, message)
+            with pytest.raises(error) as library:
+                await client.sendmail(sender, recipients, message)
+            assert str(mine.value) == str(library.value)
+        assert len(recorder.received) == 4  # the refused ones never reached DATA
+        await mailer.sendmail(client, "a@example.org", ["b@example.com"], message)
+        assert len(recorder.received) == 5  # each refusal was followed by RSET
+    finally:
+        client.close()
+        server.server.close()
+        await server.server.wait_closed()
+
+
+async def refuse_nobody(address: str) -> str | None:
+    return "550 5.1.1 no such user" if address.startswith("nobody") else None
