@@ -169,11 +169,6 @@ def parse_addresses(value: str) -> list[tuple[str, str]]:
     return getaddresses([value])
 
 
-def is_plain_address(addr: str) -> bool:
-    """Whether ``addr`` is an everyday addr-spec (``_PLAIN``): ASCII, nothing to quote."""
-    return _PLAIN.fullmatch(addr) is not None
-
-
 def _plain_address(addr: str) -> str | None:
     """``addr`` normalised as email-validator would, when it is an everyday address."""
     if len(addr) > 254 or not _PLAIN.fullmatch(addr):
