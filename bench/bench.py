@@ -935,7 +935,8 @@ class Reference(System):
 
 
 class Mailroom(System):
-    """``python server.py`` (one or more, each on its own port) + ``python worker.py``."""
+    """``python server.py`` (one or more, each on its own port) + ``python worker.py`` (one
+    or more)."""
 
     def __init__(
         self,
@@ -944,14 +945,16 @@ class Mailroom(System):
         concurrency: int | None,
         name: str,
         postgres: bool = False,
+        workers: int = 1,
     ) -> None:
         super().__init__(opts)
         self.name = name
         cc = "default" if concurrency is None else str(concurrency)
         db = "PostgreSQL" if postgres else "SQLite"
-        self.label = (
-            f"Mailroom ({servers} server{'s' if servers > 1 else ''}, concurrency {cc}, {db})"
-        )
+        procs = f"{servers} server{'s' if servers > 1 else ''}"
+        if workers > 1:
+            procs += f", {workers} workers"
+        self.label = f"Mailroom ({procs}, concurrency {cc}, {db})"
         self.database = f"bench_{uuid.uuid4().hex[:12]}" if postgres else None
         self.servers = servers
         self.concurrency = concurrency
@@ -959,7 +962,8 @@ class Mailroom(System):
         self.run_dir = opts.workdir / name
         self.ports = [free_port() for _ in range(servers)]
         self.server_procs: list[subprocess.Popen[bytes]] = []
-        self.worker_proc: subprocess.Popen[bytes] | None = None
+        self.workers = workers
+        self.worker_procs: list[subprocess.Popen[bytes]] = []
         self.worker_starts = 0
 
     def configure(self, smtp_port: int) -> None:
@@ -1025,32 +1029,36 @@ class Mailroom(System):
         raise BenchError(f"{self.name}: server not ready after 30s:\n{tail(logfile)}")
 
     async def start_worker(self) -> None:
+        """Start the worker process(es); return once each consumes the send queue."""
         self.worker_starts += 1
-        logfile = self.run_dir / f"worker{self.worker_starts}.log"
-        proc = self._spawn("worker.py", logfile.stem)
-        self.worker_proc = proc
+        logfiles = [
+            self.run_dir / f"worker{self.worker_starts}{'' if self.workers == 1 else f'-{i}'}.log"
+            for i in range(self.workers)
+        ]
+        self.worker_procs = [self._spawn("worker.py", logfile.stem) for logfile in logfiles]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise BenchError(
-                    f"{self.name}: worker exited ({proc.returncode}):\n{tail(logfile)}"
-                )
-            if await consumers(f"{self.prefix}.send") > 0:
+            for proc, logfile in zip(self.worker_procs, logfiles, strict=True):
+                if proc.poll() is not None:
+                    raise BenchError(
+                        f"{self.name}: worker exited ({proc.returncode}):\n{tail(logfile)}"
+                    )
+            if await consumers(f"{self.prefix}.send") >= self.workers:
                 return
             await asyncio.sleep(0.2)
-        raise BenchError(f"{self.name}: worker not consuming after 30s:\n{tail(logfile)}")
+        raise BenchError(f"{self.name}: worker not consuming after 30s:\n{tail(logfiles[0])}")
 
     async def stop_worker(self) -> None:
-        if self.worker_proc is not None:
-            proc, self.worker_proc = self.worker_proc, None
+        procs, self.worker_procs = self.worker_procs, []
+        for proc in procs:
             code = await asyncio.to_thread(REGISTRY.stop, proc, 30.0)
             if code != 0:
                 self.notes.append(f"worker exited with status {code} on SIGTERM")
 
     def roots(self) -> dict[str, int]:
         roles = {f"server{i}": p.pid for i, p in enumerate(self.server_procs)}
-        if self.worker_proc is not None:
-            roles["worker"] = self.worker_proc.pid
+        for i, proc in enumerate(self.worker_procs):
+            roles["worker" if len(self.worker_procs) == 1 else f"worker{i}"] = proc.pid
         return roles
 
     async def stop(self) -> None:
@@ -1616,7 +1624,7 @@ def ratio(a: float, b: float) -> str:
 
 REF = "ref-b"  # the issue's targets are ratios to reference b
 TARGET_SYSTEM = "mailroom"
-ORDER = ("ref-a", "ref-b", "mailroom", "mailroom-pg", "mailroom-2srv")
+ORDER = ("ref-a", "ref-b", "mailroom", "mailroom-pg", "mailroom-2srv", "mailroom-2wrk")
 
 
 def _median(system: dict[str, Any] | None, mode: str, c: int) -> dict[str, float] | None:
@@ -2118,6 +2126,8 @@ async def run(
                 system = Mailroom(opts, 1, None, name)
             elif name == "mailroom-2srv":
                 system = Mailroom(opts, 2, None, name)
+            elif name == "mailroom-2wrk":
+                system = Mailroom(opts, 1, None, name, workers=2)
             elif name == "mailroom-pg":
                 system = Mailroom(opts, 1, None, name, postgres=True)
             else:
@@ -2173,8 +2183,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--systems",
         default="ref-a,ref-b,mailroom,mailroom-pg",
-        help="comma-separated, from ref-a, ref-b, mailroom, mailroom-pg, mailroom-2srv "
-        "(ref-a,ref-b,mailroom,mailroom-pg)",
+        help="comma-separated, from ref-a, ref-b, mailroom, mailroom-pg, mailroom-2srv (two "
+        "servers), mailroom-2wrk (two workers) (ref-a,ref-b,mailroom,mailroom-pg)",
     )
     p.add_argument(
         "--sweep",
@@ -2410,6 +2420,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         "mailroom": "tab:blue",
         "mailroom-pg": "tab:green",
         "mailroom-2srv": "tab:purple",
+        "mailroom-2wrk": "tab:brown",
     }
     drawn = False
     for name in ORDER:
