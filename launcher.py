@@ -53,12 +53,16 @@ LISTEN_BACKLOG = 1024
 
 
 def default_counts(cores: int | None = None) -> tuple[int, int]:
-    """(servers, workers) for a machine with ``cores`` CPUs.
+    """(servers, workers) for a machine with ``cores`` CPUs: half the cores each.
 
-    The benchmark (bench/results.md) measured about 4.8 ms of CPU per mail in the server
-    and 4.3 ms in the worker, RabbitMQ a tenth of that: so half the cores each. On 2 cores
-    one server and one worker was fastest (a second process of either only competed for
-    the same two cores)."""
+    Measured with bench/bench.py on 2 cores (2026-12-05, against the reference in each
+    run): a server spends about 0.7 ms of CPU per keep-alive request (1.1 ms with a new
+    connection each) and a worker about 0.6 ms per mail, so both need about the same. One
+    of each was the best all-round choice there: a second server gave 14-20% more mails/s
+    with a new connection per request but 2-8% less with keep-alive clients and a higher
+    accept p99 (the one worker then falls behind); a second worker gave 25% more with the
+    batch endpoint but 12% less with keep-alive clients. The README's Production section
+    says when to change them."""
     cores = cores or os.cpu_count() or 1
     half = max(1, cores // 2)
     return half, half
