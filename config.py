@@ -100,7 +100,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 5000
     worker_concurrency: int = 16  # SMTP transactions at once (and connections in the pool)
-    worker_prefetch: int = 64  # messages a worker holds at once (default 4 x concurrency)
+    worker_prefetch: int = 0  # messages a worker holds at once; 0: 4 x worker_concurrency
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
     shutdown_grace: float = 30.0
@@ -133,6 +133,9 @@ class Settings:
     dkim_private_key_file: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.worker_prefetch == 0:
+            prefetch = PREFETCH_PER_SEND * self.worker_concurrency
+            object.__setattr__(self, "worker_prefetch", prefetch)  # frozen: set once, here
         if self.worker_prefetch < self.worker_concurrency:
             raise ValueError("worker_prefetch must be at least worker_concurrency")
 
@@ -296,8 +299,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if webhook_secret is not None and len(webhook_secret) < 16:
         raise ConfigError("WEBHOOK_SECRET", "must be at least 16 characters")
     concurrency = conv("WORKER_CONCURRENCY", _concurrency, 16)
-    prefetch = conv("WORKER_PREFETCH", _prefetch, PREFETCH_PER_SEND * concurrency)
-    if prefetch < concurrency:
+    prefetch = conv("WORKER_PREFETCH", _prefetch, 0)  # 0: Settings derives it
+    if 0 < prefetch < concurrency:
         at_least = f"must be at least WORKER_CONCURRENCY ({concurrency})"
         raise ConfigError("WORKER_PREFETCH", f"{at_least}, not {prefetch}")
     return Settings(

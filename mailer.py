@@ -509,7 +509,12 @@ async def sendmail(
         answered, _ = await client.sendmail(sender, recipients, message)
         return answered
     if client.is_ehlo_or_helo_needed:
-        await client.ehlo()
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            if not client.is_connected:
+                raise
+            await client.helo()  # as aiosmtplib does: HELO when EHLO is refused
     options = []
     if client.supports_extension("size"):  # RFC 1870: the octets as sent, CRLFs included
         options.append(b"size=%d" % len(normalize_message_line_endings(message)))

@@ -395,6 +395,7 @@ class Worker:
             # Started again and again without an outcome: something (a crash, an OOM kill)
             # stops the worker on this message. Classic queues have no delivery limit.
             reason = f"{unfinished} attempts without an outcome; the worker may crash on it"
+            turn.release()  # no SMTP on this path: the turn goes back before the writes
             await self._fail(message, attempt, reason, None, {}, "delivery_limit")
             return
         # Recipients that accepted it, carried on the retry copy in case the record could
@@ -404,6 +405,7 @@ class Worker:
         if not pending:
             # Nothing left to send (every recipient accepted or refused it already).
             log.info("message %s: no recipient left to send to", job.id)
+            turn.release()
             await self._settle(message, attempt, SendResult(()), record.results, sent_before)
             return
         # Suppressed and simulator recipients, and everyone in the sandbox: never SMTP.
@@ -420,6 +422,8 @@ class Worker:
             }
             simulated = [a for a in pending if a not in skipped and a.endswith(SIMULATOR_SUFFIX)]
             real = [a for a in pending if a not in skipped and not a.endswith(SIMULATOR_SUFFIX)]
+            if self.settings.sandbox or not real:
+                turn.release()  # nothing for SMTP: others may send meanwhile
             await self._settle(
                 message,
                 attempt,

@@ -35,6 +35,7 @@ def test_prefetch_follows_concurrency_unless_set() -> None:
     assert derived.worker_prefetch == 20
     both = {"WORKER_CONCURRENCY": "5", "WORKER_PREFETCH": "5"}
     assert Settings.from_env(both, env_file=None).worker_prefetch == 5
+    assert Settings(worker_concurrency=100).worker_prefetch == 400
     with pytest.raises(ValueError, match="worker_prefetch"):
         Settings(worker_concurrency=8, worker_prefetch=4)
 

@@ -4,6 +4,7 @@ failures are settings faults (and which setting they name)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiosmtpd.smtp
 import aiosmtplib
 import pytest
 import trustme
@@ -306,7 +308,7 @@ async def test_the_transaction_is_what_aiosmtplibs_sendmail_sends(
     back (or are raised) the same way; the connection stays usable after each."""
     recorder = EnvelopeRecorder(on_rcpt=refuse_nobody)
     server = await start_smtp("none", server_tls, auth=False, recorder=recorder)
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port, timeout=5)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port, timeout=5, start_tls=False)
     message = b"Subject: s\n\nline\n.leading dot\r\nend\n"
     try:
         await client.connect()
@@ -347,3 +349,38 @@ async def test_the_transaction_is_what_aiosmtplibs_sendmail_sends(
 
 async def refuse_nobody(address: str) -> str | None:
     return "550 5.1.1 no such user" if address.startswith("nobody") else None
+
+
+class _NoEhlo(aiosmtpd.smtp.SMTP):
+    """An old server: EHLO is not a command it knows (HELO is)."""
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self.push("502 5.5.2 Error: command not recognized")
+
+
+async def test_the_transaction_falls_back_to_helo_like_aiosmtplib() -> None:
+    recorder = SmtpRecorder()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _NoEhlo(recorder), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    message = b"Subject: s\n\nold server\n"
+    try:
+        for send in ("ours", "aiosmtplib"):
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False)
+            await client.connect()
+            try:
+                if send == "ours":
+                    assert await mailer.sendmail(client, "a@localhost", ["b@x.org"], message) == {}
+                else:
+                    assert (await client.sendmail("a@localhost", ["b@x.org"], message))[0] == {}
+            finally:
+                client.close()
+        first, second = recorder.received
+        assert (first.mail_from, first.rcpt_tos, first.data) == (
+            second.mail_from,
+            second.rcpt_tos,
+            second.data,
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
