@@ -1,0 +1,78 @@
+"""CPU per mail of the worker's two writes (Store.claim, then Store.finish), SQLite
+against PostgreSQL, in one process, without RabbitMQ or SMTP.
+
+    .venv/bin/python bench/store_cost.py            # 3000 mails, 64 at a time
+
+It creates the records the way the server does (Store.insert_queued, not timed), then
+times the claim and the outcome of each, ``--concurrency`` mails at once, and prints
+mails/s and the process's CPU time per mail (all threads: SQLite's writer thread
+included). PostgreSQL: a database of its own on ``--pg`` (created, then dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncpg
+
+from config import Secret, Settings
+from messages import MailJob, new_job
+from store import RecipientResult, Store
+
+
+async def measure(url: str, count: int, concurrency: int) -> str:
+    store = await Store.open(Settings(database_url=Secret(url)))
+    try:
+        jobs = [new_job(to=f"u{n}@seed.invalid", subject="s", text="t") for n in range(count)]
+        for start in range(0, count, 200):
+            await asyncio.gather(*(store.insert_queued(j) for j in jobs[start : start + 200]))
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(job: MailJob) -> None:
+            async with limit:
+                claim = await store.claim(job, "bench/1/store-cost", 0, 30.0)
+                if claim.attempt is None:
+                    raise RuntimeError(f"message {job.id}: not claimed ({claim.kind})")
+                sent = {job.to[0]: RecipientResult("sent")}
+                if not await store.finish(claim.attempt, "sent", sent):
+                    raise RuntimeError(f"message {job.id}: outcome not applied")
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(job) for job in jobs))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        await store.close()
+    return f"{count / wall:.0f} mails/s, {1000 * cpu / count:.3f} ms of CPU per mail"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--count", type=int, default=3000)
+    parser.add_argument("-c", "--concurrency", type=int, default=64)
+    parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite = await measure(f"sqlite:///{tmp}/store-cost.db", args.count, args.concurrency)
+    print(f"SQLite:     {sqlite}")
+    name = f"store_cost_{uuid.uuid4().hex[:10]}"
+    try:
+        pg = await measure(f"{args.pg}/{name}", args.count, args.concurrency)
+    finally:
+        admin = await asyncpg.connect(f"{args.pg}/postgres")
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        finally:
+            await admin.close()
+    print(f"PostgreSQL: {pg}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
