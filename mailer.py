@@ -548,21 +548,23 @@ class Turn:
     :meth:`release` does nothing). The worker takes it before it claims a message, so a
     claimed message (``sending``) always has a connection ready."""
 
-    __slots__ = ("_semaphore", "held")
+    __slots__ = ("_pool", "held")
 
-    def __init__(self, semaphore: asyncio.Semaphore) -> None:
-        self._semaphore = semaphore
+    def __init__(self, pool: SmtpPool) -> None:
+        self._pool = pool
         self.held = False
 
     async def acquire(self) -> None:
         assert not self.held
-        await self._semaphore.acquire()
+        await self._pool._turns.acquire()
         self.held = True
+        self._pool.turns_in_use += 1
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            self._semaphore.release()
+            self._pool.turns_in_use -= 1
+            self._pool._turns.release()
 
 
 class SmtpPool:
@@ -578,6 +580,7 @@ class SmtpPool:
             raise ValueError("SMTP_HOST is not set")
         self.settings = settings
         self._turns = asyncio.Semaphore(size)
+        self.turns_in_use = 0  # taken and not given back (each send holds one)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._busy = 0  # sends under way (each holds one connection, or is opening one)
         self._helo_name = settings.smtp_helo_name
@@ -777,7 +780,7 @@ class SmtpPool:
 
     def turn(self) -> Turn:
         """A send turn, not yet taken (:meth:`Turn.acquire`)."""
-        return Turn(self._turns)
+        return Turn(self)
 
     async def send(
         self, job: MailJob, recipients: list[str] | None = None, turn: Turn | None = None

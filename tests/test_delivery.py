@@ -150,16 +150,19 @@ async def test_prefetch_holds_more_than_it_sends(
             **server.settings_overrides(None, login=False), worker_concurrency=2, worker_prefetch=6
         )
         send_queue = Names.for_prefix(settings.queue_prefix).send_queue
-        async with running_app(settings) as (app, client), running_worker(settings):
+        async with running_app(settings) as (app, client), running_worker(settings) as worker:
             await wait_ready(app)
             for n in range(10):
                 assert (await client.get(f"/?sendmail=p{n}@example.com")).status_code == 200
             async with asyncio.timeout(10):
                 while sending < 2 or await queue_depth(send_queue) != 4:
                     await asyncio.sleep(0.05)
-            assert most == 2
+            assert most == 2 and worker.pool.turns_in_use == 2
             gate.set()
             await server.recorder.wait_for(10)
+            async with asyncio.timeout(10):
+                while worker.pool.turns_in_use:
+                    await asyncio.sleep(0.05)
         assert most == 2
         assert server.recorder.connections <= 2
         assert await queue_depth(send_queue) == 0

@@ -282,10 +282,11 @@ async def test_suppressed_recipients_are_skipped_and_unknown_users_suppressed(
 
 async def test_sandbox_hands_nothing_to_smtp(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(sandbox=True, smtp_host=None)
-    async with running_app(settings) as (app, client), running_worker(settings):
+    async with running_app(settings) as (app, client), running_worker(settings) as worker:
         await wait_ready(app)
         message = await post(client, ["a@example.com", "bounce@simulator.mailroom.invalid"])
         record = await wait_status(client, message["id"], "partial")
+        assert worker.pool.turns_in_use == 0  # the send turn came back without SMTP
     results = {r["address"]: (r["status"], r["code"]) for r in record["recipients"]}
     assert results == {
         "a@example.com": ("sent", None),
@@ -298,12 +299,14 @@ async def test_simulator_recipients_without_a_connection(
 ) -> None:
     settings = make_settings(**smtp.settings_overrides(None, False))
     sim = "simulator.mailroom.invalid"
-    async with running_app(settings) as (app, client), running_worker(settings):
+    async with running_app(settings) as (app, client), running_worker(settings) as worker:
         await wait_ready(app)
         delivered = await post(client, [f"delivered@{sim}", f"delivered+x@{sim}"])
         assert (await wait_status(client, delivered["id"], "sent"))["attempts"] == 1
+        assert worker.pool.turns_in_use == 0
         mixed = await post(client, ["real@example.com", f"defer@{sim}"])
         record = await wait_status(client, mixed["id"], "partial", timeout=30)
+        assert worker.pool.turns_in_use == 0  # each retry's SMTP send gave its turn back
         assert record["attempts"] == 1 + len(settings.retry_delays)
         results = {r["address"]: r["status"] for r in record["recipients"]}
         assert results == {"real@example.com": "sent", f"defer@{sim}": "pending"}
