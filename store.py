@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import sqlite3
 import time
@@ -1134,22 +1135,6 @@ class Store:
         """
 
         def work(conn: Connection) -> Claim:
-            # The usual case, one statement: the first attempt at a record that nothing
-            # touched since it was written (so it is still what the job says it is).
-            if (fresh := _queued_record(job)) is not None and copy >= fresh.copy:
-                number = 1
-                values = {
-                    "attempts": number,
-                    "next_attempt_at": None,
-                    "owner": owner,
-                    "lease_until": now_utc() + timedelta(seconds=lease),
-                    "copy": copy,
-                }
-                claimed = self._write_transition(
-                    conn, fresh, "sending", None, values, untouched=True
-                )
-                if claimed is not None:
-                    return Claim("claimed", claimed, Attempt(job.id, number, owner, claimed))
             while True:
                 record = self._load(conn, job.id)
                 if record is None:
@@ -1187,8 +1172,26 @@ class Store:
                 if updated is not None:
                     return Claim("claimed", updated, Attempt(job.id, number, owner, updated))
 
+        unit: Unit = work
+        # The usual case, one statement: the first attempt at a record that nothing
+        # touched since it was written (so it is still what the job says it is).
+        if (fresh := _queued_record(job)) is not None and copy >= fresh.copy:
+            untouched = fresh
+
+            def first_claim() -> tuple[dict[str, Any], Claim]:
+                values = {
+                    "attempts": 1,
+                    "next_attempt_at": None,
+                    "owner": owner,
+                    "lease_until": now_utc() + timedelta(seconds=lease),
+                    "copy": copy,
+                }
+                changes, claimed = _transition_of(untouched, "sending", None, values)
+                return changes, Claim("claimed", claimed, Attempt(job.id, 1, owner, claimed))
+
+            unit = _FastUnit("untouched", job.id, None, first_claim, work)
         try:
-            result: Claim = await self._write(work)
+            result: Claim = await self._write(unit)
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return result
@@ -1226,10 +1229,6 @@ class Store:
             return values
 
         def work(conn: Connection) -> bool:
-            if attempt.record is not None and self._transition_held(
-                conn, attempt, status, detail, outcome(attempt.record)
-            ):
-                return True  # the usual case, one statement: still held, so still as claimed
             record = self._load(conn, attempt.message_id)
             if record is None:
                 raise StoreUnavailable(f"no record for message {attempt.message_id}")
@@ -1242,8 +1241,17 @@ class Store:
             self._transition(conn, record, status, detail=detail, **outcome(record))
             return True
 
+        unit: Unit = work
+        if (claimed := attempt.record) is not None:
+            # The usual case, one statement: still held, so still as claimed.
+
+            def held_outcome() -> tuple[dict[str, Any], bool]:
+                return _transition_of(claimed, status, detail, outcome(claimed))[0], True
+
+            held = {"held_owner": attempt.owner, "held_attempts": attempt.number}
+            unit = _FastUnit("held", attempt.message_id, held, held_outcome, work)
         try:
-            applied: bool = await self._write(work)
+            applied: bool = await self._write(unit)
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
         return applied
@@ -1333,16 +1341,6 @@ class Store:
         assert updated is not None
         return updated
 
-    def _transition_held(
-        self, conn: Connection, attempt: Attempt, status: str, detail: str | None, values: Any
-    ) -> bool:
-        """The transition, only if ``attempt`` still holds the record (compare-and-set)."""
-        assert attempt.record is not None
-        held = {"held_owner": attempt.owner, "held_attempts": attempt.number}
-        return (
-            self._write_transition(conn, attempt.record, status, detail, values, held) is not None
-        )
-
     def _write_transition(
         self,
         conn: Connection,
@@ -1354,16 +1352,7 @@ class Store:
         untouched: bool = False,
         expected: dict[str, Any] | None = None,
     ) -> MessageRecord | None:
-        at = now_utc()
-        entry: dict[str, Any] = {"status": status, "at": _iso(at)}
-        if detail:
-            entry["detail"] = detail
-        if "results" in values:
-            values["results"] = {
-                a: r if isinstance(r, dict) else r.__dict__ for a, r in values["results"].items()
-            }
-        history = [*record.history, entry]
-        changes = {"status": status, "history": history, "updated_at": at, **values}
+        changes, after = _transition_of(record, status, detail, values)
         kind: _Where = (
             "untouched"
             if untouched
@@ -1376,11 +1365,7 @@ class Store:
         condition = held if held is not None else expected
         if _update_row(conn, kind, record.id, changes, condition) != 1 and kind != "one":
             return None
-        # The new state, without reading it back.
-        changes = {k: v for k, v in values.items() if k != "results"}
-        if "results" in values:
-            changes["results"] = {a: RecipientResult(**r) for a, r in values["results"].items()}
-        return dataclasses.replace(record, status=status, history=history, updated_at=at, **changes)
+        return after
 
     async def _run(self, statement: Any) -> None:
         def work(conn: Connection) -> None:
@@ -1698,8 +1683,144 @@ def _queued_record(job: MailJob) -> MessageRecord | None:
     )
 
 
+def _transition_of(
+    record: MessageRecord, status: str, detail: str | None, values: dict[str, Any]
+) -> tuple[dict[str, Any], MessageRecord]:
+    """The column changes that move ``record`` to ``status`` with ``values`` (its history
+    one entry longer), and the record they make, without reading it back."""
+    at = now_utc()
+    entry: dict[str, Any] = {"status": status, "at": _iso(at)}
+    if detail:
+        entry["detail"] = detail
+    history = [*record.history, entry]
+    changes = {"status": status, "history": history, "updated_at": at, **values}
+    kept = {k: v for k, v in values.items() if k != "results"}
+    if "results" in values:
+        stored = {a: r if isinstance(r, dict) else r.__dict__ for a, r in values["results"].items()}
+        changes["results"] = stored
+        kept["results"] = {a: RecipientResult(**r) for a, r in stored.items()}
+    return changes, dataclasses.replace(
+        record, status=status, history=history, updated_at=at, **kept
+    )
+
+
+class _FastUnit:
+    """A unit whose usual case is one UPDATE of one record: ``prepare()`` gives, when the
+    unit runs, the column changes to write where ``kind`` holds (with ``condition``'s
+    values) and the unit's result if that row was updated; else ``slow(conn)`` runs and
+    gives it. Alone it runs that UPDATE itself; on PostgreSQL the writer joins the usual
+    cases of a batch into one statement per shape (:func:`_run_units`)."""
+
+    __slots__ = ("condition", "kind", "message_id", "prepare", "slow")
+
+    def __init__(
+        self,
+        kind: _Where,
+        message_id: str,
+        condition: dict[str, Any] | None,
+        prepare: Callable[[], tuple[dict[str, Any], Any]],
+        slow: Unit,
+    ) -> None:
+        self.kind, self.message_id, self.condition = kind, message_id, condition
+        self.prepare, self.slow = prepare, slow
+
+    def __call__(self, conn: Connection) -> Any:
+        changes, result = self.prepare()
+        if _update_row(conn, self.kind, self.message_id, changes, self.condition) == 1:
+            return result
+        return self.slow(conn)
+
+
 def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
-    return [unit(conn) for unit in units]
+    if conn.dialect.name != "postgresql":
+        return [unit(conn) for unit in units]
+    # PostgreSQL: the usual cases first, one UPDATE per shape for all of them, one round
+    # trip instead of one per mail (a record that two units of the batch touch: only the
+    # first joins; the other runs after, alone).
+    groups: dict[tuple[Any, ...], list[tuple[_FastUnit, dict[str, Any], Any]]] = {}
+    seen: set[str] = set()
+    for unit in units:
+        if isinstance(unit, _FastUnit) and unit.message_id not in seen:
+            seen.add(unit.message_id)
+            changes, result = unit.prepare()
+            shape = (unit.kind, tuple(changes), tuple(unit.condition or ()))
+            groups.setdefault(shape, []).append((unit, changes, result))
+    done: dict[int, tuple[_FastUnit, bool, Any]] = {}
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        sql, arrays = _batched_update(group)
+        updated = set(conn.exec_driver_sql(sql, arrays).scalars())
+        log.debug(
+            "writer: %d %s updates in one statement, %d applied",
+            len(group),
+            group[0][0].kind,
+            len(updated),
+        )
+        for fast, _, result in group:
+            done[id(fast)] = (fast, fast.message_id in updated, result)
+    results = []
+    for unit in units:
+        if (entry := done.get(id(unit))) is None:
+            results.append(unit(conn))
+        else:
+            fast, applied, result = entry
+            results.append(result if applied else fast.slow(conn))
+    return results
+
+
+def _batched_update(
+    group: list[tuple[_FastUnit, dict[str, Any], Any]],
+) -> tuple[str, tuple[list[Any], ...]]:
+    """One ``UPDATE ... FROM unnest(<arrays>) RETURNING id`` for units of one shape (each
+    with its prepared changes), each row's changes where its own condition holds
+    (PostgreSQL), and its parameters: one array per column, so the statement is the same
+    whatever the number of rows (prepared once per shape by asyncpg)."""
+    first, first_changes, _ = group[0]
+    changed, compared = tuple(first_changes), tuple(first.condition or ())
+    arrays: list[list[Any]] = [[unit.message_id for unit, _, _ in group]]
+    for name in changed:
+        arrays.append([_pg_array_value(name, changes[name]) for _, changes, _ in group])
+    for name in compared:
+        arrays.append([(unit.condition or {})[name] for unit, _, _ in group])
+    return _batched_sql(first.kind, changed, compared), tuple(arrays)
+
+
+def _pg_array_value(name: str, value: Any) -> Any:
+    """A column's value as its array parameter takes it: JSON columns as JSON text."""
+    if value is not None and isinstance(messages_table.c[name].type, JSON):
+        return json.dumps(value)
+    return value
+
+
+_PG_ARRAY_TYPES: dict[type, str] = {
+    String: "text[]",
+    Text: "text[]",
+    Integer: "integer[]",
+    DateTime: "timestamptz[]",
+    JSON: "json[]",
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _batched_sql(kind: _Where, changed: tuple[str, ...], compared: tuple[str, ...]) -> str:
+    """The SQL of :func:`_batched_update` for one shape."""
+    table = messages_table.name
+    columns = ("id", *changed, *compared)
+    types = [_PG_ARRAY_TYPES[type(messages_table.c[name].type)] for name in ("id", *changed)] + [
+        {"held_owner": "text[]", "held_attempts": "integer[]"}[name] for name in compared
+    ]
+    arrays = ", ".join(f"${n}::{array}" for n, array in enumerate(types, start=1))
+    sets = ", ".join(f'"{name}" = v."{name}"' for name in changed)
+    where = {
+        "untouched": "m.status = 'queued' AND m.attempts = 0 AND m.copy = 0",
+        "held": "m.status = 'sending' AND m.owner = v.held_owner AND m.attempts = v.held_attempts",
+    }[kind]
+    names = ", ".join(f'"{name}"' for name in columns)
+    # S608: only this table's column names and fixed conditions go into the text; every
+    # value is a parameter.
+    head = f"UPDATE {table} AS m SET {sets} FROM unnest({arrays}) AS v({names}) "  # noqa: S608
+    return f"{head}WHERE m.id = v.id AND {where} RETURNING m.id"
 
 
 def _nothing(conn: Connection) -> None:

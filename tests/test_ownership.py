@@ -11,6 +11,7 @@ import random
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiosmtpd.smtp import Envelope
@@ -18,7 +19,7 @@ from aiosmtpd.smtp import Envelope
 from broker import COPY_HEADER, Names
 from config import Secret, Settings
 from messages import legacy_job
-from store import SCHEMA_VERSION, Store
+from store import SCHEMA_VERSION, RecipientResult, Store
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -243,6 +244,67 @@ async def test_first_claim_without_reading_matches_the_stored_record(
         assert again.updated_at >= stored.updated_at >= stored.created_at
         # A second claim of the same job reads the record (no longer untouched).
         assert (await store.claim(job, "worker-b", 0, 30)).kind == "final"
+    finally:
+        await store.close()
+
+
+async def test_claims_and_outcomes_written_together_match_one_at_a_time(
+    database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Claims and outcomes that arrive together are written together (on PostgreSQL one
+    statement per kind for a whole batch): each record ends exactly as one write at a
+    time would leave it, and a record whose usual case does not hold (cancelled before
+    its claim, taken over before its outcome) takes its own path inside the same batch."""
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    jobs = [legacy_job(f"batch{n}@example.com") for n in range(40)]
+    try:
+        await asyncio.gather(*(store.insert_queued(job) for job in jobs))
+        caplog.set_level(logging.DEBUG, logger="store")
+        cancelled = jobs[7]
+        outcome, _ = await store.cancel(cancelled.id)
+        assert outcome == "cancelled"
+        claims = await asyncio.gather(*(store.claim(job, "worker-a", 0, 30) for job in jobs))
+        assert [c.kind for c in claims] == ["final" if j is cancelled else "claimed" for j in jobs]
+        attempts = [c.attempt for c in claims if c.attempt is not None]
+        # Another worker took one over (worker-a was presumed dead): its outcome is late.
+        lost = attempts[3]
+        assert lost.record is not None
+        job_lost = next(j for j in jobs if j.id == lost.message_id)
+        taken = await store.claim(job_lost, "worker-b", 0, 30, owner_alive=lambda owner: False)
+        assert taken.kind == "claimed"
+        applied = await asyncio.gather(
+            *(
+                store.finish(a, "sent", {a.record.recipients[0]: RecipientResult("sent")})
+                for a in attempts
+                if a.record is not None
+            )
+        )
+        assert applied == [a is not lost for a in attempts]
+        for job in jobs:
+            record = await store.get(job.id)
+            assert record is not None
+            statuses = [h["status"] for h in record.history]
+            if job is cancelled:
+                assert (record.status, statuses) == ("cancelled", ["queued", "cancelled"])
+            elif job is job_lost:
+                assert record.status == "sending" and record.owner == "worker-b"
+                assert statuses == ["queued", "sending", "sending", "sent"]
+                assert "late outcome" in record.history[-1]["detail"]
+            else:
+                assert (record.status, record.attempts, record.owner) == ("sent", 1, "worker-a")
+                assert statuses == ["queued", "sending", "sent"]
+                assert record.results[job.to[0]].status == "sent"
+                assert record.lease_until is None
+        together: list[tuple[Any, ...]] = [
+            tuple(r.args or ()) for r in caplog.records if "in one statement" in r.getMessage()
+        ]
+        if database_url.get().startswith("postgresql"):
+            # The batches really were written together, the odd ones out included.
+            assert any(kind == "untouched" and n > applied_ for n, kind, applied_ in together)
+            assert any(kind == "held" and n > applied_ for n, kind, applied_ in together)
+        else:
+            assert together == []  # SQLite: one statement per write, in its own thread
     finally:
         await store.close()
 
