@@ -442,6 +442,9 @@ class Store:
     result; when a unit fails, the batch is rolled back and its units run again one at a
     time, so only that caller sees the error. What arrives while a batch runs makes up the
     next one: the busier the process, the bigger the batches and the fewer commits per mail.
+    On PostgreSQL the usual claims and outcomes of a batch (:class:`_FastUnit`) go first,
+    one statement per shape: the units of a batch come from callers running concurrently,
+    so no order among them is promised.
     """
 
     def __init__(
@@ -1725,7 +1728,10 @@ class _FastUnit:
         self.prepare, self.slow = prepare, slow
 
     def __call__(self, conn: Connection) -> Any:
-        changes, result = self.prepare()
+        return self.apply(conn, *self.prepare())
+
+    def apply(self, conn: Connection, changes: dict[str, Any], result: Any) -> Any:
+        """Its usual case alone, with prepared ``changes``; else its slow path."""
         if _update_row(conn, self.kind, self.message_id, changes, self.condition) == 1:
             return result
         return self.slow(conn)
@@ -1738,6 +1744,7 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     # trip instead of one per mail (a record that two units of the batch touch: only the
     # first joins; the other runs after, alone).
     groups: dict[tuple[Any, ...], list[tuple[_FastUnit, dict[str, Any], Any]]] = {}
+    prepared: dict[int, tuple[_FastUnit, dict[str, Any], Any]] = {}
     seen: set[str] = set()
     for unit in units:
         if isinstance(unit, _FastUnit) and unit.message_id not in seen:
@@ -1745,10 +1752,11 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
             changes, result = unit.prepare()
             shape = (unit.kind, tuple(changes), tuple(unit.condition or ()))
             groups.setdefault(shape, []).append((unit, changes, result))
+            prepared[id(unit)] = (unit, changes, result)
     done: dict[int, tuple[_FastUnit, bool, Any]] = {}
     for group in groups.values():
         if len(group) < 2:
-            continue
+            continue  # alone: its own statement, in its place below
         sql, arrays = _batched_update(group)
         updated = set(conn.exec_driver_sql(sql, arrays).scalars())
         log.debug(
@@ -1761,11 +1769,13 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
             done[id(fast)] = (fast, fast.message_id in updated, result)
     results = []
     for unit in units:
-        if (entry := done.get(id(unit))) is None:
-            results.append(unit(conn))
-        else:
+        if (entry := done.get(id(unit))) is not None:
             fast, applied, result = entry
             results.append(result if applied else fast.slow(conn))
+        elif (alone := prepared.get(id(unit))) is not None:
+            results.append(alone[0].apply(conn, alone[1], alone[2]))
+        else:
+            results.append(unit(conn))
     return results
 
 

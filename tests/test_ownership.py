@@ -10,6 +10,7 @@ import os
 import random
 import signal
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from aiosmtpd.smtp import Envelope
 from broker import COPY_HEADER, Names
 from config import Secret, Settings
 from messages import legacy_job
-from store import SCHEMA_VERSION, RecipientResult, Store
+from store import SCHEMA_VERSION, RecipientResult, Store, now_utc
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -305,6 +306,93 @@ async def test_claims_and_outcomes_written_together_match_one_at_a_time(
             assert any(kind == "held" and n > applied_ for n, kind, applied_ in together)
         else:
             assert together == []  # SQLite: one statement per write, in its own thread
+    finally:
+        await store.close()
+
+
+async def test_writes_batched_together_keep_every_condition(
+    database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each condition of the batched claim and outcome holds on its own: a re-queued
+    record (queued, but attempts and copy past 0) is claimed as a next attempt, never as
+    untouched; an outcome of an older attempt by the same owner, and a second outcome of
+    an attempt already final, are late; outcomes of another shape (retrying, with an error,
+    a retry time and a copy) are batched as well."""
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    caplog.set_level(logging.DEBUG, logger="store")
+    jobs = [legacy_job(f"cond{n}@example.com") for n in range(12)]
+    later = now_utc() + timedelta(seconds=60)
+    try:
+        await asyncio.gather(*(store.insert_queued(job) for job in jobs))
+        first = await asyncio.gather(*(store.claim(job, "worker-a", 0, 30) for job in jobs))
+        attempts = [c.attempt for c in first]
+        assert all(a is not None for a in attempts)
+        # Retrying outcomes of one shape, together.
+        retrying = await asyncio.gather(
+            *(
+                store.finish(a, "retrying", error="451 4.3.0 later", next_attempt_at=later, copy=1)
+                for a in attempts
+                if a is not None
+            )
+        )
+        assert retrying == [True] * len(jobs)
+        # jobs[0]: failed, then re-queued by an operator (queued again, attempts 1, copy 2).
+        again = await store.claim(jobs[0], "worker-a", 1, 30)
+        assert again.attempt is not None
+        assert await store.finish(again.attempt, "failed", error="550 no")
+        copy = await store.requeue(jobs[0].id, {}, "re-queued by an operator")
+        assert copy == 2
+        # Second attempts by the same owner for jobs[1:], then everything at once: the
+        # re-queued claim, outcomes of the first (older) attempts, outcomes of the second.
+        second = await asyncio.gather(*(store.claim(j, "worker-a", 1, 30) for j in jobs[1:]))
+        assert all(c.kind == "claimed" and c.attempt for c in second)
+        fresh = [legacy_job(f"fresh{n}@example.com") for n in range(3)]
+        await asyncio.gather(*(store.insert_queued(job) for job in fresh))
+        claiming = asyncio.create_task(store.claim(jobs[0], "worker-a", copy, 30))
+        # Untouched records claimed in the same batch: the re-queued one joins their
+        # statement, whose condition must turn it away.
+        fresh_claims = [asyncio.create_task(store.claim(j, "worker-a", 0, 30)) for j in fresh]
+        outcomes = await asyncio.gather(
+            *(store.finish(a, "sent") for a in attempts[1:] if a is not None),
+            *(store.finish(c.attempt, "sent") for c in second if c.attempt is not None),
+        )
+        requeued = await claiming
+        assert [(await c).kind for c in fresh_claims] == ["claimed"] * 3
+        old, new = outcomes[: len(jobs) - 1], outcomes[len(jobs) - 1 :]
+        assert requeued.kind == "claimed" and requeued.attempt is not None
+        assert requeued.attempt.number == 3  # attempts 1 and 2 before: a next attempt
+        assert old == [False] * (len(jobs) - 1) and new == [True] * (len(jobs) - 1)
+        # A second outcome of an attempt already final: late, the record stays sent.
+        finals = [c.attempt for c in second if c.attempt is not None]
+        assert await asyncio.gather(*(store.finish(a, "failed") for a in finals)) == [False] * len(
+            finals
+        )
+        record = await store.get(jobs[0].id)
+        assert record is not None and record.status == "sending" and record.copy == 2
+        assert [h["status"] for h in record.history][:5] == [
+            "queued",
+            "sending",
+            "retrying",
+            "sending",
+            "failed",
+        ]
+        for job in jobs[1:]:
+            record = await store.get(job.id)
+            assert record is not None
+            assert (record.status, record.attempts, record.copy) == ("sent", 2, 1)
+            assert record.last_error == "451 4.3.0 later"  # from the retrying outcome
+            # The second outcome of the final attempt is only noted (the first attempt's
+            # late note may be gone: the holder's outcome writes the history it claimed
+            # with, one-at-a-time as well).
+            assert record.history[-1]["status"] == "failed"
+            assert "late outcome of attempt 2" in record.history[-1]["detail"]
+        # "writer: <n> <kind> updates in one statement, <m> applied"
+        lines = [r.getMessage().split() for r in caplog.records]
+        together = [(int(w[1]), w[2]) for w in lines if w[3:6] == ["updates", "in", "one"]]
+        if database_url.get().startswith("postgresql"):
+            assert any(n >= 2 and kind == "held" for n, kind in together)
+            assert any(n >= 2 and kind == "untouched" for n, kind in together)
     finally:
         await store.close()
 
