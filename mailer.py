@@ -48,13 +48,7 @@ from errors import (
     SmtpConfigError,
     TransientDeliveryError,
 )
-from messages import (
-    Attachment,
-    MailJob,
-    addr_spec,
-    check_email,
-    parse_addresses,
-)
+from messages import DOT_ATOM, Attachment, MailJob, addr_spec, check_email, parse_addresses
 
 log = logging.getLogger(__name__)
 
@@ -484,8 +478,8 @@ class DkimSigner:
 # An envelope address aiosmtplib would write as it is, in brackets: ASCII, a dot-atom local
 # part, a domain of letter-digit-hyphen labels ("localhost" too: MAIL_FROM's default).
 _PLAIN_ENVELOPE = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    DOT_ATOM
+    + r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
 )
 
 

@@ -153,9 +153,10 @@ def _parse_address(value: str, field: str) -> str:
 # ending in a letters-only top-level label. email-validator's answer for these is the
 # address with its domain in lower case (a property test holds the two together); any
 # other address is asked of email-validator.
+# An unquoted local part (RFC 5322's dot-atom), as a pattern.
+DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
 _PLAIN = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+    DOT_ATOM + r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
 )
 
 

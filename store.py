@@ -1326,7 +1326,9 @@ class Store:
         self, conn: Connection, record: MessageRecord, status: str, detail: str
     ) -> None:
         entry = {"status": status, "at": _iso(now_utc()), "detail": detail}
-        conn.execute(_UPDATE_ONE, {"message_id": record.id, "history": [*record.history, entry]})
+        conn.execute(
+            _UPDATES["one"], {"message_id": record.id, "history": [*record.history, entry]}
+        )
 
     def _load(self, conn: Connection, message_id: str) -> MessageRecord | None:
         row = conn.execute(_SELECT_ONE, {"message_id": message_id}).first()
@@ -1351,22 +1353,13 @@ class Store:
         status: str,
         detail: str | None,
         values: dict[str, Any],
-        held: dict[str, Any] | None = None,
-        untouched: bool = False,
         expected: dict[str, Any] | None = None,
     ) -> MessageRecord | None:
+        """The transition; with ``expected``, only if the record's status and attempts are
+        still those (compare-and-set), else None."""
         changes, after = _transition_of(record, status, detail, values)
-        kind: _Where = (
-            "untouched"
-            if untouched
-            else "held"
-            if held is not None
-            else "expected"
-            if expected is not None
-            else "one"
-        )
-        condition = held if held is not None else expected
-        if _update_row(conn, kind, record.id, changes, condition) != 1 and kind != "one":
+        kind: _Where = "one" if expected is None else "expected"
+        if _update_row(conn, kind, record.id, changes, expected) != 1 and kind != "one":
             return None
         return after
 
@@ -1379,37 +1372,45 @@ class Store:
 
 # Built once: executing them with parameters skips building a statement per call.
 _SELECT_ONE = select(messages_table).where(messages_table.c.id == bindparam("message_id"))
-_UPDATE_ONE = update(messages_table).where(messages_table.c.id == bindparam("message_id"))
-_UPDATE_UNTOUCHED = update(messages_table).where(
-    (messages_table.c.id == bindparam("message_id"))
-    & (messages_table.c.status == "queued")
-    & (messages_table.c.attempts == 0)
-    & (messages_table.c.copy == 0)
-)
-_UPDATE_EXPECTED = update(messages_table).where(
-    (messages_table.c.id == bindparam("message_id"))
-    & (messages_table.c.status == bindparam("expect_status"))
-    & (messages_table.c.attempts == bindparam("expect_attempts"))
-)
-_UPDATE_HELD = update(messages_table).where(
-    (messages_table.c.id == bindparam("message_id"))
-    & (messages_table.c.status == "sending")
-    & (messages_table.c.owner == bindparam("held_owner"))
-    & (messages_table.c.attempts == bindparam("held_attempts"))
-)
 _Where = Literal["one", "held", "untouched", "expected"]
-_UPDATES: dict[_Where, Any] = {
-    "one": _UPDATE_ONE,
-    "held": _UPDATE_HELD,
-    "untouched": _UPDATE_UNTOUCHED,
-    "expected": _UPDATE_EXPECTED,
+# What each kind of UPDATE compares besides the record's id: columns with fixed values,
+# then columns with a value given in its ``condition`` (under the name paired with each).
+# The statements below (SQLAlchemy's, SQLite's driver's, PostgreSQL's batched) are all
+# built from it.
+_WHERE: dict[_Where, tuple[dict[str, str | int], tuple[tuple[str, str], ...]]] = {
+    "one": ({}, ()),
+    "held": ({"status": "sending"}, (("owner", "held_owner"), ("attempts", "held_attempts"))),
+    "untouched": ({"status": "queued", "attempts": 0, "copy": 0}, ()),
+    "expected": ({}, (("status", "expect_status"), ("attempts", "expect_attempts"))),
 }
+
+
+def _update_where(kind: _Where) -> Any:
+    table = messages_table
+    fixed, compared = _WHERE[kind]
+    return update(table).where(
+        table.c.id == bindparam("message_id"),
+        *(table.c[name] == value for name, value in fixed.items()),
+        *(table.c[name] == bindparam(param) for name, param in compared),
+    )
+
+
+def _sql_where(kind: _Where, qualify: str, placeholder: Callable[[str], str]) -> str:
+    """``kind``'s condition past the id as SQL text: columns prefixed with ``qualify``,
+    each compared value written by ``placeholder(its name in the condition)``."""
+    fixed, compared = _WHERE[kind]
+    terms = [
+        f"{qualify}{name} = " + (f"'{value}'" if isinstance(value, str) else str(value))
+        for name, value in fixed.items()
+    ]
+    terms += [f"{qualify}{name} = {placeholder(param)}" for name, param in compared]
+    return "".join(f" AND {term}" for term in terms)
+
+
+_UPDATES: dict[_Where, Any] = {kind: _update_where(kind) for kind in _WHERE}
 # The same conditions, for the statements written for SQLite's driver (below).
 _SQLITE_WHERE: dict[_Where, str] = {
-    "one": "id = ?",
-    "held": "id = ? AND status = 'sending' AND owner = ? AND attempts = ?",
-    "untouched": "id = ? AND status = 'queued' AND attempts = 0 AND copy = 0",
-    "expected": "id = ? AND status = ? AND attempts = ?",
+    kind: "id = ?" + _sql_where(kind, "", lambda param: "?") for kind in _WHERE
 }
 
 
@@ -1436,12 +1437,7 @@ def _update_row(
     convert = _sqlite_converters(conn.dialect)
     args = [(c(v) if (c := convert[k]) else v) for k, v in changes.items()]
     args.append(message_id)
-    if kind == "held":
-        assert condition is not None
-        args += [condition["held_owner"], condition["held_attempts"]]
-    elif kind == "expected":
-        assert condition is not None
-        args += [condition["expect_status"], condition["expect_attempts"]]
+    args += [(condition or {})[param] for _, param in _WHERE[kind][1]]
     sql = _sqlite_update_sql(tuple(changes), kind)
     return int(conn.connection.driver_connection.execute(sql, args).rowcount)  # type: ignore[union-attr]
 
@@ -1750,7 +1746,7 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
         if isinstance(unit, _FastUnit) and unit.message_id not in seen:
             seen.add(unit.message_id)
             changes, result = unit.prepare()
-            shape = (unit.kind, tuple(changes), tuple(unit.condition or ()))
+            shape = (unit.kind, tuple(changes))
             groups.setdefault(shape, []).append((unit, changes, result))
             prepared[id(unit)] = (unit, changes, result)
     done: dict[int, tuple[_FastUnit, bool, Any]] = {}
@@ -1787,20 +1783,23 @@ def _batched_update(
     (PostgreSQL), and its parameters: one array per column, so the statement is the same
     whatever the number of rows (prepared once per shape by asyncpg)."""
     first, first_changes, _ = group[0]
-    changed, compared = tuple(first_changes), tuple(first.condition or ())
+    changed = tuple(first_changes)
     arrays: list[list[Any]] = [[unit.message_id for unit, _, _ in group]]
     for name in changed:
         arrays.append([_pg_array_value(name, changes[name]) for _, changes, _ in group])
-    for name in compared:
-        arrays.append([(unit.condition or {})[name] for unit, _, _ in group])
-    return _batched_sql(first.kind, changed, compared), tuple(arrays)
+    for _, param in _WHERE[first.kind][1]:
+        arrays.append([(unit.condition or {})[param] for unit, _, _ in group])
+    return _batched_sql(first.kind, changed), tuple(arrays)
 
 
 def _pg_array_value(name: str, value: Any) -> Any:
     """A column's value as its array parameter takes it: JSON columns as JSON text."""
-    if value is not None and isinstance(messages_table.c[name].type, JSON):
+    if value is not None and name in _JSON_COLUMNS:
         return json.dumps(value)
     return value
+
+
+_JSON_COLUMNS = frozenset(c.name for c in messages_table.c if isinstance(c.type, JSON))
 
 
 _PG_ARRAY_TYPES: dict[type, str] = {
@@ -1813,24 +1812,21 @@ _PG_ARRAY_TYPES: dict[type, str] = {
 
 
 @functools.lru_cache(maxsize=64)
-def _batched_sql(kind: _Where, changed: tuple[str, ...], compared: tuple[str, ...]) -> str:
+def _batched_sql(kind: _Where, changed: tuple[str, ...]) -> str:
     """The SQL of :func:`_batched_update` for one shape."""
-    table = messages_table.name
-    columns = ("id", *changed, *compared)
-    types = [_PG_ARRAY_TYPES[type(messages_table.c[name].type)] for name in ("id", *changed)] + [
-        {"held_owner": "text[]", "held_attempts": "integer[]"}[name] for name in compared
-    ]
-    arrays = ", ".join(f"${n}::{array}" for n, array in enumerate(types, start=1))
+    compared = _WHERE[kind][1]
+    columns = [("id", "id"), *((name, name) for name in changed), *compared]
+    arrays = ", ".join(
+        f"${n}::{_PG_ARRAY_TYPES[type(messages_table.c[name].type)]}"
+        for n, (name, _) in enumerate(columns, start=1)
+    )
     sets = ", ".join(f'"{name}" = v."{name}"' for name in changed)
-    where = {
-        "untouched": "m.status = 'queued' AND m.attempts = 0 AND m.copy = 0",
-        "held": "m.status = 'sending' AND m.owner = v.held_owner AND m.attempts = v.held_attempts",
-    }[kind]
-    names = ", ".join(f'"{name}"' for name in columns)
+    names = ", ".join(f'"{alias}"' for _, alias in columns)
+    where = _sql_where(kind, "m.", lambda param: f"v.{param}")
     # S608: only this table's column names and fixed conditions go into the text; every
     # value is a parameter.
-    head = f"UPDATE {table} AS m SET {sets} FROM unnest({arrays}) AS v({names}) "  # noqa: S608
-    return f"{head}WHERE m.id = v.id AND {where} RETURNING m.id"
+    head = f"UPDATE {messages_table.name} AS m SET {sets} FROM unnest({arrays}) "  # noqa: S608
+    return f"{head}AS v({names}) WHERE m.id = v.id{where} RETURNING m.id"
 
 
 def _nothing(conn: Connection) -> None:
