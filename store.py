@@ -672,11 +672,8 @@ class Store:
     async def insert_queued(self, job: MailJob) -> None:
         """Create the record of an accepted message (a no-op if a worker already did)."""
 
-        def work(conn: Connection) -> None:
-            _insert_queued(conn, job)
-
         try:
-            await self._write(work)
+            await self._write(_NewRecord(job))
         except _DB_ERRORS as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
@@ -1434,7 +1431,7 @@ def _update_row(
                 _UPDATES[kind], {"message_id": message_id, **changes, **(condition or {})}
             ).rowcount
         )
-    convert = _sqlite_converters(conn.dialect)
+    convert = _bind_converters(conn.dialect)
     args = [(c(v) if (c := convert[k]) else v) for k, v in changes.items()]
     args.append(message_id)
     args += [(condition or {})[param] for _, param in _WHERE[kind][1]]
@@ -1443,7 +1440,7 @@ def _update_row(
 
 
 @functools.lru_cache(maxsize=4)
-def _sqlite_converters(dialect: Any) -> dict[str, Callable[[Any], Any] | None]:
+def _bind_converters(dialect: Any) -> dict[str, Callable[[Any], Any] | None]:
     return {c.name: c.type.dialect_impl(dialect).bind_processor(dialect) for c in messages_table.c}
 
 
@@ -1503,6 +1500,26 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
     already there (the worker got the message before the server's write committed, or the
     other way round) is left as it is (ON CONFLICT DO NOTHING): no error, so a batch of
     writes is never rolled back and replayed one unit at a time for it."""
+    row, terms = _queued_row(job)
+    if conn.dialect.name != "sqlite":
+        every = dict.fromkeys((c.name for c in messages_table.c), None)
+        conn.execute(_pg_insert_new(), every | {"copy": 0} | row | {"terms": terms})
+        return
+    convert = _bind_converters(conn.dialect)
+    args = [(c(v) if (c := convert[k]) else v) for k, v in row.items()]
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute(_sqlite_insert_sql(tuple(row)), args)
+    created = convert["created_at"](row["created_at"])  # type: ignore[misc]
+    if len(terms) == 1:  # the usual case: one recipient, no tags or metadata
+        driver.execute(_SQLITE_INSERT_LOOKUP, (terms[0], created, job.id))
+    else:
+        driver.executemany(_SQLITE_INSERT_LOOKUP, [(t, created, job.id) for t in terms])
+
+
+def _queued_row(job: MailJob) -> tuple[dict[str, Any], list[str]]:
+    """The columns of ``job``'s new record (the others are NULL, ``copy`` 0) and its
+    lookup terms."""
     at = _accepted_at(job) or now_utc()
     due = job.due_at()
     entry: dict[str, Any] = {"status": "scheduled" if due else "queued", "at": _iso(at)}
@@ -1527,21 +1544,21 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
         "tags": list(job.tags) if job.tags else None,
         "meta": dict(job.metadata) if job.metadata else None,
     }
-    terms = _terms(row["results"], job.tags, job.metadata)
-    if conn.dialect.name != "sqlite":
-        every = dict.fromkeys((c.name for c in messages_table.c), None)
-        conn.execute(_pg_insert_new(), every | {"copy": 0} | row | {"terms": terms})
-        return
-    convert = _sqlite_converters(conn.dialect)
-    args = [(c(v) if (c := convert[k]) else v) for k, v in row.items()]
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    driver.execute(_sqlite_insert_sql(tuple(row)), args)
-    created = convert["created_at"](at)  # type: ignore[misc]
-    if len(terms) == 1:  # the usual case: one recipient, no tags or metadata
-        driver.execute(_SQLITE_INSERT_LOOKUP, (terms[0], created, job.id))
-    else:
-        driver.executemany(_SQLITE_INSERT_LOOKUP, [(t, created, job.id) for t in terms])
+    return row, _terms(row["results"], job.tags, job.metadata)
+
+
+class _NewRecord:
+    """The unit that writes a newly accepted message's record (:func:`_insert_queued`);
+    on PostgreSQL the writer joins those of a batch into one statement
+    (:func:`_insert_together`)."""
+
+    __slots__ = ("job",)
+
+    def __init__(self, job: MailJob) -> None:
+        self.job = job
+
+    def __call__(self, conn: Connection) -> None:
+        _insert_queued(conn, self.job)
 
 
 _SQLITE_INSERT_LOOKUP = (
@@ -1736,9 +1753,15 @@ class _FastUnit:
 def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     if conn.dialect.name != "postgresql":
         return [unit(conn) for unit in units]
-    # PostgreSQL: the usual cases first, one UPDATE per shape for all of them, one round
-    # trip instead of one per mail (a record that two units of the batch touch: only the
-    # first joins; the other runs after, alone).
+    # PostgreSQL: the new records first, all in one statement; then the usual cases, one
+    # UPDATE per shape for all of them: one round trip instead of one per mail (a record
+    # that two units of the batch touch: only the first joins; the other runs after,
+    # alone). A new record's insert changes nothing where the record exists, whoever made
+    # it, so it may go before the batch's other units.
+    new = {unit.job.id: unit.job for unit in units if isinstance(unit, _NewRecord)}
+    if len(new) > 1:
+        _insert_together(conn, list(new.values()))
+        units = [_nothing if isinstance(unit, _NewRecord) else unit for unit in units]
     groups: dict[tuple[Any, ...], list[tuple[_FastUnit, dict[str, Any], Any]]] = {}
     prepared: dict[int, tuple[_FastUnit, dict[str, Any], Any]] = {}
     seen: set[str] = set()
@@ -1775,6 +1798,51 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     return results
 
 
+def _insert_together(conn: Connection, jobs: list[MailJob]) -> None:
+    """The records of ``jobs`` (distinct ids) and their lookup rows, as :func:`_insert_queued`
+    writes each, in one statement (PostgreSQL): one array per column, each value as
+    SQLAlchemy binds it for that column (JSON as its text, ``None`` as JSON ``null``
+    included), and the terms as two arrays (record id, term)."""
+    convert = _bind_converters(conn.dialect)
+    columns: dict[str, list[Any]] = {name: [] for name in _NEW_COLUMNS}
+    term_ids: list[str] = []
+    terms: list[str] = []
+    for job in jobs:
+        row, job_terms = _queued_row(job)
+        for name, values in columns.items():
+            value = row[name]
+            values.append(c(value) if (c := convert[name]) else value)
+        term_ids.extend([job.id] * len(job_terms))
+        terms.extend(job_terms)
+    conn.exec_driver_sql(_INSERT_TOGETHER, (*columns.values(), term_ids, terms))
+    log.debug("writer: %d new records inserted together", len(jobs))
+
+
+# The columns :func:`_queued_row` gives, in the table's order.
+_NEW_COLUMNS = tuple(
+    c.name for c in messages_table.c if c.name not in ("owner", "lease_until", "copy")
+)
+
+
+def _insert_together_sql() -> str:
+    arrays = ", ".join(
+        f"${n}::{_PG_ARRAY_TYPES[type(messages_table.c[name].type)]}"
+        for n, name in enumerate(_NEW_COLUMNS, start=1)
+    )
+    names = ", ".join(f'"{name}"' for name in _NEW_COLUMNS)
+    n = len(_NEW_COLUMNS)
+    # S608: only this table's column names go into the text; every value is a parameter.
+    return (
+        f"WITH new_record AS (INSERT INTO {messages_table.name} ({names}) "  # noqa: S608
+        f"SELECT * FROM unnest({arrays}) ON CONFLICT (id) DO NOTHING "
+        "RETURNING id, created_at) "
+        f"INSERT INTO {lookup_table.name} (term, created_at, message_id) "
+        "SELECT t.term, r.created_at, r.id FROM new_record AS r "
+        f"JOIN unnest(${n + 1}::text[], ${n + 2}::text[]) AS t(message_id, term) "
+        "ON t.message_id = r.id ON CONFLICT DO NOTHING"
+    )
+
+
 def _batched_update(
     group: list[tuple[_FastUnit, dict[str, Any], Any]],
 ) -> tuple[str, tuple[list[Any], ...]]:
@@ -1809,6 +1877,9 @@ _PG_ARRAY_TYPES: dict[type, str] = {
     DateTime: "timestamptz[]",
     JSON: "json[]",
 }
+
+
+_INSERT_TOGETHER = _insert_together_sql()
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import Envelope
+from sqlalchemy import BindParameter, bindparam, text
 
 from broker import COPY_HEADER, Names
 from config import Secret, Settings
-from messages import legacy_job
+from messages import MailJob, legacy_job, new_job
 from store import SCHEMA_VERSION, RecipientResult, Store, now_utc
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
@@ -393,6 +394,84 @@ async def test_writes_batched_together_keep_every_condition(
         if database_url.get().startswith("postgresql"):
             assert any(n >= 2 and kind == "held" for n, kind in together)
             assert any(n >= 2 and kind == "untouched" for n, kind in together)
+    finally:
+        await store.close()
+
+
+async def test_records_inserted_together_match_one_at_a_time(
+    database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """New records that arrive together (a batch request, concurrent accepts) are written
+    together (on PostgreSQL one statement for the whole batch): the rows and lookup rows
+    are exactly those one insert at a time writes, whatever the shape (several recipients,
+    cc, tags and metadata, a scheduled send, an international address); a record that is
+    there already (its worker got it first) and the same job twice are left as they are."""
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    later = (now_utc() + timedelta(hours=2)).isoformat()
+    jobs = [legacy_job(f"new{n}@example.com") for n in range(6)] + [
+        new_job(
+            to=["Bob <bob@example.com>", "cy@example.com"],
+            cc=["dee@example.com"],
+            subject="Tagged",
+            text="hello",
+            tags=["receipt", "eu"],
+            metadata={"customer": "c1", "plan": "pro"},
+        ),
+        new_job(to="ann@example.com", subject="Later", text="hi", send_at=later),
+        new_job(to="Jürgen <jürgen@bücher.example>", subject="Grüße", text="hallo"),
+    ]
+    taken = legacy_job("taken@example.com")  # claimed by a worker before any insert
+
+    async def raw_rows(*chosen: MailJob) -> list[tuple[Any, ...]]:
+        ids = [job.id for job in chosen]
+        where: BindParameter[list[str]] = bindparam("ids", expanding=True)
+        async with store.engine.connect() as conn:
+            records = await conn.execute(
+                text(
+                    "SELECT *, tags IS NULL, meta IS NULL FROM mailroom_messages "
+                    "WHERE id IN :ids ORDER BY id"
+                ).bindparams(where),
+                {"ids": ids},
+            )
+            lookups = await conn.execute(
+                text(
+                    "SELECT term, created_at, message_id FROM mailroom_lookup "
+                    "WHERE message_id IN :ids ORDER BY term, message_id"
+                ).bindparams(where),
+                {"ids": ids},
+            )
+            return [tuple(row) for row in records] + [tuple(row) for row in lookups]
+
+    try:
+        assert (await store.claim(taken, "worker-a", 0, lease=30)).kind == "claimed"
+        claimed = await raw_rows(taken)
+        caplog.set_level(logging.DEBUG, logger="store")
+        await asyncio.gather(*(store.insert_queued(job) for job in [*jobs, jobs[0], taken]))
+        # "writer: <n> new records inserted together"
+        lines = [r.getMessage().split() for r in caplog.records]
+        together = [int(w[1]) for w in lines if w[-2:] == ["inserted", "together"]]
+        written_together = await raw_rows(*jobs)
+        assert await raw_rows(taken) == claimed
+        # The same jobs once more, one insert at a time, into an empty table.
+        async with store.engine.begin() as conn:
+            for table in ("mailroom_lookup", "mailroom_messages"):
+                await conn.execute(text(f"DELETE FROM {table}"))
+        for job in jobs:
+            await store.insert_queued(job)
+        assert await raw_rows(*jobs) == written_together
+        records = [await store.get(job.id) for job in jobs]
+        statuses = [r.status if r else None for r in records]
+        assert statuses == [*["queued"] * 7, "scheduled", "queued"]
+        assert records[6] is not None and records[6].recipients == [
+            "Bob <bob@example.com>",
+            "cy@example.com",
+            "dee@example.com",
+        ]
+        if database_url.get().startswith("postgresql"):
+            assert any(n > 1 for n in together)  # really written together
+        else:
+            assert together == []  # SQLite: one statement per write, in its own thread
     finally:
         await store.close()
 
