@@ -8,6 +8,7 @@ in a repr, a log line or a traceback.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -210,6 +211,24 @@ def configure_logging(settings: Settings) -> None:
     handler.setFormatter(formatter)
     logging.basicConfig(level=settings.log_level, handlers=[handler])
     quiet_amqp_libraries()
+
+
+# Young objects between two collections of the youngest generation (CPython's default
+# is 700): a mail's request, message and futures make a few hundred.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def configure_gc() -> None:
+    """For the entry points, once set up and just before serving: the objects made so
+    far (modules, classes, the app) are moved out of the collector's sight for good
+    (``gc.freeze``), so a full collection no longer walks the 70-120 thousand of them
+    (50 ms each time in the server), and the youngest generation is collected every
+    GC_YOUNG_THRESHOLD allocations instead of 700. Measured with bench/bench.py (three
+    runs each way): 6% less CPU per mail and 6% more mails/s with keep-alive clients,
+    no change with a new connection per request, the same peak memory."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 class JsonFormatter(logging.Formatter):

@@ -64,7 +64,7 @@ import metrics
 import web
 from apidoc import answers
 from broker import Broker, Names
-from config import Settings, configure_logging
+from config import Settings, configure_gc, configure_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
 from graceful import serve
@@ -1105,6 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("serving on http://%s:%d", settings.host, settings.port)
         await serve(quart_app, config, stop)
 
+    configure_gc()
     uvloop.run(run())
     return 0
 

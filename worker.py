@@ -44,7 +44,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 import metrics
 from acks import Acks
 from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, SCHEDULE_DUE, Broker, Names
-from config import Settings, configure_logging
+from config import Settings, configure_gc, configure_logging
 from errors import (
     BrokerUnavailable,
     ConfigError,
@@ -980,6 +980,7 @@ def main() -> int:
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
+    configure_gc()
     try:
         uvloop.run(serve())
     except StoreUnavailable as exc:
