@@ -10,18 +10,22 @@ seeded can ever be mailed; most records carry a tag (TAGS) and half of them meta
 (store._terms).
 
 Not for production databases: the rows go in as they are (no validation, no idempotency
-keys, nothing in RabbitMQ behind the pending ones), in transactions of CHUNK records that
-hold the write lock for 2-3 s up to 1M records and 2.4-3.8 s up to 3M on SQLite (on 2
-cores with other work on them; up to twice that under more; LOCK_WAIT is 15 s). A process of
-their own builds the next chunk while this one writes: the rows as the driver takes them
-and, for SQLite, their lookup rows sorted in the order of the lookup's key. (The
-database writing them from the records' JSON read every record in the chunk's time
-range, those seeded before included; PostgreSQL still does.) They go in with the
-driver's ``executemany`` through the store's writer (so a running server or worker only
-waits for the lock, never fights it). On SQLite the WAL is copied into the database
-after each chunk's commit, out of the lock (store.Store.insert_rows): each chunk
-rewrites nearly every page of the randomly ordered indexes (record ids, recipients),
-and that copy takes 1.5-2 s of a chunk's 4-5 s at 2-3M records.
+keys, nothing in RabbitMQ behind the pending ones), in transactions of CHUNK records,
+through the store's writer (so a running server or worker only waits for the lock, never
+fights it). BUILDERS processes of their own build the next chunks while this one writes.
+On SQLite each builder writes its chunk into a scratch SQLite file of its own (the
+records, and their lookup rows sorted in the order of the lookup's key), and the writer
+copies it in with one ``INSERT ... SELECT`` per table (store.Store.insert_file): no row
+is converted from Python in this process, and no chunk is pickled. (The files are in a
+temporary directory, each removed once copied; a seeder killed outright leaves it.) A
+chunk holds the write lock for 1.1-2 s up to 1M records and 2.4-2.9 s from 1M to 3M (on
+2 cores, the builders on them too; up to twice that under other work; LOCK_WAIT is 15
+s). The WAL is copied into the database after each commit, out of the lock: each chunk
+rewrites nearly every page of the randomly ordered indexes (record ids, and the lookup's
+recipients and customers), and that copy takes 0.4-1.6 s of a chunk's 1.5-4.5 s. Those
+pages are why the chunks are as large as the lock allows: twice as many records per chunk
+rewrite them half as often. On PostgreSQL the builders hand the rows over and the
+database writes their lookup rows from the records' JSON (store.Store.insert_rows).
 
 How fast it seeds, measured: the README's "At scale".
 """
@@ -29,18 +33,26 @@ How fast it seeds, measured: the README's "At scale".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import random
-from concurrent.futures import ProcessPoolExecutor
+import sqlite3
+import tempfile
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
 
 from store import Store, now_utc
 
 DOMAIN = "seed.invalid"
-CHUNK = 100_000  # records per write transaction (see the module docstring)
+CHUNK = 200_000  # records per write transaction (see the module docstring)
+BUILDERS = 2  # processes building the next chunks while this one writes
 COLUMNS = (
     "id",
     "recipients",
@@ -285,6 +297,24 @@ class _Plan:
         keys.sort()
         return out, keys
 
+    def write(self, first: int, last: int, path: str) -> str:
+        """SQLite: records ``first`` to ``last`` and their lookup rows (:meth:`build`)
+        into a new SQLite file ``path``, as store.Store.insert_file takes them; ``path``."""
+        rows, keys = self.build(first, last)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            # A scratch file of this process's own: nothing to recover after a crash.
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("PRAGMA synchronous=OFF")
+            # Columns without a type: every value stays as it is given.
+            db.execute(f"CREATE TABLE records ({', '.join(COLUMNS)})")
+            db.execute("CREATE TABLE lookup (term, created_at, message_id)")
+            db.execute("BEGIN")
+            marks = ", ".join("?" for _ in COLUMNS)
+            db.executemany(f"INSERT INTO records VALUES ({marks})", rows)  # noqa: S608 - our columns
+            db.executemany("INSERT INTO lookup VALUES (?, ?, ?)", keys or ())
+            db.execute("COMMIT")
+        return path
+
 
 async def seed(
     store: Store,
@@ -297,8 +327,8 @@ async def seed(
     """Write ``count`` synthetic records created over the ``days`` days before ``now``
     (see the module docstring); how many were written.
 
-    More than one chunk: the chunks are built in a process of their own while this one
-    writes the last (building in a thread here instead would fight the writer thread
+    More than one chunk: the chunks are built in BUILDERS processes of their own while
+    this one writes (building in a thread here instead would fight the writer thread
     for the GIL on every row); one chunk is built in a thread, then written.
     """
     if count < 0 or days <= 0:
@@ -313,23 +343,53 @@ async def seed(
         recent_from=end - timedelta(seconds=DAY),
         seed=(rng or random.Random()).getrandbits(64),
     )
-    firsts = range(0, count, chunk)
-    if len(firsts) <= 1:
-        for first in firsts:
-            rows, lookups = await asyncio.to_thread(plan.build, first, count)
-            await store.insert_rows(COLUMNS, rows, lookups)
-        return count
+    bounds = [(first, min(first + chunk, count)) for first in range(0, count, chunk)]
+    with tempfile.TemporaryDirectory(prefix="mailroom-seed-") as scratch:  # SQLite's files
+        # spawn, not fork: this process runs threads (the writer, the drivers').
+        pool = (
+            ProcessPoolExecutor(BUILDERS, mp_context=multiprocessing.get_context("spawn"))
+            if len(bounds) > 1
+            else None  # asyncio's threads
+        )
+        try:
+            if store.dialect != "sqlite":
+                builds = [partial(plan.build, first, last) for first, last in bounds]
+                async with contextlib.aclosing(_in_order(pool, builds, BUILDERS)) as built:
+                    async for rows, _ in built:
+                        await store.insert_rows(COLUMNS, rows)
+                return count
+            files = [
+                partial(plan.write, first, last, str(Path(scratch, f"{first}.db")))
+                for first, last in bounds
+            ]
+            async with contextlib.aclosing(_in_order(pool, files, BUILDERS)) as written:
+                async for path in written:
+                    await store.insert_file(path, COLUMNS)
+                    await asyncio.to_thread(Path(path).unlink)
+            return count
+        finally:
+            if pool is not None:
+                # Before the directory goes: after an error, builders may still write in it.
+                await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+_T = TypeVar("_T")
+
+
+async def _in_order(
+    pool: Executor | None, calls: Sequence[Callable[[], _T]], ahead: int
+) -> AsyncGenerator[_T, None]:
+    """The results of ``calls`` run in ``pool``, in order; while the caller uses one,
+    the next ``ahead`` run."""
     loop = asyncio.get_running_loop()
-    # spawn, not fork: this process runs threads (the writer, the drivers').
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    running: deque[asyncio.Future[_T]] = deque()
     try:
-        building = loop.run_in_executor(pool, plan.build, 0, min(chunk, count))
-        for first in firsts:
-            rows, lookups = await building
-            if first + chunk < count:
-                after = first + chunk
-                building = loop.run_in_executor(pool, plan.build, after, min(after + chunk, count))
-            await store.insert_rows(COLUMNS, rows, lookups)
+        for call in calls:
+            running.append(loop.run_in_executor(pool, call))
+            if len(running) > ahead:
+                yield await running.popleft()
+        while running:
+            yield await running.popleft()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    return count
+        for future in running:  # the caller stopped early: nobody wants these
+            future.cancel()

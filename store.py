@@ -421,7 +421,7 @@ def _sqlite_begin(conn: Connection) -> None:
 
 READ_CONNECTIONS = 3  # SQLite: read connections per process (each a thread of aiosqlite)
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
-SEED_CACHE_KIB = 262144  # page cache of a connection that seeds (Store.insert_rows)
+SEED_CACHE_KIB = 262144  # page cache of a connection that seeds (Store.insert_file)
 WAL_AUTOCHECKPOINT = 1000  # SQLite's default: pages in the WAL that make a commit checkpoint
 MIGRATION_WAIT = 600.0  # seconds a process may wait for another's schema upgrade
 MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema upgrade
@@ -1035,25 +1035,13 @@ class Store:
         """``sqlite`` or ``postgresql``."""
         return str(self.engine.dialect.name)
 
-    async def insert_rows(
-        self,
-        columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
-        lookups: Sequence[Sequence[Any]] | None = None,
-    ) -> None:
+    async def insert_rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Insert ready-made rows into ``mailroom_messages`` in one write transaction, with
         the driver's own ``executemany`` (each value as the driver takes it: see
-        seeding.py), and their lookup rows: on SQLite ``lookups`` (term, created_at,
-        message_id, best in the order of the lookup's key), or None (always on
-        PostgreSQL) to have the database write them from the records' JSON. The rows are
-        in the order of ``created_at``, and their recipients in ASCII. For capacity
-        tests: nothing is checked or converted.
-
-        SQLite: the commit does not copy the WAL into the database (a checkpoint, which
-        would hold the lock all the while); :meth:`_checkpoint` does after it, without
-        the lock."""
-        if lookups is not None and self.dialect != "sqlite":
-            raise ValueError("ready-made lookup rows are for SQLite only")
+        seeding.py), and have the database write their lookup rows from the records'
+        JSON. The rows are in the order of ``created_at``, and their recipients in ASCII.
+        For capacity tests on PostgreSQL (SQLite seeds faster with :meth:`insert_file`):
+        nothing is checked or converted."""
         if not rows:
             return
         names = ", ".join(columns)
@@ -1061,12 +1049,7 @@ class Store:
         low, high = (_aware(_datetime(rows[n][at])) for n in (0, -1))
 
         def work(conn: Connection) -> None:
-            sqlite = conn.dialect.paramstyle == "qmark"
-            if sqlite:
-                # This process's write connection: a larger page cache for the indexes,
-                # and no checkpoint in the commit (with the lock held): one after it.
-                conn.exec_driver_sql(f"PRAGMA cache_size=-{SEED_CACHE_KIB}")
-                conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+            if conn.dialect.paramstyle == "qmark":
                 marks = ", ".join("?" for _ in columns)
             else:  # asyncpg: numeric_dollar
                 marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
@@ -1074,19 +1057,68 @@ class Store:
                 f"INSERT INTO {messages_table.name} ({names}) VALUES ({marks})",  # noqa: S608 - our column names
                 list(rows),
             )
-            if lookups is None:
-                _fill_lookup_between(conn, low, high, from_low=True)
-            elif lookups:
-                conn.exec_driver_sql(_SQLITE_INSERT_LOOKUP, list(lookups))
+            _fill_lookup_between(conn, low, high, from_low=True)
 
+        await self._write_or_unavailable(work)
+
+    async def insert_file(self, path: str, columns: Sequence[str]) -> None:
+        """SQLite: copy the rows of another SQLite file, ``path``, into the database in
+        one write transaction: its table ``records`` (``columns``, each value as the
+        driver would take it: see seeding.py; in the order of ``created_at``) into
+        ``mailroom_messages``, and its table ``lookup`` (term, created_at, message_id: the
+        records' lookup rows, in the order of the lookup's key) into ``mailroom_lookup``,
+        each in the order of its rowids. For capacity tests: nothing is checked or
+        converted.
+
+        The file is attached to the write connection around the transaction (ATTACH
+        cannot be in one), and each table goes in with one statement that SQLite runs
+        on its own, with no Python value to convert. ``OR FAIL``: a row that fails stops
+        its statement where it is (and the transaction is rolled back), so SQLite keeps
+        no statement journal, which would copy every page the statement changes. The
+        commit does not copy the WAL into the database (a checkpoint, which would hold
+        the lock all the while); :meth:`_checkpoint` does after it, without the lock."""
+        if self._thread is None:
+            raise ValueError("insert_file is for SQLite only")
+        names = ", ".join(columns)
+
+        def work(conn: Connection) -> None:
+            # This process's write connection: a larger page cache for the indexes, and
+            # no checkpoint in the commit (with the lock held): one after it.
+            conn.exec_driver_sql(f"PRAGMA cache_size=-{SEED_CACHE_KIB}")
+            conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+            conn.exec_driver_sql(
+                f"INSERT OR FAIL INTO {messages_table.name} ({names}) "  # noqa: S608 - our column names
+                f"SELECT {names} FROM chunk.records ORDER BY rowid"
+            )
+            conn.exec_driver_sql(
+                "INSERT OR FAIL INTO mailroom_lookup (term, created_at, message_id) "
+                "SELECT term, created_at, message_id FROM chunk.lookup ORDER BY rowid"
+            )
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._on_writer, "ATTACH ? AS chunk", (path,))
         try:
             await self._write_or_unavailable(work)
         finally:
-            if self._thread is not None:
-                await asyncio.get_running_loop().run_in_executor(self._thread, self._checkpoint)
+            await loop.run_in_executor(self._thread, self._on_writer, "DETACH chunk", ())
+            await loop.run_in_executor(self._thread, self._checkpoint)
+
+    def _on_writer(self, sql: str, parameters: tuple[Any, ...]) -> None:
+        """In the writer thread, outside a transaction: one statement on the write
+        connection (a SQLite error raised as :class:`StoreUnavailable`)."""
+        assert self._sqlite_writer is not None
+        raw = self._sqlite_writer.raw_connection()
+        try:
+            driver = raw.driver_connection
+            assert driver is not None
+            driver.execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"{sql.split()[0]}: {exc}") from exc
+        finally:
+            raw.close()
 
     def _checkpoint(self) -> None:
-        """In the writer thread, after a transaction of :meth:`insert_rows`: copy the WAL
+        """In the writer thread, after a transaction of :meth:`insert_file`: copy the WAL
         into the database (as the commit would have), without Mailroom's file lock (other
         processes write meanwhile) and without waiting for anyone (PASSIVE); then the
         commits checkpoint again as usual."""
