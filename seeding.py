@@ -37,6 +37,7 @@ import contextlib
 import json
 import multiprocessing
 import random
+import shutil
 import sqlite3
 import tempfile
 from collections import deque
@@ -344,33 +345,36 @@ async def seed(
         seed=(rng or random.Random()).getrandbits(64),
     )
     bounds = [(first, min(first + chunk, count)) for first in range(0, count, chunk)]
-    with tempfile.TemporaryDirectory(prefix="mailroom-seed-") as scratch:  # SQLite's files
-        # spawn, not fork: this process runs threads (the writer, the drivers').
-        pool = (
-            ProcessPoolExecutor(BUILDERS, mp_context=multiprocessing.get_context("spawn"))
-            if len(bounds) > 1
-            else None  # asyncio's threads
-        )
-        try:
-            if store.dialect != "sqlite":
-                builds = [partial(plan.build, first, last) for first, last in bounds]
-                async with contextlib.aclosing(_in_order(pool, builds, BUILDERS)) as built:
-                    async for rows, _ in built:
-                        await store.insert_rows(COLUMNS, rows)
-                return count
-            files = [
-                partial(plan.write, first, last, str(Path(scratch, f"{first}.db")))
-                for first, last in bounds
-            ]
-            async with contextlib.aclosing(_in_order(pool, files, BUILDERS)) as written:
-                async for path in written:
-                    await store.insert_file(path, COLUMNS)
-                    await asyncio.to_thread(Path(path).unlink)
+    # spawn, not fork: this process runs threads (the writer, the drivers').
+    pool = (
+        ProcessPoolExecutor(BUILDERS, mp_context=multiprocessing.get_context("spawn"))
+        if len(bounds) > 1
+        else None  # asyncio's threads
+    )
+    scratch: str | None = None  # SQLite: the directory of the chunks' files
+    try:
+        if store.dialect != "sqlite":
+            builds = [partial(plan.build, first, last) for first, last in bounds]
+            async with contextlib.aclosing(_in_order(pool, builds, BUILDERS)) as built:
+                async for rows, _ in built:
+                    await store.insert_rows(COLUMNS, rows)
             return count
-        finally:
-            if pool is not None:
-                # Before the directory goes: after an error, builders may still write in it.
-                await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        scratch = await asyncio.to_thread(tempfile.mkdtemp, prefix="mailroom-seed-")
+        files = [
+            partial(plan.write, first, last, str(Path(scratch, f"{first}.db")))
+            for first, last in bounds
+        ]
+        async with contextlib.aclosing(_in_order(pool, files, BUILDERS)) as written:
+            async for path in written:
+                await store.insert_file(path, COLUMNS)
+                await asyncio.to_thread(Path(path).unlink)
+        return count
+    finally:
+        if pool is not None:
+            # Before the directory goes: after an error, builders may still write in it.
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        if scratch is not None:
+            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 
 
 _T = TypeVar("_T")
