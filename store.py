@@ -442,9 +442,10 @@ class Store:
     result; when a unit fails, the batch is rolled back and its units run again one at a
     time, so only that caller sees the error. What arrives while a batch runs makes up the
     next one: the busier the process, the bigger the batches and the fewer commits per mail.
-    On PostgreSQL the usual claims and outcomes of a batch (:class:`_FastUnit`) go first,
-    one statement per shape: the units of a batch come from callers running concurrently,
-    so no order among them is promised.
+    On PostgreSQL the new records of a batch (:class:`_NewRecord`) go first, in one
+    statement, then its usual claims and outcomes (:class:`_FastUnit`), one statement per
+    shape: the units of a batch come from callers running concurrently, so no order among
+    them is promised.
     """
 
     def __init__(
