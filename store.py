@@ -1101,8 +1101,12 @@ class Store:
         try:
             await self._write_or_unavailable(work)
         finally:
-            await loop.run_in_executor(self._thread, self._on_writer, "DETACH chunk", ())
-            await loop.run_in_executor(self._thread, self._checkpoint)
+            try:
+                await loop.run_in_executor(self._thread, self._on_writer, "DETACH chunk", ())
+            except StoreUnavailable as exc:  # the copy's own error, if any, goes on up
+                log.warning("seeding: %s", exc)
+            finally:
+                await loop.run_in_executor(self._thread, self._checkpoint)
 
     def _on_writer(self, sql: str, parameters: tuple[Any, ...]) -> None:
         """In the writer thread, outside a transaction: one statement on the write
@@ -1791,7 +1795,10 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     # that two units of the batch touch: only the first joins; the other runs after,
     # alone). A new record's insert changes nothing where the record exists, whoever made
     # it, so it may go before the batch's other units.
-    new = {unit.job.id: unit.job for unit in units if isinstance(unit, _NewRecord)}
+    new: dict[str, MailJob] = {}
+    for unit in units:
+        if isinstance(unit, _NewRecord):
+            new.setdefault(unit.job.id, unit.job)  # the first, as one at a time
     if len(new) > 1:
         _insert_together(conn, list(new.values()))
         units = [_nothing if isinstance(unit, _NewRecord) else unit for unit in units]

@@ -21,7 +21,7 @@ from sqlalchemy import BindParameter, bindparam, text
 from broker import COPY_HEADER, Names
 from config import Secret, Settings
 from messages import MailJob, legacy_job, new_job
-from store import SCHEMA_VERSION, RecipientResult, Store, now_utc
+from store import SCHEMA_VERSION, RecipientResult, Store, StoreUnavailable, now_utc
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -472,6 +472,32 @@ async def test_records_inserted_together_match_one_at_a_time(
             assert any(n > 1 for n in together)  # really written together
         else:
             assert together == []  # SQLite: one statement per write, in its own thread
+    finally:
+        await store.close()
+
+
+async def test_a_new_record_the_database_refuses_fails_alone(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """A new record that the database refuses in a batch of new records (PostgreSQL: an id
+    longer than its column) fails for its own caller only: the batch is rolled back and
+    its units run again one at a time, so every other record of it is written."""
+    if database_url.get().startswith("sqlite"):
+        pytest.skip("SQLite does not hold a text to its column's length")
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    jobs = [legacy_job(f"fine{n}@example.com") for n in range(6)]
+    refused = new_job(to="long@example.com", subject="s", text="t", job_id="x" * 40)
+    try:
+        results = await asyncio.gather(
+            *(store.insert_queued(job) for job in [*jobs[:3], refused, *jobs[3:]]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[3], StoreUnavailable)
+        assert results[:3] + results[4:] == [None] * 6
+        for job in jobs:
+            record = await store.get(job.id)
+            assert record is not None and record.status == "queued"
     finally:
         await store.close()
 
