@@ -104,6 +104,12 @@ class StoreUnavailable(MailroomError):
     """The database could not be reached or refused the operation."""
 
 
+class _BatchNotWritten(StoreUnavailable):
+    """A write transaction that could not run or commit as a whole (Mailroom's file lock
+    not had in time, the database file removed or replaced, the connection lost): no
+    unit of it is at fault, so each gets this error at once, none is run again alone."""
+
+
 class IdempotencyConflict(MailroomError):
     """The same Idempotency-Key was used before with a different request."""
 
@@ -440,8 +446,10 @@ class Store:
     (the file lock, SQLite's lock and the commit wait there, never on the event loop);
     for PostgreSQL on one pooled asyncpg connection. After the commit every caller gets its
     result; when a unit fails, the batch is rolled back and its units run again one at a
-    time, so only that caller sees the error. What arrives while a batch runs makes up the
-    next one: the busier the process, the bigger the batches and the fewer commits per mail.
+    time, so only that caller sees the error (when the transaction failed as a whole,
+    :class:`_BatchNotWritten`, every caller gets the error at once). What arrives while a
+    batch runs makes up the next one: the busier the process, the bigger the batches and
+    the fewer commits per mail.
     On PostgreSQL the new records of a batch (:class:`_NewRecord`) go first, in one
     statement, then its usual claims and outcomes (:class:`_FastUnit`), one statement per
     shape: the units of a batch come from callers running concurrently, so no order among
@@ -496,7 +504,19 @@ class Store:
     async def _flush(self, batch: list[tuple[Unit, asyncio.Future[Any]]]) -> None:
         try:
             results = await self._transaction([unit for unit, _ in batch])
-        except Exception:  # noqa: BLE001 - rolled back; each unit runs alone below, errors go to its caller
+        except Exception as exc:  # noqa: BLE001 - rolled back; each unit runs alone below, errors go to its caller
+            if len(batch) == 1 or _whole_batch_failed(exc):
+                # Nothing to learn from running them again one at a time (which would
+                # also wait as long again for each: LOCK_WAIT, a connection timeout).
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(_copy_of(exc))
+                return
+            log.warning(
+                "writer: a batch of %d writes failed (%s); writing them one at a time",
+                len(batch),
+                _describe(exc) if isinstance(exc, _DB_ERRORS) else exc,
+            )
             for unit, future in batch:
                 try:
                     result = (await self._transaction([unit]))[0]
@@ -533,7 +553,7 @@ class Store:
         lock = self._lock
         wait = LOCK_WAIT if wait is None else wait
         if lock is not None and not lock.acquire(wait):
-            raise StoreUnavailable(f"another process has held {lock.path} for over {wait:g}s")
+            raise _BatchNotWritten(f"another process has held {lock.path} for over {wait:g}s")
         try:
             with self._sqlite_writer.begin() as conn:
                 results = _run_units(conn, units)
@@ -543,7 +563,7 @@ class Store:
                     except OSError as exc:
                         problem = f"cannot check database file {self._file_watch.files.path}: {exc}"
                     if problem is not None:
-                        raise StoreUnavailable(problem)  # rolled back: nothing goes to a ghost
+                        raise _BatchNotWritten(problem)  # rolled back: nothing goes to a ghost
                 return results
         finally:
             if lock is not None:
@@ -1755,6 +1775,21 @@ def _transition_of(
     return changes, dataclasses.replace(
         record, status=status, history=history, updated_at=at, **kept
     )
+
+
+def _whole_batch_failed(exc: BaseException) -> bool:
+    """Did the write transaction fail as a whole, rather than for one of its units?"""
+    return isinstance(exc, _BatchNotWritten) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+def _copy_of(exc: Exception) -> Exception:
+    """``exc`` for one more caller: its own instance where that is easy to make (each
+    caller's traceback then stays its own)."""
+    if isinstance(exc, StoreUnavailable):
+        return type(exc)(*exc.args)
+    return exc
 
 
 class _FastUnit:

@@ -158,3 +158,31 @@ async def test_a_write_waits_for_another_process_and_gives_up_after_lock_wait(
         assert await store.get(kept.id) is not None
     finally:
         await store.close()
+
+
+async def test_writes_waiting_together_give_up_together(
+    make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes queued together while another process holds the lock all fail once LOCK_WAIT
+    has passed: not one after the other, each waiting LOCK_WAIT again on its own (the
+    transaction failed as a whole; running its writes again one at a time would take the
+    number of writes times LOCK_WAIT, here 8 s more)."""
+    db = tmp_path / "mailroom.db"
+    store = await Store.open(make_settings(database_url=Secret(f"sqlite:///{db}")))
+    try:
+        monkeypatch.setattr(store_module, "LOCK_WAIT", 1.0)
+        jobs = [new_job(to=[f"w{n}@example.com"], subject="s", text="t") for n in range(8)]
+        with held_by_another_process(Path(f"{db}.lock")):
+            started = time.monotonic()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(store.insert_queued(job) for job in jobs), return_exceptions=True),
+                30,
+            )
+            took = time.monotonic() - started
+        assert all(isinstance(r, StoreUnavailable) for r in results), results
+        assert all("for over 1s" in str(r) for r in results)
+        assert took < 4.0, f"the writes gave up after {took:.1f}s"
+        for job in jobs:  # none was written later either
+            assert await store.get(job.id) is None
+    finally:
+        await store.close()
