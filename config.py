@@ -319,8 +319,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         raise ConfigError("WEBHOOK_SECRET", "required when WEBHOOK_URLS is set")
     if webhook_secret is not None and len(webhook_secret) < 16:
         raise ConfigError("WEBHOOK_SECRET", "must be at least 16 characters")
-    concurrency = conv("WORKER_CONCURRENCY", _concurrency, 16)
-    prefetch = conv("WORKER_PREFETCH", _prefetch, 0)  # 0: Settings derives it
+    concurrency = conv("WORKER_CONCURRENCY", _size(1, 1000), 16)
+    prefetch = conv("WORKER_PREFETCH", _size(1, 10_000), 0)  # 0: Settings derives it
     if 0 < prefetch < concurrency:
         at_least = f"must be at least WORKER_CONCURRENCY ({concurrency})"
         raise ConfigError("WORKER_PREFETCH", f"{at_least}, not {prefetch}")
@@ -351,10 +351,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         message_retention_days=conv("MESSAGE_RETENTION_DAYS", _retention, 30),
         retry_delays=conv("RETRY_DELAYS", _delays, (30.0, 120.0, 600.0, 3600.0, 14400.0)),
         queue_type=conv("QUEUE_TYPE", _queue_type, "classic"),
-        delivery_limit=conv("DELIVERY_LIMIT", _delivery_limit, 20),
+        delivery_limit=conv("DELIVERY_LIMIT", _size(1, 1000), 20),
         api_tokens=conv("API_TOKEN", _tokens, ()),
         allow_loopback=conv("ALLOW_LOOPBACK", _bool, True),
-        trusted_proxy_hops=conv("TRUSTED_PROXY_HOPS", _hops, 0),
+        trusted_proxy_hops=conv("TRUSTED_PROXY_HOPS", _size(0, 10), 0),
         rate_limit_send=conv("RATE_LIMIT_SEND", _rate, "20/minute;200/hour"),
         rate_limit_global=conv("RATE_LIMIT_GLOBAL", _rate, "600/minute"),
         rate_limit_recipient=conv("RATE_LIMIT_RECIPIENT", _rate, "10/hour"),
@@ -383,7 +383,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         webhook_urls=webhook_urls,
         webhook_secret=Secret(webhook_secret) if webhook_secret else None,
         webhook_timeout=conv("WEBHOOK_TIMEOUT", _positive_float, 10.0),
-        webhook_concurrency=conv("WEBHOOK_CONCURRENCY", _concurrency, 4),
+        webhook_concurrency=conv("WEBHOOK_CONCURRENCY", _size(1, 1000), 4),
     )
 
 
@@ -462,20 +462,6 @@ def _lease(value: str) -> float:
     if not 1 <= seconds <= 3600:
         raise ValueError(f"must be between 1 and 3600 seconds, not {value!r}")
     return seconds
-
-
-def _concurrency(value: str) -> int:
-    number = _whole(value)
-    if not 1 <= number <= 1000:
-        raise ValueError(f"must be between 1 and 1000, not {value}")
-    return number
-
-
-def _prefetch(value: str) -> int:
-    number = _whole(value)
-    if not 1 <= number <= 10000:
-        raise ValueError(f"must be between 1 and 10000, not {value}")
-    return number
 
 
 def _amqp_url(value: str) -> str:
@@ -566,13 +552,6 @@ def _queue_type(value: str) -> QueueType:
     raise ValueError(f"must be classic or quorum, not {value!r}")
 
 
-def _delivery_limit(value: str) -> int:
-    number = _whole(value)
-    if not 1 <= number <= 1000:
-        raise ValueError(f"must be between 1 and 1000, not {value}")
-    return number
-
-
 def _tokens(value: str) -> tuple[Secret, ...]:
     tokens = tuple(part.strip() for part in value.split(",") if part.strip())
     if not tokens:
@@ -594,13 +573,6 @@ def _bool(value: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"must be true or false, not {value!r}")
-
-
-def _hops(value: str) -> int:
-    number = _whole(value)
-    if not 0 <= number <= 10:
-        raise ValueError(f"must be between 0 and 10, not {value}")
-    return number
 
 
 def _rate(value: str) -> str:
