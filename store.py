@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import sqlite3
 import time
@@ -1851,7 +1850,7 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     for group in groups.values():
         if len(group) < 2:
             continue  # alone: its own statement, in its place below
-        sql, arrays = _batched_update(group)
+        sql, arrays = _batched_update(group, _bind_converters(conn.dialect))
         updated = set(conn.exec_driver_sql(sql, arrays).scalars())
         log.debug(
             "writer: %d %s updates in one statement, %d applied",
@@ -1900,10 +1899,7 @@ _NEW_COLUMNS = tuple(
 
 
 def _insert_together_sql() -> str:
-    arrays = ", ".join(
-        f"${n}::{_PG_ARRAY_TYPES[type(messages_table.c[name].type)]}"
-        for n, name in enumerate(_NEW_COLUMNS, start=1)
-    )
+    arrays = _array_parameters(_NEW_COLUMNS)
     names = ", ".join(f'"{name}"' for name in _NEW_COLUMNS)
     n = len(_NEW_COLUMNS)
     # S608: only this table's column names go into the text; every value is a parameter.
@@ -1920,29 +1916,22 @@ def _insert_together_sql() -> str:
 
 def _batched_update(
     group: list[tuple[_FastUnit, dict[str, Any], Any]],
+    convert: dict[str, Callable[[Any], Any] | None],
 ) -> tuple[str, tuple[list[Any], ...]]:
     """One ``UPDATE ... FROM unnest(<arrays>) RETURNING id`` for units of one shape (each
     with its prepared changes), each row's changes where its own condition holds
-    (PostgreSQL), and its parameters: one array per column, so the statement is the same
-    whatever the number of rows (prepared once per shape by asyncpg)."""
+    (PostgreSQL), and its parameters: one array per column, each value as SQLAlchemy
+    binds it for that column (``convert``: :func:`_bind_converters`), so the statement is
+    the same whatever the number of rows (prepared once per shape by asyncpg)."""
     first, first_changes, _ = group[0]
     changed = tuple(first_changes)
     arrays: list[list[Any]] = [[unit.message_id for unit, _, _ in group]]
     for name in changed:
-        arrays.append([_pg_array_value(name, changes[name]) for _, changes, _ in group])
+        c = convert[name]
+        arrays.append([c(changes[name]) if c else changes[name] for _, changes, _ in group])
     for _, param in _WHERE[first.kind][1]:
         arrays.append([(unit.condition or {})[param] for unit, _, _ in group])
     return _batched_sql(first.kind, changed), tuple(arrays)
-
-
-def _pg_array_value(name: str, value: Any) -> Any:
-    """A column's value as its array parameter takes it: JSON columns as JSON text."""
-    if value is not None and name in _JSON_COLUMNS:
-        return json.dumps(value)
-    return value
-
-
-_JSON_COLUMNS = frozenset(c.name for c in messages_table.c if isinstance(c.type, JSON))
 
 
 _PG_ARRAY_TYPES: dict[type, str] = {
@@ -1954,6 +1943,15 @@ _PG_ARRAY_TYPES: dict[type, str] = {
 }
 
 
+def _array_parameters(columns: Sequence[str]) -> str:
+    """``$1::<type>[], $2::<type>[], ...``: one array parameter per column of
+    ``mailroom_messages``, typed as the column is."""
+    return ", ".join(
+        f"${n}::{_PG_ARRAY_TYPES[type(messages_table.c[name].type)]}"
+        for n, name in enumerate(columns, start=1)
+    )
+
+
 _INSERT_TOGETHER = _insert_together_sql()
 
 
@@ -1962,10 +1960,7 @@ def _batched_sql(kind: _Where, changed: tuple[str, ...]) -> str:
     """The SQL of :func:`_batched_update` for one shape."""
     compared = _WHERE[kind][1]
     columns = [("id", "id"), *((name, name) for name in changed), *compared]
-    arrays = ", ".join(
-        f"${n}::{_PG_ARRAY_TYPES[type(messages_table.c[name].type)]}"
-        for n, (name, _) in enumerate(columns, start=1)
-    )
+    arrays = _array_parameters([name for name, _ in columns])
     sets = ", ".join(f'"{name}" = v."{name}"' for name in changed)
     names = ", ".join(f'"{alias}"' for _, alias in columns)
     where = _sql_where(kind, "m.", lambda param: f"v.{param}")
