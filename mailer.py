@@ -477,10 +477,8 @@ class DkimSigner:
 
 # An envelope address aiosmtplib would write as it is, in brackets: ASCII, a dot-atom local
 # part, a domain of letter-digit-hyphen labels ("localhost" too: MAIL_FROM's default).
-_PLAIN_ENVELOPE = re.compile(
-    DOT_ATOM
-    + r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN_ENVELOPE = re.compile(DOT_ATOM + "@" + _LABEL + r"(?:\." + _LABEL + ")*")
 
 
 def is_plain_envelope_address(address: str) -> bool:
