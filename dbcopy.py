@@ -96,12 +96,15 @@ async def _copy_table(
 async def _insert_new(target: Store, table: Table, values: Sequence[dict[str, Any]]) -> int:
     """Insert the rows whose keys ``table`` does not have yet; how many were new. New
     message records get their lookup rows (the lists by recipient, tag or metadata)."""
-    insert = postgresql_insert if target.engine.dialect.name == "postgresql" else sqlite_insert
+    insert = postgresql_insert if target.dialect == "postgresql" else sqlite_insert
     keys = [c.name for c in table.primary_key.columns]
     statement = insert(table).on_conflict_do_nothing(index_elements=keys)
-    async with target.engine.begin() as conn:
-        inserted = await conn.execute(statement.returning(*table.primary_key.columns), values)
-        new = {row[0] for row in inserted.all()}
+
+    def work(conn: Connection) -> set[Any]:
+        inserted = conn.execute(statement.returning(*table.primary_key.columns), values)
+        return {row[0] for row in inserted.all()}
+
+    new = await target.write(work)
     if table is messages_table and new:
         await target.add_lookups([v for v in values if v["id"] in new])
     return len(new)

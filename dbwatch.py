@@ -23,15 +23,19 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+from errors import MailroomError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +118,17 @@ class SqliteFiles:
 
 
 class FileWatch:
-    """Watches the SQLite database file that ``engine`` has open (see the module docstring).
+    """Watches the SQLite database file at ``path`` (see the module docstring).
 
     When the loss is found, a copy of the database as this process still sees it is
-    written (``VACUUM INTO``, through the engine's connection to the removed file), once,
-    in a task of its own.
+    written, once, in a task of its own: ``copy_to(target)``, which reads through a
+    connection to the removed file (the store's ``VACUUM INTO``).
     """
 
-    def __init__(self, path: Path, engine: AsyncEngine) -> None:
+    def __init__(self, path: Path, copy_to: Callable[[Path], Awaitable[None]]) -> None:
         self.files = SqliteFiles(path)
         self.lost: str | None = None
-        self._engine = engine
+        self._copy_to = copy_to
         self._lost_event = asyncio.Event()
         self._checked_at = -INTERVAL
         self._tasks: set[asyncio.Task[None]] = set()
@@ -185,12 +189,8 @@ class FileWatch:
 
     async def _rescue_to(self, target: Path) -> None:
         try:
-            async with self._engine.connect() as conn:
-                raw = (await conn.get_raw_connection()).driver_connection
-                assert raw is not None
-                # The driver's own connection: VACUUM cannot run inside a transaction.
-                await raw.execute("VACUUM INTO ?", (str(target),))
-        except (sqlite3.Error, SQLAlchemyError, OSError) as exc:  # the refusal stands
+            await self._copy_to(target)
+        except (sqlite3.Error, SQLAlchemyError, OSError, MailroomError) as exc:  # refusal stands
             log.error("could not write the rescue copy %s: %s", target, exc)
             return
         log.error(

@@ -3,9 +3,10 @@
 One code path for both through SQLAlchemy Core: the same statements, written as small
 synchronous units (see :class:`Store` for the writer that runs them). SQLite (WAL, so the
 server and several workers on one host share the file safely) writes through a plain
-``sqlite3`` connection in a writer thread and reads through ``aiosqlite``; PostgreSQL
-(workers on several hosts) does both through ``asyncpg``. The schema is created or
-upgraded when a process opens it.
+``sqlite3`` connection in a writer thread and reads through a few more in reader threads;
+PostgreSQL (workers on several hosts) does both through ``asyncpg`` (SQLAlchemy's asyncio
+extension, imported only then: with its ORM, which it loads, it costs each process 8 MB).
+The schema is created or upgraded when a process opens it.
 
 A record's ``status`` moves
 ``queued -> sending -> (retrying -> sending)* -> sent | partial | failed``
@@ -47,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -75,7 +76,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import SingletonThreadPool
 
 from config import Settings
@@ -84,6 +84,9 @@ from dbwatch import FileWatch, Probe, preflight
 from errors import InvalidMessage, MailroomError
 from filelock import FileLock
 from messages import MailJob, addr_spec, suppression_key
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +427,7 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")  # a reader: WAL never makes it wait
 
 
-READ_CONNECTIONS = 3  # SQLite: read connections per process (each a thread of aiosqlite)
+READ_CONNECTIONS = 3  # SQLite: read connections (and reader threads) per process
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
 SEED_CACHE_KIB = 262144  # page cache of a connection that seeds (Store.insert_file)
 WAL_AUTOCHECKPOINT = 1000  # SQLite's default: pages in the WAL that make a commit checkpoint
@@ -433,6 +436,7 @@ MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema u
 
 
 Unit = Callable[[Connection], Any]
+_T = TypeVar("_T")
 
 
 class Store:
@@ -456,15 +460,22 @@ class Store:
     """
 
     def __init__(
-        self, engine: AsyncEngine, sqlite_writer: Engine | None, lock_path: Path | None
+        self,
+        url: str,
+        postgres: AsyncEngine | None = None,
+        sqlite: tuple[Engine, Engine] | None = None,
+        lock_path: Path | None = None,
     ) -> None:
-        self.engine = engine  # reads; and writes, for PostgreSQL
-        self._sqlite_writer = sqlite_writer
-        self._thread = (
-            ThreadPoolExecutor(1, thread_name_prefix="mailroom-writer")
-            if sqlite_writer is not None
-            else None
-        )
+        """``postgres``: the engine of every read and write; else ``sqlite``: the engine
+        of the reader threads and that of the writer thread."""
+        self.url = url  # as engine_url() gives it
+        self._postgres = postgres
+        self._sqlite_reader: Engine | None = sqlite[0] if sqlite else None
+        self._sqlite_writer: Engine | None = sqlite[1] if sqlite else None
+        self._thread = self._readers = None
+        if sqlite is not None:
+            self._thread = ThreadPoolExecutor(1, "mailroom-writer")
+            self._readers = ThreadPoolExecutor(READ_CONNECTIONS, "mailroom-reader")
         # Mailroom's processes take turns on it; used in the writer thread only.
         self._lock = FileLock(lock_path) if lock_path is not None else None
         self._queue: list[tuple[Unit, asyncio.Future[Any]]] = []
@@ -483,9 +494,10 @@ class Store:
         self._wake.set()
         return await future
 
-    async def _write_or_unavailable(self, unit: Unit) -> Any:
-        """:meth:`_write`, a database error raised as :class:`StoreUnavailable`. (The
-        per-mail writes, :meth:`insert_queued`, :meth:`claim` and :meth:`finish`, spell
+    async def write(self, unit: Unit) -> Any:
+        """Run ``unit(conn)`` in the next write transaction (see the class docstring);
+        its result after the commit, a database error raised as :class:`StoreUnavailable`.
+        (The per-mail writes, :meth:`insert_queued`, :meth:`claim` and :meth:`finish`, spell
         this out rather than spend another await on it.)"""
         try:
             return await self._write(unit)
@@ -530,11 +542,30 @@ class Store:
             if not future.done():
                 future.set_result(result)
 
+    async def _read(self, query: Callable[[Connection], _T]) -> _T:
+        """``query(conn)`` on a read connection, what it returns: SQLite's in a reader
+        thread (WAL: a read never waits for the writer), PostgreSQL's through asyncpg.
+        A database error is raised as :class:`StoreUnavailable`."""
+        try:
+            if self._postgres is not None:
+                async with self._postgres.connect() as conn:
+                    return await conn.run_sync(query)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._readers, self._sqlite_read, query)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+
+    def _sqlite_read(self, query: Callable[[Connection], _T]) -> _T:
+        """In a reader thread: a read transaction (rolled back) of its own."""
+        assert self._sqlite_reader is not None
+        with self._sqlite_reader.connect() as conn:
+            return query(conn)
+
     async def _transaction(self, units: list[Unit], wait: float | None = None) -> list[Any]:
         """One write transaction running ``units`` in order; their results. ``wait``:
         how long to wait for another process's write (SQLite; default LOCK_WAIT)."""
-        if self._sqlite_writer is None:
-            async with self.engine.begin() as conn:
+        if self._postgres is not None:
+            async with self._postgres.begin() as conn:
                 results: list[Any] = await conn.run_sync(_run_units, units)
                 return results
         loop = asyncio.get_running_loop()
@@ -601,24 +632,26 @@ class Store:
                 raise StoreUnavailable(f"cannot open the database: {refused}")
         elif refused := await create_missing_database(url, settings.connect_timeout):
             raise StoreUnavailable(f"cannot open the database: {refused}")
-        writer: Engine | None = None
+        lock_path = None
+        if is_sqlite and path and path != ":memory:":
+            lock_path = Path(f"{path}.lock")
         if is_sqlite:
-            # Reads: a few connections per process (WAL: they never wait for the writer),
-            # so that a read by id never queues behind a list.
-            engine = create_async_engine(
-                url, pool_size=READ_CONNECTIONS, max_overflow=0, pool_timeout=30
+            plain = make_url(url).set(drivername="sqlite+pysqlite")
+            # Reads: a few connections per process, one per reader thread (WAL: they
+            # never wait for the writer), so that a read by id never queues behind a list.
+            reader = create_engine(
+                plain, pool_size=READ_CONNECTIONS, max_overflow=0, pool_timeout=30
             )
-            event.listen(engine.sync_engine, "connect", _sqlite_connect)
-            event.listen(engine.sync_engine, "begin", _sqlite_begin)
+            event.listen(reader, "connect", _sqlite_connect)
+            event.listen(reader, "begin", _sqlite_begin)
             # Writes: one plain connection, used only in the writer thread.
-            writer = create_engine(
-                make_url(url).set(drivername="sqlite+pysqlite"),
-                poolclass=SingletonThreadPool,
-                pool_size=1,
-            )
+            writer = create_engine(plain, poolclass=SingletonThreadPool, pool_size=1)
             event.listen(writer, "connect", _sqlite_connect_writer)
             event.listen(writer, "begin", _sqlite_begin_writer)
+            store = cls(url, sqlite=(reader, writer), lock_path=lock_path)
         else:
+            from sqlalchemy.ext.asyncio import create_async_engine
+
             engine = create_async_engine(
                 url,
                 pool_pre_ping=True,
@@ -626,10 +659,7 @@ class Store:
                 # Bounded waits: connecting, and every statement (asyncpg has no limit).
                 connect_args={"timeout": settings.connect_timeout, "command_timeout": 30},
             )
-        lock_path = None
-        if is_sqlite and path and path != ":memory:":
-            lock_path = Path(f"{path}.lock")
-        store = cls(engine, writer, lock_path)
+            store = cls(url, postgres=engine)
         try:
             await store._migrate()
         except _DB_ERRORS as exc:
@@ -638,15 +668,35 @@ class Store:
         if lock_path is not None and path:
             # Open the read connections now, on this file: the rescue copy of a removed
             # file is read through one (a connection opened later would make a new file).
-            async with contextlib.AsyncExitStack() as held:
-                for _ in range(READ_CONNECTIONS):
-                    conn = await held.enter_async_context(engine.connect())
-                    await conn.exec_driver_sql("SELECT 1")
-            store._file_watch = FileWatch(Path(path), engine)
+            try:
+                await asyncio.to_thread(store._open_readers)
+            except _DB_ERRORS as exc:
+                await store._dispose()
+                raise StoreUnavailable(f"cannot open the database: {_describe(exc)}") from exc
+            store._file_watch = FileWatch(Path(path), store._copy_to)
             await store._file_watch.start()
-        elif not is_sqlite:
-            store._probe = Probe(engine, min(settings.connect_timeout, 2.0))
+        elif store._postgres is not None:
+            store._probe = Probe(store._postgres, min(settings.connect_timeout, 2.0))
         return store
+
+    def _open_readers(self) -> None:
+        """Open every read connection at once (then back to the pool, which keeps them)."""
+        assert self._sqlite_reader is not None
+        with contextlib.ExitStack() as held:
+            for _ in range(READ_CONNECTIONS):
+                held.enter_context(self._sqlite_reader.connect()).exec_driver_sql("SELECT 1")
+
+    async def _copy_to(self, target: Path) -> None:
+        """Write what this process sees of the SQLite database to ``target`` (``VACUUM
+        INTO``, through a read connection opened at start: see :class:`FileWatch`)."""
+
+        def vacuum_into(conn: Connection) -> None:
+            # The driver's own connection, outside any transaction (VACUUM needs that).
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            raw.execute("VACUUM INTO ?", (str(target),))
+
+        await self._read(vacuum_into)
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -662,7 +712,12 @@ class Store:
         await self._dispose()
 
     async def _dispose(self) -> None:
-        await self.engine.dispose()
+        if self._postgres is not None:
+            await self._postgres.dispose()
+        if self._readers is not None:
+            assert self._sqlite_reader is not None
+            await asyncio.to_thread(self._sqlite_reader.dispose)
+            self._readers.shutdown(wait=False)
         if self._thread is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._thread, self._close_writer)
@@ -730,8 +785,7 @@ class Store:
                 return None
         except IntegrityError:
             # A concurrent request with the same key won the insert: read what it stored.
-            async with self.engine.connect() as conn:
-                row = (await conn.execute(select(table).where(where))).first()
+            row = await self._read(lambda conn: conn.execute(select(table).where(where)).first())
             if row is None:
                 raise StoreUnavailable("idempotency key vanished during a race") from None
         except _DB_ERRORS as exc:
@@ -757,19 +811,13 @@ class Store:
                 insert(table).values(batch_id=batch_id, answer=answer, created_at=now_utc())
             )
 
-        await self._write_or_unavailable(work)
+        await self.write(work)
 
     async def batch_answer(self, batch_id: str) -> str | None:
         """The answer :meth:`save_batch_answer` kept, or None (the batch is still running)."""
         table = batch_answers_table
-        try:
-            async with self.engine.connect() as conn:
-                found = await conn.execute(
-                    select(table.c.answer).where(table.c.batch_id == batch_id)
-                )
-                answer = found.scalar()
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        query = select(table.c.answer).where(table.c.batch_id == batch_id)
+        answer = await self._read(lambda conn: conn.scalar(query))
         return None if answer is None else str(answer)
 
     async def purge_idempotency_keys(self) -> None:
@@ -804,7 +852,7 @@ class Store:
                 if updated is not None:
                     return "cancelled", updated
 
-        result: tuple[Any, MessageRecord | None] = await self._write_or_unavailable(work)
+        result: tuple[Any, MessageRecord | None] = await self.write(work)
         return result
 
     # -- the suppression list --------------------------------------------------------
@@ -838,7 +886,7 @@ class Store:
                 statement = statement.on_conflict_do_nothing(index_elements=["address"])
             conn.execute(statement, rows)
 
-        await self._write_or_unavailable(work)
+        await self.write(work)
 
     async def unsuppress(self, address: str) -> bool:
         """Take ``address`` (normalised) off the list; False when it was not on it."""
@@ -847,7 +895,7 @@ class Store:
         def work(conn: Connection) -> bool:
             return bool(conn.execute(delete(table).where(table.c.address == address)).rowcount)
 
-        removed: bool = await self._write_or_unavailable(work)
+        removed: bool = await self.write(work)
         return removed
 
     async def suppressions(
@@ -863,11 +911,7 @@ class Store:
             query = query.where(table.c.address == only)
         if limit is not None:
             query = query.limit(limit)
-        try:
-            async with self.engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        rows = await self._read(lambda conn: conn.execute(query).all())
         return [
             {
                 "address": r.address,
@@ -880,12 +924,8 @@ class Store:
 
     async def suppressed_addresses(self) -> frozenset[str]:
         """Every suppressed address (normalised): what a worker caches."""
-        try:
-            async with self.engine.connect() as conn:
-                rows = await conn.execute(select(suppressions_table.c.address))
-                return frozenset(rows.scalars())
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        query = select(suppressions_table.c.address)
+        return await self._read(lambda conn: frozenset(conn.execute(query).scalars()))
 
     # -- reads -------------------------------------------------------------------------
 
@@ -910,15 +950,12 @@ class Store:
             conn.execute(insert(table).values(name=template.name, **values))
             return True
 
-        return bool(await self._write_or_unavailable(work))
+        return bool(await self.write(work))
 
     async def get_template(self, name: str) -> StoredTemplate | None:
         table = templates_table
-        try:
-            async with self.engine.connect() as conn:
-                row = (await conn.execute(select(table).where(table.c.name == name))).first()
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        query = select(table).where(table.c.name == name)
+        row = await self._read(lambda conn: conn.execute(query).first())
         if row is None:
             return None
         return StoredTemplate(row.name, row.subject, row.text, row.html, _iso(row.updated_at))
@@ -930,18 +967,11 @@ class Store:
         def work(conn: Connection) -> bool:
             return bool(conn.execute(delete(table).where(table.c.name == name)).rowcount)
 
-        return bool(await self._write_or_unavailable(work))
+        return bool(await self.write(work))
 
     async def get(self, message_id: str) -> MessageRecord | None:
-        try:
-            async with self.engine.connect() as conn:
-                row = (
-                    await conn.execute(
-                        select(messages_table).where(messages_table.c.id == message_id)
-                    )
-                ).first()
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        parameters = {"message_id": message_id}
+        row = await self._read(lambda conn: conn.execute(_SELECT_ONE, parameters).first())
         return _record(row) if row is not None else None
 
     async def list(
@@ -972,21 +1002,13 @@ class Store:
             since=since,
             until=until,
         )
-        try:
-            async with self.engine.connect() as conn:
-                rows = (await conn.execute(statement)).all()
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        rows = await self._read(lambda conn: conn.execute(statement).all())
         return [_record(r) for r in rows]
 
     async def count_by_status(self) -> dict[str, int]:
         """How many records have each status (one grouped query)."""
         query = select(messages_table.c.status, func.count()).group_by(messages_table.c.status)
-        try:
-            async with self.engine.connect() as conn:
-                rows = (await conn.execute(query)).all()
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        rows = await self._read(lambda conn: conn.execute(query).all())
         return {str(status): int(count) for status, count in rows}
 
     # -- upkeep: retention, figures, capacity tests --------------------------------------
@@ -1025,7 +1047,7 @@ class Store:
                 return int(conn.execute(delete(table).where(table.c.id.in_(ids))).rowcount)
 
             while True:
-                deleted = await self._write_or_unavailable(work)
+                deleted = await self.write(work)
                 removed += deleted
                 if deleted < batch:
                     break
@@ -1042,18 +1064,15 @@ class Store:
     async def stats(self) -> RecordStats:
         """How many records there are, by status, and when the oldest was created."""
         by_status = await self.count_by_status()
-        try:
-            async with self.engine.connect() as conn:
-                oldest = await conn.scalar(select(func.min(messages_table.c.created_at)))
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        query = select(func.min(messages_table.c.created_at))
+        oldest = await self._read(lambda conn: conn.scalar(query))
         found = dict(sorted(by_status.items()))
         return RecordStats(sum(found.values()), found, _aware(_datetime(oldest)))
 
     @property
     def dialect(self) -> str:
         """``sqlite`` or ``postgresql``."""
-        return str(self.engine.dialect.name)
+        return "sqlite" if self._postgres is None else "postgresql"
 
     async def insert_rows(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Insert ready-made rows into ``mailroom_messages`` in one write transaction, with
@@ -1079,7 +1098,7 @@ class Store:
             )
             _fill_lookup_between(conn, low, high, from_low=True)
 
-        await self._write_or_unavailable(work)
+        await self.write(work)
 
     async def insert_file(self, path: str, columns: Sequence[str]) -> None:
         """SQLite: copy the rows of another SQLite file, ``path``, into the database in
@@ -1118,7 +1137,7 @@ class Store:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._thread, self._on_writer, "ATTACH ? AS chunk", (path,))
         try:
-            await self._write_or_unavailable(work)
+            await self.write(work)
         finally:
             try:
                 await loop.run_in_executor(self._thread, self._on_writer, "DETACH chunk", ())
@@ -1172,7 +1191,7 @@ class Store:
         def work(conn: Connection) -> None:
             conn.execute(_insert_lookup_ignoring(conn.dialect.name), keys)
 
-        await self._write_or_unavailable(work)
+        await self.write(work)
 
     # -- the worker's side -------------------------------------------------------------
 
@@ -1372,7 +1391,7 @@ class Store:
             )
             return copy
 
-        result: int | None = await self._write_or_unavailable(work)
+        result: int | None = await self.write(work)
         return result
 
     def _append_history(
@@ -1420,7 +1439,7 @@ class Store:
         def work(conn: Connection) -> None:
             conn.execute(statement)
 
-        await self._write_or_unavailable(work)
+        await self.write(work)
 
 
 # Built once: executing them with parameters skips building a statement per call.

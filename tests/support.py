@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import sys
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -19,6 +19,10 @@ from typing import Any, Literal
 import aio_pika
 import httpx
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+import store as store_module
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,3 +361,20 @@ async def wait_http(url: str, proc: Proc, timeout: float = 20) -> None:
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def db_connection(
+    store: store_module.Store, *, begin: bool = False
+) -> AsyncIterator[AsyncConnection]:
+    """A connection of the test's own to ``store``'s database, set up as the store sets
+    up its read connections (in a transaction that commits with ``begin``)."""
+    engine = create_async_engine(store.url)
+    if store.dialect == "sqlite":
+        event.listen(engine.sync_engine, "connect", store_module._sqlite_connect)
+        event.listen(engine.sync_engine, "begin", store_module._sqlite_begin)
+    try:
+        async with engine.begin() if begin else engine.connect() as conn:
+            yield conn
+    finally:
+        await engine.dispose()

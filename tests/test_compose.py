@@ -20,7 +20,7 @@ from config import Secret, Settings
 from messages import MailJob, legacy_job, new_job
 from store import SCHEMA_VERSION, Store, StoredTemplate
 from tests.conftest import running_app, running_worker, wait_ready
-from tests.support import Received, SmtpServer, get_messages, queue_depth
+from tests.support import Received, SmtpServer, db_connection, get_messages, queue_depth
 from tests.test_json_api import send_queue
 from tests.test_status_api import wait_status
 
@@ -509,7 +509,7 @@ async def test_a_schema_2_database_gets_tags_metadata_and_templates(
     store = await Store.open(settings)
     try:
         await store.insert_queued(old)
-        async with store.engine.begin() as conn:  # back to what schema 2 looked like
+        async with db_connection(store, begin=True) as conn:  # back to what schema 2 looked like
             for column in ("tags", "meta"):
                 await conn.execute(text(f"ALTER TABLE mailroom_messages DROP COLUMN {column}"))
             await conn.execute(text("DROP TABLE mailroom_templates"))
@@ -533,7 +533,7 @@ async def test_a_schema_2_database_gets_tags_metadata_and_templates(
         assert [r.id for r in await store.list(meta=("customer", "4%2"))] == [tagged.id]
         assert await store.list(meta=("plan", "silver")) == []
         assert await store.list(meta=("nothing", "gold")) == []
-        async with store.engine.connect() as conn:
+        async with db_connection(store) as conn:
             version = (await conn.execute(text("SELECT version FROM mailroom_schema"))).scalar()
         assert version == SCHEMA_VERSION
     finally:

@@ -27,6 +27,7 @@ from tests.support import (
     Proc,
     SmtpRecorder,
     TcpProxy,
+    db_connection,
     finish,
     queue_depth,
     rabbitmqctl,
@@ -426,7 +427,7 @@ async def test_records_inserted_together_match_one_at_a_time(
     async def raw_rows(*chosen: MailJob) -> list[tuple[Any, ...]]:
         ids = [job.id for job in chosen]
         where: BindParameter[list[str]] = bindparam("ids", expanding=True)
-        async with store.engine.connect() as conn:
+        async with db_connection(store) as conn:
             records = await conn.execute(
                 text(
                     "SELECT *, tags IS NULL, meta IS NULL FROM mailroom_messages "
@@ -454,7 +455,7 @@ async def test_records_inserted_together_match_one_at_a_time(
         written_together = await raw_rows(*jobs)
         assert await raw_rows(taken) == claimed
         # The same jobs once more, one insert at a time, into an empty table.
-        async with store.engine.begin() as conn:
+        async with db_connection(store, begin=True) as conn:
             for table in ("mailroom_lookup", "mailroom_messages"):
                 await conn.execute(text(f"DELETE FROM {table}"))
         for job in jobs:
@@ -731,7 +732,7 @@ async def test_schema_1_database_is_upgraded(
     store = await Store.open(settings)
     try:
         await store.insert_queued(job)
-        async with store.engine.begin() as conn:  # back to what schema 1 looked like
+        async with db_connection(store, begin=True) as conn:  # back to what schema 1 looked like
             for column in ("owner", "lease_until", "copy"):
                 await conn.execute(text(f"ALTER TABLE mailroom_messages DROP COLUMN {column}"))
             await conn.execute(text("UPDATE mailroom_schema SET version = 1"))
@@ -741,7 +742,7 @@ async def test_schema_1_database_is_upgraded(
     try:
         claim = await store.claim(job, "worker-a", 0, lease=30)
         assert claim.kind == "claimed" and claim.record.copy == 0
-        async with store.engine.connect() as conn:
+        async with db_connection(store) as conn:
             version = (await conn.execute(text("SELECT version FROM mailroom_schema"))).scalar()
         assert version == SCHEMA_VERSION
     finally:

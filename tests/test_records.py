@@ -5,12 +5,14 @@ reused, the schema upgrade that adds the indexes, and the operator's records com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import re
 import sqlite3
 import sys
+import threading
 import typing
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import ClauseElement, Executable
 
@@ -36,7 +39,7 @@ from store import (
     now_utc,
 )
 from tests.conftest import running_app, wait_ready
-from tests.support import ROOT, child_env
+from tests.support import ROOT, child_env, db_connection
 
 # GET /api/messages of all records, or of one status.
 STATUSES: list[str | None] = [
@@ -71,7 +74,7 @@ def _explain(element: Explain, compiler: typing.Any, **kw: typing.Any) -> str:
 
 async def plan(store: Store, statement: typing.Any) -> list[str]:
     """The query plan of ``statement``, one string per line."""
-    async with store.engine.connect() as conn:
+    async with db_connection(store) as conn:
         rows = (await conn.execute(Explain(statement))).all()
     return [str(row[-1]) for row in rows]
 
@@ -122,7 +125,8 @@ async def test_every_list_reads_an_index_in_its_order(store: Store) -> None:
     table's) and stops after ``limit`` rows; and each finds what it should."""
     await seed(store, 3000, 30, rng=random.Random(17))
     if store.dialect == "postgresql":
-        async with store.engine.begin() as conn:  # what autovacuum does after a bulk load
+        # What autovacuum does after a bulk load:
+        async with db_connection(store, begin=True) as conn:
             await conn.execute(text("ANALYZE mailroom_messages"))
             await conn.execute(text("ANALYZE mailroom_lookup"))
     everything: list[MessageRecord] = []
@@ -153,11 +157,26 @@ async def test_every_list_reads_an_index_in_its_order(store: Store) -> None:
 
 
 async def test_a_slow_read_delays_neither_writes_nor_other_reads(store: Store) -> None:
-    """While one read holds its transaction open (a list that takes its time), records
-    are written, claimed and finished, and read by id and listed on other connections."""
+    """While a read holds its transaction open (a list that takes its time), records are
+    written, claimed and finished, and read by id and listed. On SQLite the slow read is
+    one of the store's own, holding one of its reader threads and read connections."""
     await seed(store, 200, 1, rng=random.Random(2))
-    async with store.engine.connect() as slow:
-        assert len((await slow.execute(list_statement(None, 500))).all()) == 200
+    listed, release = threading.Event(), threading.Event()
+
+    def slow_list(conn: Connection) -> int:
+        found = len(conn.execute(list_statement(None, 500)).all())
+        listed.set()
+        release.wait(20)  # in the reader thread, its transaction open
+        return found
+
+    async with contextlib.AsyncExitStack() as held:
+        if store.dialect == "sqlite":
+            slow = asyncio.ensure_future(store._read(slow_list))
+            held.callback(release.set)
+            assert await asyncio.to_thread(listed.wait, 10)
+        else:  # PostgreSQL's reads wait on the server: hold a transaction open there
+            conn = await held.enter_async_context(db_connection(store))
+            assert len((await conn.execute(list_statement(None, 500))).all()) == 200
         async with asyncio.timeout(10):
             job = legacy_job("reader@example.com")
             await store.insert_queued(job)
@@ -167,6 +186,10 @@ async def test_a_slow_read_delays_neither_writes_nor_other_reads(store: Store) -
             record = await store.get(job.id)
             assert record is not None and record.status == "sent"
             assert (await store.list("sent", 1))[0].id == job.id
+        if store.dialect == "sqlite":
+            assert not slow.done()  # all that ran beside it
+    if store.dialect == "sqlite":
+        assert await asyncio.wait_for(slow, 10) == 200
 
 
 async def test_seeded_records_read_like_the_service_wrote_them(store: Store) -> None:
@@ -196,7 +219,7 @@ async def test_seeded_records_read_like_the_service_wrote_them(store: Store) -> 
         assert got is not None and got.to_json() == shown
     if store.dialect == "sqlite":
         # The same text SQLAlchemy writes: JSON as json.dumps makes it, UTC times.
-        async with store.engine.connect() as conn:
+        async with db_connection(store) as conn:
             rows = (
                 await conn.exec_driver_sql(
                     "SELECT recipients, results, history, created_at, updated_at "
@@ -209,7 +232,7 @@ async def test_seeded_records_read_like_the_service_wrote_them(store: Store) -> 
                 assert json.dumps(json.loads(value)) == value
             assert created < updated and len(created) == len(updated) == 26
     # Their lookup rows, exactly those the service writes with a record (store._terms).
-    async with store.engine.connect() as conn:
+    async with db_connection(store) as conn:
         found = (
             await conn.exec_driver_sql("SELECT term, created_at, message_id FROM mailroom_lookup")
         ).all()
@@ -265,7 +288,7 @@ async def test_retention_keeps_what_is_still_to_be_sent(store: Store) -> None:
     assert {job.id for job in waiting} <= {r.id for r in kept}
     for record in expired[:20]:
         assert await store.get(record.id) is None
-    async with store.engine.connect() as conn:  # their lookup rows went with them
+    async with db_connection(store) as conn:  # their lookup rows went with them
         orphans = await conn.scalar(
             text(
                 "SELECT count(*) FROM mailroom_lookup "
@@ -300,12 +323,12 @@ async def database_size(store: Store) -> int:
     deletes to make the space of the deleted rows reusable (emptied index pages are
     recycled a vacuum later, so the indexes are not counted)."""
     if store.dialect == "postgresql":
-        async with store.engine.connect() as conn:
+        async with db_connection(store) as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             await conn.exec_driver_sql("VACUUM mailroom_messages")
             size = await conn.scalar(text("SELECT pg_relation_size('mailroom_messages')"))
         return int(size)
-    path = typing.cast("str", store.engine.url.database)
+    path = typing.cast("str", make_url(store.url).database)
 
     def checkpointed() -> int:
         conn = sqlite3.connect(path)
@@ -343,7 +366,7 @@ async def test_schema_5_database_gets_the_list_indexes_and_lookups(
     try:
         for job in (tagged, plain):
             await store.insert_queued(job)
-        async with store.engine.begin() as conn:  # back to what schema 5 looked like
+        async with db_connection(store, begin=True) as conn:  # back to what schema 5 looked like
             for index in messages_table.indexes:
                 await conn.exec_driver_sql(f"DROP INDEX {index.name}")
             for column in ("status", "created_at"):
@@ -357,7 +380,7 @@ async def test_schema_5_database_gets_the_list_indexes_and_lookups(
     monkeypatch.setattr("store.FILL_CHUNK", 1)  # a statement per record
     store = await Store.open(settings)
     try:
-        async with store.engine.connect() as conn:
+        async with db_connection(store) as conn:
             version = (await conn.execute(text("SELECT version FROM mailroom_schema"))).scalar()
             if store.dialect == "sqlite":
                 query = "SELECT name FROM sqlite_master WHERE tbl_name = 'mailroom_messages'"
@@ -390,7 +413,7 @@ async def test_processes_opening_a_new_database_at_once_take_turns(
     stores = await asyncio.gather(*(Store.open(settings) for _ in range(4)))
     try:
         for opened in stores:
-            async with opened.engine.connect() as conn:
+            async with db_connection(opened) as conn:
                 version = await conn.scalar(text("SELECT version FROM mailroom_schema"))
                 rows = await conn.scalar(text("SELECT count(*) FROM mailroom_schema"))
             assert (version, rows) == (SCHEMA_VERSION, 1)

@@ -13,7 +13,7 @@ from quart.typing import TestClientProtocol as Client
 
 from config import Secret, Settings
 from tests.conftest import running_app, running_worker, wait_ready
-from tests.support import SmtpServer, queue_depth
+from tests.support import SmtpServer, db_connection, queue_depth
 
 BODY = {"to": ["a@example.com", "B <b@example.com>"], "subject": "status", "text": "t"}
 
@@ -169,7 +169,7 @@ async def test_idempotency_keys_expire_after_24_hours(
     try:
         assert await store.claim_idempotency_key("c", "k", "h1", "a" * 32) is None
         assert await store.claim_idempotency_key("c", "k", "h1", "b" * 32) == "a" * 32
-        async with store.engine.begin() as conn:
+        async with db_connection(store, begin=True) as conn:
             await conn.execute(
                 update(idempotency_table).values(created_at=now_utc() - timedelta(hours=25))
             )
