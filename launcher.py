@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import Settings
+from config import LISTEN_BACKLOG, Settings
 from errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ PROBE_TIMEOUT = 2.0  # one connection attempt or HTTP request
 # Beyond SHUTDOWN_GRACE (the worker's drain time) before a child is killed.
 STOP_MARGIN = 15.0
 SMTP_CREDENTIALS = ("SMTP_USERNAME", "SMTP_PASSWORD", "EMAIL_USERNAME", "EMAIL_PASSWORD")
-LISTEN_BACKLOG = 1024
 
 
 def default_counts(cores: int | None = None) -> tuple[int, int]:

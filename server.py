@@ -64,7 +64,7 @@ import metrics
 import web
 from apidoc import answers
 from broker import Broker, Names
-from config import Settings, configure_gc, configure_logging
+from config import LISTEN_BACKLOG, Settings, configure_gc, configure_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
 from graceful import serve
@@ -1091,6 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
         config.bind = [f"{settings.host}:{settings.port}"]
     if args.probe_port is not None:
         config.bind.append(f"127.0.0.1:{args.probe_port}")
+    config.backlog = LISTEN_BACKLOG  # sockets Hypercorn binds (HOST:PORT, the probe port)
     config.accesslog = None
     config.errorlog = None  # our own logging (configured above) reports what matters
     # Time for the requests in flight at shutdown to finish (a publish waits at most
