@@ -213,10 +213,11 @@ def configure_logging(settings: Settings) -> None:
     quiet_amqp_libraries()
 
 
-# Connections that may wait for the server to accept them (the kernel caps it at
-# net.core.somaxconn). Hypercorn's own default is 100: a burst of more new connections
-# than that, while the event loop is busy, has its SYNs dropped, and each of those
-# clients waits a second for its retry.
+# Connections that may wait for a server to accept them (the kernel caps it at
+# net.core.somaxconn): the launcher's shared socket and every socket Hypercorn listens
+# on. Hypercorn's own default is 100: a burst of more new connections than that, while
+# the event loop is busy, has its SYNs dropped, and each of those clients waits a
+# second for its retry.
 LISTEN_BACKLOG = 1024
 
 # Young objects between two collections of the youngest generation (CPython's default

@@ -67,6 +67,8 @@ async def copy_records(source_url: str, settings: Settings) -> list[Copied]:
             return [await _copy_table(reading, target, t, columns.get(t.name)) for t in TABLES]
     except (SQLAlchemyError, OSError) as exc:
         raise StoreUnavailable(f"copying from {shown}: {type(exc).__name__}: {exc}") from exc
+    except StoreUnavailable as exc:  # a write to the target (Store.write says what failed)
+        raise StoreUnavailable(f"copying from {shown}: {exc}") from exc
     finally:
         await source.dispose()
         await target.close()

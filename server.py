@@ -1091,7 +1091,9 @@ def main(argv: list[str] | None = None) -> int:
         config.bind = [f"{settings.host}:{settings.port}"]
     if args.probe_port is not None:
         config.bind.append(f"127.0.0.1:{args.probe_port}")
-    config.backlog = LISTEN_BACKLOG  # sockets Hypercorn binds (HOST:PORT, the probe port)
+    # Every socket: Hypercorn calls listen() again with this on the launcher's shared
+    # socket too (fd://), whose own backlog it would otherwise cut to its default, 100.
+    config.backlog = LISTEN_BACKLOG
     config.accesslog = None
     config.errorlog = None  # our own logging (configured above) reports what matters
     # Time for the requests in flight at shutdown to finish (a publish waits at most

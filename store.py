@@ -473,6 +473,7 @@ class Store:
         self._sqlite_reader: Engine | None = sqlite[0] if sqlite else None
         self._sqlite_writer: Engine | None = sqlite[1] if sqlite else None
         self._thread = self._readers = None
+        self._closed = False  # set by close: reads refused from then on
         if sqlite is not None:
             self._thread = ThreadPoolExecutor(1, "mailroom-writer")
             self._readers = ThreadPoolExecutor(READ_CONNECTIONS, "mailroom-reader")
@@ -545,19 +546,26 @@ class Store:
     async def _read(self, query: Callable[[Connection], _T]) -> _T:
         """``query(conn)`` on a read connection, what it returns: SQLite's in a reader
         thread (WAL: a read never waits for the writer), PostgreSQL's through asyncpg.
-        A database error is raised as :class:`StoreUnavailable`."""
+        A database error (the driver's own included) is raised as
+        :class:`StoreUnavailable`, and so is a read once the store is closing."""
+        if self._closed:
+            raise StoreUnavailable("the database is closed: this process is stopping")
         try:
             if self._postgres is not None:
                 async with self._postgres.connect() as conn:
                     return await conn.run_sync(query)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._readers, self._sqlite_read, query)
-        except _DB_ERRORS as exc:
+        except (*_DB_ERRORS, sqlite3.Error) as exc:
             raise StoreUnavailable(_describe(exc)) from exc
 
     def _sqlite_read(self, query: Callable[[Connection], _T]) -> _T:
-        """In a reader thread: a read transaction (rolled back) of its own."""
+        """In a reader thread: a read transaction (rolled back) of its own. Refused once
+        the store is closing: a read still waiting for a thread then must not open a new
+        connection (on a removed file, that would create an empty database)."""
         assert self._sqlite_reader is not None
+        if self._closed:
+            raise StoreUnavailable("the database is closed: this process is stopping")
         with self._sqlite_reader.connect() as conn:
             return query(conn)
 
@@ -639,9 +647,8 @@ class Store:
             plain = make_url(url).set(drivername="sqlite+pysqlite")
             # Reads: a few connections per process, one per reader thread (WAL: they
             # never wait for the writer), so that a read by id never queues behind a list.
-            reader = create_engine(
-                plain, pool_size=READ_CONNECTIONS, max_overflow=0, pool_timeout=30
-            )
+            # (The pool never makes a read wait: a thread holds one connection at most.)
+            reader = create_engine(plain, pool_size=READ_CONNECTIONS, max_overflow=0)
             event.listen(reader, "connect", _sqlite_connect)
             event.listen(reader, "begin", _sqlite_begin)
             # Writes: one plain connection, used only in the writer thread.
@@ -712,12 +719,15 @@ class Store:
         await self._dispose()
 
     async def _dispose(self) -> None:
+        self._closed = True
         if self._postgres is not None:
             await self._postgres.dispose()
         if self._readers is not None:
             assert self._sqlite_reader is not None
+            # The reads under way finish first (those still waiting are refused), so
+            # that every connection is back in the pool to be closed.
+            await asyncio.to_thread(self._readers.shutdown, wait=True)
             await asyncio.to_thread(self._sqlite_reader.dispose)
-            self._readers.shutdown(wait=False)
         if self._thread is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._thread, self._close_writer)

@@ -6,15 +6,17 @@ import asyncio
 import os
 import signal
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.engine import Connection
 
 from config import Secret, Settings
 from messages import new_job
-from store import Store, StoreUnavailable
+from store import READ_CONNECTIONS, Store, StoreUnavailable
 from tests.conftest import pg_database, running_app, wait_ready
 from tests.support import (
     Proc,
@@ -173,6 +175,45 @@ async def test_no_write_lands_in_a_removed_file(
     why = "is missing but" if how == "removed" else f"{copies[0]} holds the records"
     with pytest.raises(StoreUnavailable, match=why):
         await Store.open(make_settings(database_url=Secret(f"sqlite:///{db}")))
+
+
+async def test_reads_waiting_when_the_store_closes_open_no_new_file(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Every reader thread busy and more reads waiting for one when the process closes
+    its store: the busy reads finish, the waiting ones are refused (StoreUnavailable)
+    and open no connection, which on a removed database file would create a new, empty
+    one (the file is removed here once the close has begun). A read after the close is
+    refused too."""
+    db = tmp_path / "mailroom.db"
+    store = await Store.open(make_settings(database_url=Secret(f"sqlite:///{db}")))
+    release = threading.Event()
+    busy = threading.Semaphore(0)
+
+    def slow(conn: Connection) -> int:
+        busy.release()
+        release.wait(10)
+        return int(conn.exec_driver_sql("SELECT count(*) FROM mailroom_messages").scalar_one())
+
+    reads = [asyncio.ensure_future(store._read(slow)) for _ in range(READ_CONNECTIONS + 2)]
+    try:
+        for _ in range(READ_CONNECTIONS):  # every reader thread holds a read
+            assert await asyncio.to_thread(busy.acquire, True, 10)
+        closing = asyncio.ensure_future(store.close())
+        async with asyncio.timeout(10):
+            while not store._closed:  # the close reached the readers
+                await asyncio.sleep(0.01)
+        await asyncio.to_thread(db.unlink)
+        release.set()
+        await asyncio.wait_for(closing, 20)
+    finally:
+        release.set()
+        results = await asyncio.gather(*reads, return_exceptions=True)
+    assert results[:READ_CONNECTIONS] == [0] * READ_CONNECTIONS
+    assert all(isinstance(r, StoreUnavailable) for r in results[READ_CONNECTIONS:]), results
+    assert not db.exists()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.get("whatever")
 
 
 async def test_dropped_postgresql_database_makes_readyz_and_keyed_sends_503(
