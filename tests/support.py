@@ -323,14 +323,19 @@ def worker_env(
     )
 
 
-async def spawn(script: str, cwd: Path, env: dict[str, str], *args: str) -> Proc:
+async def spawn(
+    script: str, cwd: Path, env: dict[str, str], *args: str, pass_fds: tuple[int, ...] = ()
+) -> Proc:
     """``python script.py ARGS`` (or ``python -m module ARGS``) from this repository."""
     program = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]
-    return await spawn_argv([sys.executable, *program, *args], cwd, env)
+    return await spawn_argv([sys.executable, *program, *args], cwd, env, pass_fds)
 
 
-async def spawn_argv(argv: list[str], cwd: Path, env: dict[str, str]) -> Proc:
-    """Any command, output (stdout and stderr) to a pipe, in a process group of its own."""
+async def spawn_argv(
+    argv: list[str], cwd: Path, env: dict[str, str], pass_fds: tuple[int, ...] = ()
+) -> Proc:
+    """Any command, output (stdout and stderr) to a pipe, in a process group of its own;
+    ``pass_fds``: file descriptors it inherits (a listening socket, say)."""
     return await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
@@ -339,6 +344,7 @@ async def spawn_argv(argv: list[str], cwd: Path, env: dict[str, str]) -> Proc:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,  # its own process group, so teardown can end all of it
+        pass_fds=pass_fds,
     )
 
 

@@ -94,19 +94,8 @@ async def test_a_burst_of_new_connections_waits_in_the_listen_backlog(
     else:
         with socket.create_server(("127.0.0.1", 0), backlog=LISTEN_BACKLOG) as sock:
             port = sock.getsockname()[1]
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(ROOT / "server.py"),
-                "--listen-fd",
-                str(sock.fileno()),
-                cwd=tmp_path,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-                pass_fds=(sock.fileno(),),
-            )
+            fd = sock.fileno()
+            proc = await spawn("server.py", tmp_path, env, "--listen-fd", str(fd), pass_fds=(fd,))
     stop_later.append(proc)
     await wait_http(f"http://127.0.0.1:{port}/readyz", proc)
 
