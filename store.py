@@ -548,8 +548,7 @@ class Store:
         thread (WAL: a read never waits for the writer), PostgreSQL's through asyncpg.
         A database error (the driver's own included) is raised as
         :class:`StoreUnavailable`, and so is a read once the store is closing."""
-        if self._closed:
-            raise StoreUnavailable("the database is closed: this process is stopping")
+        self._refuse_if_closed()
         try:
             if self._postgres is not None:
                 async with self._postgres.connect() as conn:
@@ -564,10 +563,13 @@ class Store:
         the store is closing: a read still waiting for a thread then must not open a new
         connection (on a removed file, that would create an empty database)."""
         assert self._sqlite_reader is not None
-        if self._closed:
-            raise StoreUnavailable("the database is closed: this process is stopping")
+        self._refuse_if_closed()
         with self._sqlite_reader.connect() as conn:
             return query(conn)
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("the database is closed: this process is stopping")
 
     async def _transaction(self, units: list[Unit], wait: float | None = None) -> list[Any]:
         """One write transaction running ``units`` in order; their results. ``wait``:
@@ -723,15 +725,18 @@ class Store:
         if self._postgres is not None:
             await self._postgres.dispose()
         if self._readers is not None:
-            assert self._sqlite_reader is not None
-            # The reads under way finish first (those still waiting are refused), so
-            # that every connection is back in the pool to be closed.
-            await asyncio.to_thread(self._readers.shutdown, wait=True)
-            await asyncio.to_thread(self._sqlite_reader.dispose)
+            await asyncio.to_thread(self._close_readers)
         if self._thread is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._thread, self._close_writer)
             self._thread.shutdown(wait=False)
+
+    def _close_readers(self) -> None:
+        """The reads under way finish first (those still waiting are refused), so that
+        every read connection is back in the pool to be closed."""
+        assert self._readers is not None and self._sqlite_reader is not None
+        self._readers.shutdown(wait=True)
+        self._sqlite_reader.dispose()
 
     def _close_writer(self) -> None:
         """In the writer thread, which owns the write connection and the lock file."""
