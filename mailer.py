@@ -537,8 +537,9 @@ async def sendmail(
 class Turn:
     """One of a pool's ``size`` send turns, taken before a send and given back once (by
     :meth:`SmtpPool.send`, when it is handed one, or by its taker; a second
-    :meth:`release` does nothing). The worker takes it before it claims a message, so a
-    claimed message (``sending``) always has a connection ready."""
+    :meth:`release` does nothing). The worker takes it once it holds a message's claim,
+    and gives the claim back if it stops before its turn comes (see
+    ``Worker._send``)."""
 
     __slots__ = ("_pool", "held")
 
@@ -546,17 +547,43 @@ class Turn:
         self._pool = pool
         self.held = False
 
-    async def acquire(self) -> None:
+    async def acquire(self, unless: asyncio.Event | None = None) -> bool:
+        """Wait for a free turn and take it; True once held. With ``unless``: False,
+        holding nothing, if that event is set before the turn is had."""
         assert not self.held
-        await self._pool._turns.acquire()
+        turns = self._pool._turns
+        if unless is None or not turns.locked():
+            await turns.acquire()  # a free turn is taken without waiting
+        elif not await _acquire_unless(turns, unless):
+            return False
+        if unless is not None and unless.is_set():
+            turns.release()
+            return False
         self.held = True
         self._pool.turns_in_use += 1
+        return True
 
     def release(self) -> None:
         if self.held:
             self.held = False
             self._pool.turns_in_use -= 1
             self._pool._turns.release()
+
+
+async def _acquire_unless(turns: asyncio.Semaphore, unless: asyncio.Event) -> bool:
+    """Acquire ``turns`` unless ``unless`` is set first: True if acquired. If not, the
+    acquire is cancelled, and a grant that came meanwhile goes back (a semaphore's
+    cancelled acquire gives it back)."""
+    if unless.is_set():
+        return False
+    acquiring = asyncio.ensure_future(turns.acquire())
+    stopping = asyncio.ensure_future(unless.wait())
+    try:
+        await asyncio.wait((acquiring, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        acquiring.cancel()  # nothing, once it is done
+    return acquiring.done() and not acquiring.cancelled()
 
 
 class SmtpPool:

@@ -1360,6 +1360,30 @@ class Store:
             .values(lease_until=None)
         )
 
+    async def hand_back(self, attempt: Attempt) -> bool:
+        """Undo ``attempt``'s claim before anything was sent (its worker stopped while
+        the message waited for an SMTP connection): the record is ``queued`` again
+        (``retrying`` after an earlier attempt), with one attempt fewer and no owner, and
+        its history says so. It can be cancelled again, and the attempt does not count as
+        one started without an outcome. True if applied: the attempt still held it."""
+
+        def work(conn: Connection) -> bool:
+            record = self._load(conn, attempt.message_id)
+            if record is None or not _holds(record, attempt):
+                return False
+            self._transition(
+                conn,
+                record,
+                "queued" if attempt.number <= 1 else "retrying",
+                detail="handed back unsent: the worker stopped before it had a connection",
+                attempts=attempt.number - 1,
+                owner=None,
+                lease_until=None,
+            )
+            return True
+
+        return bool(await self.write(work))
+
     async def renew(self, attempts: Sequence[Attempt], lease: float) -> None:
         """Extend the leases of attempts still running (one statement for all of them)."""
         if not attempts:

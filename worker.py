@@ -55,7 +55,7 @@ from errors import (
     SmtpConfigError,
 )
 from guard import token_matches
-from mailer import SendResult, SmtpPool, Turn
+from mailer import SendResult, SmtpPool
 from messages import MailJob, suppression_key
 from store import FINAL, Attempt, Claim, RecipientResult, Store, StoreUnavailable, now_utc
 from webhooks import Event, WebhookSender, event_body, publish_event
@@ -305,18 +305,16 @@ class Worker:
             self._attempts.pop(job.id, None)
 
     async def _claim(
-        self, message: AbstractIncomingMessage, job: MailJob, copy: int, turn: Turn
+        self, message: AbstractIncomingMessage, job: MailJob, copy: int
     ) -> Claim | None:
         """Claim the next attempt for queue copy ``copy``; wait while another live worker
-        holds one. The claim is taken in a send ``turn`` (still held when it comes back
-        "claimed"), so a message waiting for a connection is never ``sending`` yet and
-        can still be cancelled. None when the message went back: to a retry tier (the
-        database is unavailable) or, when the worker is stopping, to the queue unsent."""
+        holds one. The claim does not wait for an SMTP connection (:meth:`_send` does): the
+        claims of all the messages the worker holds go into the same few commits. None
+        when the message went back: to a retry tier (the database is unavailable) or,
+        when the worker is stopping, to the queue unsent."""
         assert self.store is not None
         while True:
-            await turn.acquire()
             if self._stop.is_set():
-                turn.release()
                 log.info("message %s: stopping before its send; back to the queue", job.id)
                 await self._settle_delivery(message, job.id, "nack")
                 return None
@@ -325,13 +323,9 @@ class Worker:
                     job, self.owner, copy, self.settings.attempt_lease, self._owner_alive
                 )
             except StoreUnavailable as exc:
-                turn.release()
                 log.error("message %s: database unavailable (%s); retrying later", job.id, exc)
                 await self._to_retry_tier(message, job, 0, dict(message.headers or {}))
                 return None
-            if claim.kind == "claimed":
-                return claim
-            turn.release()
             if claim.kind != "busy":
                 return claim
             until = claim.record.lease_until
@@ -352,17 +346,10 @@ class Worker:
             if remaining > SCHEDULE_DUE:
                 await self._wait_more(message, job, remaining)
                 return
-        copy = _int_header(message.headers or {}, COPY_HEADER)
-        turn = self.pool.turn()
-        try:
-            await self._attempt(message, job, copy, turn)
-        finally:
-            turn.release()  # the send gave it back already, unless there was none
+        await self._attempt(message, job, _int_header(message.headers or {}, COPY_HEADER))
 
-    async def _attempt(
-        self, message: AbstractIncomingMessage, job: MailJob, copy: int, turn: Turn
-    ) -> None:
-        claim = await self._claim(message, job, copy, turn)
+    async def _attempt(self, message: AbstractIncomingMessage, job: MailJob, copy: int) -> None:
+        claim = await self._claim(message, job, copy)
         if claim is None:
             return
         record = claim.record
@@ -395,7 +382,6 @@ class Worker:
             # Started again and again without an outcome: something (a crash, an OOM kill)
             # stops the worker on this message. Classic queues have no delivery limit.
             reason = f"{unfinished} attempts without an outcome; the worker may crash on it"
-            turn.release()  # no SMTP on this path: the turn goes back before the writes
             await self._fail(message, attempt, reason, None, {}, "delivery_limit")
             return
         # Recipients that accepted it, carried on the retry copy in case the record could
@@ -405,7 +391,6 @@ class Worker:
         if not pending:
             # Nothing left to send (every recipient accepted or refused it already).
             log.info("message %s: no recipient left to send to", job.id)
-            turn.release()
             await self._settle(message, attempt, SendResult(()), record.results, sent_before)
             return
         # Suppressed and simulator recipients, and everyone in the sandbox: never SMTP.
@@ -422,8 +407,6 @@ class Worker:
             }
             simulated = [a for a in pending if a not in skipped and a.endswith(SIMULATOR_SUFFIX)]
             real = [a for a in pending if a not in skipped and not a.endswith(SIMULATOR_SUFFIX)]
-            if self.settings.sandbox or not real:
-                turn.release()  # nothing for SMTP: others may send meanwhile
             await self._settle(
                 message,
                 attempt,
@@ -432,7 +415,7 @@ class Worker:
                 sent_before,
                 skipped,
                 detail="sandbox: not handed to SMTP" if self.settings.sandbox else None,
-                then=None if self.settings.sandbox or not real else (job, real, turn),
+                then=None if self.settings.sandbox or not real else (job, real),
             )
             return
         log.debug(
@@ -443,7 +426,7 @@ class Worker:
         )
         started = time.perf_counter()
         try:
-            result = await self._send(message, attempt, job, pending, turn)
+            result = await self._send(message, attempt, job, pending)
         finally:
             metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
         if result is None:
@@ -456,10 +439,15 @@ class Worker:
         attempt: Attempt,
         job: MailJob,
         recipients: list[str],
-        turn: Turn,
     ) -> SendResult | None:
-        """Send over SMTP in ``turn`` (given back once the SMTP server answered); None when
-        it failed, the failure already recorded (a settings fault, failed, or a retry)."""
+        """Send over SMTP once one of the pool's turns is free (given back once the SMTP
+        server answered); None when it failed, the failure already recorded (a settings
+        fault, failed, or a retry), or when the worker stopped before its turn came: the
+        claim is then handed back and the message goes back to the queue unsent."""
+        turn = self.pool.turn()
+        if not await turn.acquire(unless=self._stop):
+            await self._hand_back(message, attempt)
+            return None
         try:
             return await self.pool.send(job, recipients, turn)
         except SmtpConfigError as exc:
@@ -470,6 +458,19 @@ class Worker:
             await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
         return None
 
+    async def _hand_back(self, message: AbstractIncomingMessage, attempt: Attempt) -> None:
+        """Nothing was sent: the record as before the claim, the message back to the queue."""
+        assert self.store is not None
+        job_id = attempt.message_id
+        try:
+            await self.store.hand_back(attempt)
+        except StoreUnavailable as exc:
+            # Its lease runs out instead (or, on this host, the next delivery sees that
+            # this process is gone) and the next delivery takes the message over.
+            log.error("message %s: could not hand attempt %d back: %s", job_id, attempt.number, exc)
+        log.info("message %s: stopping before its send; back to the queue", job_id)
+        await self._settle_delivery(message, job_id, "nack")
+
     async def _settle(
         self,
         message: AbstractIncomingMessage,
@@ -479,7 +480,7 @@ class Worker:
         sent_before: set[str],
         skipped: dict[str, RecipientResult] | None = None,
         detail: str | None = None,
-        then: tuple[MailJob, list[str], Turn] | None = None,
+        then: tuple[MailJob, list[str]] | None = None,
     ) -> None:
         """Record per-recipient results; then sent, retry (4xx refusals), or partial or
         failed (5xx refusals: see :meth:`_fail`). ``skipped``: results decided without

@@ -80,12 +80,15 @@ async def test_cancel_racing_the_worker_never_sends_a_cancelled_message(
     database_url: Secret, make_settings: Callable[..., Settings]
 ) -> None:
     """Cancels fired while a worker takes the same messages: the record's compare-and-set
-    decides each one. 200 (cancelled) means never sent; 409 means it was being sent."""
+    decides each one. 200 (cancelled) means never sent; 409 means it was being sent. (The
+    worker claims every message it holds, WORKER_PREFETCH of them, before a connection is
+    free: here it holds only as many as it sends at once.)"""
     gate = Gate()
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=gate))
     settings = make_settings(
         database_url=database_url,
         worker_concurrency=4,
+        worker_prefetch=4,
         smtp_timeout=30.0,
         **smtp.settings_overrides(None, False),
     )

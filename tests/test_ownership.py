@@ -218,6 +218,50 @@ async def test_a_late_outcome_never_overwrites_a_final_status(
         await store.close()
 
 
+async def test_a_handed_back_claim_is_undone_only_by_its_holder(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """A worker stopping hands back the claims of messages it had not begun to send: the
+    record is as before the claim (status, attempts, no owner), the history says so, the
+    message can be cancelled again; an attempt that no longer holds the record changes
+    nothing."""
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    job = legacy_job("back@example.com")
+    try:
+        first = await store.claim(job, "worker-a", 0, lease=30)
+        assert first.attempt is not None
+        assert await store.hand_back(first.attempt)
+        assert not await store.hand_back(first.attempt)  # no longer held: nothing
+        record = await store.get(job.id)
+        assert record is not None
+        assert (record.status, record.attempts, record.owner) == ("queued", 0, None)
+        assert record.lease_until is None and record.unfinished_attempts() == 0
+        assert [h["status"] for h in record.history] == ["queued", "sending", "queued"]
+        assert "handed back unsent" in record.history[-1]["detail"]
+        # The next claim takes it at once (nobody holds it), as attempt 1 again; after a
+        # retry, a handed-back attempt 2 leaves it retrying with 1 attempt.
+        again = await store.claim(job, "worker-b", 0, lease=30)
+        assert again.kind == "claimed" and again.attempt is not None
+        assert again.attempt.number == 1
+        assert await store.finish(again.attempt, "retrying", error="451 later")
+        second = await store.claim(job, "worker-b", 1, lease=30)
+        assert second.attempt is not None and second.attempt.number == 2
+        # A claim taken over by another worker is not undone by the one that lost it.
+        taken = await store.claim(job, "worker-c", 1, 30, owner_alive=lambda owner: False)
+        assert taken.attempt is not None
+        assert not await store.hand_back(second.attempt)
+        assert await store.hand_back(taken.attempt)
+        record = await store.get(job.id)
+        assert record is not None
+        assert (record.status, record.attempts, record.owner) == ("retrying", 2, None)
+        outcome, cancelled = await store.cancel(job.id)
+        assert outcome == "cancelled" and cancelled is not None
+        assert cancelled.status == "cancelled"
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("server_first", [True, False], ids=["server-first", "worker-first"])
 async def test_first_claim_without_reading_matches_the_stored_record(
     server_first: bool, database_url: Secret, make_settings: Callable[..., Settings]

@@ -242,11 +242,12 @@ async def sigterm_mid_send(
     started: asyncio.Event,
     grace: float,
     count: int = 1,
+    before_signal: Callable[[], Awaitable[None]] | None = None,
     **worker_settings: str,
 ) -> tuple[int, str, SmtpServer]:
     """Queue ``count`` mails, start ``python worker.py``, SIGTERM it once the SMTP server
-    is in DATA (``on_data`` sets ``started``); return its exit status, output and the
-    server."""
+    is in DATA (``on_data`` sets ``started``) and ``before_signal`` returned; return its
+    exit status, output and the server."""
     smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=on_data))
     async with running_app(settings) as (app, client):
         await wait_ready(app)
@@ -256,6 +257,8 @@ async def sigterm_mid_send(
     worker = await spawn("worker.py", tmp_path, env)
     stop_later.append(worker)
     await asyncio.wait_for(started.wait(), 20)
+    if before_signal is not None:
+        await asyncio.wait_for(before_signal(), 20)
     worker.send_signal(signal.SIGTERM)
     code, out = await finish(worker)
     return code, out, smtp
@@ -283,8 +286,10 @@ async def test_sigterm_drains_in_flight_sends(
 async def test_sigterm_returns_messages_waiting_for_a_connection_unsent(
     prefix: str, tmp_path: Path, make_settings: Callable[..., Settings], stop_later: list[Proc]
 ) -> None:
-    """The worker holds WORKER_PREFETCH messages but sends WORKER_CONCURRENCY at once: on
-    SIGTERM it finishes the send under way and puts the others back at once, unclaimed."""
+    """The worker holds WORKER_PREFETCH messages, claimed (``sending``) while they wait for
+    one of its WORKER_CONCURRENCY connections: on SIGTERM it finishes the send under way
+    and hands the others back at once, unsent: ``queued`` again, no attempt counted,
+    cancellable, back in the queue."""
     started = asyncio.Event()
 
     async def slow(envelope: Envelope) -> None:
@@ -292,6 +297,15 @@ async def test_sigterm_returns_messages_waiting_for_a_connection_unsent(
         await asyncio.sleep(1.5)
 
     settings = make_settings()
+
+    async def all_claimed() -> None:
+        async with running_app(settings) as (_app, client):
+            while True:
+                listed = await (await client.get("/api/messages?status=sending")).get_json()
+                if len(listed["messages"]) == 5:
+                    return
+                await asyncio.sleep(0.05)
+
     code, out, smtp = await sigterm_mid_send(
         prefix,
         tmp_path,
@@ -301,6 +315,7 @@ async def test_sigterm_returns_messages_waiting_for_a_connection_unsent(
         started,
         grace=20,
         count=5,
+        before_signal=all_claimed,
         WORKER_CONCURRENCY="1",
         WORKER_PREFETCH="5",
     )
@@ -311,8 +326,15 @@ async def test_sigterm_returns_messages_waiting_for_a_connection_unsent(
     assert await queue_depth(Names.for_prefix(prefix).send_queue) == 4
     async with running_app(settings) as (app, client):
         await wait_ready(app)
-        listed = await (await client.get("/api/messages?status=queued")).get_json()
-        assert len(listed["messages"]) == 4  # never claimed: still queued, cancellable
+        listed = (await (await client.get("/api/messages?status=queued")).get_json())["messages"]
+        assert len(listed) == 4
+        for item in listed:
+            record = await (await client.get(f"/api/messages/{item['id']}")).get_json()
+            assert record["attempts"] == 0
+            assert [h["status"] for h in record["history"]] == ["queued", "sending", "queued"]
+            assert "handed back unsent" in record["history"][-1]["detail"]
+        answer = await client.delete(f"/api/messages/{listed[0]['id']}")
+        assert answer.status_code == 200  # handed back: cancellable again
     smtp.server.close()
 
 
