@@ -1363,9 +1363,11 @@ class Store:
     async def hand_back(self, attempt: Attempt) -> bool:
         """Undo ``attempt``'s claim before anything was sent (its worker stopped while
         the message waited for an SMTP connection): the record is ``queued`` again
-        (``retrying`` after an earlier attempt), with one attempt fewer and no owner, and
-        its history says so. It can be cancelled again, and the attempt does not count as
-        one started without an outcome. True if applied: the attempt still held it."""
+        (``retrying`` after an earlier attempt), without an owner, and its history says
+        so. It can be cancelled again, and the attempt does not count as one started
+        without an outcome (it stays counted in ``attempts``, as redeliveries are: a
+        record is never "untouched" again, see ``Store.claim``'s one-statement case).
+        True if applied: the attempt still held it."""
 
         def work(conn: Connection) -> bool:
             record = self._load(conn, attempt.message_id)
@@ -1376,7 +1378,6 @@ class Store:
                 record,
                 "queued" if attempt.number <= 1 else "retrying",
                 detail="handed back unsent: the worker stopped before it had a connection",
-                attempts=attempt.number - 1,
                 owner=None,
                 lease_until=None,
             )

@@ -222,7 +222,7 @@ async def test_a_handed_back_claim_is_undone_only_by_its_holder(
     database_url: Secret, make_settings: Callable[..., Settings]
 ) -> None:
     """A worker stopping hands back the claims of messages it had not begun to send: the
-    record is as before the claim (status, attempts, no owner), the history says so, the
+    record's status is as before the claim, it has no owner, the history says so, the
     message can be cancelled again; an attempt that no longer holds the record changes
     nothing."""
     settings = make_settings(database_url=database_url)
@@ -235,18 +235,27 @@ async def test_a_handed_back_claim_is_undone_only_by_its_holder(
         assert not await store.hand_back(first.attempt)  # no longer held: nothing
         record = await store.get(job.id)
         assert record is not None
-        assert (record.status, record.attempts, record.owner) == ("queued", 0, None)
+        # queued again, its attempt still counted (so never "untouched": the next claim
+        # reads the record, and keeps its history).
+        assert (record.status, record.attempts, record.owner) == ("queued", 1, None)
         assert record.lease_until is None and record.unfinished_attempts() == 0
         assert [h["status"] for h in record.history] == ["queued", "sending", "queued"]
         assert "handed back unsent" in record.history[-1]["detail"]
-        # The next claim takes it at once (nobody holds it), as attempt 1 again; after a
-        # retry, a handed-back attempt 2 leaves it retrying with 1 attempt.
         again = await store.claim(job, "worker-b", 0, lease=30)
         assert again.kind == "claimed" and again.attempt is not None
-        assert again.attempt.number == 1
+        assert again.attempt.number == 2
         assert await store.finish(again.attempt, "retrying", error="451 later")
+        record = await store.get(job.id)
+        assert record is not None
+        assert [h["status"] for h in record.history] == [
+            "queued",
+            "sending",
+            "queued",
+            "sending",
+            "retrying",
+        ]
         second = await store.claim(job, "worker-b", 1, lease=30)
-        assert second.attempt is not None and second.attempt.number == 2
+        assert second.attempt is not None and second.attempt.number == 3
         # A claim taken over by another worker is not undone by the one that lost it.
         taken = await store.claim(job, "worker-c", 1, 30, owner_alive=lambda owner: False)
         assert taken.attempt is not None
@@ -254,7 +263,7 @@ async def test_a_handed_back_claim_is_undone_only_by_its_holder(
         assert await store.hand_back(taken.attempt)
         record = await store.get(job.id)
         assert record is not None
-        assert (record.status, record.attempts, record.owner) == ("retrying", 2, None)
+        assert (record.status, record.attempts, record.owner) == ("retrying", 4, None)
         outcome, cancelled = await store.cancel(job.id)
         assert outcome == "cancelled" and cancelled is not None
         assert cancelled.status == "cancelled"

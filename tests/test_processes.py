@@ -288,8 +288,8 @@ async def test_sigterm_returns_messages_waiting_for_a_connection_unsent(
 ) -> None:
     """The worker holds WORKER_PREFETCH messages, claimed (``sending``) while they wait for
     one of its WORKER_CONCURRENCY connections: on SIGTERM it finishes the send under way
-    and hands the others back at once, unsent: ``queued`` again, no attempt counted,
-    cancellable, back in the queue."""
+    and hands the others back at once, unsent: ``queued`` again, cancellable, back in the
+    queue."""
     started = asyncio.Event()
 
     async def slow(envelope: Envelope) -> None:
@@ -330,7 +330,7 @@ async def test_sigterm_returns_messages_waiting_for_a_connection_unsent(
         assert len(listed) == 4
         for item in listed:
             record = await (await client.get(f"/api/messages/{item['id']}")).get_json()
-            assert record["attempts"] == 0
+            assert record["attempts"] == 1  # counted, as redeliveries are
             assert [h["status"] for h in record["history"]] == ["queued", "sending", "queued"]
             assert "handed back unsent" in record["history"][-1]["detail"]
         answer = await client.delete(f"/api/messages/{listed[0]['id']}")
