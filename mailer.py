@@ -580,6 +580,10 @@ async def _acquire_unless(turns: asyncio.Semaphore, unless: asyncio.Event) -> bo
     stopping = asyncio.ensure_future(unless.wait())
     try:
         await asyncio.wait((acquiring, stopping), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled: a grant that came meanwhile is not ours to keep
+        if acquiring.done() and not acquiring.cancelled():
+            turns.release()
+        raise
     finally:
         stopping.cancel()
         acquiring.cancel()  # nothing, once it is done

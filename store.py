@@ -247,6 +247,10 @@ class RecipientResult:
     message: str | None = None
 
 
+# The history entry of a claim handed back unsent (Store.hand_back).
+HANDED_BACK = "handed back unsent: the worker stopped before it had a connection"
+
+
 @dataclass
 class MessageRecord:
     id: str
@@ -268,13 +272,36 @@ class MessageRecord:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def unfinished_attempts(self) -> int:
-        """How many attempts in a row were started (``sending``) and never finished."""
+        """How many attempts in a row were started (``sending``) and never finished. A
+        claim handed back unsent (:meth:`Store.hand_back`) is not one, and does not end
+        the row either."""
         count = 0
+        handed_back = False
         for entry in reversed(self.history):
+            if handed_back:  # its claim's own entry: not counted
+                handed_back = False
+                if entry.get("status") == "sending":
+                    continue
+            if entry.get("detail") == HANDED_BACK:
+                handed_back = True
+                continue
             if entry.get("status") != "sending":
                 break
             count += 1
         return count
+
+    def status_before_claim(self) -> str:
+        """What a record held by a claim goes back to when the claim is handed back:
+        ``queued``, or ``retrying`` once an attempt was made (a message that fell due is
+        ``queued``)."""
+        entries = self.history
+        claimed = max((n for n, e in enumerate(entries) if e.get("status") == "sending"), default=0)
+        before = entries[claimed - 1].get("status") if claimed > 0 else None
+        if before in ("queued", "retrying"):
+            return str(before)
+        if before == "scheduled":
+            return "queued"
+        return "retrying" if before == "sending" else "queued"
 
     def pending(self) -> list[str]:
         """Envelope addresses still to be sent to (never the ones already accepted)."""
@@ -1363,11 +1390,11 @@ class Store:
     async def hand_back(self, attempt: Attempt) -> bool:
         """Undo ``attempt``'s claim before anything was sent (its worker stopped while
         the message waited for an SMTP connection): the record is ``queued`` again
-        (``retrying`` after an earlier attempt), without an owner, and its history says
-        so. It can be cancelled again, and the attempt does not count as one started
-        without an outcome (it stays counted in ``attempts``, as redeliveries are: a
-        record is never "untouched" again, see ``Store.claim``'s one-statement case).
-        True if applied: the attempt still held it."""
+        (``retrying`` after an earlier attempt: :meth:`MessageRecord.status_before_claim`),
+        without an owner, and its history says so. It can be cancelled again, and the
+        attempt does not count as one started without an outcome (it stays counted in
+        ``attempts``, as redeliveries are: a record is never "untouched" again, see
+        ``Store.claim``'s one-statement case). True if applied: the attempt still held it."""
 
         def work(conn: Connection) -> bool:
             record = self._load(conn, attempt.message_id)
@@ -1376,8 +1403,8 @@ class Store:
             self._transition(
                 conn,
                 record,
-                "queued" if attempt.number <= 1 else "retrying",
-                detail="handed back unsent: the worker stopped before it had a connection",
+                record.status_before_claim(),
+                detail=HANDED_BACK,
                 owner=None,
                 lease_until=None,
             )

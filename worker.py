@@ -119,14 +119,14 @@ class Worker:
 
     def health_problem(self) -> str | None:
         """Why this worker cannot consume now, or None (what ``GET /healthz`` reports)."""
+        if self.store is not None and self.store.lost is not None:
+            return self.store.lost
         if self._stop.is_set():
             return "stopping"
         if not self.ready.is_set():
             return "starting"
         if not self.broker.is_ready or self._consuming is None or self._consuming.is_closed:
             return "no connection to RabbitMQ"
-        if self.store is not None and self.store.lost is not None:
-            return self.store.lost
         return None
 
     def stop(self) -> None:
@@ -168,6 +168,9 @@ class Worker:
             )
             self.ready.set()
             lost = await self._wait_stop_or_database_lost()
+            # (Database lost: the claimed messages still waiting for a connection go back
+            # to the queue too; their outcomes could not be recorded.)
+            self._stop.set()
             log.info("stopping; %d message(s) in flight", len(self._inflight))
             with contextlib.suppress(*AMQP_ERRORS):
                 await asyncio.wait_for(queue.cancel(tag), 5)
@@ -424,11 +427,7 @@ class Worker:
             record.attempts,
             len(pending),
         )
-        started = time.perf_counter()
-        try:
-            result = await self._send(message, attempt, job, pending)
-        finally:
-            metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
+        result = await self._send(message, attempt, job, pending)
         if result is None:
             return
         await self._settle(message, attempt, result, record.results, sent_before)
@@ -448,6 +447,7 @@ class Worker:
         if not await turn.acquire(unless=self._stop):
             await self._hand_back(message, attempt)
             return None
+        started = time.perf_counter()
         try:
             return await self.pool.send(job, recipients, turn)
         except SmtpConfigError as exc:
@@ -456,6 +456,8 @@ class Worker:
             await self._fail(message, attempt, exc.reason, exc.code, {})
         except DeliveryError as exc:
             await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
+        finally:
+            metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
         return None
 
     async def _hand_back(self, message: AbstractIncomingMessage, attempt: Attempt) -> None:
@@ -468,7 +470,7 @@ class Worker:
             # Its lease runs out instead (or, on this host, the next delivery sees that
             # this process is gone) and the next delivery takes the message over.
             log.error("message %s: could not hand attempt %d back: %s", job_id, attempt.number, exc)
-        log.info("message %s: stopping before its send; back to the queue", job_id)
+        log.info("message %s: stopping before its send; claim handed back, to the queue", job_id)
         await self._settle_delivery(message, job_id, "nack")
 
     async def _settle(

@@ -113,6 +113,39 @@ async def test_cancel_racing_the_worker_never_sends_a_cancelled_message(
     smtp.server.close()
 
 
+async def test_a_message_waiting_in_the_worker_for_a_connection_is_sending(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A worker claims each message it holds (WORKER_PREFETCH) as it arrives: one that
+    waits there for a busy connection is ``sending``, a cancel answers 409, and it is
+    sent once the connection is free."""
+    gate = Gate()
+    smtp = await start_smtp("none", None, auth=False, recorder=SmtpRecorder(on_data=gate))
+    settings = make_settings(
+        worker_concurrency=1,
+        worker_prefetch=3,
+        smtp_timeout=30.0,
+        **smtp.settings_overrides(None, False),
+    )
+    async with running_app(settings) as (app, client), running_worker(settings) as worker:
+        await wait_ready(app)
+        ids = [(await post(client, f"held{n}@example.com"))["id"] for n in range(3)]
+        await wait_until(lambda: gate.waiting >= 1)  # one in DATA, two waiting for it
+        for message_id in ids:
+            await wait_status(client, message_id, "sending")
+        for message_id in ids:
+            answer = await client.delete(f"/api/messages/{message_id}")
+            assert answer.status_code == 409
+            assert (await answer.get_json())["status"] == "sending"
+        assert gate.waiting == 1 and worker.pool.turns_in_use == 1
+        gate.open.set()
+        for message_id in ids:
+            await wait_status(client, message_id, "sent", timeout=30)
+        await idle(worker, settings)
+    assert sorted(recipients(smtp.recorder)) == [f"held{n}@example.com" for n in range(3)]
+    smtp.server.close()
+
+
 async def test_a_retrying_message_can_be_cancelled(
     make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -21,7 +21,15 @@ from sqlalchemy import BindParameter, bindparam, text
 from broker import COPY_HEADER, Names
 from config import Secret, Settings
 from messages import MailJob, legacy_job, new_job
-from store import SCHEMA_VERSION, RecipientResult, Store, StoreUnavailable, now_utc
+from store import (
+    HANDED_BACK,
+    SCHEMA_VERSION,
+    MessageRecord,
+    RecipientResult,
+    Store,
+    StoreUnavailable,
+    now_utc,
+)
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
@@ -223,47 +231,53 @@ async def test_a_handed_back_claim_is_undone_only_by_its_holder(
 ) -> None:
     """A worker stopping hands back the claims of messages it had not begun to send: the
     record's status is as before the claim, it has no owner, the history says so, the
-    message can be cancelled again; an attempt that no longer holds the record changes
-    nothing."""
+    message can be cancelled again, and the claim is not an unfinished attempt; an
+    attempt that no longer holds the record changes nothing."""
     settings = make_settings(database_url=database_url)
     store = await Store.open(settings)
     job = legacy_job("back@example.com")
+
+    async def record_of() -> MessageRecord:
+        record = await store.get(job.id)
+        assert record is not None
+        return record
+
     try:
         first = await store.claim(job, "worker-a", 0, lease=30)
         assert first.attempt is not None
         assert await store.hand_back(first.attempt)
         assert not await store.hand_back(first.attempt)  # no longer held: nothing
-        record = await store.get(job.id)
-        assert record is not None
+        record = await record_of()
         # queued again, its attempt still counted (so never "untouched": the next claim
         # reads the record, and keeps its history).
         assert (record.status, record.attempts, record.owner) == ("queued", 1, None)
         assert record.lease_until is None and record.unfinished_attempts() == 0
         assert [h["status"] for h in record.history] == ["queued", "sending", "queued"]
-        assert "handed back unsent" in record.history[-1]["detail"]
+        assert record.history[-1]["detail"] == HANDED_BACK
+        # Handed back again before any send: still queued, not retrying.
         again = await store.claim(job, "worker-b", 0, lease=30)
         assert again.kind == "claimed" and again.attempt is not None
         assert again.attempt.number == 2
-        assert await store.finish(again.attempt, "retrying", error="451 later")
-        record = await store.get(job.id)
-        assert record is not None
-        assert [h["status"] for h in record.history] == [
-            "queued",
-            "sending",
-            "queued",
-            "sending",
-            "retrying",
+        assert await store.hand_back(again.attempt)
+        assert (await record_of()).status == "queued"
+        third = await store.claim(job, "worker-b", 0, lease=30)
+        assert third.attempt is not None and third.attempt.number == 3
+        assert await store.finish(third.attempt, "retrying", error="451 later")
+        assert [h["status"] for h in (await record_of()).history] == [
+            *("queued", "sending", "queued", "sending", "queued"),
+            *("sending", "retrying"),
         ]
-        second = await store.claim(job, "worker-b", 1, lease=30)
-        assert second.attempt is not None and second.attempt.number == 3
-        # A claim taken over by another worker is not undone by the one that lost it.
+        # worker-b claims the retry and dies; worker-c takes it over, then stops before
+        # its send: the record is retrying, and b's attempt still counts as unfinished.
+        fourth = await store.claim(job, "worker-b", 1, lease=30)
+        assert fourth.attempt is not None and fourth.attempt.number == 4
         taken = await store.claim(job, "worker-c", 1, 30, owner_alive=lambda owner: False)
         assert taken.attempt is not None
-        assert not await store.hand_back(second.attempt)
+        assert not await store.hand_back(fourth.attempt)  # not b's to undo any more
         assert await store.hand_back(taken.attempt)
-        record = await store.get(job.id)
-        assert record is not None
-        assert (record.status, record.attempts, record.owner) == ("retrying", 4, None)
+        record = await record_of()
+        assert (record.status, record.attempts, record.owner) == ("retrying", 5, None)
+        assert record.unfinished_attempts() == 1
         outcome, cancelled = await store.cancel(job.id)
         assert outcome == "cancelled" and cancelled is not None
         assert cancelled.status == "cancelled"

@@ -322,7 +322,7 @@ async def test_sigterm_returns_messages_waiting_for_a_connection_unsent(
     assert code == 0, out
     assert len(smtp.recorder.received) == 1
     assert "stopping; 5 message(s) in flight" in out
-    assert out.count("stopping before its send; back to the queue") == 4
+    assert out.count("stopping before its send; claim handed back, to the queue") == 4
     assert await queue_depth(Names.for_prefix(prefix).send_queue) == 4
     async with running_app(settings) as (app, client):
         await wait_ready(app)

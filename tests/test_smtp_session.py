@@ -384,3 +384,49 @@ async def test_the_transaction_falls_back_to_helo_like_aiosmtplib() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_turn_waited_for_until_a_stop_is_never_lost(
+    make_settings: Callable[..., Settings], smtp: SmtpServer
+) -> None:
+    """``Turn.acquire(unless=stop)``: the stop ends the wait with nothing held, also when
+    the turn is granted at the same moment, and a waiter cancelled just after its grant
+    gives it back; the pool's one turn is never lost."""
+    pool = SmtpPool(make_settings(**smtp.settings_overrides(None, login=False)), 1)
+    holder = pool.turn()
+    assert await holder.acquire()
+
+    async def free_turn_is_taken_at_once() -> None:
+        turn = pool.turn()
+        assert await asyncio.wait_for(turn.acquire(unless=asyncio.Event()), 1)
+        turn.release()
+
+    # A stop while waiting.
+    stop = asyncio.Event()
+    waiter = asyncio.create_task(pool.turn().acquire(unless=stop))
+    await asyncio.sleep(0)
+    stop.set()
+    assert await asyncio.wait_for(waiter, 5) is False
+    assert pool.turns_in_use == 1
+    # Granted and stopped in the same moment: not taken.
+    stop = asyncio.Event()
+    waiter = asyncio.create_task(pool.turn().acquire(unless=stop))
+    await asyncio.sleep(0)
+    holder.release()
+    stop.set()
+    assert await asyncio.wait_for(waiter, 5) is False
+    assert pool.turns_in_use == 0
+    await free_turn_is_taken_at_once()
+    # Cancelled after the grant, before it ran again: the grant goes back.
+    assert await holder.acquire()
+    waiter = asyncio.create_task(pool.turn().acquire(unless=asyncio.Event()))
+    await asyncio.sleep(0)
+    holder.release()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pool.turns_in_use == 0
+    await free_turn_is_taken_at_once()
+    # Already stopped: nothing is waited for.
+    stop.set()
+    assert await pool.turn().acquire(unless=stop) is False
