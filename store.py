@@ -455,6 +455,7 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 READ_CONNECTIONS = 3  # SQLite: read connections (and reader threads) per process
+LINGER_BELOW = 16  # a lingering writer (Store.open's linger) waits only for fewer writes
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
 SEED_CACHE_KIB = 262144  # page cache of a connection that seeds (Store.insert_file)
 WAL_AUTOCHECKPOINT = 1000  # SQLite's default: pages in the WAL that make a commit checkpoint
@@ -479,7 +480,10 @@ class Store:
     time, so only that caller sees the error (when the transaction failed as a whole,
     :class:`_BatchNotWritten`, every caller gets the error at once). What arrives while a
     batch runs makes up the next one: the busier the process, the bigger the batches and
-    the fewer commits per mail.
+    the fewer commits per mail. The worker's writer also lingers (``linger``, a few
+    milliseconds) before a batch of fewer than ``LINGER_BELOW`` writes, so that its claims
+    and outcomes, which nobody outside waits for, go in fewer and bigger commits; the
+    server's does not (a client waits for each of its writes).
     On PostgreSQL the new records of a batch (:class:`_NewRecord`) go first, in one
     statement, then its usual claims and outcomes (:class:`_FastUnit`), one statement per
     shape: the units of a batch come from callers running concurrently, so no order among
@@ -492,10 +496,13 @@ class Store:
         postgres: AsyncEngine | None = None,
         sqlite: tuple[Engine, Engine] | None = None,
         lock_path: Path | None = None,
+        linger: float = 0.0,
     ) -> None:
         """``postgres``: the engine of every read and write; else ``sqlite``: the engine
-        of the reader threads and that of the writer thread."""
+        of the reader threads and that of the writer thread. ``linger``: seconds the
+        writer waits for more writes before it writes a small batch."""
         self.url = url  # as engine_url() gives it
+        self._linger = linger
         self._postgres = postgres
         self._sqlite_reader: Engine | None = sqlite[0] if sqlite else None
         self._sqlite_writer: Engine | None = sqlite[1] if sqlite else None
@@ -535,6 +542,8 @@ class Store:
     async def _flush_forever(self) -> None:
         while True:
             await self._wake.wait()
+            if self._linger and len(self._queue) < LINGER_BELOW:
+                await asyncio.sleep(self._linger)  # more writes join this batch meanwhile
             self._wake.clear()
             batch, self._queue = self._queue, []
             if batch:
@@ -659,7 +668,7 @@ class Store:
         return await self._file_watch.wait_lost()
 
     @classmethod
-    async def open(cls, settings: Settings) -> Store:
+    async def open(cls, settings: Settings, linger: float = 0.0) -> Store:
         url = engine_url(settings.database_url.get())
         is_sqlite = url.startswith("sqlite")
         path = make_url(url).database if is_sqlite else None
@@ -684,7 +693,7 @@ class Store:
             writer = create_engine(plain, poolclass=SingletonThreadPool, pool_size=1)
             event.listen(writer, "connect", _sqlite_connect_writer)
             event.listen(writer, "begin", _sqlite_begin_writer)
-            store = cls(url, sqlite=(reader, writer), lock_path=lock_path)
+            store = cls(url, sqlite=(reader, writer), lock_path=lock_path, linger=linger)
         else:
             from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -695,7 +704,7 @@ class Store:
                 # Bounded waits: connecting, and every statement (asyncpg has no limit).
                 connect_args={"timeout": settings.connect_timeout, "command_timeout": 30},
             )
-            store = cls(url, postgres=engine)
+            store = cls(url, postgres=engine, linger=linger)
         try:
             await store._migrate()
         except _DB_ERRORS as exc:

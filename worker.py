@@ -70,6 +70,7 @@ DEAD_LETTERED = frozenset({"failed", "partial"})
 JITTER = 0.1
 CONFIG_FAULT_MAX_WAIT = 600.0  # seconds: the longest retry tier used for settings faults
 LEASE_POLL = 0.5  # seconds between looks at a record whose attempt another worker holds
+WRITE_LINGER = 0.005  # seconds its writer waits for more claims and outcomes (Store.open)
 
 
 class Worker:
@@ -142,7 +143,7 @@ class Worker:
                 "set SMTP_HELO_NAME to this host's fully qualified name",
                 helo_name,
             )
-        self.store = await Store.open(self.settings)
+        self.store = await Store.open(self.settings, linger=WRITE_LINGER)
         if self.endpoint is not None:
             await self.endpoint.start()
         await self.broker.start()

@@ -814,3 +814,35 @@ async def test_schema_1_database_is_upgraded(
         assert version == SCHEMA_VERSION
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.5], ids=["server", "worker"])
+async def test_a_lingering_writer_takes_the_writes_that_come_meanwhile(
+    database_url: Secret,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+    linger: float,
+) -> None:
+    """The worker's writer (Store.open's ``linger``) waits a little before a small batch,
+    so a write that comes meanwhile is in the same transaction (seen by a failing one:
+    the batch is rolled back and its writes run one at a time); the server's writer takes
+    a write at once, alone."""
+    store = await Store.open(make_settings(database_url=database_url), linger=linger)
+    caplog.set_level(logging.WARNING, logger="store")
+
+    def fine(conn: Any) -> int:
+        return 1
+
+    def broken(conn: Any) -> int:
+        raise ValueError("a unit that fails")
+
+    try:
+        first = asyncio.create_task(store.write(fine))
+        await asyncio.sleep(0.02)
+        with pytest.raises(ValueError, match="a unit that fails"):
+            await store.write(broken)
+        assert await first == 1
+    finally:
+        await store.close()
+    together = [r for r in caplog.records if "a batch of 2 writes failed" in r.getMessage()]
+    assert len(together) == (1 if linger else 0)
