@@ -247,8 +247,10 @@ class RecipientResult:
     message: str | None = None
 
 
-# The history entry of a claim handed back unsent (Store.hand_back).
+# The history entry of a claim handed back unsent (Store.hand_back), and how the note of
+# an outcome that came too late to apply (Store.finish) begins.
 HANDED_BACK = "handed back unsent: the worker stopped before it had a connection"
+LATE_OUTCOME = "late outcome of attempt"
 
 
 @dataclass
@@ -296,7 +298,16 @@ class MessageRecord:
         ``queued``)."""
         entries = self.history
         claimed = max((n for n, e in enumerate(entries) if e.get("status") == "sending"), default=0)
-        before = entries[claimed - 1].get("status") if claimed > 0 else None
+        # The status the claim found: the entry before it that is not a note of another
+        # attempt's late outcome (those carry that outcome, not the record's status).
+        before = next(
+            (
+                e.get("status")
+                for e in reversed(entries[:claimed])
+                if not str(e.get("detail", "")).startswith(LATE_OUTCOME)
+            ),
+            None,
+        )
         if before in ("queued", "retrying"):
             return str(before)
         if before == "scheduled":
@@ -1359,7 +1370,7 @@ class Store:
             if record is None:
                 raise StoreUnavailable(f"no record for message {attempt.message_id}")
             if not _holds(record, attempt):
-                note = f"late outcome of attempt {attempt.number}, not applied"
+                note = f"{LATE_OUTCOME} {attempt.number}, not applied"
                 if error:
                     note += f": {error[:200]}"
                 self._append_history(conn, record, status, note)

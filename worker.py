@@ -450,15 +450,16 @@ class Worker:
             return None
         started = time.perf_counter()
         try:
-            return await self.pool.send(job, recipients, turn)
+            try:
+                return await self.pool.send(job, recipients, turn)
+            finally:
+                metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
         except SmtpConfigError as exc:
             await self._config_fault(message, attempt, exc)
         except PermanentDeliveryError as exc:
             await self._fail(message, attempt, exc.reason, exc.code, {})
         except DeliveryError as exc:
             await self._retry_or_fail(message, attempt, exc.reason, exc.code, {})
-        finally:
-            metrics.SMTP_SECONDS.observe(time.perf_counter() - started)
         return None
 
     async def _hand_back(self, message: AbstractIncomingMessage, attempt: Attempt) -> None:

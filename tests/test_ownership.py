@@ -278,6 +278,14 @@ async def test_a_handed_back_claim_is_undone_only_by_its_holder(
         record = await record_of()
         assert (record.status, record.attempts, record.owner) == ("retrying", 5, None)
         assert record.unfinished_attempts() == 1
+        # b's late outcome, noted (as "sent") after the record went back to retrying:
+        # a claim handed back after it still finds the record retrying.
+        assert not await store.finish(fourth.attempt, "sent")
+        assert (await record_of()).history[-1]["status"] == "sent"
+        fifth = await store.claim(job, "worker-c", 1, lease=30)
+        assert fifth.attempt is not None
+        assert await store.hand_back(fifth.attempt)
+        assert (await record_of()).status == "retrying"
         outcome, cancelled = await store.cancel(job.id)
         assert outcome == "cancelled" and cancelled is not None
         assert cancelled.status == "cancelled"
