@@ -519,6 +519,7 @@ class Store:
         self._sqlite_writer: Engine | None = sqlite[1] if sqlite else None
         self._thread = self._readers = None
         self._closed = False  # set by close: reads refused from then on
+        self._closing = False  # set as close begins: new writes refused
         if sqlite is not None:
             self._thread = ThreadPoolExecutor(1, "mailroom-writer")
             self._readers = ThreadPoolExecutor(READ_CONNECTIONS, "mailroom-reader")
@@ -533,6 +534,9 @@ class Store:
 
     async def _write(self, unit: Unit) -> Any:
         """Run ``unit(conn)`` in the next write transaction; its result after the commit."""
+        if self._closing and unit is not _nothing:
+            # Nothing would write it: the writer stops after the writes already queued.
+            raise StoreUnavailable("the database is closed: this process is stopping")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((unit, future))
         if self._flusher is None:
@@ -755,6 +759,7 @@ class Store:
         await self._read(vacuum_into)
 
     async def close(self) -> None:
+        self._closing = True
         if self._flusher is not None:
             # Writes are flushed in order: once this one is done, all before it are too.
             with contextlib.suppress(StoreUnavailable, *_DB_ERRORS):

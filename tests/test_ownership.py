@@ -854,3 +854,28 @@ async def test_a_lingering_writer_takes_the_writes_that_come_meanwhile(
         await store.close()
     together = [r for r in caplog.records if "a batch of 2 writes failed" in r.getMessage()]
     assert len(together) == (1 if linger else 0)
+
+
+async def test_a_write_once_the_store_is_closing_is_refused_at_once(
+    database_url: Secret, make_settings: Callable[..., Settings]
+) -> None:
+    """Writes queued before ``close()`` are written; one that comes once it has begun is
+    refused (StoreUnavailable) at once, never queued for a writer that is stopping (its
+    caller would wait forever)."""
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings, linger=0.05)
+    job = legacy_job("closing@example.com")
+    first = asyncio.create_task(store.insert_queued(job))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await asyncio.wait_for(store.claim(job, "worker-a", 0, lease=30), 5)
+    await asyncio.wait_for(closing, 10)
+    await asyncio.wait_for(first, 1)
+    store = await Store.open(settings)
+    try:
+        record = await store.get(job.id)
+        assert record is not None and record.status == "queued"
+    finally:
+        await store.close()
