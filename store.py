@@ -11,8 +11,9 @@ The schema is created or upgraded when a process opens it.
 A record's ``status`` moves
 ``queued -> sending -> (retrying -> sending)* -> sent | partial | failed``
 (a message with ``send_at`` starts ``scheduled``; ``queued``, ``scheduled`` and
-``retrying`` may become ``cancelled``, final too) and every transition is appended to its
-``history`` with a UTC time stamp.
+``retrying`` may become ``cancelled``, final too; a ``sending`` whose worker stopped
+before it had a connection goes back, :meth:`Store.hand_back`) and every transition is
+appended to its ``history`` with a UTC time stamp.
 
 Every list is read from an index in the order it answers (:func:`list_statement`): the
 records' own by ``(status, created_at, id)`` and ``(created_at, id)``, or, by recipient,
