@@ -466,6 +466,7 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN")  # a reader: WAL never makes it wait
 
 
+_CLOSED = "the database is closed: this process is stopping"  # reads and writes refused
 READ_CONNECTIONS = 3  # SQLite: read connections (and reader threads) per process
 LINGER_BELOW = 16  # a lingering writer (Store.open's linger) waits only for fewer writes
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
@@ -537,7 +538,7 @@ class Store:
         """Run ``unit(conn)`` in the next write transaction; its result after the commit."""
         if self._closing and unit is not _nothing:
             # Nothing would write it: the writer stops after the writes already queued.
-            raise StoreUnavailable("the database is closed: this process is stopping")
+            raise StoreUnavailable(_CLOSED)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((unit, future))
         if self._flusher is None:
@@ -621,7 +622,7 @@ class Store:
 
     def _refuse_if_closed(self) -> None:
         if self._closed:
-            raise StoreUnavailable("the database is closed: this process is stopping")
+            raise StoreUnavailable(_CLOSED)
 
     async def _transaction(self, units: list[Unit], wait: float | None = None) -> list[Any]:
         """One write transaction running ``units`` in order; their results. ``wait``:
