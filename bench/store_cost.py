@@ -3,10 +3,13 @@ against PostgreSQL, in one process, without RabbitMQ or SMTP.
 
     .venv/bin/python bench/store_cost.py            # 3000 mails, 64 at a time
 
-It creates the records the way the server does (Store.insert_queued, not timed), then
-times the claim and the outcome of each, ``--concurrency`` mails at once, and prints
-mails/s and the process's CPU time per mail (all threads: SQLite's writer thread
-included). PostgreSQL: a database of its own on ``--pg`` (created, then dropped).
+It creates the records the way the server does (Store.insert_queued, 100 at a time as
+the batch endpoint does), then times the claim and the outcome of each,
+``--concurrency`` mails at once, and prints mails/s and the process's CPU time per mail
+(all threads: SQLite's writer thread included). On SQLite it also prints how long the
+writes hold Mailroom's file lock, per new record and per claim + outcome: the time the
+other process's writes wait for them. PostgreSQL: a database of its own on ``--pg``
+(created, then dropped).
 """
 
 from __future__ import annotations
@@ -24,16 +27,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg
 
 from config import Secret, Settings
+from filelock import FileLock
 from messages import MailJob, new_job
 from store import RecipientResult, Store
 
 
+class HoldTimer:
+    """Mailroom's file lock, timing how long it is held."""
+
+    def __init__(self, lock: FileLock) -> None:
+        self.lock, self.held, self._since = lock, 0.0, 0.0
+
+    def acquire(self, timeout: float) -> bool:
+        taken = self.lock.acquire(timeout)
+        self._since = time.perf_counter()
+        return taken
+
+    def release(self) -> None:
+        self.held += time.perf_counter() - self._since
+        self.lock.release()
+
+    def close(self) -> None:
+        self.lock.close()
+
+    def take(self) -> float:
+        held, self.held = self.held, 0.0
+        return held
+
+
 async def measure(url: str, count: int, concurrency: int) -> str:
     store = await Store.open(Settings(database_url=Secret(url)))
+    timer = None
+    if store._lock is not None:  # SQLite
+        timer = store._lock = HoldTimer(store._lock)  # type: ignore[assignment]
+    inserted = ""
     try:
         jobs = [new_job(to=f"u{n}@seed.invalid", subject="s", text="t") for n in range(count)]
-        for start in range(0, count, 200):
-            await asyncio.gather(*(store.insert_queued(j) for j in jobs[start : start + 200]))
+        for start in range(0, count, 100):
+            await asyncio.gather(*(store.insert_queued(j) for j in jobs[start : start + 100]))
+        if timer is not None:
+            inserted = f"; the lock held {1e6 * timer.take() / count:.1f} us per new record"
         limit = asyncio.Semaphore(concurrency)
 
         async def one(job: MailJob) -> None:
@@ -48,9 +81,11 @@ async def measure(url: str, count: int, concurrency: int) -> str:
         wall, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(one(job) for job in jobs))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if timer is not None:
+            inserted += f", {1e6 * timer.take() / count:.1f} us per claim + outcome"
     finally:
         await store.close()
-    return f"{count / wall:.0f} mails/s, {1000 * cpu / count:.3f} ms of CPU per mail"
+    return f"{count / wall:.0f} mails/s, {1000 * cpu / count:.3f} ms of CPU per mail{inserted}"
 
 
 async def main() -> None:

@@ -18,6 +18,7 @@ import pytest
 from aiosmtpd.smtp import Envelope
 from sqlalchemy import BindParameter, bindparam, text
 
+import store as store_module
 from broker import COPY_HEADER, Names
 from config import Secret, Settings
 from messages import MailJob, legacy_job, new_job
@@ -854,6 +855,44 @@ async def test_a_lingering_writer_takes_the_writes_that_come_meanwhile(
         await store.close()
     together = [r for r in caplog.records if "a batch of 2 writes failed" in r.getMessage()]
     assert len(together) == (1 if linger else 0)
+
+
+async def test_sqlite_rows_are_built_before_the_file_lock_is_taken(
+    tmp_path: Path, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-mail writes (a new record, a claim, an outcome) build their rows (JSON,
+    times, history) in the writer thread before it takes Mailroom's file lock: the other
+    process's writes wait only for the statements and the commit."""
+    url = Secret(f"sqlite:///{tmp_path}/mailroom.db")
+    store = await Store.open(make_settings(database_url=url))
+    lock = store._lock
+    assert lock is not None
+    held: list[tuple[str, bool]] = []
+
+    def spying(name: str) -> Callable[..., Any]:
+        real = getattr(store_module, name)
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            held.append((name, lock._held is not None))
+            return real(*args, **kwargs)
+
+        return spy
+
+    for name in ("_queued_row", "_transition_of", "_sqlite_update", "_sqlite_insert_sql"):
+        monkeypatch.setattr(store_module, name, spying(name))
+    job = new_job(to="locked@example.com", subject="s", text="t")
+    try:
+        await store.insert_queued(job)
+        claim = await store.claim(job, "worker-a", 0, lease=30)
+        assert claim.attempt is not None
+        assert await store.finish(claim.attempt, "sent", {job.to[0]: RecipientResult("sent")})
+        record = await store.get(job.id)
+    finally:
+        await store.close()
+    assert record is not None and record.status == "sent" and record.attempts == 1
+    built = {name for name, _ in held}
+    assert built == {"_queued_row", "_transition_of", "_sqlite_update", "_sqlite_insert_sql"}
+    assert [entry for entry in held if entry[1]] == []
 
 
 async def test_a_write_once_the_store_is_closing_is_refused_at_once(
