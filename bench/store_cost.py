@@ -8,8 +8,10 @@ the batch endpoint does), then times the claim and the outcome of each,
 ``--concurrency`` mails at once, and prints mails/s and the process's CPU time per mail
 (all threads: SQLite's writer thread included). On SQLite it also prints how long the
 writes hold Mailroom's file lock, per new record and per claim + outcome: the time the
-other process's writes wait for them. PostgreSQL: a database of its own on ``--pg``
-(created, then dropped).
+other process's writes wait for them; ``--busy`` keeps the event loop busy half the
+time meanwhile (1 ms of work, then 1 ms idle, as a server answering requests does), so
+that the writer thread waits for the GIL as it does in a busy process. PostgreSQL: a
+database of its own on ``--pg`` (created, then dropped).
 """
 
 from __future__ import annotations
@@ -55,7 +57,27 @@ class HoldTimer:
         return held
 
 
-async def measure(url: str, count: int, concurrency: int) -> str:
+async def keep_busy(stop: asyncio.Event) -> None:
+    """Half the event loop's time: 1 ms of work, then 1 ms idle."""
+    while not stop.is_set():
+        until = time.perf_counter() + 0.001
+        while time.perf_counter() < until:
+            pass
+        await asyncio.sleep(0.001)
+
+
+async def measure(url: str, count: int, concurrency: int, busy: bool = False) -> str:
+    stop = asyncio.Event()
+    busy_loop = asyncio.create_task(keep_busy(stop)) if busy else None
+    try:
+        return await measure_writes(url, count, concurrency)
+    finally:
+        stop.set()
+        if busy_loop is not None:
+            await busy_loop
+
+
+async def measure_writes(url: str, count: int, concurrency: int) -> str:
     store = await Store.open(Settings(database_url=Secret(url)))
     timer = None
     if store._lock is not None:  # SQLite
@@ -93,13 +115,15 @@ async def main() -> None:
     parser.add_argument("-n", "--count", type=int, default=3000)
     parser.add_argument("-c", "--concurrency", type=int, default=64)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--busy", action="store_true", help="keep the event loop half busy")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        sqlite = await measure(f"sqlite:///{tmp}/store-cost.db", args.count, args.concurrency)
+        url = f"sqlite:///{tmp}/store-cost.db"
+        sqlite = await measure(url, args.count, args.concurrency, args.busy)
     print(f"SQLite:     {sqlite}")
     name = f"store_cost_{uuid.uuid4().hex[:10]}"
     try:
-        pg = await measure(f"{args.pg}/{name}", args.count, args.concurrency)
+        pg = await measure(f"{args.pg}/{name}", args.count, args.concurrency, args.busy)
     finally:
         admin = await asyncpg.connect(f"{args.pg}/postgres")
         try:
