@@ -2335,6 +2335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(c < 1 for c in load_cc) or args.batch_concurrency < 1 or args.batch_size < 0:
         log.error("concurrencies must be at least 1, --batch-size at least 0")
         return 2
+    if len(set(sweep)) < len(sweep):
+        # Each value's batches are named by the value: a repeated one would count the
+        # first's mails again (as duplicates) and report its figures twice.
+        log.error("--sweep: each value once (--sweep-repeat repeats them)")
+        return 2
     if not modes or any(m not in MODES for m in modes):
         log.error("--modes: a comma-separated list from %s", ", ".join(MODES))
         return 2
