@@ -470,6 +470,7 @@ _CLOSED = "the database is closed: this process is stopping"  # reads and writes
 READ_CONNECTIONS = 3  # SQLite: read connections (and reader threads) per process
 LINGER_BELOW = 16  # a lingering writer (Store.open's linger) waits only for fewer writes
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
+READY_FOR = 0.1  # seconds of waiting for the file lock after which units are made again
 SEED_CACHE_KIB = 262144  # page cache of a connection that seeds (Store.insert_file)
 WAL_AUTOCHECKPOINT = 1000  # SQLite's default: pages in the WAL that make a commit checkpoint
 MIGRATION_WAIT = 600.0  # seconds a process may wait for another's schema upgrade
@@ -488,8 +489,8 @@ class Store:
     task per process takes everything queued and runs it as one transaction: for SQLite in
     a single hop to a thread of its own that holds the process's only write connection
     (the file lock, SQLite's lock and the commit wait there, never on the event loop; the
-    per-mail units build their rows before it takes the file lock, so that the lock is
-    held for the statements and the commit alone);
+    per-mail units build their rows before it takes the file lock, so that they hold it
+    for their statements alone);
     for PostgreSQL on one pooled asyncpg connection. After the commit every caller gets its
     result; when a unit fails, the batch is rolled back and its units run again one at a
     time, so only that caller sees the error (when the transaction failed as a whole,
@@ -647,12 +648,18 @@ class Store:
         assert self._sqlite_writer is not None
         lock = self._lock
         wait = LOCK_WAIT if wait is None else wait
-        units = _ready_units(units, self._sqlite_writer.dialect)
+        dialect = self._sqlite_writer.dialect
+        ready = _ready_units(units, dialect)
+        asked = time.monotonic()
         if lock is not None and not lock.acquire(wait):
             raise _BatchNotWritten(f"another process has held {lock.path} for over {wait:g}s")
+        if time.monotonic() - asked > READY_FOR:
+            # A claim's lease and the record's times were counted from before that wait:
+            # counted again, or a lease could be short (or over) when it is written.
+            ready = _ready_units(units, dialect)
         try:
             with self._sqlite_writer.begin() as conn:
-                results = _run_units(conn, units)
+                results = _run_units(conn, ready)
                 if self._file_watch is not None:
                     try:
                         problem = self._file_watch.files.problem()
@@ -1619,6 +1626,7 @@ def _sqlite_update(
 
 
 def _driver(conn: Connection) -> sqlite3.Connection:
+    """The ``sqlite3`` connection under the writer's SQLAlchemy connection."""
     driver = conn.connection.driver_connection
     assert isinstance(driver, sqlite3.Connection)
     return driver
@@ -1971,7 +1979,7 @@ class _FastUnit:
         changes, result = self.prepare()
         sql, args = _sqlite_update(self.kind, self.message_id, changes, self.condition, convert)
 
-        def update(conn: Connection) -> Any:
+        def update(conn: Connection) -> Any:  # :meth:`apply`, its UPDATE prepared
             if _driver(conn).execute(sql, args).rowcount == 1:
                 return result
             return self.slow(conn)
@@ -1984,8 +1992,11 @@ def _ready_units(units: list[Unit], dialect: Any) -> list[Unit]:
     (:class:`_NewRecord`, :class:`_FastUnit`) with their Python work done (rows built,
     JSON and times converted), so that what runs while the lock is held, keeping the other
     process's writes waiting, is the driver's statements and the commit
-    (bench/store_cost.py: a new record holds the lock about 17 us instead of 52, a claim
-    and its outcome about 30 instead of 80-110)."""
+    (bench/store_cost.py: a new record holds the lock 16-19 us instead of 51-53, a claim
+    and its outcome 25-41 us instead of 81-113; with ``--busy``, 53 us instead of 95-109
+    and 87-108 us instead of 194-197). After a wait for the lock longer than READY_FOR
+    they are made again (:meth:`Store._sqlite_transaction`): their times, a claim's
+    lease among them, count from the write."""
     convert = _bind_converters(dialect)
     return [
         unit.ready(convert) if isinstance(unit, (_NewRecord, _FastUnit)) else unit for unit in units

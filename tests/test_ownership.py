@@ -21,6 +21,7 @@ from sqlalchemy import BindParameter, bindparam, text
 import store as store_module
 from broker import COPY_HEADER, Names
 from config import Secret, Settings
+from filelock import FileLock
 from messages import MailJob, legacy_job, new_job
 from store import (
     HANDED_BACK,
@@ -880,6 +881,7 @@ async def test_sqlite_rows_are_built_before_the_file_lock_is_taken(
 
     for name in ("_queued_row", "_transition_of", "_sqlite_update", "_sqlite_insert_sql"):
         monkeypatch.setattr(store_module, name, spying(name))
+    monkeypatch.setattr(store_module, "_driver", spying("_driver"))  # the statements
     job = new_job(to="locked@example.com", subject="s", text="t")
     try:
         await store.insert_queued(job)
@@ -890,9 +892,40 @@ async def test_sqlite_rows_are_built_before_the_file_lock_is_taken(
     finally:
         await store.close()
     assert record is not None and record.status == "sent" and record.attempts == 1
-    built = {name for name, _ in held}
+    built = {name for name, _ in held if name != "_driver"}
     assert built == {"_queued_row", "_transition_of", "_sqlite_update", "_sqlite_insert_sql"}
-    assert [entry for entry in held if entry[1]] == []
+    assert [entry for entry in held if entry[1] != (entry[0] == "_driver")] == []
+    assert ("_driver", True) in held  # the statements themselves: under the lock
+
+
+async def test_a_claim_that_waited_for_the_file_lock_gets_its_whole_lease(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """A claim's row is built before the writer takes the file lock; when another process
+    held the lock meanwhile (here for 1.5 s), it is built again after the wait, so its
+    lease counts from the write, not from before the wait."""
+    url = Secret(f"sqlite:///{tmp_path}/mailroom.db")
+    store = await Store.open(make_settings(database_url=url))
+    assert store._lock is not None
+    other = FileLock(store._lock.path)  # another process's hold on the same lock
+    job = new_job(to="waited@example.com", subject="s", text="t")
+    try:
+        await store.insert_queued(job)
+        assert other.acquire(1)
+        try:
+            claiming = asyncio.create_task(store.claim(job, "worker-a", 0, lease=3))
+            await asyncio.sleep(1.5)  # the other process's write, holding the lock
+            assert not claiming.done()
+        finally:
+            other.close()
+        claim = await asyncio.wait_for(claiming, 10)
+        written = now_utc()
+        record = await store.get(job.id)
+    finally:
+        await store.close()
+    assert claim.kind == "claimed" and record is not None
+    assert record.lease_until is not None
+    assert record.lease_until >= written + timedelta(seconds=3 - 0.75)
 
 
 async def test_a_write_once_the_store_is_closing_is_refused_at_once(
