@@ -2011,12 +2011,16 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     # that two units of the batch touch: only the first joins; the other runs after,
     # alone). A new record's insert changes nothing where the record exists, whoever made
     # it, so it may go before the batch's other units.
+    # Records are inserted in id order, here and by the units that run one by one below
+    # (a worker's claim inserts the record it got before the server's insert committed):
+    # two transactions inserting the same records then never each wait for a row the
+    # other inserted (a deadlock: PostgreSQL aborts one after deadlock_timeout, a second).
     new: dict[str, MailJob] = {}
     for unit in units:
         if isinstance(unit, _NewRecord):
             new.setdefault(unit.job.id, unit.job)  # the first, as one at a time
     if len(new) > 1:
-        _insert_together(conn, list(new.values()))
+        _insert_together(conn, [new[message_id] for message_id in sorted(new)])
         units = [_nothing if isinstance(unit, _NewRecord) else unit for unit in units]
     groups: dict[tuple[Any, ...], list[tuple[_FastUnit, dict[str, Any], Any]]] = {}
     prepared: dict[int, tuple[_FastUnit, dict[str, Any], Any]] = {}
@@ -2042,16 +2046,28 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
         )
         for fast, _, result in group:
             done[id(fast)] = (fast, fast.message_id in updated, result)
-    results = []
-    for unit in units:
+    results: list[Any] = [None] * len(units)
+    for index in sorted(range(len(units)), key=lambda i: (_record_id(units[i]), i)):
+        unit = units[index]
         if (entry := done.get(id(unit))) is not None:
             fast, applied, result = entry
-            results.append(result if applied else fast.slow(conn))
+            results[index] = result if applied else fast.slow(conn)
         elif (alone := prepared.get(id(unit))) is not None:
-            results.append(alone[0].apply(conn, alone[1], alone[2]))
+            results[index] = alone[0].apply(conn, alone[1], alone[2])
         else:
-            results.append(unit(conn))
+            results[index] = unit(conn)
     return results
+
+
+def _record_id(unit: Unit) -> str:
+    """The id of the record a per-mail unit writes ("" for any other unit): the order in
+    which :func:`_run_units` runs a PostgreSQL batch's units one by one (the units of a
+    batch come from callers running concurrently: any order is theirs)."""
+    if isinstance(unit, _FastUnit):
+        return unit.message_id
+    if isinstance(unit, _NewRecord):
+        return unit.job.id
+    return ""
 
 
 def _insert_together(conn: Connection, jobs: list[MailJob]) -> None:

@@ -9,11 +9,13 @@ import logging
 import os
 import random
 import signal
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiosmtpd.smtp import Envelope
 from sqlalchemy import BindParameter, bindparam, text
@@ -552,6 +554,69 @@ async def test_records_inserted_together_match_one_at_a_time(
             assert together == []  # SQLite: one statement per write, in its own thread
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_records_inserted_while_a_worker_claims_them_never_deadlock(
+    database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that gets messages before the server's insert of them has committed
+    inserts their records itself, in a batch of its own, while the server inserts the same
+    records in one statement. Both take the rows in id order, so neither waits for a row
+    that the other holds while waiting for one of its own. Here the server's statement
+    has inserted A and waits at X (held by a third transaction) before B; the worker's
+    batch claims B and A, its claims reaching it in that order. Taken in its own order,
+    the worker would insert B and wait for A: a deadlock once X is free, one transaction
+    aborted after deadlock_timeout (a second) and its writes written again one at a
+    time. In id order it waits at A holding nothing, and both batches commit."""
+    settings = make_settings(database_url=database_url)
+    server = await Store.open(settings)
+    worker = await Store.open(settings)
+    name = database_url.get().rsplit("/", 1)[1]
+    a, x, b = (
+        new_job(to=f"{n}@example.com", subject="s", text="t", job_id=f"{n}{uuid.uuid4().hex[1:]}")
+        for n in ("1", "5", "9")
+    )
+    model = legacy_job("model@example.com")
+    holder = await asyncpg.connect(database_url.get(), timeout=5)
+    caplog.set_level(logging.WARNING, logger="store")
+
+    async def until_waiting(count: int) -> None:  # backends of this database waiting on a lock
+        query = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
+        )
+        async with asyncio.timeout(10):
+            while await holder.fetchval(query, name) < count:
+                await asyncio.sleep(0.02)
+
+    try:
+        await server.insert_queued(model)
+        held = holder.transaction()  # inserts X and keeps it uncommitted meanwhile
+        await held.start()
+        await holder.execute(
+            "CREATE TEMP TABLE x ON COMMIT DROP AS SELECT * FROM mailroom_messages WHERE id = $1",
+            model.id,
+        )
+        await holder.execute("UPDATE x SET id = $1", x.id)
+        await holder.execute("INSERT INTO mailroom_messages SELECT * FROM x")
+        inserting = asyncio.gather(*(server.insert_queued(job) for job in (a, x, b)))
+        await until_waiting(1)  # the server's statement, at X
+        claiming = asyncio.gather(*(worker.claim(job, "w", 0, lease=30) for job in (b, a)))
+        await until_waiting(2)  # and the worker's batch
+        await held.rollback()
+        async with asyncio.timeout(20):
+            await inserting
+            claims = await claiming
+        assert [claim.kind for claim in claims] == ["claimed", "claimed"]
+        for job, status in ((a, "sending"), (x, "queued"), (b, "sending")):
+            record = await server.get(job.id)
+            assert record is not None and record.status == status
+        failed = [r.getMessage() for r in caplog.records if "writes failed" in r.getMessage()]
+        assert failed == []
+    finally:
+        await holder.close()
+        await server.close()
+        await worker.close()
 
 
 async def test_a_new_record_the_database_refuses_fails_alone(
