@@ -1326,7 +1326,7 @@ class Store:
                 if updated is not None:
                     return Claim("claimed", updated, Attempt(job.id, number, owner, updated))
 
-        unit: Unit = work
+        unit: Unit = _Claiming(job.id, work)
         # The usual case, one statement: the first attempt at a record that nothing
         # touched since it was written (so it is still what the job says it is).
         if (fresh := _queued_record(job)) is not None and copy >= fresh.copy:
@@ -1771,6 +1771,19 @@ class _NewRecord:
         return _sqlite_insert_new(self.job, convert)
 
 
+class _Claiming:
+    """A claim in general (:meth:`Store.claim`): it reads the record, inserts it when it
+    is missing, and updates it."""
+
+    __slots__ = ("message_id", "work")
+
+    def __init__(self, message_id: str, work: Unit) -> None:
+        self.message_id, self.work = message_id, work
+
+    def __call__(self, conn: Connection) -> Any:
+        return self.work(conn)
+
+
 _SQLITE_INSERT_LOOKUP = (
     "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES (?, ?, ?) "
     "ON CONFLICT DO NOTHING"
@@ -2011,10 +2024,13 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     # that two units of the batch touch: only the first joins; the other runs after,
     # alone). A new record's insert changes nothing where the record exists, whoever made
     # it, so it may go before the batch's other units.
-    # Records are inserted in id order, here and by the units that run one by one below
-    # (a worker's claim inserts the record it got before the server's insert committed):
-    # two transactions inserting the same records then never each wait for a row the
-    # other inserted (a deadlock: PostgreSQL aborts one after deadlock_timeout, a second).
+    # The order keeps a server and a worker from deadlocking (PostgreSQL would abort one
+    # after deadlock_timeout, a second): a worker's claim inserts the record it got before
+    # the server's insert committed, so both insert the same records; an insert waits for
+    # a transaction that inserted or updated the same record. Records are inserted in id
+    # order, by the server here and by the claims below; a batch's claims run before its
+    # other units, which only update rows that exist: once a worker's transaction has
+    # updated a row that the server's insert may wait for, it waits for nothing more.
     new: dict[str, MailJob] = {}
     for unit in units:
         if isinstance(unit, _NewRecord):
@@ -2033,37 +2049,54 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
             groups.setdefault(shape, []).append((unit, changes, result))
             prepared[id(unit)] = (unit, changes, result)
     done: dict[int, tuple[_FastUnit, bool, Any]] = {}
-    for group in groups.values():
-        if len(group) < 2:
-            continue  # alone: its own statement, in its place below
-        sql, arrays = _batched_update(group, _bind_converters(conn.dialect))
-        updated = set(conn.exec_driver_sql(sql, arrays).scalars())
-        log.debug(
-            "writer: %d %s updates in one statement, %d applied",
-            len(group),
-            group[0][0].kind,
-            len(updated),
-        )
-        for fast, _, result in group:
-            done[id(fast)] = (fast, fast.message_id in updated, result)
+
+    def update_together(claims: bool) -> None:
+        for group in groups.values():
+            if len(group) < 2 or _may_insert(group[0][0]) != claims:
+                continue  # alone: its own statement, in its place below
+            sql, arrays = _batched_update(group, _bind_converters(conn.dialect))
+            updated = set(conn.exec_driver_sql(sql, arrays).scalars())
+            log.debug(
+                "writer: %d %s updates in one statement, %d applied",
+                len(group),
+                group[0][0].kind,
+                len(updated),
+            )
+            for fast, _, result in group:
+                done[id(fast)] = (fast, fast.message_id in updated, result)
+
     results: list[Any] = [None] * len(units)
-    for index in sorted(range(len(units)), key=lambda i: (_record_id(units[i]), i)):
-        unit = units[index]
-        if (entry := done.get(id(unit))) is not None:
-            fast, applied, result = entry
-            results[index] = result if applied else fast.slow(conn)
-        elif (alone := prepared.get(id(unit))) is not None:
-            results[index] = alone[0].apply(conn, alone[1], alone[2])
-        else:
-            results[index] = unit(conn)
+
+    def one_by_one(indexes: list[int]) -> None:
+        for index in indexes:
+            unit = units[index]
+            if (entry := done.get(id(unit))) is not None:
+                fast, applied, result = entry
+                results[index] = result if applied else fast.slow(conn)
+            elif (alone := prepared.get(id(unit))) is not None:
+                results[index] = alone[0].apply(conn, alone[1], alone[2])
+            else:
+                results[index] = unit(conn)
+
+    # The claims first, in id order, then the rest (see above).
+    order = sorted(range(len(units)), key=lambda i: (_record_id(units[i]), i))
+    update_together(claims=True)
+    one_by_one([i for i in order if _may_insert(units[i])])
+    update_together(claims=False)
+    one_by_one([i for i in order if not _may_insert(units[i])])
     return results
+
+
+def _may_insert(unit: Unit) -> bool:
+    """Whether ``unit`` is a claim, which inserts the record when it is missing."""
+    return isinstance(unit, _Claiming) or (isinstance(unit, _FastUnit) and unit.kind == "untouched")
 
 
 def _record_id(unit: Unit) -> str:
     """The id of the record a per-mail unit writes ("" for any other unit): the order in
     which :func:`_run_units` runs a PostgreSQL batch's units one by one (the units of a
     batch come from callers running concurrently: any order is theirs)."""
-    if isinstance(unit, _FastUnit):
+    if isinstance(unit, (_FastUnit, _Claiming)):
         return unit.message_id
     if isinstance(unit, _NewRecord):
         return unit.job.id

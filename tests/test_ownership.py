@@ -556,6 +556,49 @@ async def test_records_inserted_together_match_one_at_a_time(
         await store.close()
 
 
+class RowHolder:
+    """A PostgreSQL transaction of the test's own that inserts a record (a copy of
+    ``model``'s with another id) and holds it uncommitted: whoever inserts that id waits."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.name = url, url.rsplit("/", 1)[1]
+
+    async def __aenter__(self) -> RowHolder:
+        self.conn = await asyncpg.connect(self.url, timeout=5)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.conn.close()
+
+    async def hold(self, model: str, message_id: str) -> Any:
+        held = self.conn.transaction()
+        await held.start()
+        await self.conn.execute(
+            "CREATE TEMP TABLE x ON COMMIT DROP AS SELECT * FROM mailroom_messages WHERE id = $1",
+            model,
+        )
+        await self.conn.execute("UPDATE x SET id = $1", message_id)
+        await self.conn.execute("INSERT INTO mailroom_messages SELECT * FROM x")
+        return held
+
+    async def until_waiting(self, count: int) -> None:
+        """Until ``count`` backends of this database wait on a lock."""
+        query = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
+        )
+        async with asyncio.timeout(10):
+            while await self.conn.fetchval(query, self.name) < count:
+                await asyncio.sleep(0.02)
+
+
+def ordered_jobs(*firsts: str) -> list[MailJob]:
+    """Jobs whose ids sort as ``firsts`` (their first characters) do."""
+    return [
+        new_job(to=f"{n}@example.com", subject="s", text="t", job_id=f"{n}{uuid.uuid4().hex[1:]}")
+        for n in firsts
+    ]
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_records_inserted_while_a_worker_claims_them_never_deadlock(
     database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
@@ -572,41 +615,21 @@ async def test_records_inserted_while_a_worker_claims_them_never_deadlock(
     settings = make_settings(database_url=database_url)
     server = await Store.open(settings)
     worker = await Store.open(settings)
-    name = database_url.get().rsplit("/", 1)[1]
-    a, x, b = (
-        new_job(to=f"{n}@example.com", subject="s", text="t", job_id=f"{n}{uuid.uuid4().hex[1:]}")
-        for n in ("1", "5", "9")
-    )
+    a, x, b = ordered_jobs("1", "5", "9")
     model = legacy_job("model@example.com")
-    holder = await asyncpg.connect(database_url.get(), timeout=5)
     caplog.set_level(logging.WARNING, logger="store")
-
-    async def until_waiting(count: int) -> None:  # backends of this database waiting on a lock
-        query = (
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
-        )
-        async with asyncio.timeout(10):
-            while await holder.fetchval(query, name) < count:
-                await asyncio.sleep(0.02)
-
     try:
-        await server.insert_queued(model)
-        held = holder.transaction()  # inserts X and keeps it uncommitted meanwhile
-        await held.start()
-        await holder.execute(
-            "CREATE TEMP TABLE x ON COMMIT DROP AS SELECT * FROM mailroom_messages WHERE id = $1",
-            model.id,
-        )
-        await holder.execute("UPDATE x SET id = $1", x.id)
-        await holder.execute("INSERT INTO mailroom_messages SELECT * FROM x")
-        inserting = asyncio.gather(*(server.insert_queued(job) for job in (a, x, b)))
-        await until_waiting(1)  # the server's statement, at X
-        claiming = asyncio.gather(*(worker.claim(job, "w", 0, lease=30) for job in (b, a)))
-        await until_waiting(2)  # and the worker's batch
-        await held.rollback()
-        async with asyncio.timeout(20):
-            await inserting
-            claims = await claiming
+        async with RowHolder(database_url.get()) as holder:
+            await server.insert_queued(model)
+            held = await holder.hold(model.id, x.id)
+            inserting = asyncio.gather(*(server.insert_queued(job) for job in (a, x, b)))
+            await holder.until_waiting(1)  # the server's statement, at X
+            claiming = asyncio.gather(*(worker.claim(job, "w", 0, lease=30) for job in (b, a)))
+            await holder.until_waiting(2)  # and the worker's batch
+            await held.rollback()
+            async with asyncio.timeout(20):
+                await inserting
+                claims = await claiming
         assert [claim.kind for claim in claims] == ["claimed", "claimed"]
         for job, status in ((a, "sending"), (x, "queued"), (b, "sending")):
             record = await server.get(job.id)
@@ -614,7 +637,58 @@ async def test_records_inserted_while_a_worker_claims_them_never_deadlock(
         failed = [r.getMessage() for r in caplog.records if "writes failed" in r.getMessage()]
         assert failed == []
     finally:
-        await holder.close()
+        await server.close()
+        await worker.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_worker_claims_before_it_records_outcomes_so_never_deadlocks(
+    database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's insert also waits for a worker's transaction that updates the record
+    (the worker made it first, claimed it, sent the mail, and now writes the outcome). A
+    worker's batch runs its claims, which may wait for the server's inserts, before its
+    outcomes. Here the server's statement has inserted A and waits at X (held by a third
+    transaction) before Q1; the worker's batch has the outcomes of Q1 and Q2 (written
+    together) and the claim of A. Outcomes first, it would update Q1 and Q2, then wait for
+    A: a deadlock once X is free (the server waits at Q1). Claims first, it waits at A
+    holding nothing, and both batches commit."""
+    settings = make_settings(database_url=database_url)
+    server = await Store.open(settings)
+    worker = await Store.open(settings)
+    a, x, q1, q2 = ordered_jobs("1", "5", "8", "9")
+    model = legacy_job("model@example.com")
+    caplog.set_level(logging.DEBUG, logger="store")
+    try:
+        async with RowHolder(database_url.get()) as holder:
+            await server.insert_queued(model)
+            attempts = []
+            for job in (q1, q2):  # the worker got these first: it made their records
+                claim = await worker.claim(job, "w", 0, lease=30)
+                assert claim.attempt is not None
+                attempts.append(claim.attempt)
+            held = await holder.hold(model.id, x.id)
+            inserting = asyncio.gather(*(server.insert_queued(job) for job in (a, x, q1)))
+            await holder.until_waiting(1)  # the server's statement, at X
+            writing = asyncio.gather(
+                *(worker.finish(attempt, "sent") for attempt in attempts),
+                worker.claim(a, "w", 0, lease=30),
+            )
+            await holder.until_waiting(2)  # and the worker's batch, at A
+            await held.rollback()
+            async with asyncio.timeout(20):
+                await inserting
+                results = await writing
+        assert results[:2] == [True, True]
+        claimed = results[2]
+        assert isinstance(claimed, store_module.Claim) and claimed.kind == "claimed"
+        for job, status in ((a, "sending"), (x, "queued"), (q1, "sent"), (q2, "sent")):
+            record = await server.get(job.id)
+            assert record is not None and record.status == status
+        messages = [r.getMessage() for r in caplog.records]
+        assert "writer: 2 held updates in one statement, 2 applied" in messages  # together
+        assert [m for m in messages if "writes failed" in m] == []
+    finally:
         await server.close()
         await worker.close()
 
