@@ -1343,7 +1343,7 @@ class Store:
                 changes, claimed = _transition_of(untouched, "sending", None, values)
                 return changes, Claim("claimed", claimed, Attempt(job.id, 1, owner, claimed))
 
-            unit = _FastUnit("untouched", job.id, None, first_claim, work)
+            unit = _FastUnit("untouched", job.id, None, first_claim, work, job)
         try:
             result: Claim = await self._write(unit)
         except _DB_ERRORS as exc:
@@ -1702,23 +1702,31 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
 
 
 def _sqlite_insert_new(
-    job: MailJob, convert: dict[str, Callable[[Any], Any] | None]
-) -> Callable[[Connection], None]:
+    job: MailJob,
+    convert: dict[str, Callable[[Any], Any] | None],
+    changes: dict[str, Any] | None = None,
+) -> Callable[[Connection], bool]:
     """:func:`_insert_queued` on SQLite, its values converted now: what is left to run
-    is the driver's two statements."""
+    is the driver's two statements; it says whether it inserted the record (the lookup
+    rows go with a record inserted). ``changes``: the new record with those columns
+    changed (a claim's, when the record is missing)."""
     row, terms = _queued_row(job)
+    if changes:
+        row |= changes
     sql = _sqlite_insert_sql(tuple(row))
     args = [(c(v) if (c := convert[k]) else v) for k, v in row.items()]
     created = convert["created_at"](row["created_at"])  # type: ignore[misc]
     lookups = [(term, created, job.id) for term in terms]
 
-    def insert(conn: Connection) -> None:
+    def insert(conn: Connection) -> bool:
         driver = _driver(conn)
-        driver.execute(sql, args)
+        if driver.execute(sql, args).rowcount != 1:
+            return False  # there already
         if len(lookups) == 1:  # the usual case: one recipient, no tags or metadata
             driver.execute(_SQLITE_INSERT_LOOKUP, lookups[0])
         else:
             driver.executemany(_SQLITE_INSERT_LOOKUP, lookups)
+        return True
 
     return insert
 
@@ -1965,7 +1973,7 @@ class _FastUnit:
     gives it. Alone it runs that UPDATE itself; on PostgreSQL the writer joins the usual
     cases of a batch into one statement per shape (:func:`_run_units`)."""
 
-    __slots__ = ("condition", "kind", "message_id", "prepare", "slow")
+    __slots__ = ("condition", "job", "kind", "message_id", "prepare", "slow")
 
     def __init__(
         self,
@@ -1974,9 +1982,12 @@ class _FastUnit:
         condition: dict[str, Any] | None,
         prepare: Callable[[], tuple[dict[str, Any], Any]],
         slow: Unit,
+        job: MailJob | None = None,
     ) -> None:
+        """``job``: a claim's, whose record, when it is missing, is inserted with the
+        changes made (SQLite, :meth:`ready`) instead of taking the slow path."""
         self.kind, self.message_id, self.condition = kind, message_id, condition
-        self.prepare, self.slow = prepare, slow
+        self.prepare, self.slow, self.job = prepare, slow, job
 
     def __call__(self, conn: Connection) -> Any:
         return self.apply(conn, *self.prepare())
@@ -1994,6 +2005,11 @@ class _FastUnit:
 
         def update(conn: Connection) -> Any:  # :meth:`apply`, its UPDATE prepared
             if _driver(conn).execute(sql, args).rowcount == 1:
+                return result
+            # No row changed. A claim's record may be missing (the worker got the message
+            # before the server's insert): inserted as the claim makes it, the record the
+            # slow path would insert and update (two statements against its six).
+            if self.job is not None and _sqlite_insert_new(self.job, convert, changes)(conn):
                 return result
             return self.slow(conn)
 

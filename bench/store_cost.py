@@ -10,8 +10,11 @@ the batch endpoint does), then times the claim and the outcome of each,
 writes hold Mailroom's file lock, per new record and per claim + outcome: the time the
 other process's writes wait for them; ``--busy`` keeps the event loop busy half the
 time meanwhile (1 ms of work, then 1 ms idle, as a server answering requests does), so
-that the writer thread waits for the GIL as it does in a busy process. PostgreSQL: a
-database of its own on ``--pg`` (created, then dropped).
+that the writer thread waits for the GIL as it does in a busy process. ``--missing``
+leaves the records out, so that each claim finds its record missing (the worker got the
+message before the server's insert committed: 45% of the claims in a run of 4000
+requests, a new connection each, 64 at a time). PostgreSQL: a database of its own on
+``--pg`` (created, then dropped).
 """
 
 from __future__ import annotations
@@ -66,18 +69,20 @@ async def keep_busy(stop: asyncio.Event) -> None:
         await asyncio.sleep(0.001)
 
 
-async def measure(url: str, count: int, concurrency: int, busy: bool = False) -> str:
+async def measure(
+    url: str, count: int, concurrency: int, busy: bool = False, missing: bool = False
+) -> str:
     stop = asyncio.Event()
     busy_loop = asyncio.create_task(keep_busy(stop)) if busy else None
     try:
-        return await measure_writes(url, count, concurrency)
+        return await measure_writes(url, count, concurrency, missing)
     finally:
         stop.set()
         if busy_loop is not None:
             await busy_loop
 
 
-async def measure_writes(url: str, count: int, concurrency: int) -> str:
+async def measure_writes(url: str, count: int, concurrency: int, missing: bool) -> str:
     store = await Store.open(Settings(database_url=Secret(url)))
     timer = None
     if store._lock is not None:  # SQLite
@@ -85,9 +90,9 @@ async def measure_writes(url: str, count: int, concurrency: int) -> str:
     inserted = ""
     try:
         jobs = [new_job(to=f"u{n}@seed.invalid", subject="s", text="t") for n in range(count)]
-        for start in range(0, count, 100):
+        for start in range(0, 0 if missing else count, 100):
             await asyncio.gather(*(store.insert_queued(j) for j in jobs[start : start + 100]))
-        if timer is not None:
+        if timer is not None and not missing:
             inserted = f"; the lock held {1e6 * timer.take() / count:.1f} us per new record"
         limit = asyncio.Semaphore(concurrency)
 
@@ -116,14 +121,15 @@ async def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=64)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--busy", action="store_true", help="keep the event loop half busy")
+    parser.add_argument("--missing", action="store_true", help="claims find no record")
     args = parser.parse_args()
+    options = (args.count, args.concurrency, args.busy, args.missing)
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{tmp}/store-cost.db"
-        sqlite = await measure(url, args.count, args.concurrency, args.busy)
+        sqlite = await measure(f"sqlite:///{tmp}/store-cost.db", *options)
     print(f"SQLite:     {sqlite}")
     name = f"store_cost_{uuid.uuid4().hex[:10]}"
     try:
-        pg = await measure(f"{args.pg}/{name}", args.count, args.concurrency, args.busy)
+        pg = await measure(f"{args.pg}/{name}", *options)
     finally:
         admin = await asyncpg.connect(f"{args.pg}/postgres")
         try:

@@ -478,6 +478,90 @@ async def test_writes_batched_together_keep_every_condition(
         await store.close()
 
 
+async def stored_rows(store: Store, *chosen: MailJob) -> list[tuple[Any, ...]]:
+    """The records of ``chosen`` and their lookup rows, as the database holds them."""
+    ids = [job.id for job in chosen]
+    where: BindParameter[list[str]] = bindparam("ids", expanding=True)
+    async with db_connection(store) as conn:
+        records = await conn.execute(
+            text(
+                "SELECT *, tags IS NULL, meta IS NULL FROM mailroom_messages "
+                "WHERE id IN :ids ORDER BY id"
+            ).bindparams(where),
+            {"ids": ids},
+        )
+        lookups = await conn.execute(
+            text(
+                "SELECT term, created_at, message_id FROM mailroom_lookup "
+                "WHERE message_id IN :ids ORDER BY term, message_id"
+            ).bindparams(where),
+            {"ids": ids},
+        )
+        return [tuple(row) for row in records] + [tuple(row) for row in lookups]
+
+
+async def clear_records(store: Store) -> None:
+    async with db_connection(store, begin=True) as conn:
+        for table in ("mailroom_lookup", "mailroom_messages"):
+            await conn.execute(text(f"DELETE FROM {table}"))
+
+
+async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
+    database_url: Secret, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that gets a message before the server's insert of its record has
+    committed claims it all the same: the record and its lookup rows it writes are exactly
+    those of the server's insert followed by the claim, whatever the job's shape. On
+    SQLite the claim inserts the record as claimed, without reading it (no second look
+    at the record, the slow path); on PostgreSQL it takes the slow path (read, insert,
+    update)."""
+    settings = make_settings(database_url=database_url)
+    store = await Store.open(settings)
+    at = now_utc()
+    monkeypatch.setattr(store_module, "now_utc", lambda: at)  # the same times both ways
+    loads = 0
+    load = Store._load
+
+    def counted_load(self: Store, conn: Any, message_id: str) -> MessageRecord | None:
+        nonlocal loads
+        loads += 1
+        return load(self, conn, message_id)
+
+    monkeypatch.setattr(Store, "_load", counted_load)
+    jobs = [
+        legacy_job("missing@example.com"),
+        new_job(
+            to=["Bob <bob@example.com>", "cy@example.com"],
+            cc=["dee@example.com"],
+            subject="Tagged",
+            text="hello",
+            tags=["receipt", "eu"],
+            metadata={"customer": "c1"},
+        ),
+        new_job(to="Jürgen <jürgen@bücher.example>", subject="Grüße", text="hallo"),
+    ]
+    try:
+        missing = [await store.claim(job, "worker-a", 0, lease=30) for job in jobs]
+        made = await stored_rows(store, *jobs)
+        slow_loads, loads = loads, 0
+        await clear_records(store)
+        claims = []
+        for job in jobs:
+            await store.insert_queued(job)
+            claims.append(await store.claim(job, "worker-a", 0, lease=30))
+        assert await stored_rows(store, *jobs) == made
+        assert [(c.kind, c.record, c.attempt) for c in missing] == [
+            (c.kind, c.record, c.attempt) for c in claims
+        ]
+        assert loads == 0  # inserted, then claimed: the usual one UPDATE each
+        if database_url.get().startswith("sqlite"):
+            assert slow_loads == 0
+        else:
+            assert slow_loads == 2 * len(jobs)  # read before the insert and after it
+    finally:
+        await store.close()
+
+
 async def test_records_inserted_together_match_one_at_a_time(
     database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -502,27 +586,7 @@ async def test_records_inserted_together_match_one_at_a_time(
         new_job(to="Jürgen <jürgen@bücher.example>", subject="Grüße", text="hallo"),
     ]
     taken = legacy_job("taken@example.com")  # claimed by a worker before any insert
-
-    async def raw_rows(*chosen: MailJob) -> list[tuple[Any, ...]]:
-        ids = [job.id for job in chosen]
-        where: BindParameter[list[str]] = bindparam("ids", expanding=True)
-        async with db_connection(store) as conn:
-            records = await conn.execute(
-                text(
-                    "SELECT *, tags IS NULL, meta IS NULL FROM mailroom_messages "
-                    "WHERE id IN :ids ORDER BY id"
-                ).bindparams(where),
-                {"ids": ids},
-            )
-            lookups = await conn.execute(
-                text(
-                    "SELECT term, created_at, message_id FROM mailroom_lookup "
-                    "WHERE message_id IN :ids ORDER BY term, message_id"
-                ).bindparams(where),
-                {"ids": ids},
-            )
-            return [tuple(row) for row in records] + [tuple(row) for row in lookups]
-
+    raw_rows = functools.partial(stored_rows, store)
     try:
         assert (await store.claim(taken, "worker-a", 0, lease=30)).kind == "claimed"
         claimed = await raw_rows(taken)
@@ -534,9 +598,7 @@ async def test_records_inserted_together_match_one_at_a_time(
         written_together = await raw_rows(*jobs)
         assert await raw_rows(taken) == claimed
         # The same jobs once more, one insert at a time, into an empty table.
-        async with db_connection(store, begin=True) as conn:
-            for table in ("mailroom_lookup", "mailroom_messages"):
-                await conn.execute(text(f"DELETE FROM {table}"))
+        await clear_records(store)
         for job in jobs:
             await store.insert_queued(job)
         assert await raw_rows(*jobs) == written_together
