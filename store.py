@@ -1985,7 +1985,7 @@ class _FastUnit:
         job: MailJob | None = None,
     ) -> None:
         """``job``: a claim's, whose record, when it is missing, is inserted with the
-        changes made (SQLite, :meth:`ready`) instead of taking the slow path."""
+        changes made instead of taking the slow path (:meth:`missing`)."""
         self.kind, self.message_id, self.condition = kind, message_id, condition
         self.prepare, self.slow, self.job = prepare, slow, job
 
@@ -1993,8 +1993,17 @@ class _FastUnit:
         return self.apply(conn, *self.prepare())
 
     def apply(self, conn: Connection, changes: dict[str, Any], result: Any) -> Any:
-        """Its usual case alone, with prepared ``changes``; else its slow path."""
+        """Its usual case alone, with prepared ``changes``; else :meth:`missing`."""
         if _update_row(conn, self.kind, self.message_id, changes, self.condition) == 1:
+            return result
+        return self.missing(conn, changes, result)
+
+    def missing(self, conn: Connection, changes: dict[str, Any], result: Any) -> Any:
+        """Its UPDATE changed no row. A claim's record may be missing (the worker got the
+        message before the server's insert committed): inserted as the claim makes it,
+        the record that the slow path would insert and update (SQLite: two statements
+        against its six, read, insert, read, update); else the slow path."""
+        if self.job is not None and _insert_claimed(conn, self.job, changes):
             return result
         return self.slow(conn)
 
@@ -2006,12 +2015,7 @@ class _FastUnit:
         def update(conn: Connection) -> Any:  # :meth:`apply`, its UPDATE prepared
             if _driver(conn).execute(sql, args).rowcount == 1:
                 return result
-            # No row changed. A claim's record may be missing (the worker got the message
-            # before the server's insert): inserted as the claim makes it, the record the
-            # slow path would insert and update (two statements against its six).
-            if self.job is not None and _sqlite_insert_new(self.job, convert, changes)(conn):
-                return result
-            return self.slow(conn)
+            return self.missing(conn, changes, result)
 
         return update
 
@@ -2068,8 +2072,12 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
 
     def update_together(claims: bool) -> None:
         for group in groups.values():
-            if len(group) < 2 or _may_insert(group[0][0]) != claims:
+            if _may_insert(group[0][0]) != claims:
+                continue
+            if len(group) < 2 and not claims:
                 continue  # alone: its own statement, in its place below
+            # (Claims even alone: one whose record is missing then goes with the others
+            # into insert_missing's statement, which inserts in id order.)
             sql, arrays = _batched_update(group, _bind_converters(conn.dialect))
             updated = set(conn.exec_driver_sql(sql, arrays).scalars())
             log.debug(
@@ -2081,6 +2089,21 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
             for fast, _, result in group:
                 done[id(fast)] = (fast, fast.message_id in updated, result)
 
+    def insert_missing() -> None:
+        """The claims whose UPDATE together changed no row: their records inserted as
+        claimed where missing (:meth:`_FastUnit.missing`), in one statement, in id order."""
+        missing = sorted(
+            (fast for fast, applied, _ in done.values() if not applied and fast.job is not None),
+            key=lambda fast: fast.message_id,
+        )
+        if not missing:
+            return
+        jobs = [fast.job for fast in missing if fast.job is not None]
+        inserted = _insert_together(conn, jobs, [prepared[id(fast)][1] for fast in missing])
+        for fast in missing:
+            if fast.message_id in inserted:
+                done[id(fast)] = (fast, True, prepared[id(fast)][2])
+
     results: list[Any] = [None] * len(units)
 
     def one_by_one(indexes: list[int]) -> None:
@@ -2088,7 +2111,7 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
             unit = units[index]
             if (entry := done.get(id(unit))) is not None:
                 fast, applied, result = entry
-                results[index] = result if applied else fast.slow(conn)
+                results[index] = result if applied else fast.slow(conn)  # not missing
             elif (alone := prepared.get(id(unit))) is not None:
                 results[index] = alone[0].apply(conn, alone[1], alone[2])
             else:
@@ -2097,6 +2120,7 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     # The claims first, in id order, then the rest (see above).
     order = sorted(range(len(units)), key=lambda i: (_record_id(units[i]), i))
     update_together(claims=True)
+    insert_missing()
     one_by_one([i for i in order if _may_insert(units[i])])
     update_together(claims=False)
     one_by_one([i for i in order if not _may_insert(units[i])])
@@ -2119,45 +2143,67 @@ def _record_id(unit: Unit) -> str:
     return ""
 
 
-def _insert_together(conn: Connection, jobs: list[MailJob]) -> None:
+def _insert_together(
+    conn: Connection, jobs: list[MailJob], changes: list[dict[str, Any]] | None = None
+) -> set[str]:
     """The records of ``jobs`` (distinct ids) and their lookup rows, as :func:`_insert_queued`
-    writes each, in one statement (PostgreSQL): one array per column, each value as
-    SQLAlchemy binds it for that column (JSON as its text, ``None`` as JSON ``null``
-    included), and the terms as two arrays (record id, term)."""
+    writes each, in one statement (PostgreSQL), in the order given: one array per column,
+    each value as SQLAlchemy binds it for that column (JSON as its text, ``None`` as JSON
+    ``null`` included), and the terms as two arrays (record id, term). ``changes``: for
+    each job, the columns its record has changed (claims of records that were missing).
+    The ids of the records inserted (the others were there)."""
     convert = _bind_converters(conn.dialect)
-    columns: dict[str, list[Any]] = {name: [] for name in _NEW_COLUMNS}
+    names = _NEW_COLUMNS if changes is None else _ALL_COLUMNS
+    columns: dict[str, list[Any]] = {name: [] for name in names}
     term_ids: list[str] = []
     terms: list[str] = []
-    for job in jobs:
+    for n, job in enumerate(jobs):
         row, job_terms = _queued_row(job)
+        if changes is not None:
+            row |= changes[n]
         for name, values in columns.items():
             value = row[name]
             values.append(c(value) if (c := convert[name]) else value)
         term_ids.extend([job.id] * len(job_terms))
         terms.extend(job_terms)
-    conn.exec_driver_sql(_INSERT_TOGETHER, (*columns.values(), term_ids, terms))
-    log.debug("writer: %d new records inserted together", len(jobs))
+    sql = _insert_together_sql(names)
+    inserted = set(conn.exec_driver_sql(sql, (*columns.values(), term_ids, terms)).scalars())
+    what = "new records" if changes is None else "missing records, as claimed,"
+    log.debug("writer: %d %s inserted together", len(jobs), what)
+    return inserted
 
 
-# The columns :func:`_queued_row` gives, in the table's order.
+def _insert_claimed(conn: Connection, job: MailJob, changes: dict[str, Any]) -> bool:
+    """Insert ``job``'s record with a claim's ``changes`` unless it is there; whether it
+    was inserted (:meth:`_FastUnit.missing`)."""
+    if conn.dialect.name == "sqlite":
+        return _sqlite_insert_new(job, _bind_converters(conn.dialect), changes)(conn)
+    return bool(_insert_together(conn, [job], [changes]))
+
+
+# The columns :func:`_queued_row` gives, in the table's order; and all of them (a claim's
+# changes give the others).
 _NEW_COLUMNS = tuple(
     c.name for c in messages_table.c if c.name not in ("owner", "lease_until", "copy")
 )
+_ALL_COLUMNS = tuple(c.name for c in messages_table.c)
 
 
-def _insert_together_sql() -> str:
-    arrays = _array_parameters(_NEW_COLUMNS)
-    names = ", ".join(f'"{name}"' for name in _NEW_COLUMNS)
-    n = len(_NEW_COLUMNS)
+@functools.lru_cache(maxsize=2)
+def _insert_together_sql(columns: tuple[str, ...]) -> str:
+    arrays = _array_parameters(columns)
+    names = ", ".join(f'"{name}"' for name in columns)
+    n = len(columns)
     # S608: only this table's column names go into the text; every value is a parameter.
     return (
         f"WITH new_record AS (INSERT INTO {messages_table.name} ({names}) "  # noqa: S608
         f"SELECT * FROM unnest({arrays}) ON CONFLICT (id) DO NOTHING "
-        "RETURNING id, created_at) "
-        f"INSERT INTO {lookup_table.name} (term, created_at, message_id) "
+        "RETURNING id, created_at), "
+        f"lookups AS (INSERT INTO {lookup_table.name} (term, created_at, message_id) "
         "SELECT t.term, r.created_at, r.id FROM new_record AS r "
         f"JOIN unnest(${n + 1}::text[], ${n + 2}::text[]) AS t(message_id, term) "
-        "ON t.message_id = r.id ON CONFLICT DO NOTHING"
+        "ON t.message_id = r.id ON CONFLICT DO NOTHING) "
+        "SELECT id FROM new_record"
     )
 
 
@@ -2197,9 +2243,6 @@ def _array_parameters(columns: Sequence[str]) -> str:
         f"${n}::{_PG_ARRAY_TYPES[type(messages_table.c[name].type)]}"
         for n, name in enumerate(columns, start=1)
     )
-
-
-_INSERT_TOGETHER = _insert_together_sql()
 
 
 @functools.lru_cache(maxsize=64)

@@ -507,14 +507,17 @@ async def clear_records(store: Store) -> None:
 
 
 async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
-    database_url: Secret, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+    database_url: Secret,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A worker that gets a message before the server's insert of its record has
     committed claims it all the same: the record and its lookup rows it writes are exactly
-    those of the server's insert followed by the claim, whatever the job's shape. On
-    SQLite the claim inserts the record as claimed, without reading it (no second look
-    at the record, the slow path); on PostgreSQL it takes the slow path (read, insert,
-    update)."""
+    those of the server's insert followed by the claim, whatever the job's shape. The
+    claim inserts the record as claimed, without reading it (the slow path read it,
+    inserted it, read it again and updated it); on PostgreSQL the claims of a batch whose
+    records are missing are inserted in one statement."""
     settings = make_settings(database_url=database_url)
     store = await Store.open(settings)
     at = now_utc()
@@ -540,24 +543,29 @@ async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
         ),
         new_job(to="Jürgen <jürgen@bücher.example>", subject="Grüße", text="hallo"),
     ]
+    more_jobs = [legacy_job(f"more{n}@example.com") for n in range(5)]  # claimed together
+    caplog.set_level(logging.DEBUG, logger="store")
     try:
         missing = [await store.claim(job, "worker-a", 0, lease=30) for job in jobs]
-        made = await stored_rows(store, *jobs)
+        together = await asyncio.gather(
+            *(store.claim(job, "worker-a", 0, lease=30) for job in more_jobs)
+        )
+        made = await stored_rows(store, *jobs, *more_jobs)
         slow_loads, loads = loads, 0
         await clear_records(store)
         claims = []
-        for job in jobs:
+        for job in [*jobs, *more_jobs]:
             await store.insert_queued(job)
             claims.append(await store.claim(job, "worker-a", 0, lease=30))
-        assert await stored_rows(store, *jobs) == made
-        assert [(c.kind, c.record, c.attempt) for c in missing] == [
+        assert await stored_rows(store, *jobs, *more_jobs) == made
+        assert [(c.kind, c.record, c.attempt) for c in [*missing, *together]] == [
             (c.kind, c.record, c.attempt) for c in claims
         ]
         assert loads == 0  # inserted, then claimed: the usual one UPDATE each
-        if database_url.get().startswith("sqlite"):
-            assert slow_loads == 0
-        else:
-            assert slow_loads == 2 * len(jobs)  # read before the insert and after it
+        assert slow_loads == 0
+        if database_url.get().startswith("postgresql"):
+            lines = [r.getMessage() for r in caplog.records]
+            assert "writer: 5 missing records, as claimed, inserted together" in lines
     finally:
         await store.close()
 
