@@ -570,6 +570,28 @@ async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
         await store.close()
 
 
+async def test_sqlite_write_connection_keeps_a_small_page_cache(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """The write connection's page cache is WRITER_CACHE_KIB (SQLite's default, 2000 KiB,
+    filled up in each process as the database grew: its peak RSS), and it stays so after
+    writes; the read connections keep SQLite's default."""
+    settings = make_settings(database_url=Secret(f"sqlite:///{tmp_path}/cache.db"))
+    store = await Store.open(settings)
+    try:
+        await asyncio.gather(
+            *(store.insert_queued(legacy_job(f"c{n}@example.com")) for n in range(20))
+        )
+
+        def cache_size(conn: Any) -> int:
+            return int(conn.exec_driver_sql("PRAGMA cache_size").scalar())
+
+        assert await store.write(cache_size) == -store_module.WRITER_CACHE_KIB
+        assert await store._read(cache_size) == -2000
+    finally:
+        await store.close()
+
+
 async def test_records_inserted_together_match_one_at_a_time(
     database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
