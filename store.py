@@ -508,9 +508,13 @@ class Store:
     and outcomes, which nobody outside waits for, go in fewer and bigger commits; the
     server's does not (a client waits for each of its writes).
     On PostgreSQL the new records of a batch (:class:`_NewRecord`) go first, in one
-    statement, then its usual claims and outcomes (:class:`_FastUnit`), one statement per
-    shape: the units of a batch come from callers running concurrently, so no order among
-    them is promised.
+    statement, then its claims (one UPDATE per shape, then the records found missing
+    inserted as claimed, in one statement), then its outcomes and the rest (one UPDATE
+    per shape): the units of a batch come from callers running concurrently, so no order
+    among them is promised, and this one (records in id order) keeps a server's and a
+    worker's transactions from deadlocking (:func:`_run_units`). A claim whose record is
+    missing (the worker got the message before the server's insert committed) inserts it
+    as claimed, on SQLite too (:meth:`_FastUnit.missing`).
     """
 
     def __init__(
@@ -1259,6 +1263,7 @@ class Store:
             with contextlib.suppress(sqlite3.OperationalError):  # another one runs
                 driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             driver.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT}")
+            driver.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")  # insert_file's back
         finally:
             raw.close()
 
@@ -1333,7 +1338,7 @@ class Store:
                 if updated is not None:
                     return Claim("claimed", updated, Attempt(job.id, number, owner, updated))
 
-        unit: Unit = _Claiming(job.id, work)
+        unit: Unit = _Claiming(job, work)
         # The usual case, one statement: the first attempt at a record that nothing
         # touched since it was written (so it is still what the job says it is).
         if (fresh := _queued_record(job)) is not None and copy >= fresh.copy:
@@ -1790,10 +1795,10 @@ class _Claiming:
     """A claim in general (:meth:`Store.claim`): it reads the record, inserts it when it
     is missing, and updates it."""
 
-    __slots__ = ("message_id", "work")
+    __slots__ = ("job", "message_id", "work")
 
-    def __init__(self, message_id: str, work: Unit) -> None:
-        self.message_id, self.work = message_id, work
+    def __init__(self, job: MailJob, work: Unit) -> None:
+        self.job, self.message_id, self.work = job, job.id, work
 
     def __call__(self, conn: Connection) -> Any:
         return self.work(conn)
@@ -1976,9 +1981,10 @@ def _copy_of(exc: Exception) -> Exception:
 class _FastUnit:
     """A unit whose usual case is one UPDATE of one record: ``prepare()`` gives, when the
     unit runs, the column changes to write where ``kind`` holds (with ``condition``'s
-    values) and the unit's result if that row was updated; else ``slow(conn)`` runs and
-    gives it. Alone it runs that UPDATE itself; on PostgreSQL the writer joins the usual
-    cases of a batch into one statement per shape (:func:`_run_units`)."""
+    values) and the unit's result if that row was updated; else :meth:`missing` (a
+    claim's record inserted as claimed) or ``slow(conn)`` runs and gives it. Alone it runs
+    that UPDATE itself; on PostgreSQL the writer joins the usual cases of a batch into one
+    statement per shape (:func:`_run_units`)."""
 
     __slots__ = ("condition", "job", "kind", "message_id", "prepare", "slow")
 
@@ -2055,14 +2061,18 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     # after deadlock_timeout, a second): a worker's claim inserts the record it got before
     # the server's insert committed, so both insert the same records; an insert waits for
     # a transaction that inserted or updated the same record. Records are inserted in id
-    # order, by the server here and by the claims below; a batch's claims run before its
-    # other units, which only update rows that exist: once a worker's transaction has
-    # updated a row that the server's insert may wait for, it waits for nothing more.
+    # order, by the server here (before its other units) and by the claims below (one
+    # statement, insert_missing); a batch's claims run before its other units, which only
+    # update rows that exist: once a worker's transaction has updated a row that the
+    # server's insert may wait for, it waits for nothing more. Not covered: a server's
+    # batch that cancels a message (an UPDATE, after its inserts) which a worker's batch
+    # claims while that batch waits for one of the server's inserts; PostgreSQL then
+    # aborts one after a second, whose units are written again one at a time.
     new: dict[str, MailJob] = {}
     for unit in units:
         if isinstance(unit, _NewRecord):
             new.setdefault(unit.job.id, unit.job)  # the first, as one at a time
-    if len(new) > 1:
+    if new:
         _insert_together(conn, [new[message_id] for message_id in sorted(new)])
         units = [_nothing if isinstance(unit, _NewRecord) else unit for unit in units]
     groups: dict[tuple[Any, ...], list[tuple[_FastUnit, dict[str, Any], Any]]] = {}
@@ -2097,19 +2107,28 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
                 done[id(fast)] = (fast, fast.message_id in updated, result)
 
     def insert_missing() -> None:
-        """The claims whose UPDATE together changed no row: their records inserted as
-        claimed where missing (:meth:`_FastUnit.missing`), in one statement, in id order."""
-        missing = sorted(
-            (fast for fast, applied, _ in done.values() if not applied and fast.job is not None),
-            key=lambda fast: fast.message_id,
-        )
-        if not missing:
+        """In one statement, in id order: the records of the claims whose UPDATE together
+        changed no row, inserted as claimed where missing (:meth:`_FastUnit.missing`), and
+        those of the general claims (:class:`_Claiming`), inserted as the server does
+        where missing: so that no claim inserts a record after this statement, out of
+        id order."""
+        rows: list[tuple[str, MailJob, dict[str, Any], _FastUnit | None]] = []
+        for claim, applied, _ in done.values():
+            if not applied and claim.job is not None:
+                rows.append((claim.message_id, claim.job, prepared[id(claim)][1], claim))
+        for unit in units:
+            if isinstance(unit, _Claiming):
+                rows.append((unit.message_id, unit.job, _UNCLAIMED, None))
+        first: dict[str, tuple[str, MailJob, dict[str, Any], _FastUnit | None]] = {}
+        for row in rows:
+            first.setdefault(row[0], row)  # a record once: a claim's row before a plain one
+        if not first:
             return
-        jobs = [fast.job for fast in missing if fast.job is not None]
-        inserted = _insert_together(conn, jobs, [prepared[id(fast)][1] for fast in missing])
-        for fast in missing:
-            if fast.message_id in inserted:
-                done[id(fast)] = (fast, True, prepared[id(fast)][2])
+        chosen = [first[message_id] for message_id in sorted(first)]
+        inserted = _insert_together(conn, [r[1] for r in chosen], [r[2] for r in chosen])
+        for message_id, _, _, made in chosen:
+            if made is not None and message_id in inserted:
+                done[id(made)] = (made, True, prepared[id(made)][2])
 
     results: list[Any] = [None] * len(units)
 
@@ -2132,6 +2151,11 @@ def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     update_together(claims=False)
     one_by_one([i for i in order if not _may_insert(units[i])])
     return results
+
+
+# The columns of a new record that :func:`_queued_row` leaves out, as a claim's changes
+# (:func:`_insert_together`): a record inserted as the server inserts it.
+_UNCLAIMED: dict[str, Any] = {"owner": None, "lease_until": None, "copy": 0}
 
 
 def _may_insert(unit: Unit) -> bool:

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -544,9 +545,14 @@ async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
         new_job(to="Jürgen <jürgen@bücher.example>", subject="Grüße", text="hallo"),
     ]
     more_jobs = [legacy_job(f"more{n}@example.com") for n in range(5)]  # claimed together
+
+    def copy(job: MailJob) -> int:
+        return 1 if job is jobs[0] else 0
+
     caplog.set_level(logging.DEBUG, logger="store")
     try:
-        missing = [await store.claim(job, "worker-a", 0, lease=30) for job in jobs]
+        # The first job's claim is of a retry copy (copy 1), as after a redelivery.
+        missing = [await store.claim(job, "worker-a", copy(job), lease=30) for job in jobs]
         together = await asyncio.gather(
             *(store.claim(job, "worker-a", 0, lease=30) for job in more_jobs)
         )
@@ -556,7 +562,7 @@ async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
         claims = []
         for job in [*jobs, *more_jobs]:
             await store.insert_queued(job)
-            claims.append(await store.claim(job, "worker-a", 0, lease=30))
+            claims.append(await store.claim(job, "worker-a", copy(job), lease=30))
         assert await stored_rows(store, *jobs, *more_jobs) == made
         assert [(c.kind, c.record, c.attempt) for c in [*missing, *together]] == [
             (c.kind, c.record, c.attempt) for c in claims
@@ -587,7 +593,8 @@ async def test_sqlite_write_connection_keeps_a_small_page_cache(
             return int(conn.exec_driver_sql("PRAGMA cache_size").scalar())
 
         assert await store.write(cache_size) == -store_module.WRITER_CACHE_KIB
-        assert await store._read(cache_size) == -2000
+        default = sqlite3.connect(":memory:").execute("PRAGMA cache_size").fetchone()[0]
+        assert await store._read(cache_size) == default
     finally:
         await store.close()
 
@@ -674,9 +681,12 @@ class RowHolder:
         return held
 
     async def until_waiting(self, count: int) -> None:
-        """Until ``count`` backends of this database wait on a lock."""
+        """Until ``count`` client backends of this database (other than this one) wait on
+        a lock."""
         query = (
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+            "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND wait_event_type = 'Lock'"
         )
         async with asyncio.timeout(10):
             while await self.conn.fetchval(query, self.name) < count:
@@ -726,6 +736,50 @@ async def test_records_inserted_while_a_worker_claims_them_never_deadlock(
         for job, status in ((a, "sending"), (x, "queued"), (b, "sending")):
             record = await server.get(job.id)
             assert record is not None and record.status == status
+        failed = [r.getMessage() for r in caplog.records if "writes failed" in r.getMessage()]
+        assert failed == []
+    finally:
+        await server.close()
+        await worker.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_scheduled_claim_inserts_its_record_in_id_order_with_the_others(
+    database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim of a scheduled message (the general claim: its record cannot be known
+    from the job alone) also inserts its record when it is missing, in the same
+    statement, in id order, as the batch's other claims. Here the server's statement has
+    inserted A (scheduled, due now) and waits at X before B; the worker's batch claims B
+    (record missing: inserted as claimed) and A. A inserted after B, the worker would wait
+    for A holding B: a deadlock once X is free. In one statement in id order it waits at
+    A holding nothing."""
+    settings = make_settings(database_url=database_url)
+    server = await Store.open(settings)
+    worker = await Store.open(settings)
+    due = (now_utc() + timedelta(milliseconds=50)).isoformat()
+    a = new_job(
+        to="1@example.com", subject="s", text="t", send_at=due, job_id=f"1{uuid.uuid4().hex[1:]}"
+    )
+    x, b = ordered_jobs("5", "9")
+    model = legacy_job("model@example.com")
+    caplog.set_level(logging.WARNING, logger="store")
+    try:
+        async with RowHolder(database_url.get()) as holder:
+            await server.insert_queued(model)
+            held = await holder.hold(model.id, x.id)
+            inserting = asyncio.gather(*(server.insert_queued(job) for job in (a, x, b)))
+            await holder.until_waiting(1)  # the server's statement, at X
+            claiming = asyncio.gather(*(worker.claim(job, "w", 0, lease=30) for job in (b, a)))
+            await holder.until_waiting(2)  # and the worker's batch, at A
+            await held.rollback()
+            async with asyncio.timeout(20):
+                await inserting
+                claims = await claiming
+        assert [claim.kind for claim in claims] == ["claimed", "claimed"]
+        for job in (a, b):
+            record = await server.get(job.id)
+            assert record is not None and record.status == "sending"
         failed = [r.getMessage() for r in caplog.records if "writes failed" in r.getMessage()]
         assert failed == []
     finally:
