@@ -479,6 +479,18 @@ async def test_writes_batched_together_keep_every_condition(
         await store.close()
 
 
+def tagged_job() -> MailJob:
+    """A job of every part: several recipients, cc, tags and metadata."""
+    return new_job(
+        to=["Bob <bob@example.com>", "cy@example.com"],
+        cc=["dee@example.com"],
+        subject="Tagged",
+        text="hello",
+        tags=["receipt", "eu"],
+        metadata={"customer": "c1", "plan": "pro"},
+    )
+
+
 async def stored_rows(store: Store, *chosen: MailJob) -> list[tuple[Any, ...]]:
     """The records of ``chosen`` and their lookup rows, as the database holds them."""
     ids = [job.id for job in chosen]
@@ -534,14 +546,7 @@ async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
     monkeypatch.setattr(Store, "_load", counted_load)
     jobs = [
         legacy_job("missing@example.com"),
-        new_job(
-            to=["Bob <bob@example.com>", "cy@example.com"],
-            cc=["dee@example.com"],
-            subject="Tagged",
-            text="hello",
-            tags=["receipt", "eu"],
-            metadata={"customer": "c1"},
-        ),
+        tagged_job(),
         new_job(to="Jürgen <jürgen@bücher.example>", subject="Grüße", text="hallo"),
     ]
     more_jobs = [legacy_job(f"more{n}@example.com") for n in range(5)]  # claimed together
@@ -611,14 +616,7 @@ async def test_records_inserted_together_match_one_at_a_time(
     store = await Store.open(settings)
     later = (now_utc() + timedelta(hours=2)).isoformat()
     jobs = [legacy_job(f"new{n}@example.com") for n in range(6)] + [
-        new_job(
-            to=["Bob <bob@example.com>", "cy@example.com"],
-            cc=["dee@example.com"],
-            subject="Tagged",
-            text="hello",
-            tags=["receipt", "eu"],
-            metadata={"customer": "c1", "plan": "pro"},
-        ),
+        tagged_job(),
         new_job(to="ann@example.com", subject="Later", text="hi", send_at=later),
         new_job(to="Jürgen <jürgen@bücher.example>", subject="Grüße", text="hallo"),
     ]
@@ -702,8 +700,12 @@ def ordered_jobs(*firsts: str) -> list[MailJob]:
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("scheduled", [False, True], ids=["now", "a-scheduled"])
 async def test_records_inserted_while_a_worker_claims_them_never_deadlock(
-    database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+    database_url: Secret,
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+    scheduled: bool,
 ) -> None:
     """A worker that gets messages before the server's insert of them has committed
     inserts their records itself, in a batch of its own, while the server inserts the same
@@ -713,11 +715,16 @@ async def test_records_inserted_while_a_worker_claims_them_never_deadlock(
     batch claims B and A, its claims reaching it in that order. Taken in its own order,
     the worker would insert B and wait for A: a deadlock once X is free, one transaction
     aborted after deadlock_timeout (a second) and its writes written again one at a
-    time. In id order it waits at A holding nothing, and both batches commit."""
+    time. In id order it waits at A holding nothing, and both batches commit. With A
+    scheduled (due now) its claim is the general one, whose record cannot be known from
+    the job: it is inserted as the server inserts it, in the same statement as B's."""
     settings = make_settings(database_url=database_url)
     server = await Store.open(settings)
     worker = await Store.open(settings)
     a, x, b = ordered_jobs("1", "5", "9")
+    if scheduled:
+        due = (now_utc() + timedelta(milliseconds=50)).isoformat()
+        a = new_job(to="1@example.com", subject="s", text="t", send_at=due, job_id=a.id)
     model = legacy_job("model@example.com")
     caplog.set_level(logging.WARNING, logger="store")
     try:
@@ -736,50 +743,6 @@ async def test_records_inserted_while_a_worker_claims_them_never_deadlock(
         for job, status in ((a, "sending"), (x, "queued"), (b, "sending")):
             record = await server.get(job.id)
             assert record is not None and record.status == status
-        failed = [r.getMessage() for r in caplog.records if "writes failed" in r.getMessage()]
-        assert failed == []
-    finally:
-        await server.close()
-        await worker.close()
-
-
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-async def test_a_scheduled_claim_inserts_its_record_in_id_order_with_the_others(
-    database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
-) -> None:
-    """A claim of a scheduled message (the general claim: its record cannot be known
-    from the job alone) also inserts its record when it is missing, in the same
-    statement, in id order, as the batch's other claims. Here the server's statement has
-    inserted A (scheduled, due now) and waits at X before B; the worker's batch claims B
-    (record missing: inserted as claimed) and A. A inserted after B, the worker would wait
-    for A holding B: a deadlock once X is free. In one statement in id order it waits at
-    A holding nothing."""
-    settings = make_settings(database_url=database_url)
-    server = await Store.open(settings)
-    worker = await Store.open(settings)
-    due = (now_utc() + timedelta(milliseconds=50)).isoformat()
-    a = new_job(
-        to="1@example.com", subject="s", text="t", send_at=due, job_id=f"1{uuid.uuid4().hex[1:]}"
-    )
-    x, b = ordered_jobs("5", "9")
-    model = legacy_job("model@example.com")
-    caplog.set_level(logging.WARNING, logger="store")
-    try:
-        async with RowHolder(database_url.get()) as holder:
-            await server.insert_queued(model)
-            held = await holder.hold(model.id, x.id)
-            inserting = asyncio.gather(*(server.insert_queued(job) for job in (a, x, b)))
-            await holder.until_waiting(1)  # the server's statement, at X
-            claiming = asyncio.gather(*(worker.claim(job, "w", 0, lease=30) for job in (b, a)))
-            await holder.until_waiting(2)  # and the worker's batch, at A
-            await held.rollback()
-            async with asyncio.timeout(20):
-                await inserting
-                claims = await claiming
-        assert [claim.kind for claim in claims] == ["claimed", "claimed"]
-        for job in (a, b):
-            record = await server.get(job.id)
-            assert record is not None and record.status == "sending"
         failed = [r.getMessage() for r in caplog.records if "writes failed" in r.getMessage()]
         assert failed == []
     finally:
