@@ -1659,39 +1659,6 @@ def _sqlite_update_sql(columns: tuple[str, ...], kind: _Where) -> str:
     return f"UPDATE mailroom_messages SET {sets} WHERE {_SQLITE_WHERE[kind]}"  # noqa: S608
 
 
-@functools.lru_cache(maxsize=1)
-def _pg_insert_new() -> Any:
-    """The record and its lookup rows in one statement (one round trip): the INSERT of
-    the record, RETURNING nothing when it was there already, feeds the lookup rows of
-    the ``terms`` parameter."""
-    # PostgreSQL's dialect is loaded only where it is used (SQLite processes never need it).
-    from sqlalchemy.dialects.postgresql import ARRAY
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-    record = (
-        pg_insert(messages_table)
-        .values({c.name: bindparam(c.name, type_=c.type) for c in messages_table.c})
-        .on_conflict_do_nothing(index_elements=["id"])
-        .returning(messages_table.c.id, messages_table.c.created_at)
-        .cte("new_record")
-    )
-    terms = (
-        func.unnest(bindparam("terms", type_=ARRAY(Text)))
-        .table_valued("term")
-        .render_derived(name="terms")
-    )
-    return (
-        pg_insert(lookup_table)
-        .from_select(
-            ["term", "created_at", "message_id"],
-            select(terms.c.term, record.c.created_at, record.c.id).select_from(
-                record.join(terms, true())
-            ),
-        )
-        .on_conflict_do_nothing()
-    )
-
-
 def _accepted_at(job: MailJob) -> datetime | None:
     """When the server accepted ``job`` (its ``created_at``), if that is a UTC time."""
     try:
@@ -1710,10 +1677,8 @@ def _insert_queued(conn: Connection, job: MailJob) -> None:
     writes is never rolled back and replayed one unit at a time for it."""
     if conn.dialect.name == "sqlite":
         _sqlite_insert_new(job, _bind_converters(conn.dialect))(conn)
-        return
-    row, terms = _queued_row(job)
-    every = dict.fromkeys((c.name for c in messages_table.c), None)
-    conn.execute(_pg_insert_new(), every | {"copy": 0} | row | {"terms": terms})
+    else:
+        _insert_together(conn, [job])
 
 
 def _sqlite_insert_new(
@@ -2180,8 +2145,8 @@ def _record_id(unit: Unit) -> str:
 def _insert_together(
     conn: Connection, jobs: list[MailJob], changes: list[dict[str, Any]] | None = None
 ) -> set[str]:
-    """The records of ``jobs`` (distinct ids) and their lookup rows, as :func:`_insert_queued`
-    writes each, in one statement (PostgreSQL), in the order given: one array per column,
+    """The records of ``jobs`` (distinct ids) and their lookup rows (PostgreSQL's
+    :func:`_insert_queued`), in one statement, in the order given: one array per column,
     each value as SQLAlchemy binds it for that column (JSON as its text, ``None`` as JSON
     ``null`` included), and the terms as two arrays (record id, term). ``changes``: for
     each job, the columns its record has changed (claims of records that were missing).
