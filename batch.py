@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from quart_schema import (
 )
 
 import mailtemplates
+import metrics
 from apidoc import answers
 from broker import Broker
 from errors import InvalidMessage, PublishUnconfirmed
@@ -197,7 +199,9 @@ def register(app: Quart, accepting: Accepting) -> None:
         if not a.broker.is_ready:
             return await nothing_queued(batch_id, key, client, "not connected to RabbitMQ")
         allowed = await spend(results, jobs)
+        started = time.perf_counter()
         outcomes = await a.broker.publish_many([(job.to_bytes(), job.id) for _, job in allowed])
+        confirmed = time.perf_counter()
         queued: list[MailJob] = []
         uncertain = 0
         for (index, job), failure in zip(allowed, outcomes, strict=True):
@@ -219,6 +223,9 @@ def register(app: Quart, accepting: Accepting) -> None:
         if lost and not queued and not uncertain:
             return await nothing_queued(batch_id, key, client, str(outcomes[0]))
         await asyncio.gather(*(a.record(job) for job in queued))
+        if queued:
+            metrics.CONFIRM_WAIT.observe(confirmed - started)
+            metrics.RECORD_WAIT.observe(time.perf_counter() - confirmed)
         log.info(
             "batch %s: %d of %d queued (%d unconfirmed, %d not queued) from %s",
             batch_id,

@@ -59,6 +59,16 @@ ACCEPT_SECONDS = Histogram(
     "Time to answer a send request that was accepted.",
     buckets=_LATENCY_BUCKETS,
 )
+# Where an accepted request's time goes: its wait for RabbitMQ's confirm, then for the
+# commit of its record (a batch request: once each for all its items).
+ACCEPT_WAIT_SECONDS = Histogram(
+    "mailroom_accept_wait_seconds",
+    "Time an accepted send request waited, by step: confirm (RabbitMQ) or record (database).",
+    ["step"],
+    buckets=_LATENCY_BUCKETS,
+)
+CONFIRM_WAIT = ACCEPT_WAIT_SECONDS.labels(step="confirm")
+RECORD_WAIT = ACCEPT_WAIT_SECONDS.labels(step="record")
 # Refusal reasons by HTTP status (a send request answered with it).
 REFUSAL_REASONS = {
     400: "invalid",

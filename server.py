@@ -362,6 +362,7 @@ def create_app(settings: Settings) -> Quart:
     async def enqueue(job: MailJob, key: str | None = None, client: str = "") -> None:
         """Publish (confirmed), then record. A scheduled message goes straight to the
         schedule tier it waits in first (see broker.SCHEDULE_DELAYS)."""
+        started = time.perf_counter()
         try:
             if (due := job.due_at()) is not None:
                 routing_key, expiration = names.schedule_hop((due - now_utc()).total_seconds())
@@ -371,7 +372,10 @@ def create_app(settings: Settings) -> Quart:
         except PublishUnconfirmed as exc:
             watch_late(job, exc, key, client)
             raise
+        confirmed = time.perf_counter()
+        metrics.CONFIRM_WAIT.observe(confirmed - started)
         await record(job)
+        metrics.RECORD_WAIT.observe(time.perf_counter() - confirmed)
         log.info(
             "message %s: queued for %d recipient(s) from %s",
             job.id,

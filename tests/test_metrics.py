@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -58,6 +59,49 @@ async def test_server_metrics_count_and_need_the_token(
     assert delta("mailroom_accept_seconds_count") == 1
     send_queue = (("kind", "send"), ("queue", f"{settings.queue_prefix}.send"))
     assert after[("mailroom_queue_messages", send_queue)] >= 0
+
+
+async def test_accept_wait_metrics_say_where_an_accepted_request_waited(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """mailroom_accept_wait_seconds: one confirm wait and one record wait per accepted
+    request (a batch request: one each for all its items), none for a refused one; the
+    two waits lie within the request's own accept time."""
+    settings = make_settings(api_tokens=(Secret(TOKEN),), allow_loopback=False)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def scrape(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return samples(await (await client.get("/metrics", headers=auth)).get_data(as_text=True))
+
+    def wait(values: dict[Any, float], step: str, part: str) -> float:
+        return values.get((f"mailroom_accept_wait_seconds_{part}", (("step", step),)), 0.0)
+
+    async with running_app(settings) as (app, client):
+        await wait_ready(app)
+        before = await scrape(client)
+        assert (await client.post("/api/messages", json=BODY, headers=auth)).status_code == 202
+        one = await scrape(client)
+        accept_time = (
+            one[("mailroom_accept_seconds_sum", ())] - before[("mailroom_accept_seconds_sum", ())]
+        )
+        waited = sum(wait(one, s, "sum") - wait(before, s, "sum") for s in ("confirm", "record"))
+        assert 0 < waited <= accept_time
+        legacy = await client.get("/?sendmail=b@example.com", headers=auth)
+        assert legacy.status_code == 200
+        bad = {**BODY, "to": "not an address"}
+        assert (await client.post("/api/messages", json=bad, headers=auth)).status_code == 400
+        items = [BODY, bad, {**BODY, "to": "c@example.com"}]
+        batch = await client.post("/api/messages/batch", json=items, headers=auth)
+        assert batch.status_code == 200, await batch.get_data(as_text=True)
+        after = await scrape(client)
+
+    for step in ("confirm", "record"):
+        assert wait(after, step, "count") - wait(before, step, "count") == 3
+    assert (
+        after[("mailroom_messages_accepted_total", ())]
+        - before[("mailroom_messages_accepted_total", ())]
+        == 4
+    )
 
 
 async def test_metrics_public_needs_no_token(make_settings: Callable[..., Settings]) -> None:
