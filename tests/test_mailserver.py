@@ -37,6 +37,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 import trustme
 
@@ -368,6 +369,18 @@ async def test_login_and_delivery(
     assert session.startswith(f"{expected} mail=1 rcpt=1 data=1 quit=1")
     log = mailserver.maillog.read_text()
     assert f"sasl_method=PLAIN, sasl_username={LOGIN[0]}" in log
+    # Postfix offers PIPELINING there: the transaction went out pipelined (smtppipe.py).
+    probe = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=settings.smtp_port,
+        use_tls=security == "ssl",
+        start_tls=security == "starttls",
+        tls_context=ssl.create_default_context(cafile=mailserver.ca_file),
+        timeout=10,
+    )
+    async with probe:
+        await probe.ehlo()
+        assert probe.supports_extension("pipelining"), probe.esmtp_extensions
 
 
 async def test_refused_login_is_one_auth_then_quit(

@@ -1,0 +1,315 @@
+"""SMTP PIPELINING (smtppipe.py, RFC 2920) through mailer.sendmail: against a hand-written
+server that answers a transaction's commands only once all of them arrived (a client
+that waits for each answer would stall there), in one write or a byte at a time; and
+against aiosmtpd offering PIPELINING, plain and with STARTTLS, where the outcome must be
+what aiosmtplib's own sendmail gives. Each case runs on asyncio's event loop and on
+uvloop's (the worker's), whose transports swap protocols on their own code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+import pytest
+import uvloop
+
+import mailer
+from tests.support import SmtpRecorder, start_smtp
+
+LOOPS = ["asyncio", "uvloop"]
+MESSAGE = b"Subject: s\r\n\r\nline\r\n.leading dot\r\nend\r\n"
+
+
+async def on_loop(loop: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario()`` on this test's asyncio loop, or on a uvloop in a thread."""
+    if loop == "asyncio":
+        await scenario()
+    else:
+        await asyncio.to_thread(uvloop.run, scenario())
+
+
+def default_answer(command: bytes) -> bytes:
+    if command.startswith(b"DATA"):
+        return b"354 go ahead"
+    return b"250 2.0.0 ok"
+
+
+@dataclass
+class Pipelined:
+    """An SMTP server offering PIPELINING that answers MAIL, the RCPTs and DATA only once
+    DATA arrived: all answers in one write, or (``split``) a byte at a time."""
+
+    answer: Callable[[bytes], bytes] = default_answer
+    split: bool = False
+    end_answer: bytes = b"250 2.0.0 queued"
+    silent: bool = False  # read the group, answer nothing
+    hang_up: bool = False  # read the group, close the connection
+    groups: list[list[bytes]] = field(default_factory=list)  # commands of each group
+    messages: list[bytes] = field(default_factory=list)  # data as it arrived, dots and all
+    port: int = 0
+
+    async def write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        if not self.split:
+            writer.write(data)
+        for i in range(len(data) if self.split else 0):
+            writer.write(data[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+        await writer.drain()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            writer.write(b"220 pipe.test ready\r\n")
+            while line := await reader.readline():
+                command = line.rstrip(b"\r\n")
+                verb = command[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-pipe.test\r\n250-SIZE 1000000\r\n250 PIPELINING\r\n")
+                elif verb in (b"RSET", b"NOOP"):
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    break
+                elif verb == b"MAIL":
+                    await self.transaction(command, reader, writer)
+                else:
+                    writer.write(b"502 5.5.2 not here\r\n")
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    async def transaction(
+        self, mail: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        group = [mail]
+        while not group[-1].upper().startswith(b"DATA"):
+            if not (line := await reader.readline()):
+                return  # the client closed the connection
+            group.append(line.rstrip(b"\r\n"))
+        self.groups.append(group)
+        if self.hang_up:
+            writer.close()
+            return
+        if self.silent:
+            await reader.read()  # until the client gives up and closes
+            return
+        answers = [self.answer(command) for command in group]
+        await self.write(writer, b"".join(a + b"\r\n" for a in answers))
+        if answers[-1].startswith(b"354"):
+            lines = [await reader.readline()]
+            while lines[-1] != b".\r\n":
+                if not lines[-1]:
+                    return  # the client closed the connection
+                lines.append(await reader.readline())
+            self.messages.append(b"".join(lines))
+            end = self.end_answer if len(self.messages[-1]) > 3 else b"554 5.5.1 no recipients"
+            await self.write(writer, end + b"\r\n")
+
+    async def __aenter__(self) -> Pipelined:
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await self._server.wait_closed()
+
+
+async def connected(port: int, timeout: float = 5.0) -> aiosmtplib.SMTP:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=timeout, start_tls=False)
+    await client.connect()
+    await client.ehlo()
+    return client
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["answers-together", "byte-by-byte"])
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_a_transaction_goes_out_pipelined(loop: str, split: bool) -> None:
+    """MAIL (with SIZE), two RCPTs and DATA in one go; the message dot-stuffed after 354;
+    the connection then answers ordinary commands (aiosmtplib's protocol is back)."""
+
+    async def scenario() -> None:
+        async with Pipelined(split=split) as server:
+            client = await connected(server.port)
+            try:
+                recipients = ["b@example.com", "c@example.com"]
+                refused = await mailer.sendmail(client, "a@example.org", recipients, MESSAGE)
+                assert refused == {}
+                assert server.groups == [
+                    [
+                        b"MAIL FROM:<a@example.org> size=%d" % len(MESSAGE),
+                        b"RCPT TO:<b@example.com>",
+                        b"RCPT TO:<c@example.com>",
+                        b"DATA",
+                    ]
+                ]
+                assert server.messages == [MESSAGE.replace(b"\n.lead", b"\n..lead") + b".\r\n"]
+                assert (await client.noop()).code == 250
+                assert await mailer.sendmail(client, "a@example.org", ["d@x.org"], b"x") == {}
+                assert server.messages[-1] == b"x\r\n.\r\n"
+            finally:
+                client.close()
+
+    await on_loop(loop, scenario)
+
+
+def refusing(command: bytes) -> bytes:
+    """Refuses the sender refused@..., recipients nobody...; DATA without a recipient."""
+    if command.startswith(b"MAIL FROM:<refused@"):
+        return b"553 5.7.1 sender refused"
+    if command.startswith(b"RCPT TO:<nobody"):
+        return b"550-5.1.1 no such user\r\n550 5.1.1 (really)"
+    return default_answer(command)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_refusals_are_what_aiosmtplib_raises_and_the_connection_stays_usable(
+    loop: str,
+) -> None:
+    async def scenario() -> None:
+        async with Pipelined(answer=refusing) as server:
+            client = await connected(server.port)
+            try:
+                both = ["b@example.com", "nobody@example.com"]
+                refused = await mailer.sendmail(client, "a@example.org", both, MESSAGE)
+                assert list(refused) == ["nobody@example.com"]
+                assert refused["nobody@example.com"].code == 550
+                assert refused["nobody@example.com"].message == "5.1.1 no such user\n5.1.1 (really)"
+                delivered = len(server.messages)
+
+                # Every recipient refused, DATA still answered 354 (RFC 2920 3.1): the data
+                # is ended empty, nothing is delivered.
+                with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as none:
+                    await mailer.sendmail(client, "a@example.org", ["nobody@x.org"], MESSAGE)
+                assert [r.recipient for r in none.value.recipients] == ["nobody@x.org"]
+                assert server.messages[-1] == b".\r\n"
+
+                with pytest.raises(aiosmtplib.SMTPSenderRefused) as sender:
+                    await mailer.sendmail(client, "refused@x.org", ["b@example.com"], MESSAGE)
+                assert (sender.value.code, sender.value.sender) == (553, "refused@x.org")
+
+                server.end_answer = b"554 5.6.0 content refused"
+                with pytest.raises(aiosmtplib.SMTPDataError) as data:
+                    await mailer.sendmail(client, "a@example.org", ["b@example.com"], MESSAGE)
+                assert data.value.code == 554
+                assert len(server.messages) == delivered + 3  # the empty one, and this one
+
+                server.end_answer = b"250 ok"
+                assert client.is_connected
+                assert await mailer.sendmail(client, "a@example.org", ["b@x.org"], b"y") == {}
+            finally:
+                client.close()
+
+    await on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("fault", ["hang-up", "silent", "malformed"])
+async def test_a_lost_silent_or_garbled_server_closes_the_client(loop: str, fault: str) -> None:
+    """As aiosmtplib: a lost connection, a read timeout (SMTP_TIMEOUT per answer) or an
+    answer that cannot be parsed is raised, and the client is closed (its later answers
+    could not be paired with its commands)."""
+    errors: dict[str, type[Exception]] = {
+        "hang-up": aiosmtplib.SMTPServerDisconnected,
+        "silent": aiosmtplib.SMTPReadTimeoutError,
+        "malformed": aiosmtplib.SMTPResponseException,
+    }
+
+    async def scenario() -> None:
+        server = Pipelined(
+            hang_up=fault == "hang-up",
+            silent=fault == "silent",
+            answer=(lambda c: b"this is no answer") if fault == "malformed" else default_answer,
+        )
+        async with server:
+            client = await connected(server.port, timeout=0.5)
+            try:
+                async with asyncio.timeout(10):
+                    with pytest.raises(errors[fault]):
+                        await mailer.sendmail(client, "a@example.org", ["b@x.org"], MESSAGE)
+                assert not client.is_connected
+                assert server.messages == []
+            finally:
+                client.close()
+
+    await on_loop(loop, scenario)
+
+
+@dataclass
+class PipeliningRecorder(SmtpRecorder):
+    """aiosmtpd's handler that also offers PIPELINING (aiosmtpd reads commands one line
+    at a time, so commands written ahead simply wait their turn)."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]  # before "250 HELP"
+
+
+async def refuse_nobody(address: str) -> str | None:
+    return "550 5.1.1 no such user" if address.startswith("nobody") else None
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("security", ["none", "starttls"])
+async def test_aiosmtpd_gets_what_aiosmtplibs_sendmail_sends(
+    loop: str, security: str, server_tls: ssl.SSLContext, ca_file: str
+) -> None:
+    """Against aiosmtpd offering PIPELINING, in plain text and after STARTTLS (where the
+    protocol is swapped on a TLS transport): the same envelope, SIZE, bytes and refusals
+    as aiosmtplib's own sendmail."""
+
+    async def scenario() -> None:
+        recorder = PipeliningRecorder(on_rcpt=refuse_nobody)
+        server = await start_smtp(security, server_tls, auth=False, recorder=recorder)  # type: ignore[arg-type]
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=server.port,
+            timeout=5,
+            start_tls=security == "starttls",
+            tls_context=ssl.create_default_context(cafile=ca_file),
+        )
+        send: dict[str, Callable[[list[str]], Awaitable[Any]]] = {
+            "ours": lambda to: mailer.sendmail(client, "a@example.org", to, MESSAGE),
+            "theirs": lambda to: client.sendmail("a@example.org", to, MESSAGE),
+        }
+        try:
+            await client.connect()
+            await client.ehlo()
+            assert client.supports_extension("pipelining")
+            answers = {}
+            for name, sending in send.items():
+                result = await sending(["b@example.com", "nobody@example.com"])
+                answers[name] = result if name == "ours" else result[0]
+            assert answers["ours"] == answers["theirs"]
+            assert set(answers["ours"]) == {"nobody@example.com"}
+            first, second = recorder.received
+            assert (first.mail_from, first.rcpt_tos, first.data) == (
+                second.mail_from,
+                second.rcpt_tos,
+                second.data,
+            )
+            for sending in send.values():
+                with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+                    await sending(["nobody@example.com"])
+            assert len(recorder.received) == 2
+            assert await mailer.sendmail(client, "a@example.org", ["c@x.org"], b"z") == {}
+            assert len(recorder.received) == 3
+        finally:
+            client.close()
+            server.server.close()
+            await server.server.wait_closed()
+
+    await on_loop(loop, scenario)
