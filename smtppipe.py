@@ -11,7 +11,8 @@ protocol is a :class:`_Answers` that keeps them all in order; aiosmtplib's is pu
 afterwards, and is told meanwhile if the connection ends, so the client knows it is
 closed. Outcomes and errors are those of aiosmtplib's ``sendmail``: the refused
 recipients, or ``SMTPSenderRefused``, ``SMTPRecipientsRefused``, ``SMTPDataError``, a
-read timeout or a lost connection (the last two close the client, as aiosmtplib does).
+read timeout or a lost connection (the last two close the client, as aiosmtplib does;
+so does a garbled answer or a cancelled transaction).
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ class _Answers(asyncio.Protocol):
 
     def __init__(self, inner: SMTPProtocol, timeout: float | None) -> None:
         self._inner = inner
-        self._timeout = timeout  # seconds for each answer
+        self._timeout = timeout  # seconds for each whole answer
         self._buffer = bytearray()
         self._answers: deque[SMTPResponse] = deque()
+        self.first: SMTPResponse | None = None  # the first answer (MAIL's)
         self._error: aiosmtplib.SMTPException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.lost = False  # the connection ended and ``inner`` was told
@@ -53,9 +55,11 @@ class _Answers(asyncio.Protocol):
         try:
             while (answer := self._parse()) is not None:
                 self._answers.append(answer)
+                self.first = self.first or answer
         except aiosmtplib.SMTPResponseException as exc:
             self._fail(exc)
-        self._wake()
+        if self._answers:
+            self._wake()  # not for a part of an answer: the timeout is for a whole one
 
     def _parse(self) -> SMTPResponse | None:
         """The first whole answer in the buffer (taken out of it), or None."""
@@ -105,19 +109,18 @@ class _Answers(asyncio.Protocol):
 
     async def next(self) -> SMTPResponse:
         """The next answer, in the order the commands were written."""
-        while not self._answers:
-            if self._error is not None:
-                raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self._waiter
-            except TimeoutError:
-                raise aiosmtplib.SMTPReadTimeoutError(
-                    "Timed out waiting for server response"
-                ) from None
-            finally:
-                self._waiter = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                while not self._answers:
+                    if self._error is not None:
+                        raise self._error
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+        except TimeoutError:
+            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
         return self._answers.popleft()
 
 
@@ -131,7 +134,8 @@ async def transaction(
     """Send ``message`` from ``sender`` with MAIL's ``options`` to ``recipients``
     (addresses that need no quoting); return the refused recipients with their answers.
     ``message`` has CRLF line endings (as ``normalize_message_line_endings`` gives it);
-    its leading dots are doubled here."""
+    its leading dots are doubled here. The caller has the connection to itself (the
+    pool's turn): aiosmtplib's command lock is not taken."""
     protocol = client.protocol
     if protocol is None or protocol.transport is None or protocol.transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
@@ -156,9 +160,17 @@ async def transaction(
             else:
                 transport.write(_LEADING_DOT.sub(b"..", message) + b".\r\n")
                 end = await answers.next()
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException, TimeoutError):
-        # Lost, timed out or a malformed answer: nothing after it can be paired with its
-        # command. (aiosmtplib's timeouts are TimeoutErrors.)
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        _restore(transport, answers, protocol)
+        client.close()
+        first = answers.first
+        if first is not None and first.code == SMTPStatus.domain_unavailable:
+            # 421 to MAIL, then the server hung up: its answer, as aiosmtplib gives it.
+            raise aiosmtplib.SMTPSenderRefused(first.code, first.message, sender) from exc
+        raise
+    except BaseException:
+        # Timed out, a malformed answer, cancelled: what still comes could not be paired
+        # with its command.
         _restore(transport, answers, protocol)
         client.close()
         raise

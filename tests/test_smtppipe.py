@@ -46,9 +46,12 @@ class Pipelined:
 
     answer: Callable[[bytes], bytes] = default_answer
     split: bool = False
+    drip: float = 0.0  # with split: seconds between bytes
     end_answer: bytes = b"250 2.0.0 queued"
     silent: bool = False  # read the group, answer nothing
     hang_up: bool = False  # read the group, close the connection
+    hang_up_after_first: bool = False  # read the group, answer MAIL, close the connection
+    tls: ssl.SSLContext | None = None  # implicit TLS
     groups: list[list[bytes]] = field(default_factory=list)  # commands of each group
     messages: list[bytes] = field(default_factory=list)  # data as it arrived, dots and all
     port: int = 0
@@ -59,7 +62,7 @@ class Pipelined:
         for i in range(len(data) if self.split else 0):
             writer.write(data[i : i + 1])
             await writer.drain()
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.drip)
         await writer.drain()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -100,6 +103,10 @@ class Pipelined:
             await reader.read()  # until the client gives up and closes
             return
         answers = [self.answer(command) for command in group]
+        if self.hang_up_after_first:
+            await self.write(writer, answers[0] + b"\r\n")
+            writer.close()
+            return
         await self.write(writer, b"".join(a + b"\r\n" for a in answers))
         if answers[-1].startswith(b"354"):
             lines = [await reader.readline()]
@@ -113,7 +120,7 @@ class Pipelined:
 
     async def __aenter__(self) -> Pipelined:
         self._writers: list[asyncio.StreamWriter] = []
-        self._server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self.serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -126,22 +133,34 @@ class Pipelined:
         await self._server.wait_closed()
 
 
-async def connected(port: int, timeout: float = 5.0) -> aiosmtplib.SMTP:
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=timeout, start_tls=False)
+async def connected(port: int, ca_file: str | None = None) -> aiosmtplib.SMTP:
+    """A client after EHLO (over implicit TLS with ``ca_file``)."""
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=port,
+        timeout=5,
+        use_tls=ca_file is not None,
+        start_tls=False,
+        tls_context=ssl.create_default_context(cafile=ca_file) if ca_file else None,
+    )
     await client.connect()
     await client.ehlo()
     return client
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 @pytest.mark.parametrize("split", [False, True], ids=["answers-together", "byte-by-byte"])
 @pytest.mark.parametrize("loop", LOOPS)
-async def test_a_transaction_goes_out_pipelined(loop: str, split: bool) -> None:
+async def test_a_transaction_goes_out_pipelined(
+    loop: str, split: bool, tls: bool, server_tls: ssl.SSLContext, ca_file: str
+) -> None:
     """MAIL (with SIZE), two RCPTs and DATA in one go; the message dot-stuffed after 354;
-    the connection then answers ordinary commands (aiosmtplib's protocol is back)."""
+    the connection then answers ordinary commands (aiosmtplib's protocol is back). In
+    plain text and over implicit TLS (the protocol swapped on a TLS transport)."""
 
     async def scenario() -> None:
-        async with Pipelined(split=split) as server:
-            client = await connected(server.port)
+        async with Pipelined(split=split, tls=server_tls if tls else None) as server:
+            client = await connected(server.port, ca_file if tls else None)
             try:
                 recipients = ["b@example.com", "c@example.com"]
                 refused = await mailer.sendmail(client, "a@example.org", recipients, MESSAGE)
@@ -203,7 +222,8 @@ async def test_refusals_are_what_aiosmtplib_raises_and_the_connection_stays_usab
                 with pytest.raises(aiosmtplib.SMTPDataError) as data:
                     await mailer.sendmail(client, "a@example.org", ["b@example.com"], MESSAGE)
                 assert data.value.code == 554
-                assert len(server.messages) == delivered + 3  # the empty one, and this one
+                # Two ended empty (no recipient, then no sender), and this one.
+                assert len(server.messages) == delivered + 3
 
                 server.end_answer = b"250 ok"
                 assert client.is_connected
@@ -215,29 +235,58 @@ async def test_refusals_are_what_aiosmtplib_raises_and_the_connection_stays_usab
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.parametrize("fault", ["hang-up", "silent", "malformed"])
+@pytest.mark.parametrize(
+    "fault", ["hang-up", "421-then-hang-up", "silent", "drip", "malformed", "cancelled"]
+)
 async def test_a_lost_silent_or_garbled_server_closes_the_client(loop: str, fault: str) -> None:
-    """As aiosmtplib: a lost connection, a read timeout (SMTP_TIMEOUT per answer) or an
-    answer that cannot be parsed is raised, and the client is closed (its later answers
-    could not be paired with its commands)."""
-    errors: dict[str, type[Exception]] = {
+    """As aiosmtplib: a lost connection, a read timeout (SMTP_TIMEOUT for each whole
+    answer, however it trickles in) or an answer that cannot be parsed is raised, and the
+    client is closed (what still comes could not be paired with its commands); so is a
+    transaction cancelled midway. A 421 to MAIL and a hang-up is the server's refusal."""
+    errors: dict[str, type[BaseException]] = {
         "hang-up": aiosmtplib.SMTPServerDisconnected,
+        "421-then-hang-up": aiosmtplib.SMTPSenderRefused,
         "silent": aiosmtplib.SMTPReadTimeoutError,
+        "drip": aiosmtplib.SMTPReadTimeoutError,
         "malformed": aiosmtplib.SMTPResponseException,
+        "cancelled": asyncio.CancelledError,
     }
+
+    def answer(command: bytes) -> bytes:
+        if fault == "malformed":
+            return b"this is no answer"
+        if fault == "421-then-hang-up":
+            return b"421 4.3.2 shutting down"
+        if fault == "drip":
+            return b"250 " + b"slowly " * 20
+        return default_answer(command)
 
     async def scenario() -> None:
         server = Pipelined(
+            answer=answer,
             hang_up=fault == "hang-up",
-            silent=fault == "silent",
-            answer=(lambda c: b"this is no answer") if fault == "malformed" else default_answer,
+            hang_up_after_first=fault == "421-then-hang-up",
+            silent=fault in ("silent", "cancelled"),
+            split=fault == "drip",
+            drip=0.1,  # 0.1 s a byte: an answer takes 14 s
         )
         async with server:
-            client = await connected(server.port, timeout=0.5)
+            client = await connected(server.port)
+            client.timeout = 0.5
             try:
+                send = asyncio.ensure_future(
+                    mailer.sendmail(client, "a@example.org", ["b@x.org"], MESSAGE)
+                )
+                if fault == "cancelled":
+                    while not server.groups:  # the commands arrived: it waits for answers
+                        await asyncio.sleep(0.01)
+                    send.cancel()
                 async with asyncio.timeout(10):
-                    with pytest.raises(errors[fault]):
-                        await mailer.sendmail(client, "a@example.org", ["b@x.org"], MESSAGE)
+                    with pytest.raises(errors[fault]) as raised:
+                        await send
+                if fault == "421-then-hang-up":
+                    assert isinstance(raised.value, aiosmtplib.SMTPSenderRefused)
+                    assert (raised.value.code, raised.value.sender) == (421, "a@example.org")
                 assert not client.is_connected
                 assert server.messages == []
             finally:
