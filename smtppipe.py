@@ -109,6 +109,8 @@ class _Answers(asyncio.Protocol):
 
     async def next(self) -> SMTPResponse:
         """The next answer, in the order the commands were written."""
+        if self._answers:  # it came with an earlier one
+            return self._answers.popleft()
         try:
             async with asyncio.timeout(self._timeout):
                 while not self._answers:
