@@ -19,6 +19,8 @@ import pytest
 import uvloop
 
 import mailer
+from config import Settings
+from messages import new_job
 from tests.support import SmtpRecorder, start_smtp
 
 LOOPS = ["asyncio", "uvloop"]
@@ -360,5 +362,36 @@ async def test_aiosmtpd_gets_what_aiosmtplibs_sendmail_sends(
             client.close()
             server.server.close()
             await server.server.wait_closed()
+
+    await on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_the_worker_pool_sends_pipelined(loop: str) -> None:
+    """The worker's SmtpPool (built mail, envelope, pooled connection) goes through the
+    pipelined transaction: the hand-written server stalls any other client. Two mails on
+    one connection; a refused recipient comes back in the result."""
+
+    async def scenario() -> None:
+        async with Pipelined(answer=refusing) as server:
+            settings = Settings(
+                smtp_host="127.0.0.1", smtp_port=server.port, smtp_security="none", smtp_timeout=5
+            )
+            pool = mailer.SmtpPool(settings, 1)
+            try:
+                first = await pool.send(new_job(to="b@example.com", subject="s", text="one"))
+                job = new_job(to=["c@example.com", "nobody@example.com"], subject="s", text="two")
+                second = await pool.send(job)
+            finally:
+                await pool.close()
+        assert first.accepted == ("b@example.com",) and first.refused == {}
+        assert second.accepted == ("c@example.com",)
+        assert set(second.refused) == {"nobody@example.com"}
+        assert second.refused["nobody@example.com"][0] == 550
+        assert [group[1:] for group in server.groups] == [
+            [b"RCPT TO:<b@example.com>", b"DATA"],
+            [b"RCPT TO:<c@example.com>", b"RCPT TO:<nobody@example.com>", b"DATA"],
+        ]
+        assert len(server.messages) == 2 and b"\r\n\r\none\r\n" in server.messages[0]
 
     await on_loop(loop, scenario)
