@@ -20,6 +20,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.charset import QP, Charset
@@ -139,7 +140,7 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
 def render(job: MailJob, mail_from: str) -> bytes | None:
     """The bytes :func:`build_mime` would flatten to (as aiosmtplib flattens it), made
     without the email package's generator for every mail; None when an address needs
-    SMTPUTF8 (then :func:`build_mime` and ``send_message`` do it).
+    SMTPUTF8 (then :func:`build_mime` and aiosmtplib's flattening do it).
 
     The content (MIME headers and encoded body) is flattened once per distinct text and
     HTML and reused; a header line that fits in 78 characters as it is, is written as it
@@ -488,11 +489,27 @@ def is_plain_envelope_address(address: str) -> bool:
     return _PLAIN_ENVELOPE.fullmatch(address) is not None
 
 
+async def ehlo_or_helo(client: aiosmtplib.SMTP) -> None:
+    """EHLO once per connection, HELO when EHLO is refused (as aiosmtplib's commands do)."""
+    if client.is_ehlo_or_helo_needed:
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            if not client.is_connected:
+                raise
+            await client.helo()
+
+
 async def sendmail(
-    client: aiosmtplib.SMTP, sender: str, recipients: list[str], message: bytes
+    client: aiosmtplib.SMTP,
+    sender: str,
+    recipients: list[str],
+    message: bytes,
+    mail_options: Sequence[str] = (),
 ) -> dict[str, aiosmtplib.SMTPResponse]:
-    """``client.sendmail(sender, recipients, message)``'s refused recipients, with the
-    same commands, answers and errors. For everyday addresses (those that
+    """``client.sendmail(sender, recipients, message, mail_options=mail_options)``'s
+    refused recipients, with the same commands, answers and errors. For everyday
+    addresses (those that
     :func:`is_plain_envelope_address` accepts)
     the commands are written here: aiosmtplib parses each address twice with
     email.utils (8 us a time, about 5% of the worker's CPU per mail); its ``<address>``
@@ -500,19 +517,15 @@ async def sendmail(
     together). When the server offers PIPELINING the transaction is pipelined
     (:mod:`smtppipe`). Any other address goes through aiosmtplib's own ``sendmail``."""
     if not all(map(is_plain_envelope_address, (sender, *recipients))):
-        answered, _ = await client.sendmail(sender, recipients, message)
+        answered, _ = await client.sendmail(
+            sender, recipients, message, mail_options=list(mail_options)
+        )
         return answered
-    if client.is_ehlo_or_helo_needed:
-        try:
-            await client.ehlo()
-        except aiosmtplib.SMTPHeloError:
-            if not client.is_connected:
-                raise
-            await client.helo()  # as aiosmtplib does: HELO when EHLO is refused
-    options = []
+    await ehlo_or_helo(client)
+    options = [option.encode("ascii") for option in mail_options]
     normalized = normalize_message_line_endings(message)
     if client.supports_extension("size"):  # RFC 1870: the octets as sent, CRLFs included
-        options.append(b"size=%d" % len(normalized))
+        options.insert(0, b"size=%d" % len(normalized))
     refused: dict[str, aiosmtplib.SMTPResponse] = {}
     try:
         if smtppipe.offered(client):
@@ -863,18 +876,13 @@ class SmtpPool:
                 client, reused = await self._checkout()
                 if isinstance(message, bytes):
                     refused = await sendmail(client, sender, list(envelope), message)
-                elif self.signer is not None:
-                    data, options = await self._flatten(client, message, sender, envelope)
-                    refused, _ = await client.sendmail(
-                        sender,
-                        list(envelope),
-                        await self._sign(data, job),
-                        mail_options=options,
-                    )
                 else:
-                    refused, _ = await client.send_message(
-                        message, sender=sender, recipients=list(envelope)
-                    )
+                    # What aiosmtplib's send_message would send, through sendmail above
+                    # (pipelined where offered), DKIM-signed when set up.
+                    data, options = await self._flatten(client, message, sender, envelope)
+                    if self.signer is not None:
+                        data = await self._sign(data, job)
+                    refused = await sendmail(client, sender, list(envelope), data, options)
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 assert client is not None
                 await self._reset_or_discard(client)
@@ -932,9 +940,8 @@ class SmtpPool:
     async def _flatten(
         client: aiosmtplib.SMTP, message: Message, sender: str, envelope: dict[str, str]
     ) -> tuple[bytes, list[str]]:
-        """What ``send_message`` would send (and its MAIL options), as bytes to sign."""
-        if client.is_ehlo_or_helo_needed:
-            await client.ehlo()
+        """What aiosmtplib's ``send_message`` would send, and its MAIL options."""
+        await ehlo_or_helo(client)
         options = []
         utf8 = not (sender + "".join(envelope)).isascii()
         if utf8:

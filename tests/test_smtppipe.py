@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -300,13 +301,24 @@ async def test_a_lost_silent_or_garbled_server_closes_the_client(loop: str, faul
 @dataclass
 class PipeliningRecorder(SmtpRecorder):
     """aiosmtpd's handler that also offers PIPELINING (aiosmtpd reads commands one line
-    at a time, so commands written ahead simply wait their turn)."""
+    at a time, so commands written ahead simply wait their turn) and records each MAIL's
+    options."""
+
+    mail_options: list[list[str]] = field(default_factory=list)
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
         return [*responses[:-1], "250-PIPELINING", responses[-1]]  # before "250 HELP"
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self.mail_options.append(list(options))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
 
 async def refuse_nobody(address: str) -> str | None:
@@ -395,3 +407,73 @@ async def test_the_worker_pool_sends_pipelined(loop: str) -> None:
         assert len(server.messages) == 2 and b"\r\n\r\none\r\n" in server.messages[0]
 
     await on_loop(loop, scenario)
+
+
+BUILT: dict[str, Any] = {  # a mail built with the email package (build_mime)
+    "to": "b@example.com",
+    "subject": "built",
+    "text": "text ü",
+    "headers": {"X-Campaign": "c"},
+    "attachments": [{"filename": "a.txt", "content": "eA=="}],
+}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_a_built_mail_goes_pipelined_too(loop: str) -> None:
+    """A mail with attachments or its own headers (a MIME message, flattened as
+    aiosmtplib's send_message would) goes through the same pipelined transaction."""
+
+    async def scenario() -> None:
+        async with Pipelined() as server:
+            settings = Settings(
+                smtp_host="127.0.0.1", smtp_port=server.port, smtp_security="none", smtp_timeout=5
+            )
+            pool = mailer.SmtpPool(settings, 1)
+            try:
+                result = await pool.send(new_job(**BUILT))
+            finally:
+                await pool.close()
+        assert result.accepted == ("b@example.com",)
+        ((mail, *rest),) = server.groups
+        assert mail.startswith(b"MAIL FROM:<") and b" size=" in mail  # no 8BITMIME offered
+        assert rest == [b"RCPT TO:<b@example.com>", b"DATA"]
+        (message,) = server.messages
+        assert b"X-Campaign: c" in message and b'filename="a.txt"' in message
+
+    await on_loop(loop, scenario)
+
+
+async def test_a_built_mail_is_what_aiosmtplibs_send_message_sends(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Against aiosmtpd offering PIPELINING and 8BITMIME: the pool's flattening and
+    transaction give the server the same envelope, MAIL options (SIZE, BODY=8BITMIME) and
+    bytes as aiosmtplib's send_message of the same MIME message."""
+    recorder = PipeliningRecorder()
+    server = await start_smtp("none", None, auth=False, recorder=recorder)
+    settings = make_settings(smtp_host="127.0.0.1", smtp_port=server.port, smtp_security="none")
+    job = new_job(**BUILT)
+    built = mailer.build_mime(job, settings.mail_from)
+    pool = mailer.SmtpPool(settings, 1)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port, timeout=5, start_tls=False)
+    try:
+        assert (await pool.send(job)).accepted == ("b@example.com",)
+        await client.connect()
+        await client.send_message(built, sender=settings.mail_from, recipients=["b@example.com"])
+    finally:
+        await pool.close()
+        client.close()
+        server.server.close()
+        await server.server.wait_closed()
+    ours, theirs = recorder.received
+
+    def same_boundary(data: bytes) -> bytes:  # the email package draws one for each build
+        return re.sub(rb"={15}\d+==", b"=BOUNDARY=", data)
+
+    assert (ours.mail_from, ours.rcpt_tos, same_boundary(ours.data)) == (
+        theirs.mail_from,
+        theirs.rcpt_tos,
+        same_boundary(theirs.data),
+    )
+    assert recorder.mail_options[0] == recorder.mail_options[1]
+    assert "BODY=8BITMIME" in recorder.mail_options[0]
