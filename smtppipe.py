@@ -12,7 +12,8 @@ afterwards, and is told meanwhile if the connection ends, so the client knows it
 closed. Outcomes and errors are those of aiosmtplib's ``sendmail``: the refused
 recipients, or ``SMTPSenderRefused``, ``SMTPRecipientsRefused``, ``SMTPDataError``, a
 read timeout or a lost connection (the last two close the client, as aiosmtplib does;
-so does a garbled answer or a cancelled transaction).
+so does a garbled answer or a cancelled transaction). A 421 (the server is closing the
+connection) ends the transaction at once, with what aiosmtplib raises at that command.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class _Answers(asyncio.Protocol):
         self._timeout = timeout  # seconds for each whole answer
         self._buffer = bytearray()
         self._answers: deque[SMTPResponse] = deque()
-        self.first: SMTPResponse | None = None  # the first answer (MAIL's)
         self._error: aiosmtplib.SMTPException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.lost = False  # the connection ended and ``inner`` was told
@@ -55,7 +55,6 @@ class _Answers(asyncio.Protocol):
         try:
             while (answer := self._parse()) is not None:
                 self._answers.append(answer)
-                self.first = self.first or answer
         except aiosmtplib.SMTPResponseException as exc:
             self._fail(exc)
         if self._answers:
@@ -150,7 +149,13 @@ async def transaction(
         commands = [mail, *(b"RCPT TO:<%s>" % r.encode() for r in recipients), b"DATA"]
         transport.write(b"\r\n".join(commands) + b"\r\n")
         begun = await answers.next()
-        replies = [await answers.next() for _ in recipients]
+        if begun.code == SMTPStatus.domain_unavailable:
+            raise aiosmtplib.SMTPSenderRefused(begun.code, begun.message, sender)
+        replies: list[SMTPResponse] = []
+        for _ in recipients:
+            replies.append(reply := await answers.next())
+            if reply.code == SMTPStatus.domain_unavailable:
+                _closing_after(recipients, replies)
         data = await answers.next()
         accepted = sum(a.code in _ACCEPTED for a in replies)
         if data.code == SMTPStatus.start_input:
@@ -162,23 +167,15 @@ async def transaction(
             else:
                 transport.write(_LEADING_DOT.sub(b"..", message) + b".\r\n")
                 end = await answers.next()
-    except aiosmtplib.SMTPServerDisconnected as exc:
-        _restore(transport, answers, protocol)
-        client.close()
-        first = answers.first
-        if first is not None and first.code == SMTPStatus.domain_unavailable:
-            # 421 to MAIL, then the server hung up: its answer, as aiosmtplib gives it.
-            raise aiosmtplib.SMTPSenderRefused(first.code, first.message, sender) from exc
-        raise
     except BaseException:
-        # Timed out, a malformed answer, cancelled: what still comes could not be paired
-        # with its command.
+        # Lost, timed out, a malformed answer, a 421 (the server is closing the
+        # connection), cancelled: what still comes could not be paired with its command.
         _restore(transport, answers, protocol)
         client.close()
         raise
     _restore(transport, answers, protocol)
-    if SMTPStatus.domain_unavailable in (begun.code, data.code, *(a.code for a in replies)):
-        client.close()  # 421: the server is closing the connection (as aiosmtplib does)
+    if data.code == SMTPStatus.domain_unavailable:
+        client.close()
     if begun.code != SMTPStatus.completed:
         raise aiosmtplib.SMTPSenderRefused(begun.code, begun.message, sender)
     refused = {r: a for r, a in zip(recipients, replies, strict=True) if a.code not in _ACCEPTED}
@@ -192,6 +189,19 @@ async def transaction(
     if end.code != SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(end.code, end.message)
     return refused
+
+
+def _closing_after(recipients: list[str], replies: list[SMTPResponse]) -> None:
+    """A 421 to the last RCPT answered: raise what aiosmtplib's sendmail raises then (it
+    closes the client at a 421, so its next command finds no connection)."""
+    if len(replies) < len(recipients) or any(a.code in _ACCEPTED for a in replies):
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    raise aiosmtplib.SMTPRecipientsRefused(
+        [
+            aiosmtplib.SMTPRecipientRefused(a.code, a.message, r)
+            for r, a in zip(recipients, replies, strict=True)
+        ]
+    )
 
 
 def _restore(transport: asyncio.BaseTransport, answers: _Answers, inner: SMTPProtocol) -> None:

@@ -53,7 +53,8 @@ class Pipelined:
     end_answer: bytes = b"250 2.0.0 queued"
     silent: bool = False  # read the group, answer nothing
     hang_up: bool = False  # read the group, close the connection
-    hang_up_after_first: bool = False  # read the group, answer MAIL, close the connection
+    only_first: int = 0  # read the group, answer only the first this many commands, then:
+    then_hang_up: bool = False  # close the connection (else wait for the client to close)
     tls: ssl.SSLContext | None = None  # implicit TLS
     groups: list[list[bytes]] = field(default_factory=list)  # commands of each group
     messages: list[bytes] = field(default_factory=list)  # data as it arrived, dots and all
@@ -106,9 +107,12 @@ class Pipelined:
             await reader.read()  # until the client gives up and closes
             return
         answers = [self.answer(command) for command in group]
-        if self.hang_up_after_first:
-            await self.write(writer, answers[0] + b"\r\n")
-            writer.close()
+        if self.only_first:
+            await self.write(writer, b"".join(a + b"\r\n" for a in answers[: self.only_first]))
+            if self.then_hang_up:
+                writer.close()
+            else:
+                await reader.read()
             return
         await self.write(writer, b"".join(a + b"\r\n" for a in answers))
         if answers[-1].startswith(b"354"):
@@ -239,16 +243,30 @@ async def test_refusals_are_what_aiosmtplib_raises_and_the_connection_stays_usab
 
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize(
-    "fault", ["hang-up", "421-then-hang-up", "silent", "drip", "malformed", "cancelled"]
+    "fault",
+    [
+        "hang-up",
+        "421-then-hang-up",
+        "421-then-silence",
+        "rcpt-421-then-hang-up",
+        "silent",
+        "drip",
+        "malformed",
+        "cancelled",
+    ],
 )
 async def test_a_lost_silent_or_garbled_server_closes_the_client(loop: str, fault: str) -> None:
     """As aiosmtplib: a lost connection, a read timeout (SMTP_TIMEOUT for each whole
     answer, however it trickles in) or an answer that cannot be parsed is raised, and the
     client is closed (what still comes could not be paired with its commands); so is a
-    transaction cancelled midway. A 421 to MAIL and a hang-up is the server's refusal."""
+    transaction cancelled midway. A 421 (the server closes the connection) ends the
+    transaction at once, with what aiosmtplib raises: to MAIL, the sender refused; to the
+    only RCPT, the recipient refused."""
     errors: dict[str, type[BaseException]] = {
         "hang-up": aiosmtplib.SMTPServerDisconnected,
         "421-then-hang-up": aiosmtplib.SMTPSenderRefused,
+        "421-then-silence": aiosmtplib.SMTPSenderRefused,
+        "rcpt-421-then-hang-up": aiosmtplib.SMTPRecipientsRefused,
         "silent": aiosmtplib.SMTPReadTimeoutError,
         "drip": aiosmtplib.SMTPReadTimeoutError,
         "malformed": aiosmtplib.SMTPResponseException,
@@ -258,7 +276,9 @@ async def test_a_lost_silent_or_garbled_server_closes_the_client(loop: str, faul
     def answer(command: bytes) -> bytes:
         if fault == "malformed":
             return b"this is no answer"
-        if fault == "421-then-hang-up":
+        if fault.startswith("421") and command.startswith(b"MAIL"):
+            return b"421 4.3.2 shutting down"
+        if fault.startswith("rcpt-421") and command.startswith(b"RCPT"):
             return b"421 4.3.2 shutting down"
         if fault == "drip":
             return b"250 " + b"slowly " * 20
@@ -268,7 +288,10 @@ async def test_a_lost_silent_or_garbled_server_closes_the_client(loop: str, faul
         server = Pipelined(
             answer=answer,
             hang_up=fault == "hang-up",
-            hang_up_after_first=fault == "421-then-hang-up",
+            only_first={"421-then-hang-up": 1, "421-then-silence": 1}.get(
+                fault, 2 if fault == "rcpt-421-then-hang-up" else 0
+            ),
+            then_hang_up=fault.endswith("then-hang-up"),
             silent=fault in ("silent", "cancelled"),
             split=fault == "drip",
             drip=0.1,  # 0.1 s a byte: an answer takes 14 s
@@ -287,9 +310,14 @@ async def test_a_lost_silent_or_garbled_server_closes_the_client(loop: str, faul
                 async with asyncio.timeout(10):
                     with pytest.raises(errors[fault]) as raised:
                         await send
-                if fault == "421-then-hang-up":
+                if fault.startswith("421"):
                     assert isinstance(raised.value, aiosmtplib.SMTPSenderRefused)
                     assert (raised.value.code, raised.value.sender) == (421, "a@example.org")
+                if fault.startswith("rcpt-421"):
+                    assert isinstance(raised.value, aiosmtplib.SMTPRecipientsRefused)
+                    assert [(r.code, r.recipient) for r in raised.value.recipients] == [
+                        (421, "b@x.org")
+                    ]
                 assert not client.is_connected
                 assert server.messages == []
             finally:
