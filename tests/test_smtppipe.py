@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiosmtpd.smtp
 import aiosmtplib
 import pytest
 import uvloop
@@ -471,23 +472,25 @@ async def test_a_built_mail_goes_pipelined_too(loop: str) -> None:
     await on_loop(loop, scenario)
 
 
+@pytest.mark.parametrize("to", ["b@example.com", "jürgen@example.com"])
 async def test_a_built_mail_is_what_aiosmtplibs_send_message_sends(
-    make_settings: Callable[..., Settings],
+    make_settings: Callable[..., Settings], to: str
 ) -> None:
     """Against aiosmtpd offering PIPELINING and 8BITMIME: the pool's flattening and
-    transaction give the server the same envelope, MAIL options (SIZE, BODY=8BITMIME) and
+    transaction give the server the same envelope, MAIL options (SIZE, BODY=8BITMIME; and
+    SMTPUTF8 for an address that needs it, which goes through aiosmtplib's sendmail) and
     bytes as aiosmtplib's send_message of the same MIME message."""
     recorder = PipeliningRecorder()
     server = await start_smtp("none", None, auth=False, recorder=recorder)
     settings = make_settings(smtp_host="127.0.0.1", smtp_port=server.port, smtp_security="none")
-    job = new_job(**BUILT)
+    job = new_job(**{**BUILT, "to": to})
     built = mailer.build_mime(job, settings.mail_from)
     pool = mailer.SmtpPool(settings, 1)
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.port, timeout=5, start_tls=False)
     try:
-        assert (await pool.send(job)).accepted == ("b@example.com",)
+        assert (await pool.send(job)).accepted == (to,)
         await client.connect()
-        await client.send_message(built, sender=settings.mail_from, recipients=["b@example.com"])
+        await client.send_message(built, sender=settings.mail_from, recipients=[to])
     finally:
         await pool.close()
         client.close()
@@ -505,3 +508,50 @@ async def test_a_built_mail_is_what_aiosmtplibs_send_message_sends(
     )
     assert recorder.mail_options[0] == recorder.mail_options[1]
     assert "BODY=8BITMIME" in recorder.mail_options[0]
+    assert ("SMTPUTF8" in recorder.mail_options[0]) == (not to.isascii())
+
+
+class _NoEhlo(aiosmtpd.smtp.SMTP):
+    """An old server: EHLO is not a command it knows (HELO is)."""
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self.push("502 5.5.2 Error: command not recognized")
+
+
+async def test_a_built_mail_falls_back_to_helo_like_aiosmtplib() -> None:
+    recorder = SmtpRecorder()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _NoEhlo(recorder), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = Settings(smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", smtp_timeout=5)
+    pool = mailer.SmtpPool(settings, 1)
+    try:
+        assert (await pool.send(new_job(**BUILT))).accepted == ("b@example.com",)
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+    (received,) = recorder.received
+    assert b"X-Campaign: c" in received.data
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_a_421_to_a_recipient_before_the_last_is_a_lost_connection(loop: str) -> None:
+    """As aiosmtplib, which closes at the 421 and finds no connection for the next RCPT."""
+
+    def answer(command: bytes) -> bytes:
+        if command == b"RCPT TO:<b@x.org>":
+            return b"421 4.3.2 shutting down"
+        return default_answer(command)
+
+    async def scenario() -> None:
+        async with Pipelined(answer=answer, only_first=2, then_hang_up=True) as server:
+            client = await connected(server.port)
+            try:
+                with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+                    await mailer.sendmail(client, "a@x.org", ["b@x.org", "c@x.org"], MESSAGE)
+                assert not client.is_connected
+            finally:
+                client.close()
+
+    await on_loop(loop, scenario)
