@@ -535,15 +535,10 @@ async def sendmail(
             raise aiosmtplib.SMTPSenderRefused(answer.code, answer.message, sender)
         for recipient in recipients:
             answer = await client.execute_command(b"RCPT", b"TO:<%s>" % recipient.encode())
-            if answer.code not in (
-                aiosmtplib.SMTPStatus.completed,
-                aiosmtplib.SMTPStatus.will_forward,
-            ):
+            if answer.code not in smtppipe.ACCEPTED:
                 refused[recipient] = answer
         if len(refused) == len(recipients):
-            raise aiosmtplib.SMTPRecipientsRefused(
-                [aiosmtplib.SMTPRecipientRefused(a.code, a.message, r) for r, a in refused.items()]
-            )
+            raise smtppipe.recipients_refused(refused)
         await client.data(normalized)
     except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
         with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):

@@ -30,7 +30,14 @@ from aiosmtplib.protocol import SMTPProtocol
 # The longest answer kept (aiosmtplib allows 32 KiB; a real one is a line or a few).
 MAX_ANSWER_BYTES = 32 * 1024
 _LEADING_DOT = re.compile(rb"(?m)^\.")  # RFC 5321 4.5.2: a line's leading dot is doubled
-_ACCEPTED = (SMTPStatus.completed, SMTPStatus.will_forward)
+ACCEPTED = (SMTPStatus.completed, SMTPStatus.will_forward)  # what RCPT answers when it takes one
+
+
+def recipients_refused(refused: dict[str, SMTPResponse]) -> aiosmtplib.SMTPRecipientsRefused:
+    """The error aiosmtplib's sendmail raises when every recipient was ``refused``."""
+    return aiosmtplib.SMTPRecipientsRefused(
+        [aiosmtplib.SMTPRecipientRefused(a.code, a.message, r) for r, a in refused.items()]
+    )
 
 
 def offered(client: aiosmtplib.SMTP) -> bool:
@@ -157,7 +164,7 @@ async def transaction(
             if reply.code == SMTPStatus.domain_unavailable:
                 _closing_after(recipients, replies)
         data = await answers.next()
-        accepted = sum(a.code in _ACCEPTED for a in replies)
+        accepted = sum(a.code in ACCEPTED for a in replies)
         if data.code == SMTPStatus.start_input:
             if begun.code != SMTPStatus.completed or not accepted:
                 # RFC 2920 3.1: the server takes data although no transaction was begun;
@@ -178,11 +185,9 @@ async def transaction(
         client.close()
     if begun.code != SMTPStatus.completed:
         raise aiosmtplib.SMTPSenderRefused(begun.code, begun.message, sender)
-    refused = {r: a for r, a in zip(recipients, replies, strict=True) if a.code not in _ACCEPTED}
+    refused = {r: a for r, a in zip(recipients, replies, strict=True) if a.code not in ACCEPTED}
     if not accepted:
-        raise aiosmtplib.SMTPRecipientsRefused(
-            [aiosmtplib.SMTPRecipientRefused(a.code, a.message, r) for r, a in refused.items()]
-        )
+        raise recipients_refused(refused)
     if data.code != SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(data.code, data.message)
     assert end is not None
@@ -194,14 +199,9 @@ async def transaction(
 def _closing_after(recipients: list[str], replies: list[SMTPResponse]) -> None:
     """A 421 to the last RCPT answered: raise what aiosmtplib's sendmail raises then (it
     closes the client at a 421, so its next command finds no connection)."""
-    if len(replies) < len(recipients) or any(a.code in _ACCEPTED for a in replies):
+    if len(replies) < len(recipients) or any(a.code in ACCEPTED for a in replies):
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    raise aiosmtplib.SMTPRecipientsRefused(
-        [
-            aiosmtplib.SMTPRecipientRefused(a.code, a.message, r)
-            for r, a in zip(recipients, replies, strict=True)
-        ]
-    )
+    raise recipients_refused(dict(zip(recipients, replies, strict=True)))
 
 
 def _restore(transport: asyncio.BaseTransport, answers: _Answers, inner: SMTPProtocol) -> None:
