@@ -140,6 +140,21 @@ class SmtpServer:
         return out
 
 
+class NoEhloSmtp(SMTP):
+    """An old server: EHLO is not a command it knows (HELO is)."""
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self.push("502 5.5.2 Error: command not recognized")
+
+
+async def start_no_ehlo(recorder: SmtpRecorder) -> tuple[asyncio.Server, int]:
+    """A :class:`NoEhloSmtp` server on a free loopback port, and the port."""
+    server = await asyncio.get_running_loop().create_server(
+        lambda: NoEhloSmtp(recorder), "127.0.0.1", 0
+    )
+    return server, server.sockets[0].getsockname()[1]
+
+
 async def start_smtp(
     security: Security,
     tls: ssl.SSLContext | None,

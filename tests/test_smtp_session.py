@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiosmtpd.smtp
 import aiosmtplib
 import pytest
 import trustme
@@ -31,6 +30,7 @@ from tests.support import (
     Security,
     SmtpRecorder,
     SmtpServer,
+    start_no_ehlo,
     start_smtp,
 )
 
@@ -351,18 +351,9 @@ async def refuse_nobody(address: str) -> str | None:
     return "550 5.1.1 no such user" if address.startswith("nobody") else None
 
 
-class _NoEhlo(aiosmtpd.smtp.SMTP):
-    """An old server: EHLO is not a command it knows (HELO is)."""
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        await self.push("502 5.5.2 Error: command not recognized")
-
-
 async def test_the_transaction_falls_back_to_helo_like_aiosmtplib() -> None:
     recorder = SmtpRecorder()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _NoEhlo(recorder), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await start_no_ehlo(recorder)
     message = b"Subject: s\n\nold server\n"
     try:
         for send in ("ours", "aiosmtplib"):

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosmtpd.smtp
 import aiosmtplib
 import pytest
 import uvloop
@@ -23,7 +22,7 @@ import uvloop
 import mailer
 from config import Settings
 from messages import new_job
-from tests.support import SmtpRecorder, start_smtp
+from tests.support import SmtpRecorder, start_no_ehlo, start_smtp
 
 LOOPS = ["asyncio", "uvloop"]
 MESSAGE = b"Subject: s\r\n\r\nline\r\n.leading dot\r\nend\r\n"
@@ -511,18 +510,9 @@ async def test_a_built_mail_is_what_aiosmtplibs_send_message_sends(
     assert ("SMTPUTF8" in recorder.mail_options[0]) == (not to.isascii())
 
 
-class _NoEhlo(aiosmtpd.smtp.SMTP):
-    """An old server: EHLO is not a command it knows (HELO is)."""
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        await self.push("502 5.5.2 Error: command not recognized")
-
-
 async def test_a_built_mail_falls_back_to_helo_like_aiosmtplib() -> None:
     recorder = SmtpRecorder()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _NoEhlo(recorder), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server, port = await start_no_ehlo(recorder)
     settings = Settings(smtp_host="127.0.0.1", smtp_port=port, smtp_security="none", smtp_timeout=5)
     pool = mailer.SmtpPool(settings, 1)
     try:
