@@ -33,6 +33,7 @@ _DEFAULT_SMTP_PORTS: dict[str, int] = {"ssl": 465, "starttls": 587, "none": 25}
 # sent wait for their record write or a connection, so one commit and one ack cover many
 # (measured in bench/bench.py's drain: 1341 -> 1691 mails/s at concurrency 16).
 PREFETCH_PER_SEND = 4
+PRIORITY_RANGE = 100  # WORKER_PRIORITY from -100 to 100
 
 T = TypeVar("T")
 
@@ -102,6 +103,9 @@ class Settings:
     port: int = 5000
     worker_concurrency: int = 16  # SMTP transactions at once (and connections in the pool)
     worker_prefetch: int = 0  # messages a worker holds at once; 0: 4 x worker_concurrency
+    # RabbitMQ consumer priority: a worker gets messages only while every worker of a
+    # higher one holds a full prefetch (launcher.py's overflow workers have one less).
+    worker_priority: int = 0
     publish_timeout: float = 5.0
     connect_timeout: float = 5.0
     shutdown_grace: float = 30.0
@@ -349,6 +353,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         port=conv("PORT", _port, 5000),
         worker_concurrency=concurrency,
         worker_prefetch=prefetch,
+        worker_priority=conv("WORKER_PRIORITY", _priority, 0),
         publish_timeout=conv("PUBLISH_TIMEOUT", _positive_float, 5.0),
         connect_timeout=conv("CONNECT_TIMEOUT", _positive_float, 5.0),
         shutdown_grace=conv("SHUTDOWN_GRACE", _positive_float, 30.0),
@@ -424,6 +429,13 @@ def _whole(value: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"must be a whole number, not {value!r}") from None
+
+
+def _priority(value: str) -> int:
+    number = _whole(value)
+    if not -PRIORITY_RANGE <= number <= PRIORITY_RANGE:
+        raise ValueError(f"must be between {-PRIORITY_RANGE} and {PRIORITY_RANGE}, not {value}")
+    return number
 
 
 def _port(value: str) -> int:

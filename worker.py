@@ -116,7 +116,12 @@ class Worker:
                 ),
             )
         metrics.SMTP_CONNECTIONS.set_function(lambda: self.pool.connections_open)
-        metrics.IN_FLIGHT.set_function(lambda: len(self._inflight))
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Messages this worker holds now (taken from RabbitMQ, not yet settled)."""
+        return len(self._inflight)
 
     def health_problem(self) -> str | None:
         """Why this worker cannot consume now, or None (what ``GET /healthz`` reports)."""
@@ -156,12 +161,17 @@ class Worker:
                 assert self.broker.connection is not None
                 await self.webhooks.start(self.broker.connection)
             queue = await self._consume_queue()
-            tag = await queue.consume(self._on_message, no_ack=False)
+            # A consumer priority other than 0 only when set: RabbitMQ then hands this
+            # worker messages only while every worker of a higher priority is full.
+            priority = self.settings.worker_priority
+            arguments = {"x-priority": priority} if priority else None
+            tag = await queue.consume(self._on_message, no_ack=False, arguments=arguments)
             log.info(
-                "consuming %s (concurrency %d, prefetch %d, SMTP %s:%d %s, EHLO %s)",
+                "consuming %s (concurrency %d, prefetch %d, priority %d, SMTP %s:%d %s, EHLO %s)",
                 queue.name,
                 self.settings.worker_concurrency,
                 self.settings.worker_prefetch,
+                priority,
                 self.settings.smtp_host,
                 self.settings.smtp_port,
                 self.settings.smtp_security,

@@ -36,6 +36,8 @@ def test_prefetch_follows_concurrency_unless_set() -> None:
     both = {"WORKER_CONCURRENCY": "5", "WORKER_PREFETCH": "5"}
     assert Settings.from_env(both, env_file=None).worker_prefetch == 5
     assert Settings(worker_concurrency=100).worker_prefetch == 400
+    assert Settings.from_env({}, env_file=None).worker_priority == 0
+    assert Settings.from_env({"WORKER_PRIORITY": "-100"}, env_file=None).worker_priority == -100
     with pytest.raises(ValueError, match="worker_prefetch"):
         Settings(worker_concurrency=8, worker_prefetch=4)
 
@@ -58,6 +60,8 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         ({"WORKER_PREFETCH": "0"}, "WORKER_PREFETCH"),
         ({"WORKER_PREFETCH": "many"}, "WORKER_PREFETCH"),
         ({"WORKER_CONCURRENCY": "8", "WORKER_PREFETCH": "7"}, "WORKER_PREFETCH"),
+        ({"WORKER_PRIORITY": "101"}, "WORKER_PRIORITY"),
+        ({"WORKER_PRIORITY": "low"}, "WORKER_PRIORITY"),
         ({"SMTP_TIMEOUT": "-1"}, "SMTP_TIMEOUT"),
         ({"PUBLISH_TIMEOUT": "soon"}, "PUBLISH_TIMEOUT"),
         ({"ATTEMPT_LEASE": "0.5"}, "ATTEMPT_LEASE"),

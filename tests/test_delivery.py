@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -170,6 +171,99 @@ async def test_prefetch_holds_more_than_it_sends(
         gate.set()
         server.server.close()
         await server.server.wait_closed()
+
+
+class HeldData:
+    """An aiosmtpd DATA hook that holds every mail until ``gate`` opens, counting them."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        self.gate = gate
+        self.sending = 0
+
+    async def __call__(self, envelope: Envelope) -> None:
+        self.sending += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.sending -= 1
+
+
+async def wait_until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout}s: {what}") from None
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_overflow_worker_takes_only_what_the_others_cannot_hold(
+    make_settings: Callable[..., Settings], server_tls: ssl.SSLContext, queue_type: str
+) -> None:
+    """WORKER_PRIORITY: a worker of a lower priority gets no message while a worker of a
+    higher one has room in its prefetch, and takes the backlog once that one is full.
+    (The overflow worker starts first: RabbitMQ would otherwise hand it every other one.)"""
+    gate = asyncio.Event()
+    held_first, held_overflow = HeldData(gate), HeldData(gate)
+    first_smtp = await start_smtp("none", server_tls, False, SmtpRecorder(on_data=held_first))
+    overflow_smtp = await start_smtp("none", server_tls, False, SmtpRecorder(on_data=held_overflow))
+    try:
+        first = make_settings(
+            **first_smtp.settings_overrides(None, login=False),
+            worker_concurrency=2,
+            worker_prefetch=4,
+            queue_type=queue_type,
+        )
+        overflow = dataclasses.replace(
+            first, **overflow_smtp.settings_overrides(None, login=False), worker_priority=-1
+        )
+        send_queue = Names.for_prefix(first.queue_prefix).send_queue
+        async with running_app(first) as (app, client):
+            await wait_ready(app)
+            async with running_worker(overflow) as spare, running_worker(first) as worker:
+                for n in range(3):
+                    assert (await client.get(f"/?sendmail=a{n}@example.com")).status_code == 200
+                await wait_until(
+                    lambda: held_first.sending == 2 and worker.in_flight == 3,
+                    "the first worker sends two and holds the third",
+                )
+                assert await queue_depth(send_queue) == 0
+                assert spare.in_flight == 0 and overflow_smtp.recorder.connections == 0
+                for n in range(6):
+                    assert (await client.get(f"/?sendmail=b{n}@example.com")).status_code == 200
+                # The first holds four (its prefetch), the overflow worker four, one waits.
+                await wait_until(
+                    lambda: worker.in_flight == 4 and spare.in_flight == 4,
+                    "both workers hold a full prefetch",
+                )
+                assert held_first.sending == 2 and held_overflow.sending == 2
+                assert await queue_depth(send_queue) == 1
+                gate.set()
+                await wait_until(
+                    lambda: (
+                        len(first_smtp.recorder.received) + len(overflow_smtp.recorder.received)
+                        == 9
+                    ),
+                    "all nine delivered",
+                )
+                await wait_until(lambda: worker.in_flight + spare.in_flight == 0, "all acked")
+        received = [
+            r
+            for m in (first_smtp, overflow_smtp)
+            for mail in m.recorder.received
+            for r in mail.rcpt_tos
+        ]
+        assert sorted(received) == sorted(
+            [f"a{n}@example.com" for n in range(3)] + [f"b{n}@example.com" for n in range(6)]
+        )
+        assert len(overflow_smtp.recorder.received) >= 4
+        assert await queue_depth(send_queue) == 0
+    finally:
+        gate.set()
+        for server in (first_smtp, overflow_smtp):
+            server.server.close()
+            await server.server.wait_closed()
 
 
 async def wait_dead(settings: Settings, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
