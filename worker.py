@@ -164,7 +164,7 @@ class Worker:
             # A consumer priority other than 0 only when set: RabbitMQ then hands this
             # worker messages only while every worker of a higher priority is full.
             priority = self.settings.worker_priority
-            arguments = {"x-priority": priority} if priority else None
+            arguments: dict[str, Any] | None = {"x-priority": priority} if priority else None
             tag = await queue.consume(self._on_message, no_ack=False, arguments=arguments)
             log.info(
                 "consuming %s (concurrency %d, prefetch %d, priority %d, SMTP %s:%d %s, EHLO %s)",
