@@ -1,6 +1,7 @@
 """Run all of Mailroom on one machine: workers, servers and, without SMTP_HOST, devsmtp.
 
-``python launcher.py [--workers N] [--servers N]`` (what ``scripts/run.sh`` ends with)
+``python launcher.py [--workers N] [--servers N] [--overflow-workers N]`` (what
+``scripts/run.sh`` ends with)
 starts each piece as a child process of this interpreter, waits until every server
 answers ``GET /readyz``, prints the URLs to try, and supervises: on Ctrl-C or SIGTERM it
 stops the children (SIGTERM, then SIGKILL after a bounded wait) and exits 0; if a child
@@ -14,6 +15,11 @@ answers on a private loopback port of its own (``--probe-port``), for the launch
 readiness checks. With several servers their metrics are summed through a directory of
 this run (``PROMETHEUS_MULTIPROC_DIR``). Worker *i* gets ``WORKER_METRICS_PORT`` + *i*
 when that is set.
+
+The overflow workers (one by default) consume with a RabbitMQ consumer priority one below
+WORKER_PRIORITY: RabbitMQ hands them messages only while every other worker holds a full
+WORKER_PREFETCH, so they take a backlog (a batch of hundreds, a burst) on a core the
+others leave idle, and otherwise wait without costing anything.
 
 When ``SMTP_HOST`` is not set, ``devsmtp.py`` is started on a free loopback port and the
 worker is pointed at it, so every mail lands in ``var/outbox/`` as an ``.eml`` file.
@@ -36,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import LISTEN_BACKLOG, Settings
+from config import LISTEN_BACKLOG, PRIORITY_RANGE, Settings
 from errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,10 @@ POLL_INTERVAL = 0.25
 PROBE_TIMEOUT = 2.0  # one connection attempt or HTTP request
 # Beyond SHUTDOWN_GRACE (the worker's drain time) before a child is killed.
 STOP_MARGIN = 15.0
+# Overflow workers by default. On 2 cores (bench/bench.py, 2026-12-06) one more worker
+# taking only the backlog delivered the batch endpoint's mails 1.2-1.3x as fast and took
+# no message with a client per request; see the README's Sizing.
+OVERFLOW_WORKERS = 1
 SMTP_CREDENTIALS = ("SMTP_USERNAME", "SMTP_PASSWORD", "EMAIL_USERNAME", "EMAIL_PASSWORD")
 
 
@@ -175,12 +185,18 @@ def describe_exit(returncode: int) -> str:
 
 class Launcher:
     def __init__(
-        self, settings: Settings, ready_timeout: float, servers: int = 1, workers: int = 1
+        self,
+        settings: Settings,
+        ready_timeout: float,
+        servers: int = 1,
+        workers: int = 1,
+        overflow: int = 0,
     ) -> None:
         self.settings = settings
         self.ready_timeout = ready_timeout
         self.servers = servers
         self.workers = workers
+        self.overflow = overflow  # workers started after ``workers``, one priority lower
         self.children: list[Child] = []
         self.devsmtp_port: int | None = None
         self.listener: socket.socket | None = None
@@ -251,6 +267,10 @@ class Launcher:
             worker_env.update(self._devsmtp_env(self.devsmtp_port))
         for n in range(1, self.workers + 1):
             await self._spawn_worker(n, worker_env)
+        if self.overflow:
+            overflow_env = dict(worker_env, WORKER_PRIORITY=str(self.overflow_priority))
+            for n in range(self.workers + 1, self.workers + self.overflow + 1):
+                await self._spawn_worker(n, overflow_env)
         for n in range(1, self.servers + 1):
             await self._spawn_server(n, server_env)
         status = await self._wait_servers_ready(self._of("server"))
@@ -260,6 +280,11 @@ class Launcher:
             return status
         self._print_banner(f"http://{url_host(host)}:{s.port}")
         return await self._supervise()
+
+    @property
+    def overflow_priority(self) -> int:
+        """The overflow workers' WORKER_PRIORITY: one below the others' (as low as it goes)."""
+        return max(self.settings.worker_priority - 1, -PRIORITY_RANGE)
 
     async def _spawn_worker(self, n: int, env: dict[str, str]) -> Child:
         """Worker ``n``, with its metrics and health port: WORKER_METRICS_PORT + n - 1, or
@@ -272,7 +297,9 @@ class Launcher:
             port, host = free_port(), "127.0.0.1"
             env["WORKER_METRICS_HOST"] = host
         env["WORKER_METRICS_PORT"] = str(port)
-        name = "worker" if self.workers == 1 else f"worker-{n}"
+        name = "worker" if self.workers + self.overflow == 1 else f"worker-{n}"
+        if n > self.workers:
+            log.info("%s is an overflow worker (WORKER_PRIORITY=%s)", name, env["WORKER_PRIORITY"])
         child = await self._spawn(name, [str(HERE / "worker.py")], env)
         child.probe_host, child.probe_port = host, port
         return child
@@ -546,11 +573,15 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _count(value: str) -> int:
+def _count(value: str, least: int = 1) -> int:
     number = int(value)
-    if not 1 <= number <= 64:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 64, not {value}")
+    if not least <= number <= 64:
+        raise argparse.ArgumentTypeError(f"must be between {least} and 64, not {value}")
     return number
+
+
+def _count_or_none(value: str) -> int:
+    return _count(value, least=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -574,6 +605,13 @@ def main(argv: list[str] | None = None) -> int:
         default=workers,
         help=f"worker processes (default here: {workers}, half the cores)",
     )
+    parser.add_argument(
+        "--overflow-workers",
+        type=_count_or_none,
+        default=OVERFLOW_WORKERS,
+        help="worker processes more, one consumer priority lower, that take messages only "
+        f"while the others hold a full prefetch (a backlog) (default {OVERFLOW_WORKERS})",
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -590,7 +628,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"launcher: cannot create {directory}: {exc.strerror}", file=sys.stderr)
             return 2
-    launcher = Launcher(settings, args.ready_timeout, args.servers, args.workers)
+    launcher = Launcher(
+        settings, args.ready_timeout, args.servers, args.workers, args.overflow_workers
+    )
     return asyncio.run(launcher.run())
 
 

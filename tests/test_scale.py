@@ -152,8 +152,9 @@ async def test_launcher_runs_servers_and_workers_and_restarts_them_under_load(
     smtp: SmtpServer,
     stop_later: list[Proc],
 ) -> None:
-    """``launcher.py --servers 2 --workers 2``: SIGHUP restarts both servers and both
-    workers one by one while clients keep sending; no connection is refused, every
+    """``launcher.py --servers 2 --workers 2 --overflow-workers 1``: the third worker
+    consumes one priority lower; SIGHUP restarts both servers and the three workers one
+    by one while clients keep sending; no connection is refused, every
     request is answered 202 (a connection the stopping server closed before reading its
     request is sent again with the same Idempotency-Key, as graceful.py documents), every
     mail arrives exactly once, and ``/metrics`` sums what both servers (and the ones they
@@ -170,7 +171,9 @@ async def test_launcher_runs_servers_and_workers_and_restarts_them_under_load(
         SHUTDOWN_GRACE=10,
         WORKER_CONCURRENCY=CONCURRENCY,
     )
-    launcher = await spawn("launcher.py", tmp_path, env, "--servers", "2", "--workers", "2")
+    launcher = await spawn(
+        "launcher.py", tmp_path, env, "--servers", "2", "--workers", "2", "--overflow-workers", "1"
+    )
     stop_later.append(launcher)
     lines: list[str] = []
     restarted = asyncio.Event()
@@ -244,7 +247,11 @@ async def test_launcher_runs_servers_and_workers_and_restarts_them_under_load(
         accepted = samples(metrics_text)[("mailroom_messages_accepted_total", ())]
         assert accepted == count, (accepted, count)
         restarts = [line for line in lines if "launcher: started" in line]
-        assert len(restarts) == 8, restarts  # 2 servers + 2 workers, twice
+        assert len(restarts) == 10, restarts  # 2 servers + 3 workers, twice
+        assert any("worker-3 is an overflow worker (WORKER_PRIORITY=-1)" in x for x in lines)
+        consuming = [line for line in lines if "consuming " in line]
+        assert len(consuming) == 6, consuming  # each worker, then each one restarted
+        assert sum(", priority -1," in line for line in consuming) == 2, consuming
         launcher.send_signal(signal.SIGTERM)
         await asyncio.wait_for(launcher.wait(), 60)
         assert launcher.returncode == 0, "\n".join(lines)
