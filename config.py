@@ -31,8 +31,14 @@ LogFormat = Literal["text", "json"]
 _DEFAULT_SMTP_PORTS: dict[str, int] = {"ssl": 465, "starttls": 587, "none": 25}
 # WORKER_PREFETCH's default, per SMTP transaction at once: the messages beyond those being
 # sent wait for their record write or a connection, so one commit and one ack cover many
-# (measured in bench/bench.py's drain: 1341 -> 1691 mails/s at concurrency 16).
-PREFETCH_PER_SEND = 4
+# (measured in bench/bench.py's drain: 1341 -> 1691 mails/s at concurrency 16, prefetch 16
+# -> 64). 8 rather than 4 so that a worker rarely holds a full prefetch unless there is a
+# backlog, which is when RabbitMQ hands messages to an overflow worker (WORKER_PRIORITY):
+# three alternating bench runs each, 2026-12-06, with an overflow worker: keep-alive
+# clients 987-1077 -> 1102-1142 mails/s, the overflow worker's share of their CPU
+# 0.05-0.09 -> 0.00-0.01 ms per mail; a new connection per request and the batch endpoint
+# the same within the noise.
+PREFETCH_PER_SEND = 8
 PRIORITY_RANGE = 100  # WORKER_PRIORITY from -100 to 100
 
 T = TypeVar("T")
@@ -102,7 +108,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 5000
     worker_concurrency: int = 16  # SMTP transactions at once (and connections in the pool)
-    worker_prefetch: int = 0  # messages a worker holds at once; 0: 4 x worker_concurrency
+    worker_prefetch: int = 0  # messages a worker holds at once; 0: 8 x worker_concurrency
     # RabbitMQ consumer priority: a worker gets messages only while every worker of a
     # higher one holds a full prefetch (launcher.py's overflow workers have one less).
     worker_priority: int = 0

@@ -28,14 +28,14 @@ def test_defaults() -> None:
 
 
 def test_prefetch_follows_concurrency_unless_set() -> None:
-    assert (Settings().worker_concurrency, Settings().worker_prefetch) == (16, 64)
+    assert (Settings().worker_concurrency, Settings().worker_prefetch) == (16, 128)
     default = Settings.from_env({}, env_file=None)
-    assert (default.worker_concurrency, default.worker_prefetch) == (16, 64)
+    assert (default.worker_concurrency, default.worker_prefetch) == (16, 128)
     derived = Settings.from_env({"WORKER_CONCURRENCY": "5"}, env_file=None)
-    assert derived.worker_prefetch == 20
+    assert derived.worker_prefetch == 40
     both = {"WORKER_CONCURRENCY": "5", "WORKER_PREFETCH": "5"}
     assert Settings.from_env(both, env_file=None).worker_prefetch == 5
-    assert Settings(worker_concurrency=100).worker_prefetch == 400
+    assert Settings(worker_concurrency=100).worker_prefetch == 800
     assert Settings.from_env({}, env_file=None).worker_priority == 0
     assert Settings.from_env({"WORKER_PRIORITY": "-100"}, env_file=None).worker_priority == -100
     with pytest.raises(ValueError, match="worker_prefetch"):
