@@ -149,6 +149,10 @@ class Settings:
             object.__setattr__(self, "worker_prefetch", prefetch)  # frozen: set once, here
         if self.worker_prefetch < self.worker_concurrency:
             raise ValueError("worker_prefetch must be at least worker_concurrency")
+        if not -PRIORITY_RANGE <= self.worker_priority <= PRIORITY_RANGE:
+            raise ValueError(
+                f"worker_priority must be between {-PRIORITY_RANGE} and {PRIORITY_RANGE}"
+            )
 
     @property
     def senders(self) -> tuple[str, ...]:

@@ -13,8 +13,8 @@ The launcher opens the listening socket on HOST:PORT itself and hands it to ever
 restarts waits in the socket's backlog rather than being refused. Each server also
 answers on a private loopback port of its own (``--probe-port``), for the launcher's
 readiness checks. With several servers their metrics are summed through a directory of
-this run (``PROMETHEUS_MULTIPROC_DIR``). Worker *i* gets ``WORKER_METRICS_PORT`` + *i*
-when that is set.
+this run (``PROMETHEUS_MULTIPROC_DIR``). Worker *n* (from 1, the overflow workers last)
+gets ``WORKER_METRICS_PORT`` + *n* - 1 when that is set.
 
 The overflow workers (one by default) consume with a RabbitMQ consumer priority one below
 WORKER_PRIORITY: RabbitMQ hands them messages only while every other worker holds a full
@@ -58,6 +58,7 @@ STOP_MARGIN = 15.0
 # taking only the backlog delivered the batch endpoint's mails 1.2-1.3x as fast and took
 # no message with a client per request; see the README's Sizing.
 OVERFLOW_WORKERS = 1
+MAX_PORT = 65535
 SMTP_CREDENTIALS = ("SMTP_USERNAME", "SMTP_PASSWORD", "EMAIL_USERNAME", "EMAIL_PASSWORD")
 
 
@@ -283,8 +284,8 @@ class Launcher:
 
     @property
     def overflow_priority(self) -> int:
-        """The overflow workers' WORKER_PRIORITY: one below the others' (as low as it goes)."""
-        return max(self.settings.worker_priority - 1, -PRIORITY_RANGE)
+        """The overflow workers' WORKER_PRIORITY: one below the others'."""
+        return self.settings.worker_priority - 1
 
     async def _spawn_worker(self, n: int, env: dict[str, str]) -> Child:
         """Worker ``n``, with its metrics and health port: WORKER_METRICS_PORT + n - 1, or
@@ -573,6 +574,23 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def layout_problem(settings: Settings, workers: int, overflow: int) -> str | None:
+    """Why ``workers`` workers, ``overflow`` of them overflow workers, cannot start with
+    ``settings``, or None."""
+    if overflow and settings.worker_priority <= -PRIORITY_RANGE:
+        return (
+            f"WORKER_PRIORITY is {settings.worker_priority}, the lowest there is: overflow "
+            "workers need one below it; raise it or start with --overflow-workers 0"
+        )
+    port = settings.worker_metrics_port
+    if port is not None and port + workers - 1 > MAX_PORT:
+        return (
+            f"WORKER_METRICS_PORT {port} leaves no port for worker {workers}: each worker "
+            f"takes the next one (up to {MAX_PORT})"
+        )
+    return None
+
+
 def _count(value: str, least: int = 1) -> int:
     number = int(value)
     if not least <= number <= 64:
@@ -580,7 +598,7 @@ def _count(value: str, least: int = 1) -> int:
     return number
 
 
-def _count_or_none(value: str) -> int:
+def _count_or_zero(value: str) -> int:
     return _count(value, least=0)
 
 
@@ -607,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--overflow-workers",
-        type=_count_or_none,
+        type=_count_or_zero,
         default=OVERFLOW_WORKERS,
         help="worker processes more, one consumer priority lower, that take messages only "
         f"while the others hold a full prefetch (a backlog) (default {OVERFLOW_WORKERS})",
@@ -628,6 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"launcher: cannot create {directory}: {exc.strerror}", file=sys.stderr)
             return 2
+    problem = layout_problem(settings, args.workers + args.overflow_workers, args.overflow_workers)
+    if problem is not None:
+        print(f"launcher: {problem}", file=sys.stderr)
+        return 2
     launcher = Launcher(
         settings, args.ready_timeout, args.servers, args.workers, args.overflow_workers
     )

@@ -40,6 +40,8 @@ def test_prefetch_follows_concurrency_unless_set() -> None:
     assert Settings.from_env({"WORKER_PRIORITY": "-100"}, env_file=None).worker_priority == -100
     with pytest.raises(ValueError, match="worker_prefetch"):
         Settings(worker_concurrency=8, worker_prefetch=4)
+    with pytest.raises(ValueError, match="worker_priority"):
+        Settings(worker_priority=-101)
 
 
 @pytest.mark.parametrize(("security", "port"), [("ssl", 465), ("starttls", 587), ("none", 25)])

@@ -234,10 +234,14 @@ async def test_overflow_worker_takes_only_what_the_others_cannot_hold(
                     assert (await client.get(f"/?sendmail=b{n}@example.com")).status_code == 200
                 # The first holds four (its prefetch), the overflow worker four, one waits.
                 await wait_until(
-                    lambda: worker.in_flight == 4 and spare.in_flight == 4,
-                    "both workers hold a full prefetch",
+                    lambda: (
+                        worker.in_flight == 4
+                        and spare.in_flight == 4
+                        and held_first.sending == 2
+                        and held_overflow.sending == 2
+                    ),
+                    "both workers hold a full prefetch and send two",
                 )
-                assert held_first.sending == 2 and held_overflow.sending == 2
                 assert await queue_depth(send_queue) == 1
                 gate.set()
                 await wait_until(

@@ -18,12 +18,13 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from config import Secret, Settings
-from launcher import default_counts
+from launcher import default_counts, layout_problem
 from tests.conftest import running_app, wait_ready
 from tests.support import (
     Proc,
     SmtpRecorder,
     SmtpServer,
+    child_env,
     finish,
     free_port,
     spawn,
@@ -262,6 +263,33 @@ async def test_launcher_runs_servers_and_workers_and_restarts_them_under_load(
                 await asyncio.wait_for(launcher.wait(), 60)
         await asyncio.wait_for(reader, 10)
     print(f"{count} requests, {resent} sent again after a stopping server closed them unread")
+
+
+def test_launcher_refuses_a_layout_it_cannot_start() -> None:
+    """Overflow workers need a priority below WORKER_PRIORITY; each worker its metrics port."""
+    assert layout_problem(Settings(), 2, 1) is None
+    assert layout_problem(Settings(worker_priority=-99), 2, 1) is None
+    lowest = layout_problem(Settings(worker_priority=-100), 2, 1)
+    assert lowest is not None and "WORKER_PRIORITY is -100" in lowest
+    assert layout_problem(Settings(worker_priority=-100), 1, 0) is None
+    assert layout_problem(Settings(worker_metrics_port=65534), 2, 1) is None
+    ports = layout_problem(Settings(worker_metrics_port=65534), 3, 1)
+    assert ports is not None and "WORKER_METRICS_PORT 65534" in ports
+
+
+async def test_launcher_with_the_lowest_priority_and_overflow_workers_exits_2(
+    prefix: str, tmp_path: Path
+) -> None:
+    env = child_env(
+        prefix,
+        WORKER_PRIORITY=-100,
+        PORT=free_port(),
+        TALKTOME_LOG=tmp_path / "talktome.log",
+        OUTBOX_DIR=tmp_path / "outbox",
+    )
+    code, out = await finish(await spawn("launcher.py", tmp_path, env), timeout=30)
+    assert code == 2, out
+    assert "WORKER_PRIORITY is -100, the lowest there is" in out
 
 
 def test_default_process_counts_follow_the_cores() -> None:
