@@ -8,8 +8,10 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import aio_pika
+import aiormq
 import pytest
 
 from broker import Broker, Names
@@ -152,5 +154,34 @@ async def test_refused_publishes_move_to_a_fresh_channel(
         async with asyncio.timeout(10):
             while not first.is_closed:  # retired once its publishes had PUBLISH_TIMEOUT
                 await asyncio.sleep(0.1)
+    finally:
+        await broker.close()
+
+
+async def test_concurrent_publishes_reach_the_socket_together(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Publishes made at once are all handed to the connection's writer within a few
+    turns of the event loop, before any confirm: none waits for another's frame to be
+    written (aiormq holds the channel's lock until then unless told not to wait, which
+    let one publish through per three turns), so they go out and are confirmed together."""
+    settings = make_settings()
+    names = Names.of(settings)
+    broker = Broker(settings, "test-together")
+    await broker.start()
+    try:
+        async with asyncio.timeout(10):
+            await broker.wait_connected()
+        assert broker.channel is not None
+        underlay = cast(aiormq.Channel, await broker.channel.get_underlay_channel())
+        first = underlay.delivery_tag
+        publishes = [asyncio.create_task(broker.publish(b"{}", f"m{n}")) for n in range(50)]
+        for _ in range(5):
+            await asyncio.sleep(0)  # a turn of the event loop: no confirm can come yet
+        assert underlay.delivery_tag - first == 50
+        assert not any(p.done() for p in publishes)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*publishes)
+        assert len(await get_messages(names.send_queue)) == 50
     finally:
         await broker.close()
