@@ -388,9 +388,17 @@ class Broker:
     after that, it raises :class:`BrokerUnavailable` at once.
     """
 
-    def __init__(self, settings: Settings, name: str) -> None:
+    def __init__(
+        self, settings: Settings, name: str, max_unconfirmed: int = WRITE_QUEUE_FRAMES
+    ) -> None:
+        """``max_unconfirmed``: publishes written and not yet confirmed, at most; one
+        more waits (within PUBLISH_TIMEOUT) for one of them to end. Nothing waits for the
+        socket's write buffer (:func:`publish_unwaited`), so this bounds what it can hold
+        while RabbitMQ does not read (a memory or disk alarm blocks publishers)."""
         self.settings = settings
         self.name = name
+        self._unconfirmed = asyncio.Semaphore(max_unconfirmed)
+        self.max_unconfirmed = max_unconfirmed
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
         self.topology: Topology | None = None
@@ -494,13 +502,26 @@ class Broker:
             log.info("message %s: waiting up to %gs for RabbitMQ", message_id, timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._first_attempt.wait(), timeout)
+        if self.topology is None or not self.is_ready or loop.time() >= deadline:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        if self._unconfirmed.locked():
+            try:
+                await asyncio.wait_for(self._unconfirmed.acquire(), deadline - loop.time())
+            except TimeoutError:
+                raise BrokerUnavailable(
+                    f"{self.max_unconfirmed} publishes are waiting for RabbitMQ's confirm"
+                ) from None
+        else:
+            await self._unconfirmed.acquire()  # free: taken at once
         channel, topology = self.channel, self.topology
         if channel is None or topology is None or not self.is_ready or loop.time() >= deadline:
+            self._unconfirmed.release()
             raise BrokerUnavailable("not connected to RabbitMQ")
         message = build_message(body, message_id, headers, expiration)
         publish = asyncio.ensure_future(
             publish_unwaited(channel, topology.exchange.name, message, routing_key)
         )
+        publish.add_done_callback(lambda _: self._unconfirmed.release())
         try:
             # Shielded: on a timeout the publish goes on, and its late outcome is reported.
             confirm = await asyncio.wait_for(asyncio.shield(publish), deadline - loop.time())

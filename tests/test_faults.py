@@ -17,14 +17,16 @@ import pytest
 from aiosmtpd.smtp import Envelope
 from quart.typing import TestClientProtocol as Client
 
-from broker import Names
+from broker import Broker, Names
 from config import Secret, Settings
+from errors import BrokerUnavailable, PublishUnconfirmed
 from tests.conftest import running_app, running_worker, wait_ready
 from tests.support import (
     Proc,
     SmtpRecorder,
     TcpProxy,
     finish,
+    get_messages,
     queue_depth,
     rabbitmqctl,
     spawn,
@@ -351,6 +353,44 @@ async def test_message_that_keeps_killing_the_worker_is_failed(
     assert "without an outcome" in record["last_error"]["message"]
     assert await queue_depth(Names.of(settings).dead_queue) == 1
     assert await queue_depth(Names.of(settings).send_queue) == 0
+
+
+async def test_unconfirmed_publishes_are_bounded(
+    make_settings: Callable[..., Settings], proxy: TcpProxy
+) -> None:
+    """While RabbitMQ takes nothing (a frozen link; a memory alarm blocks publishers the
+    same way), at most ``max_unconfirmed`` publishes are written: nothing waits for the
+    socket's buffer, so this bounds what it holds. One more waits for a slot within
+    PUBLISH_TIMEOUT, then fails as not queued (never written); the slots come back with
+    the late confirms."""
+    settings = make_settings(amqp_url=via(proxy), publish_timeout=1.0)
+    broker = Broker(settings, "test-bounded", max_unconfirmed=3)
+    await broker.start()
+    try:
+        async with asyncio.timeout(10):
+            await broker.wait_connected()
+        proxy.frozen = True
+        held = [asyncio.create_task(broker.publish(b"{}", f"m{n}")) for n in range(3)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # each takes its slot in its first step
+        with pytest.raises(BrokerUnavailable, match="3 publishes are waiting") as refused:
+            await broker.publish(b"{}", "m3")
+        assert not isinstance(refused.value, PublishUnconfirmed)  # it was never written
+        for task in held:
+            with pytest.raises(PublishUnconfirmed):
+                await task
+        proxy.frozen = False  # the three go through; their confirms come back, late
+        async with asyncio.timeout(15):
+            while True:
+                try:
+                    await broker.publish(b"{}", "after")
+                    break
+                except BrokerUnavailable:
+                    await asyncio.sleep(0.1)  # a slot is free once a late confirm came
+        ids = sorted(str(m.message_id) for m in await get_messages(Names.of(settings).send_queue))
+        assert ids == ["after", "m0", "m1", "m2"]
+    finally:
+        await broker.close()
 
 
 async def test_late_confirm_keeps_the_idempotency_key(
