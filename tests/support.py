@@ -23,6 +23,8 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 import store as store_module
+from broker import Broker
+from errors import BrokerUnavailable
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parent.parent
@@ -399,3 +401,30 @@ async def db_connection(
             yield conn
     finally:
         await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def connected_broker(settings: Any, name: str, **options: Any) -> AsyncIterator[Broker]:
+    """A :class:`broker.Broker` of ``settings``, started and connected (within 10 s), closed
+    afterwards."""
+    broker = Broker(settings, name, **options)
+    await broker.start()
+    try:
+        async with asyncio.timeout(10):
+            await broker.wait_connected()
+        yield broker
+    finally:
+        await broker.close()
+
+
+async def publish_eventually(broker: Broker, message_id: str, within: float = 10.0) -> None:
+    """Publish ``{}`` as ``message_id`` through ``broker``, again while it raises
+    ``BrokerUnavailable`` (a fresh channel on its way, a slot not yet free), for at most
+    ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                await broker.publish(b"{}", message_id)
+                return
+            except BrokerUnavailable:
+                await asyncio.sleep(0.1)

@@ -14,7 +14,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from broker import Broker, Names
+from broker import Names
 from config import Secret, Settings
 from errors import BrokerUnavailable
 from tests.conftest import running_app
@@ -23,9 +23,11 @@ from tests.support import (
     Proc,
     TcpProxy,
     child_env,
+    connected_broker,
     finish,
     free_port,
     get_messages,
+    publish_eventually,
     spawn,
 )
 
@@ -128,11 +130,7 @@ async def test_refused_publishes_move_to_a_fresh_channel(
     stale state of a quorum queue that changed leader: tests/test_cluster.py.)"""
     settings = make_settings(publish_timeout=2.0)
     names = Names.of(settings)
-    broker = Broker(settings, "test-renew")
-    await broker.start()
-    try:
-        async with asyncio.timeout(10):
-            await broker.wait_connected()
+    async with connected_broker(settings, "test-renew") as broker:
         await broker.publish(b"{}", "before")
         first = broker.channel
         connection = await aio_pika.connect(AMQP_URL)
@@ -140,13 +138,7 @@ async def test_refused_publishes_move_to_a_fresh_channel(
             await (await connection.channel()).queue_delete(names.send_queue)
         with pytest.raises(BrokerUnavailable, match="refused"):
             await broker.publish(b"{}", "refused")
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    await broker.publish(b"{}", "after")
-                    break
-                except BrokerUnavailable:
-                    await asyncio.sleep(0.2)  # the fresh channel is on its way
+        await publish_eventually(broker, "after")  # the fresh channel is on its way
         assert broker.channel is not first
         assert [m.message_id for m in await get_messages(names.send_queue)] == ["after"]
         assert "publishing on a fresh channel" in caplog.text
@@ -154,8 +146,6 @@ async def test_refused_publishes_move_to_a_fresh_channel(
         async with asyncio.timeout(10):
             while not first.is_closed:  # retired once its publishes had PUBLISH_TIMEOUT
                 await asyncio.sleep(0.1)
-    finally:
-        await broker.close()
 
 
 async def test_concurrent_publishes_reach_the_socket_together(
@@ -167,11 +157,7 @@ async def test_concurrent_publishes_reach_the_socket_together(
     let one publish through per three turns), so they go out and are confirmed together."""
     settings = make_settings()
     names = Names.of(settings)
-    broker = Broker(settings, "test-together")
-    await broker.start()
-    try:
-        async with asyncio.timeout(10):
-            await broker.wait_connected()
+    async with connected_broker(settings, "test-together") as broker:
         assert broker.channel is not None
         underlay = cast(aiormq.Channel, await broker.channel.get_underlay_channel())
         first = underlay.delivery_tag
@@ -183,5 +169,3 @@ async def test_concurrent_publishes_reach_the_socket_together(
         async with asyncio.timeout(10):
             await asyncio.gather(*publishes)
         assert len(await get_messages(names.send_queue)) == 50
-    finally:
-        await broker.close()

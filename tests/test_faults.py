@@ -17,7 +17,7 @@ import pytest
 from aiosmtpd.smtp import Envelope
 from quart.typing import TestClientProtocol as Client
 
-from broker import Broker, Names
+from broker import Names
 from config import Secret, Settings
 from errors import BrokerUnavailable, PublishUnconfirmed
 from tests.conftest import running_app, running_worker, wait_ready
@@ -25,8 +25,10 @@ from tests.support import (
     Proc,
     SmtpRecorder,
     TcpProxy,
+    connected_broker,
     finish,
     get_messages,
+    publish_eventually,
     queue_depth,
     rabbitmqctl,
     spawn,
@@ -364,11 +366,7 @@ async def test_unconfirmed_publishes_are_bounded(
     PUBLISH_TIMEOUT, then fails as not queued (never written); the slots come back with
     the late confirms."""
     settings = make_settings(amqp_url=via(proxy), publish_timeout=1.0)
-    broker = Broker(settings, "test-bounded", max_unconfirmed=3)
-    await broker.start()
-    try:
-        async with asyncio.timeout(10):
-            await broker.wait_connected()
+    async with connected_broker(settings, "test-bounded", max_unconfirmed=3) as broker:
         proxy.frozen = True
         held = [asyncio.create_task(broker.publish(b"{}", f"m{n}")) for n in range(3)]
         for _ in range(3):
@@ -380,17 +378,9 @@ async def test_unconfirmed_publishes_are_bounded(
             with pytest.raises(PublishUnconfirmed):
                 await task
         proxy.frozen = False  # the three go through; their confirms come back, late
-        async with asyncio.timeout(15):
-            while True:
-                try:
-                    await broker.publish(b"{}", "after")
-                    break
-                except BrokerUnavailable:
-                    await asyncio.sleep(0.1)  # a slot is free once a late confirm came
+        await publish_eventually(broker, "after", 15)  # a slot is free once a confirm came
         ids = sorted(str(m.message_id) for m in await get_messages(Names.of(settings).send_queue))
         assert ids == ["after", "m0", "m1", "m2"]
-    finally:
-        await broker.close()
 
 
 async def test_late_confirm_keeps_the_idempotency_key(
