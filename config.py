@@ -363,7 +363,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         port=conv("PORT", _port, 5000),
         worker_concurrency=concurrency,
         worker_prefetch=prefetch,
-        worker_priority=conv("WORKER_PRIORITY", _priority, 0),
+        worker_priority=conv("WORKER_PRIORITY", _size(-PRIORITY_RANGE, PRIORITY_RANGE), 0),
         publish_timeout=conv("PUBLISH_TIMEOUT", _positive_float, 5.0),
         connect_timeout=conv("CONNECT_TIMEOUT", _positive_float, 5.0),
         shutdown_grace=conv("SHUTDOWN_GRACE", _positive_float, 30.0),
@@ -439,13 +439,6 @@ def _whole(value: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"must be a whole number, not {value!r}") from None
-
-
-def _priority(value: str) -> int:
-    number = _whole(value)
-    if not -PRIORITY_RANGE <= number <= PRIORITY_RANGE:
-        raise ValueError(f"must be between {-PRIORITY_RANGE} and {PRIORITY_RANGE}, not {value}")
-    return number
 
 
 def _port(value: str) -> int:
