@@ -26,6 +26,8 @@ from tests.support import (
     queue_depth,
     start_smtp,
 )
+from tests.test_faults import wait_until
+from tests.test_ownership import Gate
 
 
 async def test_mail_waits_for_a_worker_and_is_delivered_once(
@@ -173,30 +175,6 @@ async def test_prefetch_holds_more_than_it_sends(
         await server.server.wait_closed()
 
 
-class HeldData:
-    """An aiosmtpd DATA hook that holds every mail until ``gate`` opens, counting them."""
-
-    def __init__(self, gate: asyncio.Event) -> None:
-        self.gate = gate
-        self.sending = 0
-
-    async def __call__(self, envelope: Envelope) -> None:
-        self.sending += 1
-        try:
-            await self.gate.wait()
-        finally:
-            self.sending -= 1
-
-
-async def wait_until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout}s: {what}") from None
-
-
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_overflow_worker_takes_only_what_the_others_cannot_hold(
     make_settings: Callable[..., Settings], server_tls: ssl.SSLContext, queue_type: str
@@ -204,8 +182,7 @@ async def test_overflow_worker_takes_only_what_the_others_cannot_hold(
     """WORKER_PRIORITY: a worker of a lower priority gets no message while a worker of a
     higher one has room in its prefetch, and takes the backlog once that one is full.
     (The overflow worker starts first: RabbitMQ would otherwise hand it every other one.)"""
-    gate = asyncio.Event()
-    held_first, held_overflow = HeldData(gate), HeldData(gate)
+    held_first, held_overflow = Gate(), Gate()  # each counts the mails held in its DATA
     first_smtp = await start_smtp("none", server_tls, False, SmtpRecorder(on_data=held_first))
     overflow_smtp = await start_smtp("none", server_tls, False, SmtpRecorder(on_data=held_overflow))
     try:
@@ -224,10 +201,8 @@ async def test_overflow_worker_takes_only_what_the_others_cannot_hold(
             async with running_worker(overflow) as spare, running_worker(first) as worker:
                 for n in range(3):
                     assert (await client.get(f"/?sendmail=a{n}@example.com")).status_code == 200
-                await wait_until(
-                    lambda: held_first.sending == 2 and worker.in_flight == 3,
-                    "the first worker sends two and holds the third",
-                )
+                # The first worker sends two and holds the third.
+                await wait_until(lambda: held_first.waiting == 2 and worker.in_flight == 3, 10)
                 assert await queue_depth(send_queue) == 0
                 assert spare.in_flight == 0 and overflow_smtp.recorder.connections == 0
                 for n in range(6):
@@ -237,21 +212,22 @@ async def test_overflow_worker_takes_only_what_the_others_cannot_hold(
                     lambda: (
                         worker.in_flight == 4
                         and spare.in_flight == 4
-                        and held_first.sending == 2
-                        and held_overflow.sending == 2
+                        and held_first.waiting == 2
+                        and held_overflow.waiting == 2
                     ),
-                    "both workers hold a full prefetch and send two",
+                    10,
                 )
                 assert await queue_depth(send_queue) == 1
-                gate.set()
+                held_first.open.set()
+                held_overflow.open.set()
                 await wait_until(
                     lambda: (
                         len(first_smtp.recorder.received) + len(overflow_smtp.recorder.received)
                         == 9
                     ),
-                    "all nine delivered",
+                    10,
                 )
-                await wait_until(lambda: worker.in_flight + spare.in_flight == 0, "all acked")
+                await wait_until(lambda: worker.in_flight + spare.in_flight == 0, 10)
         received = [
             r
             for m in (first_smtp, overflow_smtp)
@@ -264,7 +240,8 @@ async def test_overflow_worker_takes_only_what_the_others_cannot_hold(
         assert len(overflow_smtp.recorder.received) >= 4
         assert await queue_depth(send_queue) == 0
     finally:
-        gate.set()
+        held_first.open.set()
+        held_overflow.open.set()
         for server in (first_smtp, overflow_smtp):
             server.server.close()
             await server.server.wait_closed()
