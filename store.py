@@ -485,6 +485,10 @@ WRITER_CACHE_KIB = 512
 WAL_AUTOCHECKPOINT = 1000  # SQLite's default: pages in the WAL that make a commit checkpoint
 MIGRATION_WAIT = 600.0  # seconds a process may wait for another's schema upgrade
 MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema upgrade
+# SQLite: a batch's new records go in one INSERT ... RETURNING (SQLite 3.35 and newer;
+# before, one at a time), with at most this many bound values (SQLite's limit since 3.32).
+SQLITE_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+SQLITE_MAX_PARAMETERS = 32766
 
 
 Unit = Callable[[Connection], Any]
@@ -510,8 +514,9 @@ class Store:
     milliseconds) before a batch of fewer than ``LINGER_BELOW`` writes, so that its claims
     and outcomes, which nobody outside waits for, go in fewer and bigger commits; the
     server's does not (a client waits for each of its writes).
-    On PostgreSQL the new records of a batch (:class:`_NewRecord`) go first, in one
-    statement, then its claims (one UPDATE per shape, then the records found missing
+    The new records of a batch (:class:`_NewRecord`) go first, in one statement (on
+    SQLite one more for their lookup rows, :func:`_sqlite_insert_many`). On PostgreSQL
+    its claims go next (one UPDATE per shape, then the records found missing
     inserted as claimed, in one statement), then its outcomes and the rest (one UPDATE
     per shape): the units of a batch come from callers running concurrently, so no order
     among them is promised, and this one (records in id order) keeps a server's and a
@@ -1685,7 +1690,7 @@ def _sqlite_insert_new(
     job: MailJob,
     convert: dict[str, Callable[[Any], Any] | None],
     changes: dict[str, Any] | None = None,
-) -> Callable[[Connection], bool]:
+) -> _SqliteNewRecord:
     """:func:`_insert_queued` on SQLite, its values converted now: what is left to run
     is the driver's two statements; it says whether it inserted the record (the lookup
     rows go with a record inserted). ``changes``: the new record with those columns
@@ -1693,22 +1698,73 @@ def _sqlite_insert_new(
     row, terms = _queued_row(job)
     if changes:
         row |= changes
-    sql = _sqlite_insert_sql(tuple(row))
     args = [(c(v) if (c := convert[k]) else v) for k, v in row.items()]
     created = convert["created_at"](row["created_at"])  # type: ignore[misc]
     lookups = [(term, created, job.id) for term in terms]
+    return _SqliteNewRecord(job.id, tuple(row), _sqlite_insert_sql(tuple(row)), args, lookups)
 
-    def insert(conn: Connection) -> bool:
+
+class _SqliteNewRecord:
+    """A new record on SQLite, its values converted (:func:`_sqlite_insert_new`): a unit
+    that inserts it alone, or joins the others of its batch (:func:`_sqlite_insert_many`)."""
+
+    __slots__ = ("args", "columns", "lookups", "message_id", "sql")
+
+    def __init__(
+        self,
+        message_id: str,
+        columns: tuple[str, ...],
+        sql: str,
+        args: list[Any],
+        lookups: list[tuple[str, Any, str]],
+    ) -> None:
+        self.message_id, self.columns, self.sql = message_id, columns, sql
+        self.args, self.lookups = args, lookups
+
+    def __call__(self, conn: Connection) -> bool:
         driver = _driver(conn)
-        if driver.execute(sql, args).rowcount != 1:
+        if driver.execute(self.sql, self.args).rowcount != 1:
             return False  # there already
-        if len(lookups) == 1:  # the usual case: one recipient, no tags or metadata
-            driver.execute(_SQLITE_INSERT_LOOKUP, lookups[0])
+        if len(self.lookups) == 1:  # the usual case: one recipient, no tags or metadata
+            driver.execute(_SQLITE_INSERT_LOOKUP, self.lookups[0])
         else:
-            driver.executemany(_SQLITE_INSERT_LOOKUP, lookups)
+            driver.executemany(_SQLITE_INSERT_LOOKUP, self.lookups)
         return True
 
-    return insert
+
+def _sqlite_insert_many(conn: Connection, records: Sequence[_SqliteNewRecord]) -> set[str]:
+    """The new records of a batch (distinct ids), with their lookup rows, in one INSERT
+    per shape and one for all their lookup rows (each as many rows as SQLite's bound
+    parameters allow): the ids of those inserted (RETURNING; a record already there is
+    left as it is). One statement, not two per mail, because the writer thread gives up
+    the GIL for every statement and waits for it again, while it holds the file lock that
+    the other processes' writes wait for; in a busy server each wait is a fraction of a
+    millisecond to several."""
+    driver = _driver(conn)
+    shapes: dict[tuple[str, ...], list[_SqliteNewRecord]] = {}
+    for record in records:
+        shapes.setdefault(record.columns, []).append(record)
+    inserted: set[str] = set()
+    for columns, group in shapes.items():
+        for chunk in _chunks(group, SQLITE_MAX_PARAMETERS // len(columns)):
+            sql = _sqlite_insert_rows_sql(columns, len(chunk))
+            rows = driver.execute(sql, [value for record in chunk for value in record.args])
+            inserted.update(message_id for (message_id,) in rows.fetchall())
+    log.debug("writer: %d new records inserted together", len(records))
+    lookups = [row for record in records if record.message_id in inserted for row in record.lookups]
+    for part in _chunks(lookups, SQLITE_MAX_PARAMETERS // 3):
+        driver.execute(
+            _SQLITE_INSERT_LOOKUPS.format(rows=", ".join(["(?, ?, ?)"] * len(part))),
+            [value for row in part for value in row],
+        )
+    return inserted
+
+
+_ChunkItem = TypeVar("_ChunkItem")
+
+
+def _chunks(items: Sequence[_ChunkItem], size: int) -> list[Sequence[_ChunkItem]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _queued_row(job: MailJob) -> tuple[dict[str, Any], list[str]]:
@@ -1743,8 +1799,8 @@ def _queued_row(job: MailJob) -> tuple[dict[str, Any], list[str]]:
 
 class _NewRecord:
     """The unit that writes a newly accepted message's record (:func:`_insert_queued`);
-    on PostgreSQL the writer joins those of a batch into one statement
-    (:func:`_insert_together`)."""
+    the writer joins those of a batch into one statement (:func:`_insert_together`,
+    :func:`_sqlite_insert_many`)."""
 
     __slots__ = ("job",)
 
@@ -1774,6 +1830,10 @@ class _Claiming:
 
 _SQLITE_INSERT_LOOKUP = (
     "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES (?, ?, ?) "
+    "ON CONFLICT DO NOTHING"
+)
+_SQLITE_INSERT_LOOKUPS = (
+    "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES {rows} "
     "ON CONFLICT DO NOTHING"
 )
 
@@ -1880,10 +1940,18 @@ def list_statement(
 
 @functools.lru_cache(maxsize=4)
 def _sqlite_insert_sql(columns: tuple[str, ...]) -> str:
+    return _sqlite_insert_rows_sql(columns, 1).removesuffix(" RETURNING id")
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert_rows_sql(columns: tuple[str, ...], rows: int) -> str:
     # Names from the table itself (a KeyError for anything else); every value is bound.
     names = ", ".join(f'"{messages_table.c[name].name}"' for name in columns)
-    marks = ", ".join("?" for _ in columns)
-    return f"INSERT INTO mailroom_messages ({names}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING"  # noqa: S608
+    marks = ", ".join([f"({', '.join('?' for _ in columns)})"] * rows)
+    return (
+        f"INSERT INTO mailroom_messages ({names}) VALUES {marks} "  # noqa: S608
+        "ON CONFLICT (id) DO NOTHING RETURNING id"
+    )
 
 
 def _queued_record(job: MailJob) -> MessageRecord | None:
@@ -2017,9 +2085,29 @@ def _ready_units(units: list[Unit], dialect: Any) -> list[Unit]:
     ]
 
 
+def _run_sqlite_units(conn: Connection, units: list[Unit]) -> list[Any]:
+    """SQLite: the new records of the batch first, together (:func:`_sqlite_insert_many`;
+    as on PostgreSQL, a record of the batch that two units insert joins once, with the
+    first, and the other runs in its place); then the others, one by one in order."""
+    first: dict[str, _SqliteNewRecord] = {}
+    if SQLITE_RETURNING:
+        for unit in units:
+            if isinstance(unit, _SqliteNewRecord):
+                first.setdefault(unit.message_id, unit)
+    if len(first) < 2:
+        return [unit(conn) for unit in units]
+    inserted = _sqlite_insert_many(conn, list(first.values()))
+    return [
+        unit.message_id in inserted
+        if isinstance(unit, _SqliteNewRecord) and first.get(unit.message_id) is unit
+        else unit(conn)
+        for unit in units
+    ]
+
+
 def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
     if conn.dialect.name != "postgresql":
-        return [unit(conn) for unit in units]
+        return _run_sqlite_units(conn, units)
     # PostgreSQL: the new records first, all in one statement; then the usual cases, one
     # UPDATE per shape for all of them: one round trip instead of one per mail (a record
     # that two units of the batch touch: only the first joins; the other runs after,
