@@ -489,6 +489,7 @@ MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema u
 # before, one at a time), with at most this many bound values (SQLite's limit since 3.32).
 SQLITE_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 SQLITE_MAX_PARAMETERS = 32766
+SQLITE_MOST_ROWS = 256  # rows of one such statement (see _chunks)
 
 
 Unit = Callable[[Connection], Any]
@@ -1753,18 +1754,31 @@ def _sqlite_insert_many(conn: Connection, records: Sequence[_SqliteNewRecord]) -
     log.debug("writer: %d new records inserted together", len(records))
     lookups = [row for record in records if record.message_id in inserted for row in record.lookups]
     for part in _chunks(lookups, SQLITE_MAX_PARAMETERS // 3):
-        driver.execute(
-            _SQLITE_INSERT_LOOKUPS.format(rows=", ".join(["(?, ?, ?)"] * len(part))),
-            [value for row in part for value in row],
-        )
+        driver.execute(_sqlite_insert_lookups_sql(len(part)), [v for row in part for v in row])
     return inserted
 
 
 _ChunkItem = TypeVar("_ChunkItem")
 
 
-def _chunks(items: Sequence[_ChunkItem], size: int) -> list[Sequence[_ChunkItem]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def _chunks(items: Sequence[_ChunkItem], most: int) -> list[Sequence[_ChunkItem]]:
+    """``items`` in parts of a power of two in size, each at most ``most`` (and at most
+    SQLITE_MOST_ROWS), the biggest first: 100 records go as 64 + 32 + 4. The driver keeps
+    each statement it ran prepared (128 of them); one per batch size held 24 MB more
+    after 200 sizes, the powers of two up to 256 hold 1 MB."""
+    most = max(1, min(most, SQLITE_MOST_ROWS))
+    parts: list[Sequence[_ChunkItem]] = []
+    start = 0
+    while start < len(items):
+        size = min(most, 1 << ((len(items) - start).bit_length() - 1))
+        parts.append(items[start : start + size])
+        start += size
+    return parts
+
+
+@functools.lru_cache(maxsize=16)
+def _sqlite_insert_lookups_sql(rows: int) -> str:
+    return _SQLITE_INSERT_LOOKUPS.format(rows=", ".join(["(?, ?, ?)"] * rows))
 
 
 def _queued_row(job: MailJob) -> tuple[dict[str, Any], list[str]]:
@@ -1943,7 +1957,7 @@ def _sqlite_insert_sql(columns: tuple[str, ...]) -> str:
     return _sqlite_insert_rows_sql(columns, 1).removesuffix(" RETURNING id")
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def _sqlite_insert_rows_sql(columns: tuple[str, ...], rows: int) -> str:
     # Names from the table itself (a KeyError for anything else); every value is bound.
     names = ", ".join(f'"{messages_table.c[name].name}"' for name in columns)

@@ -668,6 +668,21 @@ async def test_records_inserted_together_match_one_at_a_time(
         await store.close()
 
 
+def test_sqlite_batch_statements_come_in_few_sizes() -> None:
+    """A batch's rows go in statements of a power of two in size, the biggest first,
+    each within SQLite's bound values: the driver keeps every statement text it ran
+    prepared, so a handful of sizes, not one per batch size (24 MB more after 200)."""
+    sizes = {
+        n: [len(part) for part in store_module._chunks(list(range(n)), 32766 // 14)]
+        for n in range(1, 1200)
+    }
+    assert sizes[100] == [64, 32, 4] and sizes[1] == [1]
+    assert sizes[700] == [256, 256, 128, 32, 16, 8, 4]
+    assert {size for parts in sizes.values() for size in parts} == {2**k for k in range(9)}
+    assert all(sum(parts) == n for n, parts in sizes.items())
+    assert [len(part) for part in store_module._chunks(list(range(20)), 13)] == [13, 4, 2, 1]
+
+
 class RowHolder:
     """A PostgreSQL transaction of the test's own that inserts a record (a copy of
     ``model``'s with another id) and holds it uncommitted: whoever inserts that id waits."""
