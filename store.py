@@ -1733,7 +1733,9 @@ class _SqliteNewRecord:
         return True
 
 
-def _sqlite_insert_many(conn: Connection, records: Sequence[_SqliteNewRecord]) -> set[str]:
+def _sqlite_insert_many(
+    conn: Connection, records: Sequence[_SqliteNewRecord], what: str = "new records"
+) -> set[str]:
     """The new records of a batch (distinct ids), with their lookup rows, in one INSERT
     per shape and one for all their lookup rows (each as many rows as SQLite's bound
     parameters allow): the ids of those inserted (RETURNING; a record already there is
@@ -1751,7 +1753,7 @@ def _sqlite_insert_many(conn: Connection, records: Sequence[_SqliteNewRecord]) -
             sql = _sqlite_insert_rows_sql(columns, len(chunk))
             rows = driver.execute(sql, [value for record in chunk for value in record.args])
             inserted.update(message_id for (message_id,) in rows.fetchall())
-    log.debug("writer: %d new records inserted together", len(records))
+    log.debug("writer: %d %s inserted together", len(records), what)
     lookups = [row for record in records if record.message_id in inserted for row in record.lookups]
     for part in _chunks(lookups, SQLITE_MAX_PARAMETERS // 3):
         driver.execute(_sqlite_insert_lookups_sql(len(part)), [v for row in part for v in row])
@@ -2070,17 +2072,40 @@ class _FastUnit:
             return result
         return self.slow(conn)
 
-    def ready(self, convert: dict[str, Callable[[Any], Any] | None]) -> Unit:
+    def ready(self, convert: dict[str, Callable[[Any], Any] | None]) -> _SqliteUpdate:
         """SQLite: this unit with its changes prepared and converted (:func:`_ready_units`)."""
         changes, result = self.prepare()
         sql, args = _sqlite_update(self.kind, self.message_id, changes, self.condition, convert)
+        return _SqliteUpdate(self, changes, result, sql, args)
 
-        def update(conn: Connection) -> Any:  # :meth:`apply`, its UPDATE prepared
-            if _driver(conn).execute(sql, args).rowcount == 1:
-                return result
-            return self.missing(conn, changes, result)
 
-        return update
+class _SqliteUpdate:
+    """A :class:`_FastUnit` on SQLite, its UPDATE prepared (:meth:`_FastUnit.ready`): a
+    unit that runs it alone (:meth:`_FastUnit.apply`), or joins the others of its shape in
+    the batch (:func:`_sqlite_update_many`)."""
+
+    __slots__ = ("args", "changes", "fast", "result", "sql")
+
+    def __init__(
+        self, fast: _FastUnit, changes: dict[str, Any], result: Any, sql: str, args: list[Any]
+    ) -> None:
+        self.fast, self.changes, self.result, self.sql, self.args = fast, changes, result, sql, args
+
+    def __call__(self, conn: Connection) -> Any:
+        if _driver(conn).execute(self.sql, self.args).rowcount == 1:
+            return self.result
+        return self.fast.missing(conn, self.changes, self.result)
+
+    @property
+    def shape(self) -> tuple[_Where, tuple[str, ...]]:
+        return self.fast.kind, tuple(self.changes)
+
+    @property
+    def row(self) -> list[Any]:
+        """Its values as :func:`_sqlite_update_rows_sql` takes them: the id, the changes,
+        the compared values (the single UPDATE's order is changes, id, compared)."""
+        n = len(self.changes)
+        return [self.args[n], *self.args[:n], *self.args[n + 1 :]]
 
 
 def _ready_units(units: list[Unit], dialect: Any) -> list[Unit]:
@@ -2100,23 +2125,92 @@ def _ready_units(units: list[Unit], dialect: Any) -> list[Unit]:
 
 
 def _run_sqlite_units(conn: Connection, units: list[Unit]) -> list[Any]:
-    """SQLite: the new records of the batch first, together (:func:`_sqlite_insert_many`;
-    as on PostgreSQL, a record of the batch that two units insert joins once, with the
-    first, and the other runs in its place); then the others, one by one in order."""
-    first: dict[str, _SqliteNewRecord] = {}
-    if SQLITE_RETURNING:
-        for unit in units:
-            if isinstance(unit, _SqliteNewRecord):
-                first.setdefault(unit.message_id, unit)
-    if len(first) < 2:
+    """SQLite: the new records of the batch first, together (:func:`_sqlite_insert_many`);
+    then its claims and outcomes, one UPDATE per shape (:func:`_sqlite_update_many`), the
+    records of the claims that found theirs missing inserted together as claimed, and the
+    odd ones out (an outcome whose condition did not hold) on their own path; then the
+    others, one by one in order. As on PostgreSQL, a record that two units of the batch
+    touch joins with the first of them, and the other runs after, alone; the units of a
+    batch come from callers running concurrently, so no order among them is promised.
+    Each statement less is one wait less for the GIL while the file lock is held (see
+    :func:`_sqlite_insert_many`)."""
+    if not SQLITE_RETURNING:
         return [unit(conn) for unit in units]
-    inserted = _sqlite_insert_many(conn, list(first.values()))
-    return [
-        unit.message_id in inserted
-        if isinstance(unit, _SqliteNewRecord) and first.get(unit.message_id) is unit
-        else unit(conn)
-        for unit in units
-    ]
+    results: list[Any] = [None] * len(units)
+    todo = set(range(len(units)))
+    new: dict[str, tuple[int, _SqliteNewRecord]] = {}
+    updates: dict[str, tuple[int, _SqliteUpdate]] = {}
+    for index, unit in enumerate(units):
+        if isinstance(unit, _SqliteNewRecord):
+            new.setdefault(unit.message_id, (index, unit))
+        elif isinstance(unit, _SqliteUpdate):
+            updates.setdefault(unit.fast.message_id, (index, unit))
+    if len(new) > 1:
+        inserted = _sqlite_insert_many(conn, [record for _, record in new.values()])
+        for index, record in new.values():
+            results[index] = record.message_id in inserted
+            todo.discard(index)
+    shapes: dict[tuple[_Where, tuple[str, ...]], list[tuple[int, _SqliteUpdate]]] = {}
+    for index, prepared in updates.values():
+        shapes.setdefault(prepared.shape, []).append((index, prepared))
+    missing: dict[int, _SqliteUpdate] = {}
+    for group in shapes.values():
+        if len(group) < 2:
+            continue  # alone: its own statement, in its place below
+        updated = _sqlite_update_many(conn, [prepared for _, prepared in group])
+        for index, prepared in group:
+            if prepared.fast.message_id in updated:
+                results[index] = prepared.result
+            else:
+                missing[index] = prepared
+            todo.discard(index)
+    convert = _bind_converters(conn.dialect)
+    made = {
+        index: _sqlite_insert_new(prepared.fast.job, convert, prepared.changes)
+        for index, prepared in missing.items()
+        if prepared.fast.job is not None  # a claim: its record may be missing
+    }
+    if made:
+        inserted = _sqlite_insert_many(conn, list(made.values()), "missing records, as claimed,")
+        for index, record in made.items():
+            if record.message_id in inserted:
+                results[index] = missing.pop(index).result
+    for index, prepared in missing.items():  # there, but its usual case did not hold
+        results[index] = prepared.fast.slow(conn)
+    for index in sorted(todo):
+        results[index] = units[index](conn)
+    return results
+
+
+def _sqlite_update_many(conn: Connection, group: Sequence[_SqliteUpdate]) -> set[str]:
+    """Claims or outcomes of one shape (distinct records), each row's changes where its
+    own condition holds, in one ``UPDATE ... FROM (VALUES ...) RETURNING id`` (as many as
+    SQLite's bound values need): the ids of the records updated."""
+    kind, changed = group[0].shape
+    width = 1 + len(changed) + len(_WHERE[kind][1])
+    updated: set[str] = set()
+    for chunk in _chunks(group, SQLITE_MAX_PARAMETERS // width):
+        sql = _sqlite_update_rows_sql(kind, changed, len(chunk))
+        rows = _driver(conn).execute(sql, [value for update in chunk for value in update.row])
+        updated.update(message_id for (message_id,) in rows.fetchall())
+    log.debug("writer: %d %s updates in one statement, %d applied", len(group), kind, len(updated))
+    return updated
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_update_rows_sql(kind: _Where, changed: tuple[str, ...], rows: int) -> str:
+    """The SQL of :func:`_sqlite_update_many` for one shape and number of rows (SQLite
+    3.33 and newer: UPDATE ... FROM; it looks each record up by its primary key)."""
+    compared = _WHERE[kind][1]
+    names = ", ".join(f'"{name}"' for name in ["id", *changed, *(p for _, p in compared)])
+    marks = ", ".join([f"({', '.join('?' * (1 + len(changed) + len(compared)))})"] * rows)
+    sets = ", ".join(f'"{messages_table.c[name].name}" = v."{name}"' for name in changed)
+    where = _sql_where(kind, "m.", lambda param: f'v."{param}"')
+    # S608: only this table's column names and fixed conditions go into the text; every
+    # value is a parameter.
+    head = f"WITH v({names}) AS (VALUES {marks}) "
+    update = f"UPDATE {messages_table.name} AS m SET {sets} FROM v "  # noqa: S608
+    return f"{head}{update}WHERE m.id = v.id{where} RETURNING id"
 
 
 def _run_units(conn: Connection, units: list[Unit]) -> list[Any]:
