@@ -485,11 +485,14 @@ WRITER_CACHE_KIB = 512
 WAL_AUTOCHECKPOINT = 1000  # SQLite's default: pages in the WAL that make a commit checkpoint
 MIGRATION_WAIT = 600.0  # seconds a process may wait for another's schema upgrade
 MIGRATION_LOCK = 0x6D61696C726F6F6D  # pg_advisory_xact_lock key of the schema upgrade
-# SQLite: a batch's new records go in one INSERT ... RETURNING (SQLite 3.35 and newer;
-# before, one at a time), with at most this many bound values (SQLite's limit since 3.32).
-SQLITE_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+# SQLite: a batch's new records go in one INSERT ... RETURNING, its claims and outcomes in
+# one UPDATE ... FROM ... RETURNING per shape (SQLite 3.35.5 and newer: 3.35.0-3.35.4 had
+# RETURNING defects; before, one statement per unit), each with at most this many bound
+# values (SQLite's default limit since 3.32; a build's lower limit is read from the
+# connection) and SQLITE_MOST_ROWS rows (see _chunks).
+SQLITE_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 5)
 SQLITE_MAX_PARAMETERS = 32766
-SQLITE_MOST_ROWS = 64  # rows of one such statement (see _chunks)
+SQLITE_MOST_ROWS = 64
 
 
 Unit = Callable[[Connection], Any]
@@ -521,9 +524,10 @@ class Store:
     inserted as claimed, in one statement), then its outcomes and the rest (one UPDATE
     per shape): the units of a batch come from callers running concurrently, so no order
     among them is promised, and this one (records in id order) keeps a server's and a
-    worker's transactions from deadlocking (:func:`_run_units`). On SQLite, where one
-    writer at a time holds the file lock, its claims and outcomes go next, one UPDATE per
-    shape, then the records found missing inserted as claimed, then the rest in order
+    worker's transactions from deadlocking (:func:`_run_units`). On SQLite (3.35.5 and
+    newer, else one statement per unit), where one writer at a time holds the file lock,
+    its claims and outcomes go next, one UPDATE per shape that two or more share, then
+    the records found missing inserted as claimed, then the rest in order
     (:func:`_run_sqlite_units`): fewer statements, and so fewer waits for the GIL while
     the lock is held. A claim whose record is missing (the worker got the message before
     the server's insert committed) inserts it as claimed (:meth:`_FastUnit.missing`).
@@ -1740,25 +1744,26 @@ def _sqlite_insert_many(
     conn: Connection, records: Sequence[_SqliteNewRecord], what: str = "new records"
 ) -> set[str]:
     """The new records of a batch (distinct ids), with their lookup rows, in one INSERT
-    per shape and one for all their lookup rows (each as many rows as SQLite's bound
-    parameters allow): the ids of those inserted (RETURNING; a record already there is
-    left as it is). One statement, not two per mail, because the writer thread gives up
-    the GIL for every statement and waits for it again, while it holds the file lock that
-    the other processes' writes wait for; in a busy server each wait is a fraction of a
+    per shape and one for all their lookup rows (each in parts, :func:`_chunks`): the
+    ids of those inserted (RETURNING; a record already there is left as it is). One
+    statement, not two per mail, because the writer thread gives up the GIL for every
+    statement and waits for it again, while it holds the file lock that the other
+    processes' writes wait for; in a busy server each wait is a fraction of a
     millisecond to several."""
     driver = _driver(conn)
     shapes: dict[tuple[str, ...], list[_SqliteNewRecord]] = {}
     for record in records:
         shapes.setdefault(record.columns, []).append(record)
     inserted: set[str] = set()
+    bound = _bound_values(driver)
     for columns, group in shapes.items():
-        for chunk in _chunks(group, SQLITE_MAX_PARAMETERS // len(columns)):
+        for chunk in _chunks(group, bound // len(columns)):
             sql = _sqlite_insert_rows_sql(columns, len(chunk))
             rows = driver.execute(sql, [value for record in chunk for value in record.args])
             inserted.update(message_id for (message_id,) in rows.fetchall())
     log.debug("writer: %d %s inserted together", len(records), what)
     lookups = [row for record in records if record.message_id in inserted for row in record.lookups]
-    for part in _chunks(lookups, SQLITE_MAX_PARAMETERS // 3):
+    for part in _chunks(lookups, bound // 3):
         driver.execute(_sqlite_insert_lookups_sql(len(part)), [v for row in part for v in row])
     return inserted
 
@@ -1766,15 +1771,23 @@ def _sqlite_insert_many(
 _ChunkItem = TypeVar("_ChunkItem")
 
 
+def _bound_values(driver: sqlite3.Connection) -> int:
+    """How many values one statement may bind on this connection, at most
+    SQLITE_MAX_PARAMETERS."""
+    return min(SQLITE_MAX_PARAMETERS, driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+
+
 def _chunks(items: Sequence[_ChunkItem], most: int) -> list[Sequence[_ChunkItem]]:
     """``items`` in parts of a power of two in size, each at most ``most`` (and at most
     SQLITE_MOST_ROWS), the biggest first: 100 records go as 64 + 32 + 4. The driver keeps
     each statement it ran prepared (128 of them): one per batch size held 24 MB more
-    after 200 sizes of a new record's INSERT; the powers of two up to 256 held 1 MB, and
+    after 200 sizes of a new record's INSERT; the powers of two up to 256 held 1 MB (now
+    up to 64), and
     an UPDATE of a claim's or outcome's shape 0.6 MB at 256 rows alone, 0.18 at 64.
     (The worker's write batches held 9-13 units on average in scratch runs of 6000
     requests, a new connection each or keep-alive.)"""
     most = max(1, min(most, SQLITE_MOST_ROWS))
+    most = 1 << (most.bit_length() - 1)  # a power of two itself
     parts: list[Sequence[_ChunkItem]] = []
     start = 0
     while start < len(items):
@@ -2041,8 +2054,9 @@ class _FastUnit:
     unit runs, the column changes to write where ``kind`` holds (with ``condition``'s
     values) and the unit's result if that row was updated; else :meth:`missing` (a
     claim's record inserted as claimed) or ``slow(conn)`` runs and gives it. Alone it runs
-    that UPDATE itself; on PostgreSQL the writer joins the usual cases of a batch into one
-    statement per shape (:func:`_run_units`)."""
+    that UPDATE itself; the writer joins the usual cases of a batch into one statement
+    per shape (:func:`_run_units`; on SQLite :func:`_run_sqlite_units`, where one of a
+    shape runs alone)."""
 
     __slots__ = ("condition", "job", "kind", "message_id", "prepare", "slow")
 
@@ -2194,10 +2208,11 @@ def _sqlite_update_many(conn: Connection, group: Sequence[_SqliteUpdate]) -> set
     SQLite's bound values need): the ids of the records updated."""
     kind, changed = group[0].shape
     width = 1 + len(changed) + len(_WHERE[kind][1])
+    driver = _driver(conn)
     updated: set[str] = set()
-    for chunk in _chunks(group, SQLITE_MAX_PARAMETERS // width):
+    for chunk in _chunks(group, _bound_values(driver) // width):
         sql = _sqlite_update_rows_sql(kind, changed, len(chunk))
-        rows = _driver(conn).execute(sql, [value for update in chunk for value in update.row])
+        rows = driver.execute(sql, [value for update in chunk for value in update.row])
         updated.update(message_id for (message_id,) in rows.fetchall())
     log.debug("writer: %d %s updates in one statement, %d applied", len(group), kind, len(updated))
     return updated
@@ -2205,15 +2220,17 @@ def _sqlite_update_many(conn: Connection, group: Sequence[_SqliteUpdate]) -> set
 
 @functools.lru_cache(maxsize=64)
 def _sqlite_update_rows_sql(kind: _Where, changed: tuple[str, ...], rows: int) -> str:
-    """The SQL of :func:`_sqlite_update_many` for one shape and number of rows (SQLite
-    3.33 and newer: UPDATE ... FROM; it looks each record up by its primary key)."""
+    """The SQL of :func:`_sqlite_update_many` for one shape and number of rows (UPDATE
+    ... FROM and RETURNING: SQLite 3.35.5 and newer, SQLITE_RETURNING); it looks each
+    record up by its primary key (test_ownership checks the plan)."""
     compared = _WHERE[kind][1]
     names = ", ".join(f'"{name}"' for name in ["id", *changed, *(p for _, p in compared)])
+    assert all(name in messages_table.c for name in changed)
     marks = ", ".join([f"({', '.join('?' * (1 + len(changed) + len(compared)))})"] * rows)
     sets = ", ".join(f'"{messages_table.c[name].name}" = v."{name}"' for name in changed)
-    where = _sql_where(kind, "m.", lambda param: f'v."{param}"')
-    # S608: only this table's column names and fixed conditions go into the text; every
-    # value is a parameter.
+    # "+m.status": no index for the condition's columns (status has one), so that SQLite
+    # looks each record up by its id whatever its statistics say; every value is bound.
+    where = _sql_where(kind, "+m.", lambda param: f'v."{param}"')
     head = f"WITH v({names}) AS (VALUES {marks}) "
     update = f"UPDATE {messages_table.name} AS m SET {sets} FROM v "  # noqa: S608
     return f"{head}{update}WHERE m.id = v.id{where} RETURNING id"

@@ -331,18 +331,33 @@ async def test_first_claim_without_reading_matches_the_stored_record(
         await store.close()
 
 
-def limit_sqlite(database_url: Secret, monkeypatch: pytest.MonkeyPatch, limits: str) -> None:
-    """SQLite "as built", or with "small statements" (at most 40 bound values: two
-    records, 13 lookup rows, a few claims or outcomes each), or with "no RETURNING" (as
-    before SQLite 3.35: each write on its own); the last two only on SQLite."""
-    if limits == "as built":
-        return
-    if not database_url.get().startswith("sqlite"):
+def limit_sqlite(database_url: Secret, monkeypatch: pytest.MonkeyPatch, limits: str) -> bool:
+    """SQLite "as built", or with "small statements" (SQLite's own limit of bound values
+    lowered to 40 on the write connection, :func:`bound_values_of`: two records, 8 lookup
+    rows, a few claims or outcomes each), or with "no RETURNING" (as before SQLite
+    3.35.5: each write on its own); the last two only on SQLite. Whether the store writes
+    batches together then."""
+    if limits != "as built" and not database_url.get().startswith("sqlite"):
         pytest.skip("SQLite's statement limits")
-    if limits == "small statements":
-        monkeypatch.setattr(store_module, "SQLITE_MAX_PARAMETERS", 2 * 16 + 8)
-    else:
+    if limits == "no RETURNING":
         monkeypatch.setattr(store_module, "SQLITE_RETURNING", False)
+    return database_url.get().startswith("postgresql") or store_module.SQLITE_RETURNING
+
+
+async def bound_values_of(store: Store, limits: str) -> None:
+    """For "small statements": SQLite itself refuses a statement of more than 40 bound
+    values on the store's write connection (a batch would then fail and be written
+    again one unit at a time, which the tests rule out)."""
+    if limits == "small statements":
+        limit = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+        await store.write(lambda conn: store_module._driver(conn).setlimit(limit, 40))
+
+
+def written_one_at_a_time(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The store's warnings that a batch failed and was written again unit by unit."""
+    return [
+        r.getMessage() for r in caplog.records if "writing them one at a time" in r.getMessage()
+    ]
 
 
 @pytest.mark.parametrize("sqlite_limits", ["as built", "small statements", "no RETURNING"])
@@ -359,10 +374,11 @@ async def test_claims_and_outcomes_written_together_match_one_at_a_time(
     its claim, taken over before its outcome) takes its own path inside the same batch.
     (On SQLite too: each statement less is one wait less for the GIL under the file
     lock; also in statements of a few rows, and one at a time without RETURNING, as
-    before SQLite 3.35.)"""
-    limit_sqlite(database_url, monkeypatch, sqlite_limits)
+    before SQLite 3.35.5.)"""
+    batched = limit_sqlite(database_url, monkeypatch, sqlite_limits)
     settings = make_settings(database_url=database_url)
     store = await Store.open(settings)
+    await bound_values_of(store, sqlite_limits)
     jobs = [legacy_job(f"batch{n}@example.com") for n in range(40)]
     try:
         await asyncio.gather(*(store.insert_queued(job) for job in jobs))
@@ -405,7 +421,8 @@ async def test_claims_and_outcomes_written_together_match_one_at_a_time(
         together: list[tuple[Any, ...]] = [
             tuple(r.args or ()) for r in caplog.records if "in one statement" in r.getMessage()
         ]
-        if sqlite_limits == "no RETURNING":
+        assert written_one_at_a_time(caplog) == []
+        if not batched:
             assert together == []
         else:  # The batches really were written together, the odd ones out included.
             assert any(kind == "untouched" and n > applied_ for n, kind, applied_ in together)
@@ -494,8 +511,9 @@ async def test_writes_batched_together_keep_every_condition(
         # "writer: <n> <kind> updates in one statement, <m> applied"
         lines = [r.getMessage().split() for r in caplog.records]
         together = [(int(w[1]), w[2]) for w in lines if w[3:6] == ["updates", "in", "one"]]
-        assert any(n >= 2 and kind == "held" for n, kind in together)
-        assert any(n >= 2 and kind == "untouched" for n, kind in together)
+        if database_url.get().startswith("postgresql") or store_module.SQLITE_RETURNING:
+            assert any(n >= 2 and kind == "held" for n, kind in together)
+            assert any(n >= 2 and kind == "untouched" for n, kind in together)
     finally:
         await store.close()
 
@@ -596,7 +614,8 @@ async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
         assert loads == 0  # inserted, then claimed: the usual one UPDATE each
         assert slow_loads == 0
         lines = [r.getMessage() for r in caplog.records]
-        assert "writer: 5 missing records, as claimed, inserted together" in lines
+        if database_url.get().startswith("postgresql") or store_module.SQLITE_RETURNING:
+            assert "writer: 5 missing records, as claimed, inserted together" in lines
     finally:
         await store.close()
 
@@ -638,11 +657,12 @@ async def test_records_inserted_together_match_one_at_a_time(
     writes, whatever the shape (several recipients, cc, tags and metadata, a scheduled
     send, an international address); a record that is there already (its worker got it
     first) and the same job twice are left as they are. SQLite also with statements of
-    two records and 13 lookup rows at most (a batch bigger than SQLite's bound values
-    allow in one), and without RETURNING (SQLite before 3.35: one at a time)."""
-    limit_sqlite(database_url, monkeypatch, sqlite_limits)
+    two records and 8 lookup rows at most (a batch bigger than SQLite's bound values
+    allow in one), and without RETURNING (SQLite before 3.35.5: one at a time)."""
+    batched = limit_sqlite(database_url, monkeypatch, sqlite_limits)
     settings = make_settings(database_url=database_url)
     store = await Store.open(settings)
+    await bound_values_of(store, sqlite_limits)
     later = (now_utc() + timedelta(hours=2)).isoformat()
     jobs = [legacy_job(f"new{n}@example.com") for n in range(6)] + [
         tagged_job(),
@@ -674,10 +694,46 @@ async def test_records_inserted_together_match_one_at_a_time(
             "cy@example.com",
             "dee@example.com",
         ]
-        if sqlite_limits == "no RETURNING":
+        assert written_one_at_a_time(caplog) == []
+        if not batched:
             assert together == []  # one statement per write
         else:
             assert any(n > 1 for n in together)  # really written together
+    finally:
+        await store.close()
+
+
+async def test_sqlite_batched_updates_find_each_record_by_its_id(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """The batched claims and outcomes on SQLite look each record up by its primary key,
+    never scan by status (which has an index), even once SQLite has statistics that
+    make that index look selective (many sent records, few queued or sending)."""
+    store = await Store.open(make_settings(database_url=Secret(f"sqlite:///{tmp_path}/p.db")))
+    try:
+        jobs = [legacy_job(f"plan{n}@example.com") for n in range(300)]
+        await asyncio.gather(*(store.insert_queued(job) for job in jobs))
+        claims = await asyncio.gather(*(store.claim(job, "w", 0, 30) for job in jobs[:290]))
+        await asyncio.gather(*(store.finish(c.attempt, "sent") for c in claims if c.attempt))
+        await store.write(lambda conn: store_module._driver(conn).execute("ANALYZE"))
+        shapes: list[tuple[Any, tuple[str, ...]]] = [
+            ("untouched", ("status", "owner", "attempts", "lease_until", "history")),
+            ("held", ("status", "results", "history", "updated_at", "owner")),
+            ("expected", ("status", "history")),
+            ("one", ("status",)),
+        ]
+        for kind, changed in shapes:
+            sql = store_module._sqlite_update_rows_sql(kind, changed, 4)
+            values = [None] * (4 * (1 + len(changed) + len(store_module._WHERE[kind][1])))
+
+            def explain(conn: Any, sql: str = sql, values: list[None] = values) -> list[str]:
+                rows = store_module._driver(conn).execute(f"EXPLAIN QUERY PLAN {sql}", values)
+                return [row[3] for row in rows]
+
+            plan = await store.write(explain)
+            by_id = "INDEX sqlite_autoindex_mailroom_messages_1 (id=?)"
+            assert any(step.startswith("SEARCH m USING") and by_id in step for step in plan)
+            assert not any(step.startswith("SCAN m") or "status" in step for step in plan)
     finally:
         await store.close()
 
@@ -694,7 +750,7 @@ def test_sqlite_batch_statements_come_in_few_sizes() -> None:
     assert sizes[700][:10] == [64] * 10 and sizes[700][10:] == [32, 16, 8, 4]
     assert {size for parts in sizes.values() for size in parts} == {2**k for k in range(7)}
     assert all(sum(parts) == n for n, parts in sizes.items())
-    assert [len(part) for part in store_module._chunks(list(range(20)), 13)] == [13, 4, 2, 1]
+    assert [len(part) for part in store_module._chunks(list(range(20)), 13)] == [8, 8, 4]
 
 
 class RowHolder:
