@@ -29,6 +29,7 @@ from messages import MailJob, legacy_job, new_job
 from store import (
     HANDED_BACK,
     SCHEMA_VERSION,
+    Attempt,
     MessageRecord,
     RecipientResult,
     Store,
@@ -431,6 +432,65 @@ async def test_claims_and_outcomes_written_together_match_one_at_a_time(
         await store.close()
 
 
+async def test_claims_and_outcomes_written_together_leave_the_rows_one_at_a_time_does(
+    database_url: Secret,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Column by column: the records (and lookup rows) that claims and outcomes written
+    together leave, after the claims and after the outcomes, and the records the claims
+    return, are those that the same writes one at a time leave, for outcomes of
+    every shape (sent with results, retrying with an error, a code, a retry time and a
+    copy, failed) and a claim of a record already sent (its own path)."""
+    at = now_utc()
+    monkeypatch.setattr(store_module, "now_utc", lambda: at)  # the same times both ways
+    store = await Store.open(make_settings(database_url=database_url))
+    jobs = [legacy_job(f"rows{n}@example.com") for n in range(12)]
+    later = at + timedelta(seconds=60)
+
+    async def outcome(n: int, attempt: Attempt) -> bool:
+        if n % 3 == 0:
+            return await store.finish(attempt, "sent", {jobs[n].to[0]: RecipientResult("sent")})
+        if n % 3 == 1:
+            return await store.finish(
+                attempt, "retrying", error="451 later", code=451, next_attempt_at=later, copy=1
+            )
+        return await store.finish(attempt, "failed", error="550 no", code=550)
+
+    async def write(together: bool) -> list[Any]:
+        await asyncio.gather(*(store.insert_queued(job) for job in jobs))
+        if together:
+            claims = await asyncio.gather(*(store.claim(j, "worker-a", 0, 30) for j in jobs))
+        else:
+            claims = [await store.claim(j, "worker-a", 0, 30) for j in jobs]
+        attempts = [c.attempt for c in claims]
+        assert all(a is not None for a in attempts)
+        claimed = await stored_rows(store, *jobs)
+        pairs = [(n, a) for n, a in enumerate(attempts) if a is not None]
+        if together:
+            applied = await asyncio.gather(*(outcome(n, a) for n, a in pairs))
+            again = await asyncio.gather(*(store.claim(jobs[n], "worker-b", 0, 30) for n in (0, 3)))
+        else:
+            applied = [await outcome(n, a) for n, a in pairs]
+            again = [await store.claim(jobs[n], "worker-b", 0, 30) for n in (0, 3)]
+        assert applied == [True] * len(jobs)
+        assert [c.kind for c in again] == ["final", "final"]  # sent: its own path
+        return [claimed, await stored_rows(store, *jobs), [c.record for c in claims]]
+
+    try:
+        caplog.set_level(logging.DEBUG, logger="store")
+        written_together = await write(together=True)
+        assert written_one_at_a_time(caplog) == []  # no batch failed and was written again
+        lines = [r.getMessage() for r in caplog.records]
+        if database_url.get().startswith("postgresql") or store_module.SQLITE_RETURNING:
+            assert sum("updates in one statement" in line for line in lines) >= 4
+        await clear_records(store)
+        assert await write(together=False) == written_together
+    finally:
+        await store.close()
+
+
 async def test_writes_batched_together_keep_every_condition(
     database_url: Secret, make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -511,6 +571,7 @@ async def test_writes_batched_together_keep_every_condition(
         # "writer: <n> <kind> updates in one statement, <m> applied"
         lines = [r.getMessage().split() for r in caplog.records]
         together = [(int(w[1]), w[2]) for w in lines if w[3:6] == ["updates", "in", "one"]]
+        assert written_one_at_a_time(caplog) == []
         if database_url.get().startswith("postgresql") or store_module.SQLITE_RETURNING:
             assert any(n >= 2 and kind == "held" for n, kind in together)
             assert any(n >= 2 and kind == "untouched" for n, kind in together)
@@ -613,6 +674,7 @@ async def test_a_claim_whose_record_is_missing_makes_it_as_insert_and_claim_do(
         ]
         assert loads == 0  # inserted, then claimed: the usual one UPDATE each
         assert slow_loads == 0
+        assert written_one_at_a_time(caplog) == []
         lines = [r.getMessage() for r in caplog.records]
         if database_url.get().startswith("postgresql") or store_module.SQLITE_RETURNING:
             assert "writer: 5 missing records, as claimed, inserted together" in lines
