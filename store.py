@@ -1782,8 +1782,8 @@ def _chunks(items: Sequence[_ChunkItem], most: int) -> list[Sequence[_ChunkItem]
     SQLITE_MOST_ROWS), the biggest first: 100 records go as 64 + 32 + 4. The driver keeps
     each statement it ran prepared (128 of them): one per batch size held 24 MB more
     after 200 sizes of a new record's INSERT; the powers of two up to 256 held 1 MB (now
-    up to 64), and
-    an UPDATE of a claim's or outcome's shape 0.6 MB at 256 rows alone, 0.18 at 64.
+    up to 64), and an UPDATE of a claim's or outcome's shape 0.6 MB at 256 rows alone,
+    0.18 at 64.
     (The worker's write batches held 9-13 units on average in scratch runs of 6000
     requests, a new connection each or keep-alive.)"""
     most = max(1, min(most, SQLITE_MOST_ROWS))
@@ -1799,7 +1799,12 @@ def _chunks(items: Sequence[_ChunkItem], most: int) -> list[Sequence[_ChunkItem]
 
 @functools.lru_cache(maxsize=16)
 def _sqlite_insert_lookups_sql(rows: int) -> str:
-    return _SQLITE_INSERT_LOOKUPS.format(rows=", ".join(["(?, ?, ?)"] * rows))
+    return _SQLITE_INSERT_LOOKUPS.format(rows=_value_rows(3, rows))
+
+
+def _value_rows(width: int, rows: int) -> str:
+    """``(?, ?), (?, ?)`` for ``rows`` rows of ``width`` bound values."""
+    return ", ".join([f"({', '.join('?' * width)})"] * rows)
 
 
 def _queued_row(job: MailJob) -> tuple[dict[str, Any], list[str]]:
@@ -1863,14 +1868,11 @@ class _Claiming:
         return self.work(conn)
 
 
-_SQLITE_INSERT_LOOKUP = (
-    "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES (?, ?, ?) "
-    "ON CONFLICT DO NOTHING"
-)
 _SQLITE_INSERT_LOOKUPS = (
     "INSERT INTO mailroom_lookup (term, created_at, message_id) VALUES {rows} "
     "ON CONFLICT DO NOTHING"
 )
+_SQLITE_INSERT_LOOKUP = _SQLITE_INSERT_LOOKUPS.format(rows="(?, ?, ?)")
 
 
 @functools.lru_cache(maxsize=2)
@@ -1982,9 +1984,8 @@ def _sqlite_insert_sql(columns: tuple[str, ...]) -> str:
 def _sqlite_insert_rows_sql(columns: tuple[str, ...], rows: int) -> str:
     # Names from the table itself (a KeyError for anything else); every value is bound.
     names = ", ".join(f'"{messages_table.c[name].name}"' for name in columns)
-    marks = ", ".join([f"({', '.join('?' for _ in columns)})"] * rows)
     return (
-        f"INSERT INTO mailroom_messages ({names}) VALUES {marks} "  # noqa: S608
+        f"INSERT INTO mailroom_messages ({names}) VALUES {_value_rows(len(columns), rows)} "  # noqa: S608
         "ON CONFLICT (id) DO NOTHING RETURNING id"
     )
 
@@ -2225,8 +2226,8 @@ def _sqlite_update_rows_sql(kind: _Where, changed: tuple[str, ...], rows: int) -
     record up by its primary key (test_ownership checks the plan)."""
     compared = _WHERE[kind][1]
     names = ", ".join(f'"{name}"' for name in ["id", *changed, *(p for _, p in compared)])
-    assert all(name in messages_table.c for name in changed)
-    marks = ", ".join([f"({', '.join('?' * (1 + len(changed) + len(compared)))})"] * rows)
+    marks = _value_rows(1 + len(changed) + len(compared), rows)
+    # Names from the table itself (a KeyError for anything else) and the fixed conditions.
     sets = ", ".join(f'"{messages_table.c[name].name}" = v."{name}"' for name in changed)
     # "+m.status": no index for the condition's columns (status has one), so that SQLite
     # looks each record up by its id whatever its statistics say; every value is bound.
