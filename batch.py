@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ from apidoc import answers
 from broker import Broker
 from errors import InvalidMessage, PublishUnconfirmed
 from guard import Denied, Guard
-from messages import AttachmentTooLarge, InputLimits, MailJob, addr_spec, request_job
+from messages import AttachmentTooLarge, InputLimits, MailJob, addr_spec, new_id, request_job
 from schemas import (
     MAX_BATCH,
     BatchAnswer,
@@ -178,7 +177,7 @@ def register(app: Quart, accepting: Accepting) -> None:
         key: str | None,
         client: str,
     ) -> ResponseReturnValue:
-        batch_id = uuid.uuid4().hex
+        batch_id = new_id()
         if key is not None:
             try:
                 earlier = await a.store().claim_idempotency_key(

@@ -14,6 +14,7 @@ import sqlite3
 import sys
 import threading
 import typing
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -513,3 +514,28 @@ async def test_records_commands(make_settings: Callable[..., Settings], tmp_path
     assert after["oldest"] > (now_utc() - timedelta(days=2, minutes=5)).isoformat()
     env["MESSAGE_RETENTION_DAYS"] = "0"
     assert "kept forever" in await admin("records", "prune")
+
+
+def test_message_ids_are_random_uuid4_read_in_bulk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids look as uuid.uuid4().hex made them, never repeat, and os.urandom (which gives
+    up the GIL) is called once for many of them, not once per message."""
+    reads: list[int] = []
+    real = os.urandom
+
+    def counted(n: int) -> bytes:
+        reads.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", counted)
+    ids = [legacy_job("a@example.com").id for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for made in ids:
+        parsed = uuid.UUID(made)
+        assert parsed.hex == made
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    assert 1 <= len(reads) <= 5, reads
+    # The 128 bits are random but for the six that say "version 4, RFC 4122".
+    ones = [sum(int(made, 16) >> bit & 1 for made in ids) for bit in range(128)]
+    fixed = {76, 77, 78, 79, 62, 63}
+    assert all(300 < count < 700 for bit, count in enumerate(ones) if bit not in fixed)
