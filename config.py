@@ -8,10 +8,13 @@ in a repr, a log line or a traceback.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -217,13 +220,26 @@ TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def configure_logging(settings: Settings) -> None:
     """For the entry points (server, worker): one line per event, at LOG_LEVEL; with
-    ``LOG_FORMAT=json`` one JSON object per line (see :class:`JsonFormatter`)."""
-    handler = logging.StreamHandler()
+    ``LOG_FORMAT=json`` one JSON object per line (see :class:`JsonFormatter`).
+
+    The line is made where it is logged and written to stderr by a thread of its own
+    (QueueHandler, QueueListener), so that the event loop never writes to a file: a
+    write gives up the GIL, and getting it back from the store's writer thread can take
+    the switch interval (5 ms). The thread writes what is left at exit."""
+    if logging.getLogger().handlers:
+        return  # configured already (basicConfig would change nothing either)
     formatter = (
         JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
     )
-    handler.setFormatter(formatter)
-    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    made = logging.handlers.QueueHandler(lines)
+    made.setFormatter(formatter)
+    writer = logging.StreamHandler()
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    listener = logging.handlers.QueueListener(lines, writer)
+    listener.start()
+    atexit.register(listener.stop)
+    logging.basicConfig(level=settings.log_level, handlers=[made])
     quiet_amqp_libraries()
 
 

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import JsonFormatter, Secret, Settings
 from tests.conftest import running_app, running_worker, wait_ready
-from tests.support import SmtpServer, TcpProxy, free_port
+from tests.support import ROOT, SmtpServer, TcpProxy, free_port
 from tests.test_status_api import wait_status
 
 TOKEN = "metrics-token-0123456789"
@@ -208,3 +212,67 @@ def test_json_log_lines_carry_the_message_id() -> None:
     assert entry["logger"] == "worker"
     plain = logging.LogRecord("server", logging.INFO, __file__, 1, "serving", (), None)
     assert "message_id" not in json.loads(JsonFormatter().format(plain))
+
+
+LOGGING_SCRIPT = r"""
+import logging, sys, threading
+import config
+
+class Recorder:
+    # Forwards to the real stderr; notes which thread wrote.
+    def __init__(self, real):
+        self.real, self.writers = real, set()
+    def write(self, text):
+        self.writers.add(threading.current_thread().name)
+        return self.real.write(text)
+    def flush(self):
+        self.real.flush()
+
+recorder = Recorder(sys.stderr)
+sys.stderr = recorder
+settings = config.Settings.from_env({"LOG_FORMAT": sys.argv[1]}, env_file=None)
+config.configure_logging(settings)
+config.configure_logging(settings)  # a second call changes nothing
+log = logging.getLogger("worker")
+for n in range(300):
+    log.info("message %s: sent (attempt %d)", f"id{n}", 1)
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("message %s: failed", "idz")
+import atexit
+atexit.register(lambda: print(sorted(recorder.writers)))  # runs after the listener stops
+"""
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_log_lines_are_written_by_their_own_thread_and_all_at_exit(
+    log_format: str, tmp_path: Path
+) -> None:
+    """configure_logging: the logging thread writes (not the event loop's), every line
+    reaches stderr before the process exits, tracebacks included, message ids kept."""
+    script = tmp_path / "log_lines.py"
+    script.write_text(LOGGING_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), log_format],
+        cwd=tmp_path,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    writers = done.stdout.strip()
+    assert writers and "MainThread" not in writers, writers
+    lines = done.stderr.splitlines()
+    if log_format == "json":
+        entries = [json.loads(line) for line in lines if line.startswith("{")]
+        assert [e["message_id"] for e in entries] == [f"id{n}" for n in range(300)] + ["idz"]
+        assert "ZeroDivisionError" in entries[-1]["exc_info"]
+        assert len(entries) == len(lines)
+    else:
+        sent = [line for line in lines if ": message id" in line and "sent (attempt 1)" in line]
+        assert len(sent) == 300
+        assert any("INFO worker: message id0: sent (attempt 1)" in line for line in lines)
+        assert "ERROR worker: message idz: failed" in done.stderr
+        assert "ZeroDivisionError" in done.stderr
