@@ -469,7 +469,7 @@ def _sqlite_begin(conn: Connection) -> None:
 
 _CLOSED = "the database is closed: this process is stopping"  # reads and writes refused
 READ_CONNECTIONS = 3  # SQLite: read connections (and reader threads) per process
-LINGER_BELOW = 16  # a lingering writer (Store.open's linger) waits only for fewer writes
+LINGER_BELOW = 64  # a lingering writer (Store.open's linger) waits only for fewer writes
 LOCK_WAIT = 15.0  # seconds a write may wait for another process's write lock
 READY_FOR = 0.1  # seconds of waiting for the file lock after which units are made again
 SEED_CACHE_KIB = 262144  # page cache of a connection that seeds (Store.insert_file)
@@ -514,8 +514,8 @@ class Store:
     time, so only that caller sees the error (when the transaction failed as a whole,
     :class:`_BatchNotWritten`, every caller gets the error at once). What arrives while a
     batch runs makes up the next one: the busier the process, the bigger the batches and
-    the fewer commits per mail. The worker's writer also lingers (``linger``, a few
-    milliseconds) before a batch of fewer than ``LINGER_BELOW`` writes, so that its claims
+    the fewer commits per mail. The worker's writer also lingers (``linger``, 15 ms
+    there) before a batch of fewer than ``LINGER_BELOW`` writes, so that its claims
     and outcomes, which nobody outside waits for, go in fewer and bigger commits; the
     server's does not (a client waits for each of its writes).
     The new records of a batch (:class:`_NewRecord`) go first, in one statement (on
