@@ -226,6 +226,7 @@ def configure_logging(settings: Settings) -> None:
 
     Lines are made where they are logged and written to stderr by a thread of their own
     (:class:`LineWriter`): the event loop never writes to a file."""
+    quiet_amqp_libraries()
     if logging.getLogger().handlers:
         return  # configured already (basicConfig would change nothing either)
     # Nothing Mailroom logs names its caller's file, line, thread or process: not looking
@@ -240,53 +241,108 @@ def configure_logging(settings: Settings) -> None:
     handler = LineWriter()
     handler.setFormatter(formatter)
     logging.basicConfig(level=settings.log_level, handlers=[handler])
-    quiet_amqp_libraries()
+
+
+def flush_logging() -> None:
+    """Write every line logged so far (before something printed straight to stderr)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 class LineWriter(logging.Handler):
     """A handler that formats each record where it is logged and leaves the writing to a
-    thread: ``emit`` only queues the line. The thread writes every line queued in one
-    write, then pauses ``WRITE_PAUSE`` while more gather, so under load it wakes up (and
-    takes the GIL) once per pause rather than once per line. A write gives up the GIL,
-    and an event loop that did so while the store's writer thread ran waited up to the
-    switch interval (5 ms) to get it back. ``close`` (logging's shutdown at exit) writes
-    what is left."""
+    thread: ``emit`` only queues the line. The thread writes every line queued, then
+    pauses ``WRITE_PAUSE`` while more gather, so under load it wakes up (and takes the
+    GIL) once per pause rather than once per line. A write gives up the GIL, and an
+    event loop that did so while the store's writer thread ran waited up to the switch
+    interval (5 ms) to get it back.
 
-    WRITE_PAUSE = 0.02
+    Lines keep their order and stay whole: each write holds whole lines and at most
+    ``PIPE_BUF`` bytes (one line longer than that alone), so that processes sharing one
+    pipe (the launcher's children) do not tear each other's lines. Past ``MOST_QUEUED``
+    lines (stderr cannot keep up) ``emit`` waits, as a direct write would. ``flush``
+    waits until what was queued is written; ``close`` (logging's shutdown at exit) writes
+    what is left, and lines logged after it, or after the thread ended, are written by
+    their caller. Lost: the last ``WRITE_PAUSE`` of lines when the process is killed."""
+
+    WRITE_PAUSE = 0.01
+    MOST_QUEUED = 10_000
+    PIPE_BUF = 4096  # POSIX: a pipe write of at most this many bytes is not interleaved
 
     def __init__(self) -> None:
         super().__init__()
         self._stream = sys.stderr
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._lines: queue.SimpleQueue[str | threading.Event | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_lines, name="log-lines", daemon=True)
         self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._lines.put(self.format(record))
+            line = self.format(record)
+            if not self._thread.is_alive():
+                self._write([line])
+                return
+            self._lines.put(line)
+            while self._lines.qsize() > self.MOST_QUEUED and self._thread.is_alive():
+                time.sleep(self.WRITE_PAUSE)
         except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
             self.handleError(record)
 
-    def _write_lines(self) -> None:
-        while (line := self._lines.get()) is not None:
-            lines = [line]
-            with contextlib.suppress(queue.Empty):
-                while (line := self._lines.get_nowait()) is not None:
-                    lines.append(line)
-            try:
-                self._stream.write("\n".join(lines) + "\n")
-                self._stream.flush()
-            except (OSError, ValueError):
-                pass  # stderr is closed or broken: nowhere to say so; keep draining
-            if line is None:
-                return
-            time.sleep(self.WRITE_PAUSE)
+    def flush(self) -> None:
+        if self._thread.is_alive():
+            written = threading.Event()
+            self._lines.put(written)
+            written.wait(timeout=5)
 
     def close(self) -> None:
         if self._thread.is_alive():
             self._lines.put(None)
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=5)
+        left: list[str] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                if isinstance(item := self._lines.get_nowait(), str):
+                    left.append(item)
+        self._write(left)
         super().close()
+
+    def _write_lines(self) -> None:
+        while True:
+            item = self._lines.get()
+            lines: list[str] = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    if isinstance(item, str):
+                        lines.append(item)
+                    else:
+                        self._write(lines)
+                        lines = []
+                        if item is None:
+                            return
+                        item.set()  # flush: what came before is written
+                    item = self._lines.get_nowait()
+            self._write(lines)
+            time.sleep(self.WRITE_PAUSE)
+
+    def _write(self, lines: list[str]) -> None:
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            length = len(line.encode(errors="replace")) + 1
+            if chunk and size + length > self.PIPE_BUF:
+                self._write_chunk(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += length
+        if chunk:
+            self._write_chunk(chunk)
+
+    def _write_chunk(self, lines: list[str]) -> None:
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # stderr is closed, broken or None: nowhere to say so; keep draining
 
 
 # Connections that may wait for a server to accept them (the kernel caps it at

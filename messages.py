@@ -351,6 +351,7 @@ _IDS_PER_READ = 256
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 _ready_ids: collections.deque[str] = collections.deque()
+os.register_at_fork(after_in_child=_ready_ids.clear)  # a child must not repeat them
 
 
 def new_id() -> str:

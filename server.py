@@ -64,7 +64,7 @@ import metrics
 import web
 from apidoc import answers
 from broker import Broker, Names
-from config import LISTEN_BACKLOG, Settings, configure_gc, configure_logging
+from config import LISTEN_BACKLOG, Settings, configure_gc, configure_logging, flush_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
 from graceful import serve
@@ -1085,6 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         # PostgreSQL database the user may not create, say) is one line, not a traceback.
         uvloop.run(_open_and_close(settings))
     except StoreUnavailable as exc:
+        flush_logging()  # what led to it first
         print(f"server: {exc} (DATABASE_URL)", file=sys.stderr)
         return 1
     quart_app = create_app(settings)

@@ -44,7 +44,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 import metrics
 from acks import Acks
 from broker import AMQP_ERRORS, COPY_HEADER, DEAD_KEY, SCHEDULE_DUE, Broker, Names
-from config import Settings, configure_gc, configure_logging
+from config import Settings, configure_gc, configure_logging, flush_logging
 from errors import (
     BrokerUnavailable,
     ConfigError,
@@ -1002,6 +1002,7 @@ def main() -> int:
     try:
         uvloop.run(serve())
     except StoreUnavailable as exc:
+        flush_logging()  # what led to it first
         print(f"worker: {exc} (DATABASE_URL)", file=sys.stderr)
         return 1
     return 0

@@ -215,15 +215,16 @@ def test_json_log_lines_carry_the_message_id() -> None:
 
 
 LOGGING_SCRIPT = r"""
-import logging, sys, threading
+import atexit, logging, sys, threading, time
 import config
 
 class Recorder:
-    # Forwards to the real stderr; notes which thread wrote.
+    # Forwards to the real stderr; notes which thread wrote, and each write.
     def __init__(self, real):
-        self.real, self.writers = real, set()
+        self.real, self.writers, self.writes = real, set(), []
     def write(self, text):
         self.writers.add(threading.current_thread().name)
+        self.writes.append(text)
         return self.real.write(text)
     def flush(self):
         self.real.flush()
@@ -236,25 +237,42 @@ config.configure_logging(settings)  # a second call changes nothing
 log = logging.getLogger("worker")
 for n in range(300):
     log.info("message %s: sent (attempt %d)", f"id{n}", 1)
-try:
-    1 / 0
-except ZeroDivisionError:
-    log.exception("message %s: failed", "idz")
-import atexit, time
+log.info("message %s: long %s", "idlong", "x" * 5000)
 deadline = time.monotonic() + 10
 while not recorder.writers and time.monotonic() < deadline:
     time.sleep(0.01)  # the writer thread writes while the process runs, not only at exit
 print("written while running:", bool(recorder.writers))
-atexit.register(lambda: print(sorted(recorder.writers)))  # runs after logging's shutdown
+log.info("message %s: before the print", "idflush")
+config.flush_logging()
+print("printed after the flush", file=recorder.real, flush=True)  # not a log line
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("message %s: failed", "idz")
+for n in range(50):
+    log.info("message %s: at exit", f"exit{n}")  # left for logging's shutdown to write
+
+
+def report():
+    logging.shutdown()  # atexit would run it after this; run it first, then look
+    print(sorted(recorder.writers))
+    print(max(len(w.encode()) for w in recorder.writes if "idlong" not in w))
+    long = [len(w) for w in recorder.writes if "idlong" in w]
+    print(len(long), long[0])
+
+
+atexit.register(report)
 """
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
-def test_log_lines_are_written_by_their_own_thread_and_all_at_exit(
+def test_log_lines_are_written_by_their_own_thread_in_order_and_whole(
     log_format: str, tmp_path: Path
 ) -> None:
     """configure_logging: a thread of its own writes the lines (never the event loop's),
-    while the process runs, and what is left at exit; tracebacks included, ids kept."""
+    while the process runs, before what is printed after flush_logging(), and what is
+    left at exit; in order, whole, at most PIPE_BUF bytes a write but for a longer line
+    alone; tracebacks included, message ids kept."""
     script = tmp_path / "log_lines.py"
     script.write_text(LOGGING_SCRIPT)
     done = subprocess.run(
@@ -266,18 +284,25 @@ def test_log_lines_are_written_by_their_own_thread_and_all_at_exit(
         timeout=60,
         check=True,
     )
-    running, writers = done.stdout.strip().splitlines()
+    running, writers, longest, long_line = done.stdout.strip().splitlines()
     assert running == "written while running: True"
     assert writers == "['log-lines']"
+    assert 0 < int(longest) <= 4096
+    count, size = long_line.split()
+    assert count == "1"
+    assert 5000 < int(size) < 5200
     lines = done.stderr.splitlines()
+    flushed = lines.index("printed after the flush")
+    assert "idflush" in lines[flushed - 1]
+    ids = [f"id{n}" for n in range(300)] + ["idlong", "idflush", "idz"]
+    ids += [f"exit{n}" for n in range(50)]
     if log_format == "json":
         entries = [json.loads(line) for line in lines if line.startswith("{")]
-        assert [e["message_id"] for e in entries] == [f"id{n}" for n in range(300)] + ["idz"]
-        assert "ZeroDivisionError" in entries[-1]["exc_info"]
-        assert len(entries) == len(lines)
+        assert [e["message_id"] for e in entries] == ids
+        assert "ZeroDivisionError" in entries[-51]["exc_info"]
     else:
-        sent = [line for line in lines if ": message id" in line and "sent (attempt 1)" in line]
-        assert len(sent) == 300
-        assert any("INFO worker: message id0: sent (attempt 1)" in line for line in lines)
+        said = [line.split(" worker: message ", 1)[1] for line in lines if " worker: " in line]
+        assert [line.split(":")[0] for line in said] == ids
+        assert said[0] == "id0: sent (attempt 1)"
         assert "ERROR worker: message idz: failed" in done.stderr
         assert "ZeroDivisionError" in done.stderr
