@@ -2121,13 +2121,6 @@ class _SqliteUpdate:
     def shape(self) -> tuple[_Where, tuple[str, ...]]:
         return self.fast.kind, tuple(self.changes)
 
-    @property
-    def row(self) -> list[Any]:
-        """Its values as :func:`_sqlite_update_rows_sql` takes them: the id, the changes,
-        the compared values (the single UPDATE's order is changes, id, compared)."""
-        n = len(self.changes)
-        return [self.args[n], *self.args[:n], *self.args[n + 1 :]]
-
 
 def _ready_units(units: list[Unit], dialect: Any) -> list[Unit]:
     """SQLite, in the writer thread before it takes the file lock: the per-mail units
@@ -2208,12 +2201,12 @@ def _sqlite_update_many(conn: Connection, group: Sequence[_SqliteUpdate]) -> set
     own condition holds, in one ``UPDATE ... FROM (VALUES ...) RETURNING id`` (as many as
     SQLite's bound values need): the ids of the records updated."""
     kind, changed = group[0].shape
-    width = 1 + len(changed) + len(_WHERE[kind][1])
+    width = len(group[0].args)  # one row's values
     driver = _driver(conn)
     updated: set[str] = set()
     for chunk in _chunks(group, _bound_values(driver) // width):
         sql = _sqlite_update_rows_sql(kind, changed, len(chunk))
-        rows = driver.execute(sql, [value for update in chunk for value in update.row])
+        rows = driver.execute(sql, [value for update in chunk for value in update.args])
         updated.update(message_id for (message_id,) in rows.fetchall())
     log.debug("writer: %d %s updates in one statement, %d applied", len(group), kind, len(updated))
     return updated
@@ -2225,7 +2218,9 @@ def _sqlite_update_rows_sql(kind: _Where, changed: tuple[str, ...], rows: int) -
     ... FROM and RETURNING: SQLite 3.35.5 and newer, SQLITE_RETURNING); it looks each
     record up by its primary key (test_ownership checks the plan)."""
     compared = _WHERE[kind][1]
-    names = ", ".join(f'"{name}"' for name in ["id", *changed, *(p for _, p in compared)])
+    # A row's values in the single UPDATE's order (:func:`_sqlite_update`), the changes,
+    # the id, the compared values: each row is its unit's ``args`` as they are.
+    names = ", ".join(f'"{name}"' for name in [*changed, "id", *(p for _, p in compared)])
     marks = _value_rows(1 + len(changed) + len(compared), rows)
     # Names from the table itself (a KeyError for anything else) and the fixed conditions.
     sets = ", ".join(f'"{messages_table.c[name].name}" = v."{name}"' for name in changed)
