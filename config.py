@@ -298,31 +298,39 @@ class LineWriter(logging.Handler):
         if self._thread.is_alive():
             self._lines.put(None)
             self._thread.join(timeout=5)
-        left: list[str] = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                if isinstance(item := self._lines.get_nowait(), str):
-                    left.append(item)
-        self._write(left)
+        self._write_items(self._take_queued([]))  # logged after the thread stopped
         super().close()
 
     def _write_lines(self) -> None:
-        while True:
-            item = self._lines.get()
-            lines: list[str] = []
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    if isinstance(item, str):
-                        lines.append(item)
-                    else:
-                        self._write(lines)
-                        lines = []
-                        if item is None:
-                            return
-                        item.set()  # flush: what came before is written
-                    item = self._lines.get_nowait()
-            self._write(lines)
+        while self._write_items(self._take_queued([self._lines.get()])):
             time.sleep(self.WRITE_PAUSE)
+
+    def _take_queued(
+        self, items: list[str | threading.Event | None]
+    ) -> list[str | threading.Event | None]:
+        """``items`` and everything queued now."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._lines.get_nowait())
+        return items
+
+    def _write_items(self, items: list[str | threading.Event | None]) -> bool:
+        """Writes the lines among ``items`` in order, sets each flush's event once the
+        lines before it are written; False once the end (None) was among them."""
+        lines: list[str] = []
+        going = True
+        for item in items:
+            if isinstance(item, str):
+                lines.append(item)
+                continue
+            self._write(lines)
+            lines = []
+            if item is None:
+                going = False
+            else:
+                item.set()
+        self._write(lines)
+        return going
 
     def _write(self, lines: list[str]) -> None:
         chunk: list[str] = []
