@@ -1,6 +1,6 @@
 """Benchmark Mailroom against the reference Flask + Celery stack, in one run, on loopback.
 
-    .venv/bin/python bench/bench.py                      # full run (about 4-6 minutes)
+    .venv/bin/python bench/bench.py                      # full run (about 6-9 minutes)
     .venv/bin/python bench/bench.py -n 500 --repeat 1 --sweep ""    # quick look
 
 Everything listens on 127.0.0.1 and is started and stopped by this script:
@@ -17,9 +17,12 @@ Everything listens on 127.0.0.1 and is started and stopped by this script:
 * a small asyncio HTTP/1.1 client (a new connection per request, like the reference
   figures) sending ``GET /?sendmail=<unique address>`` with bounded concurrency.
 
-Per system: a warm-up, then ``--repeat`` measured batches; each metric is the median over
-the batches. A sweep over WORKER_CONCURRENCY measures Mailroom end to end and draining
-a backlog (worker started after the batch was queued). Results: a table on stdout,
+Per system: a warm-up, then ``--repeat`` measured batches. The sequence of systems runs
+``--rounds`` times (each system started afresh each time), and each metric is the median
+over a system's batches of all rounds: the machine's speed drifts within minutes, and a
+slow spell then falls on every system rather than on the one that happened to run in it.
+A sweep over WORKER_CONCURRENCY measures Mailroom end to end and draining a backlog
+(worker started after the batch was queued). Results: a table on stdout,
 ``bench/results.md`` and ``bench/results.json``.
 """
 
@@ -834,11 +837,13 @@ class Options:
     modes: tuple[str, ...] = MODES
     batch_size: int = 100
     batch_concurrency: int = 4
+    rounds: int = 1
 
 
 class System:
     name = "?"
     label = "?"
+    run_dir: Path  # its logs and files (each subclass sets it; run_system, per round)
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
@@ -1470,63 +1475,87 @@ def group(batches: Sequence[Batch]) -> dict[str, Any]:
     }
 
 
-async def run_system(system: System, sink: Sink, opts: Options, run_id: str) -> dict[str, Any]:
+@dataclass
+class Collected:
+    """One system's batches over every round (each round starts it afresh)."""
+
+    name: str
+    label: str = ""
+    modes: dict[str, dict[int, list[Batch]]] = field(default_factory=dict)
+    batch: list[Batch] = field(default_factory=list)
+    batch_unavailable: str | None = None
+    notes: list[str] = field(default_factory=list)
+    extras: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def run_system(
+    system: System, sink: Sink, opts: Options, run_id: str, rnd: int, into: Collected
+) -> None:
     """Start, warm up, then for each load mode and client concurrency measure batches
     (``--repeat`` at ``--concurrency``, ``--load-repeat`` at the other concurrencies),
-    and the batch endpoint for Mailroom; stop."""
+    and the batch endpoint for Mailroom; stop. The batches go ``into`` this system's
+    collection; ``rnd`` is the round (each has its own run directory and database)."""
+    system.run_dir = opts.workdir / f"{system.name}.{rnd}"
     system.configure(sink.port)
-    log.info("=== %s: %s", system.name, system.label)
-    out: dict[str, Any] = {"name": system.name, "label": system.label, "modes": {}}
+    log.info("=== %s: %s (round %d of %d)", system.name, system.label, rnd + 1, opts.rounds)
+    into.label = system.label
     concurrencies = sorted({opts.concurrency, *opts.load_concurrencies})
     try:
         await system.start()
-        await warm_up(system, sink, f"{run_id}.{system.name}.w", opts)
+        await warm_up(system, sink, f"{run_id}.{system.name}.w{rnd}", opts)
         for mode in opts.modes:
-            by_c: dict[str, Any] = {}
             for c in concurrencies:
-                rounds = opts.repeat if c == opts.concurrency else opts.load_repeat
-                batches = [
-                    await measure(
-                        system,
-                        sink,
-                        f"{run_id}.{system.name}.{mode[0]}{c}-{r}",
-                        opts.requests,
-                        opts,
-                        mode,
-                        c,
-                    )
-                    for r in range(rounds)
-                ]
-                by_c[str(c)] = group(batches)
-            out["modes"][mode] = by_c
+                done = into.modes.setdefault(mode, {}).setdefault(c, [])
+                for _ in range(opts.repeat if c == opts.concurrency else opts.load_repeat):
+                    tag = f"{run_id}.{system.name}.{mode[0]}{c}-{len(done)}"
+                    done.append(await measure(system, sink, tag, opts.requests, opts, mode, c))
         if isinstance(system, Mailroom) and opts.batch_size > 0:
-            why = await probe_batch(system, opts, f"{run_id}.{system.name}.bp")
+            why = await probe_batch(system, opts, f"{run_id}.{system.name}.bp{rnd}")
             if why is None:
-                batches = [
-                    await measure(
-                        system,
-                        sink,
-                        f"{run_id}.{system.name}.b-{r}",
-                        opts.requests,
-                        opts,
-                        "batch",
-                        opts.batch_concurrency,
+                for _ in range(opts.repeat):
+                    tag = f"{run_id}.{system.name}.b-{len(into.batch)}"
+                    into.batch.append(
+                        await measure(
+                            system, sink, tag, opts.requests, opts, "batch", opts.batch_concurrency
+                        )
                     )
-                    for r in range(opts.repeat)
-                ]
-                out["batch"] = group(batches)
             else:
                 log.info("%s: batch endpoint %s", system.name, why)
-                out["batch"] = {"unavailable": why}
+                into.batch_unavailable = why
     finally:
         await system.stop()
+        into.notes.extend(note for note in system.notes if note not in into.notes)
+        into.extras.append(system.extra)
+
+
+def system_results(collected: Collected, opts: Options) -> dict[str, Any]:
+    """A system's figures over all its rounds: each metric the median of its batches."""
+    out: dict[str, Any] = {"name": collected.name, "label": collected.label, "modes": {}}
+    for mode, by_c in collected.modes.items():
+        out["modes"][mode] = {str(c): group(batches) for c, batches in by_c.items() if batches}
+    if collected.batch:
+        out["batch"] = group(collected.batch)
+    elif collected.batch_unavailable is not None:
+        out["batch"] = {"unavailable": collected.batch_unavailable}
     main = out["modes"].get("close", out["modes"].get("keepalive", {})).get(str(opts.concurrency))
     if main:  # the headline figures: connection per request at --concurrency
         out["median"] = main["median"]
         out["cpu_ms_per_mail_by_role"] = main["cpu_ms_per_mail_by_role"]
         out["batches"] = main["batches"]
-    out["notes"] = system.notes
-    out.update(system.extra)
+    out["notes"] = collected.notes
+    for extra in collected.extras:  # queues left at stop and log problems: over all rounds
+        for key, value in extra.items():
+            if key == "queues_at_stop":
+                queues = out.setdefault(key, {})
+                for name, messages in value.items():
+                    queues[name] = queues.get(name, 0) + messages
+            elif key == "log_problems":
+                problems = out.setdefault(key, {"lines": 0, "kinds": {}})
+                problems["lines"] += value["lines"]
+                for kind, count in value["kinds"].items():
+                    problems["kinds"][kind] = problems["kinds"].get(kind, 0) + count
+            else:
+                out[key] = value
     return out
 
 
@@ -1810,6 +1839,7 @@ def render(results: dict[str, Any]) -> str:
     modes = cfg.get("modes", ["close"])
     mailroom = results.get("mailroom", {})
     others = ", ".join(str(x) for x in cfg.get("load_concurrencies", [c]) if x != c)
+    rounds = cfg.get("rounds", 1)
     out = [
         "# Mailroom vs reference stack",
         "",
@@ -1821,8 +1851,10 @@ def render(results: dict[str, Any]) -> str:
         f"run: {env['loadavg_before']}, after: {env.get('loadavg_after', '?')}.",
         "",
         f"Load: N={cfg['requests']} mails per batch; client concurrency {c} (median of "
-        f"{cfg['repeat']} batch(es)) and {others or 'no other'} "
-        f"({cfg.get('load_repeat', 1)} batch(es) each); HTTP/1.1 modes: {cfg['http']}; "
+        f"{cfg['repeat'] * rounds} batch(es)) and {others or 'no other'} "
+        f"({cfg.get('load_repeat', 1) * rounds} batch(es) each), over {rounds} round(s) in "
+        "which each system ran in turn, started afresh; HTTP/1.1 modes: "
+        f"{cfg['http']}; "
         "batch endpoint: "
         f"{cfg.get('batch_size', 0)} mails per request, {cfg.get('batch_concurrency', 0)} requests "
         f"in flight, keep-alive. Warm-up {cfg['warmup']}. Lost/duplicates/not accepted: sums. "
@@ -2130,6 +2162,7 @@ async def run(
             "concurrency": opts.concurrency,
             "warmup": opts.warmup,
             "repeat": opts.repeat,
+            "rounds": opts.rounds,
             "systems": list(systems),
             "sweep": list(sweep),
             "sweep_requests": sweep_requests,
@@ -2153,8 +2186,9 @@ async def run(
     }
     sink = Sink(sink_binary, opts.sink_dir)
     await sink.start()
+    collected = {name: Collected(name) for name in systems}
     try:
-        for name in systems:
+        for rnd, name in ((rnd, name) for rnd in range(opts.rounds) for name in systems):
             system: System
             if name in ("ref-a", "ref-b"):
                 system = Reference(opts, name[-1])
@@ -2168,7 +2202,8 @@ async def run(
                 system = Mailroom(opts, 1, None, name, postgres=True, overflow=LAUNCHER_OVERFLOW)
             else:
                 raise BenchError(f"unknown system {name!r}")
-            results["systems"].append(await run_system(system, sink, opts, run_id))
+            await run_system(system, sink, opts, run_id, rnd, collected[name])
+        results["systems"] = [system_results(collected[name], opts) for name in systems]
         for c in sweep:
             results["sweep"].append(
                 await sweep_one(c, sink, opts, run_id, sweep_requests, sweep_repeat)
@@ -2192,6 +2227,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=2,
         help="measured batches per system, load mode and the batch endpoint at --concurrency (2)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="times the whole sequence of systems runs, each system started afresh in each "
+        "round; its figures are medians over the batches of all rounds, so that a slow spell "
+        "of the machine falls on every system rather than on one (2)",
     )
     p.add_argument(
         "--load-concurrency",
@@ -2365,8 +2408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep = [int(x) for x in args.sweep.split(",") if x.strip()]
     load_cc = tuple(int(x) for x in args.load_concurrency.split(",") if x.strip())
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if args.requests < 1 or args.concurrency < 1 or args.repeat < 1 or args.load_repeat < 1:
-        log.error("--requests, --concurrency, --repeat and --load-repeat must be at least 1")
+    counts = (args.requests, args.concurrency, args.repeat, args.load_repeat, args.rounds)
+    if min(counts) < 1:
+        log.error(
+            "--requests, --concurrency, --repeat, --load-repeat and --rounds must be at least 1"
+        )
         return 2
     if any(c < 1 for c in load_cc) or args.batch_concurrency < 1 or args.batch_size < 0:
         log.error("concurrencies must be at least 1, --batch-size at least 0")
@@ -2410,6 +2456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes=modes,
         batch_size=args.batch_size,
         batch_concurrency=args.batch_concurrency,
+        rounds=args.rounds,
     )
     signal.signal(signal.SIGTERM, _terminate)
     # Also when started in the background, where a shell leaves SIGINT ignored.
