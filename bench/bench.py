@@ -1224,6 +1224,7 @@ class Batch:
     mode: str = "close"
     concurrency: int = 0
     connections_per_request: float = 0.0
+    speed_probe_ms: float = 0.0  # speed_probe() just before the batch
 
 
 async def wait_delivered(
@@ -1251,6 +1252,18 @@ async def _poll_sink(sink: Sink) -> None:
         await asyncio.sleep(0.05)
 
 
+def speed_probe() -> float:
+    """Milliseconds this process takes for ``sum(range(10**6))``, the best of three: how
+    fast the machine runs Python just now. Its speed drifts within minutes here (the same
+    commit's rate by a fifth and more), so each batch says what it ran on."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        sum(range(10**6))
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
 async def measure(
     system: System,
     sink: Sink,
@@ -1264,6 +1277,7 @@ async def measure(
     the system while it works."""
     concurrency = opts.concurrency if concurrency is None else concurrency
     addrs = addresses(tag, n)
+    probe_ms = speed_probe()  # before the samplers: its CPU is not the batch's
     app = Sampler(system.roots())
     rabbit = Sampler(
         {f"rabbitmq{i}": pid for i, pid in enumerate(pids_named("beam.smp"))}, interval=1.0
@@ -1340,6 +1354,7 @@ async def measure(
         mode=mode,
         concurrency=concurrency,
         connections_per_request=load.connections / max(load.http_requests, 1),
+        speed_probe_ms=probe_ms,
         detail={
             "http_requests": load.http_requests,
             "connections": load.connections,
@@ -1358,7 +1373,8 @@ async def measure(
     )
     log.info(
         "%s %s %s c=%d: %d/%d accepted, %.0f req/s, p50 %.0f ms, p99 %.0f ms; %d delivered in %.2fs"
-        " (%.0f mails/s), lost %d, dup %d; CPU %.2f ms/mail (+RabbitMQ %.2f), RSS %.0f MB",
+        " (%.0f mails/s), lost %d, dup %d; CPU %.2f ms/mail (+RabbitMQ %.2f), RSS %.0f MB;"
+        " speed probe %.1f ms",
         system.name,
         tag,
         mode,
@@ -1376,6 +1392,7 @@ async def measure(
         batch.cpu_ms_per_mail,
         batch.rabbit_cpu_ms_per_mail,
         batch.peak_rss_mb,
+        batch.speed_probe_ms,
     )
     return batch
 
@@ -1418,6 +1435,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("machine_busy_cores", "machine CPU busy during batch (cores)", "{:.2f}"),
     ("other_cores", "CPU used by unrelated processes (cores)", "{:.2f}"),
     ("connections_per_request", "TCP connections per HTTP request", "{:.2f}"),
+    ("speed_probe_ms", "machine speed: ms for sum(range(10**6)) before a batch", "{:.1f}"),
 )
 COUNT_METRICS = {"lost", "duplicates", "http_errors"}
 CONTEXT_METRICS = {
@@ -1425,6 +1443,7 @@ CONTEXT_METRICS = {
     "machine_busy_cores",
     "other_cores",
     "connections_per_request",
+    "speed_probe_ms",
 }
 # No ratio either: a ratio to a lag of about 0 s says nothing (the targets row says it).
 NO_RATIO = CONTEXT_METRICS | {"lag_after_load_s"}  # no ratios
