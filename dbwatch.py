@@ -24,10 +24,9 @@ import os
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -43,13 +42,12 @@ INTERVAL = 1.0  # seconds between checks; also how long a readiness answer is re
 SUFFIXES = ("", "-wal", "-shm")
 
 
-@dataclass(frozen=True)
-class FileId:
+class FileId(NamedTuple):
     dev: int
     ino: int
 
 
-def _file_id(path: Path) -> FileId | None:
+def _file_id(path: str) -> FileId | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -94,14 +92,15 @@ class SqliteFiles:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Strings made once: the store's writer checks before every commit.
+        self._paths = tuple((suffix, f"{path}{suffix}") for suffix in SUFFIXES)
         self._seen: dict[str, FileId] = {}
         self._lock = threading.Lock()  # checks run in worker threads
 
     def problem(self) -> str | None:
         """What changed at the paths since first seen (blocking; call in a thread)."""
         with self._lock:
-            for suffix in SUFFIXES:
-                path = Path(f"{self.path}{suffix}")
+            for suffix, path in self._paths:
                 now = _file_id(path)
                 seen = self._seen.get(suffix)
                 if seen is None:
