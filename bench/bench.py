@@ -1542,7 +1542,7 @@ async def run_system(
             else:
                 log.info("%s: batch endpoint %s", system.name, why)
                 into.batch_unavailable = why
-                if into.batch:  # it answered in an earlier round: say this one has none
+                if opts.rounds > 1:  # another round may have batches: say this one has none
                     system.notes.append(f"batch endpoint {why}: no batch in this round")
     finally:
         await system.stop()
