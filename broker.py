@@ -338,24 +338,33 @@ def _refusal(exc: BaseException, settings: Settings) -> str | None:
     return None
 
 
-def build_message(
-    body: bytes,
+def message_properties(
     message_id: str,
     headers: Mapping[str, Any] | None = None,
     expiration: float | None = None,
-) -> aio_pika.Message:
-    return aio_pika.Message(
-        body,
-        message_id=message_id,
+) -> Basic.Properties:
+    """The properties of a queue message: JSON, persistent, ``expiration`` in seconds.
+
+    The same as ``aio_pika.Message(..., content_type="application/json",
+    delivery_mode=PERSISTENT, ...).properties`` gives, made directly: aio-pika's message
+    object (its checked attributes, then the properties built from them) was 3.5% of the
+    server's time holding the GIL with a new connection per request."""
+    return Basic.Properties(
         content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers=dict(headers or {}),
-        expiration=expiration,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+        priority=0,
+        expiration=None if expiration is None else str(int(expiration * 1000)),
+        message_id=message_id,
     )
 
 
 async def publish_unwaited(
-    channel: AbstractChannel, exchange: str, message: aio_pika.Message, routing_key: str
+    channel: AbstractChannel,
+    exchange: str,
+    body: bytes,
+    properties: Basic.Properties,
+    routing_key: str,
 ) -> Any:
     """What aio-pika's ``Exchange.publish(message, routing_key, mandatory=True)`` does on
     ``channel``, to the exchange named ``exchange``
@@ -370,10 +379,10 @@ async def publish_unwaited(
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())  # ABC lacks `wait`
     return await underlay.basic_publish(
-        message.body,
+        body,
         exchange=exchange,
         routing_key=routing_key,
-        properties=message.properties,
+        properties=properties,
         mandatory=True,
         wait=False,
     )
@@ -517,9 +526,9 @@ class Broker:
         if channel is None or topology is None or not self.is_ready or loop.time() >= deadline:
             self._unconfirmed.release()
             raise BrokerUnavailable("not connected to RabbitMQ")
-        message = build_message(body, message_id, headers, expiration)
+        properties = message_properties(message_id, headers, expiration)
         publish = asyncio.ensure_future(
-            publish_unwaited(channel, topology.exchange.name, message, routing_key)
+            publish_unwaited(channel, topology.exchange.name, body, properties, routing_key)
         )
         publish.add_done_callback(lambda _: self._unconfirmed.release())
         try:
