@@ -347,8 +347,8 @@ def message_properties(
 
     The same as ``aio_pika.Message(..., content_type="application/json",
     delivery_mode=PERSISTENT, ...).properties`` gives, made directly: aio-pika's message
-    object (its checked attributes, then the properties built from them) was 3.5% of the
-    server's time holding the GIL with a new connection per request."""
+    object (its checked attributes, then the properties built from them, pamqp's included)
+    was 3.5% of the server's GIL samples with a new connection per request."""
     return Basic.Properties(
         content_type="application/json",
         headers=dict(headers or {}),

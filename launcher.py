@@ -72,7 +72,7 @@ def default_counts(cores: int | None = None) -> tuple[int, int]:
     with a new connection per request but 2-8% less with keep-alive clients and a higher
     accept p99 (the one worker then falls behind); a second worker gave 25% more with the
     batch endpoint but 12% less with keep-alive clients. On 2026-12-06's slower machine
-    (the bench's results/20261206T214101Z-c523fcec94) a second server gave 19% more with a
+    (bench/results/20261206T214101Z-c523fcec94) a second server gave 19% more with a
     new connection per request and 3% more with keep-alive clients, a higher accept p99 in
     both, and 80 MB more RSS. The README's Production section says when to change them."""
     cores = cores or os.cpu_count() or 1

@@ -1860,7 +1860,8 @@ def busy_cores(batches: list[dict[str, Any]]) -> str:
     """Cores in use during the batches (medians): each process tree's (its CPU per mail
     times mails/s: its CPU time over the time to the last mail, so a little high, as the
     sampling starts before the load and ends after the last mail) and the whole machine's.
-    A tree near one core while the machine has cores to spare cannot go faster alone."""
+    A tree near one core while the machine has cores to spare may be a process at its
+    limit, or one waiting for a CPU: its threads' schedstat tells (bench/README.md)."""
     roles: dict[str, list[float]] = {}
     for b in batches:
         for role, ms in b.get("detail", {}).get("cpu_ms_per_mail_by_role", {}).items():
