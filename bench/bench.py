@@ -1856,18 +1856,18 @@ def keepalive_support(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def busy_cores(batches: list[dict[str, Any]]) -> str:
-    """Cores in use during the batches (medians): each process tree's (its CPU per mail
+def busy_cores(g: dict[str, Any]) -> str:
+    """Cores in use during a group's batches (medians): each process tree's (its CPU per mail
     times mails/s: its CPU time over the time to the last mail, so a little high, as the
     sampling starts before the load and ends after the last mail) and the whole machine's.
     A tree near one core while the machine has cores to spare may be a process at its
     limit, or one waiting for a CPU: its threads' schedstat tells (bench/README.md)."""
     roles: dict[str, list[float]] = {}
-    for b in batches:
+    for b in g["batches"]:
         for role, ms in b.get("detail", {}).get("cpu_ms_per_mail_by_role", {}).items():
             roles.setdefault(role, []).append(ms * b["e2e_mails_per_s"] / 1000)
     trees = ", ".join(f"{r} {statistics.median(v):.2f}" for r, v in roles.items())
-    machine = statistics.median(b.get("machine_busy_cores", float("nan")) for b in batches)
+    machine = g["median"].get("machine_busy_cores", float("nan"))  # group() took it
     return f"cores in use: {trees}; the machine {machine:.2f}"
 
 
@@ -2023,7 +2023,7 @@ def render(results: dict[str, Any]) -> str:
                 split = ", ".join(f"{r} {ms:.2f}" for r, ms in g["cpu_ms_per_mail_by_role"].items())
                 parts.append(
                     f"{MODE_LABEL[mode]}: {each} (CPU ms per mail by tree: {split}; "
-                    f"{busy_cores(g['batches'])})"
+                    f"{busy_cores(g)})"
                 )
         out.append(
             f"- `{n}`: {s['label']}; each batch's accepted req/s / e2e mails/s at concurrency "
