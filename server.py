@@ -63,6 +63,7 @@ import mailtemplates
 import metrics
 import web
 from apidoc import answers
+from asgihttp import InlineHTTPConnection
 from broker import Broker, Names
 from config import LISTEN_BACKLOG, Settings, configure_gc, configure_logging, flush_logging
 from deadletters import DeadLetterListings, DeadLettersBusy
@@ -173,6 +174,7 @@ def text(body: str, status: int = 200, headers: dict[str, str] | None = None) ->
 def create_app(settings: Settings) -> Quart:
     """Build the app. Connections are opened when serving starts, closed when it stops."""
     app = Quart(__name__)
+    app.asgi_http_class = InlineHTTPConnection
     app.config["MAILROOM_SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     QuartSchema(
