@@ -73,14 +73,19 @@ def check_header_text(value: str, field: str) -> str:
     return value
 
 
+def query_pairs(raw: bytes) -> list[tuple[str, str]] | None:
+    """A raw query string's name/value pairs, or None unless it is valid UTF-8,
+    percent-decoded too. Where it is, they are what werkzeug's ``request.args`` holds."""
+    try:
+        return urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        return None
+
+
 def strict_query(raw: bytes) -> bool:
     """Whether a raw query string is valid UTF-8, percent-decoded too. (Werkzeug would
     keep ``%ff`` as the literal text ``%FF``; we refuse it instead.)"""
-    try:
-        urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True, errors="strict")
-    except UnicodeDecodeError:
-        return False
-    return True
+    return query_pairs(raw) is not None
 
 
 def parse_json(text: str) -> Any:

@@ -55,10 +55,11 @@ from quart_schema import (
     validate_querystring,
     validate_request,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, InternalServerError
 
 import apidoc
 import batch
+import legacyroute
 import mailtemplates
 import metrics
 import web
@@ -69,7 +70,7 @@ from config import LISTEN_BACKLOG, Settings, configure_gc, configure_logging, fl
 from deadletters import DeadLetterListings, DeadLettersBusy
 from errors import BrokerUnavailable, ConfigError, InvalidJSON, InvalidMessage, PublishUnconfirmed
 from graceful import serve
-from guard import Denied, Guard, bearer_token, identify
+from guard import Client, Denied, Guard, bearer_token, identify
 from messages import (
     AttachmentTooLarge,
     InputLimits,
@@ -288,8 +289,7 @@ def create_app(settings: Settings) -> Quart:
             if len(tokens) > 1:
                 return text("Give at most one token.\n", 400)
             g.token = g.token or (tokens[0] if tokens else None)
-            guard.authorize(client, g.token)
-            await guard.check_send(client)
+            # send_legacy authorizes and checks the limits, as in the fast path.
         elif path.startswith("/api/") or path == "/logs":
             if request.method == "POST" and path in SEND_PATHS:
                 g.send_started = time.perf_counter()
@@ -307,23 +307,24 @@ def create_app(settings: Settings) -> Quart:
             guard.authorize(client, g.token)
         return None
 
+    def count_send(started: float, status: int) -> None:
+        """A send request answered: its accept latency if 2xx, else a refusal if 4xx/5xx."""
+        if status < 300:
+            metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
+            listing.sent()
+        elif status >= 400:
+            metrics.refused(status)
+
     @app.after_request
     async def count_sends(response: Response) -> Response:
-        """Send requests: the accept latency of those answered 2xx, the others refused."""
         started = g.get("send_started")
         if started is not None:
-            if response.status_code < 300:
-                metrics.ACCEPT_SECONDS.observe(time.perf_counter() - started)
-                listing.sent()
-            elif response.status_code >= 400:
-                metrics.refused(response.status_code)
+            count_send(started, response.status_code)
         return response
 
     @app.errorhandler(Denied)
     async def denied(exc: Denied) -> Response:
-        if exc.status == 429:
-            log.warning("rate limited %s on %s: %s", g.client.address, request.path, exc.message)
-        return error_response(exc.message, exc.status, exc.headers)
+        return refusal(exc, g.client, request.path)
 
     @app.errorhandler(RequestSchemaValidationError)
     async def invalid_request(exc: RequestSchemaValidationError) -> Response:
@@ -361,9 +362,10 @@ def create_app(settings: Settings) -> Quart:
         except StoreUnavailable as exc:
             log.warning("message %s: queued, but its record waits for the worker: %s", job.id, exc)
 
-    async def enqueue(job: MailJob, key: str | None = None, client: str = "") -> None:
+    async def enqueue(job: MailJob, sender: str, key: str | None = None, client: str = "") -> None:
         """Publish (confirmed), then record. A scheduled message goes straight to the
-        schedule tier it waits in first (see broker.SCHEDULE_DELAYS)."""
+        schedule tier it waits in first (see broker.SCHEDULE_DELAYS). ``sender``: the
+        client's address, for the log."""
         started = time.perf_counter()
         try:
             if (due := job.due_at()) is not None:
@@ -379,10 +381,7 @@ def create_app(settings: Settings) -> Quart:
         await record(job)
         metrics.RECORD_WAIT.observe(time.perf_counter() - confirmed)
         log.info(
-            "message %s: queued for %d recipient(s) from %s",
-            job.id,
-            len(job.recipients),
-            g.client.address,
+            "message %s: queued for %d recipient(s) from %s", job.id, len(job.recipients), sender
         )
 
     def watch_late(
@@ -414,6 +413,57 @@ def create_app(settings: Settings) -> Quart:
             )
         return "the mail queue is unavailable; nothing was queued, try again shortly"
 
+    async def send_legacy(client: Client, token: str | None, addresses: list[str]) -> Response:
+        """``GET /?sendmail=<address>`` once the gate let it through (it refuses a second
+        token): who may send, the send limits, the one address, then queued. A refusal
+        raises :class:`Denied`. The Quart route and the fast path (legacyroute.py) both
+        answer with this."""
+        guard.authorize(client, token)
+        await guard.check_send(client)
+        if len(addresses) != 1:
+            return text("Give exactly one sendmail address.\n", 400)
+        try:
+            job = legacy_job(addresses[0])
+        except InvalidMessage as exc:
+            return text(f"Invalid address: {exc.reason}\n", 400)
+        await guard.spend_send(client, [addr_spec(a) for a in job.to])
+        try:
+            await enqueue(job, client.address)
+        except BrokerUnavailable as exc:
+            return text(f"{unavailable(exc, job)}\n", 503, RETRY)
+        return text(f"Email to {job.to[0]} queued (id {job.id})\n")
+
+    quart_asgi = app.asgi_app
+
+    async def legacy_fast_path(
+        scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """``GET /?sendmail=`` without Quart's request cycle (legacyroute.py); every other
+        request goes to Quart. No client disconnect cancels a send here: like the JSON
+        API's accept (shielded), it runs to the end."""
+        legacy = legacyroute.match(scope)
+        if legacy is None:
+            await quart_asgi(scope, receive, send)
+            return
+        started = time.perf_counter()
+        client = identify(
+            legacy.peer, legacy.x_forwarded_for, legacy.forwarded, settings.trusted_proxy_hops
+        )
+        token = bearer_token(legacy.authorization) or legacy.query_token
+        try:
+            response = await send_legacy(client, token, legacy.addresses)
+        except Denied as exc:
+            response = refusal(exc, client, "/")
+        except Exception:
+            # What Quart does with an error in a route: log it and answer 500, in the
+            # words the Quart route's http_error would use.
+            log.exception("GET /?sendmail from %s failed", client.address)
+            response = text(f"{InternalServerError.description}\n", 500)
+        count_send(started, response.status_code)
+        await legacyroute.send_response(send, response)
+
+    app.asgi_app = legacy_fast_path  # type: ignore[method-assign]
+
     @app.get("/")
     @document_querystring(LegacyQuery)
     @answers(
@@ -440,19 +490,7 @@ def create_app(settings: Settings) -> Quart:
         """The legacy API: ?talktome logs the time, ?sendmail=<address> queues a test mail."""
         args = request.args
         if "sendmail" in args:
-            values = args.getlist("sendmail")
-            if len(values) != 1:
-                return text("Give exactly one sendmail address.\n", 400)
-            try:
-                job = legacy_job(values[0])
-            except InvalidMessage as exc:
-                return text(f"Invalid address: {exc.reason}\n", 400)
-            await guard.spend_send(g.client, [addr_spec(a) for a in job.to])
-            try:
-                await enqueue(job)
-            except BrokerUnavailable as exc:
-                return text(f"{unavailable(exc, job)}\n", 503, RETRY)
-            return text(f"Email to {job.to[0]} queued (id {job.id})\n")
+            return await send_legacy(g.client, g.token, args.getlist("sendmail"))
         if "talktome" in args:
             stamp = await talklog.append(f"talktome from {g.client.address}")
             return text(f"Logged the current time: {stamp}\n")
@@ -542,7 +580,7 @@ def create_app(settings: Settings) -> Quart:
                 status = "scheduled" if scheduled else "queued"
                 return jsonify(id=earlier, status=status), 202, replay
         try:
-            await enqueue(job, key, client)
+            await enqueue(job, g.client.address, key, client)
         except BrokerUnavailable as exc:
             # Unconfirmed: the key stays until settle_late knows whether it was stored.
             if key is not None and not isinstance(exc, PublishUnconfirmed):
@@ -1026,12 +1064,22 @@ def json_error(
     return response
 
 
-def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    message: str, status: int, headers: dict[str, str] | None = None, path: str | None = None
+) -> Response:
     """JSON for the JSON API (``/api/...`` and ``/logs``), plain text for the legacy GET
-    and everything else."""
-    if request.path.startswith("/api/") or request.path == "/logs":
+    and everything else. ``path``: the request's (default: Quart's request)."""
+    path = request.path if path is None else path
+    if path.startswith("/api/") or path == "/logs":
         return json_error(message, status, headers)
     return text(f"{message}\n", status, headers)
+
+
+def refusal(exc: Denied, client: Client, path: str) -> Response:
+    """The answer to a :class:`Denied` (401, 429), logged if it is a rate limit."""
+    if exc.status == 429:
+        log.warning("rate limited %s on %s: %s", client.address, path, exc.message)
+    return error_response(exc.message, exc.status, exc.headers, path)
 
 
 class _LazyApp:
