@@ -13,7 +13,8 @@ repeats when the query is strictly valid). Everything else, and anything unusual
 body, a query the gate would refuse or that holds other parameters, HEAD), goes through
 Quart as before. The answer itself is made by the same functions the Quart route uses
 (server.py), so both give the same status, headers and text; :func:`send_response`
-writes it.
+writes it. One difference on purpose: a client that hangs up does not cancel a send
+here (Quart cancels its handler), as the JSON API's accept is shielded from it too.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def match(scope: Scope) -> LegacySend | None:
     ):
         return None
     raw = scope["query_string"]
-    if not raw.startswith(b"sendmail=") and b"&sendmail=" not in raw:
-        return None
+    if b"sendmail" not in raw:
+        return None  # (a name spelled with %-escapes goes to Quart too: either answers)
     pairs = query_pairs(raw)
     if pairs is None:
         return None  # not valid UTF-8: the gate answers 400
@@ -79,6 +80,8 @@ def match(scope: Scope) -> LegacySend | None:
             x_forwarded_for.append(raw_value.decode("latin1"))
         elif header == b"forwarded":
             forwarded = True
+        elif header == b"host" and not _host_binds(raw_value):
+            return None  # Quart fails to route it (werkzeug's BadHost): a 500 there
     client = scope.get("client")
     return LegacySend(
         addresses=addresses,
@@ -88,6 +91,16 @@ def match(scope: Scope) -> LegacySend | None:
         x_forwarded_for=x_forwarded_for,
         forwarded=forwarded,
     )
+
+
+def _host_binds(host: bytes) -> bool:
+    """Whether werkzeug's ``Map.bind``, which Quart runs for every request, takes this
+    Host: its name (without the port) must encode as IDNA."""
+    try:
+        host.decode("latin1").lower().partition(":")[0].encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 async def send_response(send: ASGISendCallable, response: Response) -> None:

@@ -455,9 +455,9 @@ def create_app(settings: Settings) -> Quart:
         except Denied as exc:
             response = refusal(exc, client, "/")
         except Exception:
-            # What Quart does with an error in a route: log it and answer 500, in the
-            # words the Quart route's http_error would use.
-            log.exception("GET /?sendmail from %s failed", client.address)
+            # What Quart does with an error in a route (outside debug and testing, where
+            # it re-raises): log it and answer 500, in the words of the route's http_error.
+            log.exception("Exception on request GET / (?sendmail from %s)", client.address)
             response = text(f"{InternalServerError.description}\n", 500)
         count_send(started, response.status_code)
         await legacyroute.send_response(send, response)
