@@ -3,8 +3,9 @@
 The legacy send is what curl users and the benchmark call most, and Quart's cycle (its
 request and response objects, contexts, routing, hooks, werkzeug's headers) cost about
 as much CPU as the rest of the request: without it the server's CPU per mail went from
-1.19 to 0.85 ms with a new connection per request and from 0.61 to 0.40 ms with
-keep-alive clients (bench/bench.py, default runs, same machine).
+1.19 to 0.79-0.81 ms with a new connection per request and from 0.61 to 0.41 ms with
+keep-alive clients (bench/bench.py, default runs on one machine, stored in
+bench/results/: 20261206T231349Z against 20261206T235139Z and 20261207T000229Z).
 
 :func:`match` recognises the requests this path takes, and reads from the scope what
 Quart's ``before_request`` gate reads from its request object (the same parsing:
