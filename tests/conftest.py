@@ -215,6 +215,14 @@ async def running_app(settings: Settings) -> AsyncIterator[tuple[Quart, Client]]
 async def serving_app(settings: Settings) -> AsyncIterator[str]:
     """The app served by Hypercorn as ``python server.py`` serves it, on a free loopback
     port, in this process; its base URL once ``GET /readyz`` answers 200. Stopped after."""
+    async with serving(create_app(settings), "/readyz") as base:
+        yield base
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Quart, ready_path: str) -> AsyncIterator[str]:
+    """``app`` served by Hypercorn through graceful.serve, on a free loopback port, in this
+    process; its base URL once ``GET ready_path`` answers 200. Stopped after."""
     config = HypercornConfig()
     port = free_port()
     config.bind = [f"127.0.0.1:{port}"]
@@ -222,13 +230,13 @@ async def serving_app(settings: Settings) -> AsyncIterator[str]:
     config.errorlog = None
     config.graceful_timeout = 5
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(create_app(settings), config, stop))
+    task = asyncio.create_task(serve(app, config, stop))
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(trust_env=False) as client, asyncio.timeout(30):
             while not task.done():
                 with contextlib.suppress(httpx.TransportError):
-                    if (await client.get(f"{base}/readyz")).status_code == 200:
+                    if (await client.get(f"{base}{ready_path}")).status_code == 200:
                         break
                 await asyncio.sleep(0.05)
         if task.done():
