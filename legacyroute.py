@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from hypercorn.typing import ASGISendCallable, HTTPResponseBodyEvent, HTTPResponseStartEvent, Scope
 from quart import Response
+from quart.utils import encode_headers
 
 from messages import query_pairs
 
@@ -107,11 +108,10 @@ def _host_binds(host: bytes) -> bool:
 async def send_response(send: ASGISendCallable, response: Response) -> None:
     """Write a Quart response with a body in memory, as Quart would."""
     body = await response.get_data(as_text=False)
-    headers = [(name.lower().encode(), value.encode()) for name, value in response.headers.items()]
     start: HTTPResponseStartEvent = {
         "type": "http.response.start",
         "status": response.status_code,
-        "headers": headers,
+        "headers": encode_headers(response.headers),
     }
     await send(start)
     end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}

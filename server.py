@@ -458,7 +458,7 @@ def create_app(settings: Settings) -> Quart:
             # What Quart does with an error in a route (outside debug and testing, where
             # it re-raises): log it and answer 500, in the words of the route's http_error.
             log.exception("Exception on request GET / (?sendmail from %s)", client.address)
-            response = text(f"{InternalServerError.description}\n", 500)
+            response = error_response(InternalServerError.description, 500, path="/")
         count_send(started, response.status_code)
         await legacyroute.send_response(send, response)
 
