@@ -57,6 +57,7 @@ from quart_schema import (
 )
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+import acceptloop
 import apidoc
 import batch
 import legacyroute
@@ -1164,7 +1165,7 @@ def main(argv: list[str] | None = None) -> int:
         await serve(quart_app, config, stop)
 
     configure_gc()
-    uvloop.run(run())
+    uvloop.run(run(), loop_factory=acceptloop.Loop)
     return 0
 
 

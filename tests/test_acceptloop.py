@@ -1,0 +1,204 @@
+"""acceptloop.Loop: a listening socket takes in every waiting connection at once, serves
+them like uvloop's own server, stops at close, and survives running out of descriptors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+import acceptloop
+
+ROOT = Path(__file__).resolve().parent.parent
+WAITING = 20  # connections made before the server takes any
+
+
+def listening() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def turns_taken(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> list[int]:
+    """Make WAITING connections to a listening socket, then serve it on a loop from
+    ``loop_factory``: the turn of the loop in which each connection reached the server."""
+    sock = listening()
+    clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(WAITING)]
+
+    async def serve() -> list[int]:
+        loop = asyncio.get_running_loop()
+        turn = 0
+        seen: list[int] = []
+        all_in = asyncio.Event()
+
+        def tick() -> None:
+            nonlocal turn
+            turn += 1
+            loop.call_soon(tick)
+
+        async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append(turn)
+            if len(seen) == WAITING:
+                all_in.set()
+            writer.close()
+
+        loop.call_soon(tick)
+        server = await asyncio.start_server(connected, sock=sock)
+        try:
+            async with asyncio.timeout(10):
+                await all_in.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+        return seen
+
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(serve())
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_every_waiting_connection_is_taken_in_one_wakeup() -> None:
+    seen = turns_taken(acceptloop.Loop)
+    assert len(seen) == WAITING
+    assert max(seen) - min(seen) <= 1, seen  # accepted together, set up in the next turn
+
+
+def test_uvloop_alone_takes_one_connection_per_turn() -> None:
+    """Why acceptloop exists (libuv 1.45+): if this fails, uvloop accepts greedily again
+    and acceptloop.Loop may no longer be needed."""
+    seen = turns_taken(uvloop.new_event_loop)
+    assert len(seen) == WAITING
+    assert len(set(seen)) >= WAITING - 2, seen
+
+
+def test_serves_until_closed_and_leaves_other_servers_to_uvloop() -> None:
+    async def scenario() -> None:
+        taken = asyncio.Queue[None]()
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            taken.put_nowait(None)
+            writer.write(await reader.readline())
+            await writer.drain()
+            writer.close()
+
+        async def ask(port: int) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"ping\n")
+            answer = await reader.readline()
+            writer.close()
+            return answer
+
+        sock = listening()
+        port = sock.getsockname()[1]
+        server = await asyncio.start_server(echo, sock=sock)
+        assert isinstance(server, acceptloop.GreedyServer)
+        assert server.is_serving() and server.sockets == (sock,)
+        async with asyncio.timeout(10):
+            assert await asyncio.gather(*(ask(port) for _ in range(50))) == [b"ping\n"] * 50
+            for _ in range(50):
+                taken.get_nowait()
+            # A connection taken before the close is still served after it.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await taken.get()
+            server.close()
+            await server.wait_closed()
+            assert not server.is_serving()
+            assert list(server.sockets) == []
+            assert sock.fileno() == -1  # the listening socket is closed
+            writer.write(b"late\n")
+            assert await reader.readline() == b"late\n"
+            writer.close()
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+
+        # Without a socket of its own (host and port), uvloop's server as it is.
+        plain = await asyncio.start_server(echo, "127.0.0.1", 0)
+        assert not isinstance(plain, acceptloop.GreedyServer)
+        plain.close()
+        await plain.wait_closed()
+
+    with asyncio.Runner(loop_factory=acceptloop.Loop) as runner:
+        runner.run(scenario())
+
+
+# Serves with a descriptor limit just above what it has open: a few connections at once
+# use up the free descriptors, the next ones wait in the kernel's queue.
+OUT_OF_DESCRIPTORS = textwrap.dedent(
+    """
+    import asyncio, logging, os, resource, socket, sys
+    import uvloop
+    sys.path.insert(0, sys.argv[1])
+    import acceptloop
+    acceptloop.ACCEPT_RETRY_DELAY = 0.3
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+
+    async def main():
+        served = 0
+        async def answer(reader, writer):
+            nonlocal served
+            served += 1
+            await reader.readline()
+            writer.write(b"ok\\n")
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            print("served", served, flush=True)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = await asyncio.start_server(answer, sock=sock)
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 3, hard))
+        print("port", sock.getsockname()[1], flush=True)
+        await asyncio.sleep(30)
+
+    uvloop.run(main(), loop_factory=acceptloop.Loop)
+    """
+)
+
+
+CLIENTS = 8
+
+
+def test_out_of_descriptors_pauses_accepting_then_takes_the_rest() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", OUT_OF_DESCRIPTORS, str(ROOT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            first = proc.stdout.readline().split()
+            assert first[0] == "port", first
+            port = int(first[1])
+            clients = [
+                socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(CLIENTS)
+            ]
+            for client in clients:
+                client.sendall(b"hi\n")
+            # Each answer frees a descriptor; the server goes on accepting after its pause.
+            for client in clients:
+                with client, client.makefile("rb") as answer:
+                    assert answer.readline() == b"ok\n"
+            lines: list[str] = []
+            while len([line for line in lines if line.startswith("served")]) < CLIENTS:
+                line = proc.stdout.readline()
+                assert line, lines
+                lines.append(line.strip())
+            refused = [line for line in lines if "cannot accept connections" in line]
+            assert refused and refused[0].startswith("ERROR"), lines
+            assert "trying again in 0.3s" in refused[0]
+        finally:
+            proc.kill()
+            proc.wait(10)
