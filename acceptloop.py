@@ -17,7 +17,7 @@ worker, SQLite, 64 clients, a connection per request; this 2-core machine): 755-
 712-841 -> 933-1053 mails/s, p99 122-150 -> 87-113 ms.
 
 Each accepted connection is set up by ``loop.connect_accepted_socket`` in a task of its
-own, as asyncio's loop does; a failure there (the client gone already) is logged, the
+own, as asyncio's loop does; a failure there is logged (uvloop closes the socket), the
 server goes on. When accept() fails (out of descriptors or memory), the server stops
 accepting for :data:`ACCEPT_RETRY_DELAY` seconds (asyncio's way: Linux would go on
 reporting the socket readable) and says so in the log.
@@ -35,10 +35,11 @@ import uvloop
 
 log = logging.getLogger(__name__)
 
-# Accepted at most per wakeup of a listening socket: far above what one server takes in per
-# turn under load (2-3), while a burst, or servers sharing one socket (launcher.py),
-# still get a turn each for their requests in between.
-ACCEPTS_PER_WAKEUP = 64
+# Accepted at most per wakeup of a listening socket: above what one server takes in per
+# turn under load (a few), and a bound on how many a burst brings in before the requests
+# already in get their turn. Servers sharing one socket (launcher.py --servers) are all
+# woken and the first takes up to this many: they share less evenly than one at a time.
+ACCEPTS_PER_WAKEUP = 16
 ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after running out of descriptors
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
@@ -61,6 +62,8 @@ class Loop(uvloop.Loop):
     ) -> asyncio.AbstractServer:
         if (
             sock is None
+            or host is not None
+            or port is not None
             or ssl is not None
             or kwargs
             or not start_serving
@@ -105,9 +108,9 @@ class GreedyServer(asyncio.AbstractServer):
 
     def _accept(self) -> None:
         sock = self._sock
+        if sock is None:
+            return
         for _ in range(ACCEPTS_PER_WAKEUP):
-            if sock is None:
-                return
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -132,11 +135,10 @@ class GreedyServer(asyncio.AbstractServer):
             setup.add_done_callback(self._set_up)
 
     def _set_up(self, setup: asyncio.Task[Any]) -> None:
+        # uvloop's transport owns the socket once made, and closes it when this fails.
         self._setups.discard(setup)
-        if setup.cancelled():
-            return
-        if (exc := setup.exception()) is not None:
-            log.warning("a connection closed before it was set up: %s", exc)
+        if not setup.cancelled() and (exc := setup.exception()) is not None:
+            log.error("could not set up an accepted connection: %s", exc, exc_info=exc)
 
     def _resume(self) -> None:
         self._retry = None

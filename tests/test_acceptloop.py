@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,11 +29,22 @@ def listening() -> socket.socket:
     return sock
 
 
+def accept_queue(sock: socket.socket) -> int:
+    """Connections waiting for accept() on the listening ``sock`` (Linux: TCP_INFO's
+    tcpi_unacked on a listening socket)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
 def turns_taken(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> list[int]:
     """Make WAITING connections to a listening socket, then serve it on a loop from
     ``loop_factory``: the turn of the loop in which each connection reached the server."""
     sock = listening()
     clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(WAITING)]
+    deadline = time.monotonic() + 10
+    while accept_queue(sock) < WAITING:  # every handshake done: all of them wait together
+        assert time.monotonic() < deadline, accept_queue(sock)
+        time.sleep(0.01)
 
     async def serve() -> list[int]:
         loop = asyncio.get_running_loop()
@@ -141,7 +154,11 @@ OUT_OF_DESCRIPTORS = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import acceptloop
     acceptloop.ACCEPT_RETRY_DELAY = 0.3
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(levelname)s %(relativeCreated)d %(message)s",
+        stream=sys.stdout,
+    )
 
     async def main():
         served = 0
@@ -153,7 +170,7 @@ OUT_OF_DESCRIPTORS = textwrap.dedent(
             await writer.drain()
             writer.close()
             await writer.wait_closed()
-            print("served", served, flush=True)
+            logging.info("served %d", served)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         server = await asyncio.start_server(answer, sock=sock)
@@ -192,13 +209,21 @@ def test_out_of_descriptors_pauses_accepting_then_takes_the_rest() -> None:
                 with client, client.makefile("rb") as answer:
                     assert answer.readline() == b"ok\n"
             lines: list[str] = []
-            while len([line for line in lines if line.startswith("served")]) < CLIENTS:
+            while sum(" served " in line for line in lines) < CLIENTS:
                 line = proc.stdout.readline()
                 assert line, lines
                 lines.append(line.strip())
             refused = [line for line in lines if "cannot accept connections" in line]
             assert refused and refused[0].startswith("ERROR"), lines
             assert "trying again in 0.3s" in refused[0]
+            # Paused, not retried at every turn: most connections were served only after it.
+            paused_at = int(refused[0].split()[1])
+            later = [
+                line
+                for line in lines
+                if " served " in line and int(line.split()[1]) >= paused_at + 250
+            ]
+            assert len(later) >= CLIENTS - 4, lines
         finally:
             proc.kill()
             proc.wait(10)
