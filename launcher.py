@@ -74,7 +74,10 @@ def default_counts(cores: int | None = None) -> tuple[int, int]:
     batch endpoint but 12% less with keep-alive clients. On 2026-12-06's slower machine
     (bench/results/20261206T214101Z-c523fcec94) a second server gave 19% more with a
     new connection per request and 3% more with keep-alive clients, a higher accept p99 in
-    both, and 80 MB more RSS. The README's Production section says when to change them."""
+    both, and 80 MB more RSS. Much of a second server's gain with a new connection per
+    request was libuv's one accept per turn of the loop, which acceptloop.py removed on
+    2026-12-07 (one server: 30-55% more requests/s there); two servers not measured again
+    since. The README's Production section says when to change them."""
     cores = cores or os.cpu_count() or 1
     half = max(1, cores // 2)
     return half, half
