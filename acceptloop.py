@@ -14,7 +14,11 @@ plain TCP and Unix sockets Hypercorn listens on (``create_server(sock=...)``), a
 leaves everything else (TLS, host and port) to uvloop. Measured (one server and one
 worker, SQLite, 64 clients, a connection per request; this 2-core machine): 755-794 ->
 1143-1169 requests/s and p99 135-144 -> 87-89 ms with ``ab``; the bench's own client
-712-841 -> 933-1053 mails/s, p99 122-150 -> 87-113 ms.
+712-841 -> 933-1053 mails/s, p99 122-150 -> 87-113 ms. The price is memory: every
+client's connection is now in the process, and each holds 50-100 KB at the peak until it
+is answered and closed (``ab -c 128``: the server's peak RSS 95 MB against 86 MB, at 1149
+against 750 requests/s). Bounding the connections held cost more speed than it saved
+memory (the README's Performance section).
 
 Each accepted connection is set up by ``loop.connect_accepted_socket`` in a task of its
 own, as asyncio's loop does; a failure there is logged (uvloop closes the socket), the
