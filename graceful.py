@@ -159,6 +159,9 @@ class _TCPServer(TCPServer):
         await self.protocol.handle(Closed())
         self._closing = True  # nothing more comes: no idle close to wait for
         self._stop_idle_timer()
+        # The idle task waits for the server's shutdown: stopped now, or this connection's
+        # tasks (and it) would live until then after its client closed it while idle.
+        await self.idle_task.stop()
 
 
 def _install() -> None:
