@@ -14,11 +14,16 @@ plain TCP and Unix sockets Hypercorn listens on (``create_server(sock=...)``), a
 leaves everything else (TLS, host and port) to uvloop. Measured (one server and one
 worker, SQLite, 64 clients, a connection per request; this 2-core machine): 755-794 ->
 1143-1169 requests/s and p99 135-144 -> 87-89 ms with ``ab``; the bench's own client
-712-841 -> 933-1053 mails/s, p99 122-150 -> 87-113 ms. The price is memory: every
-client's connection is now in the process, and each holds 50-100 KB at the peak until it
-is answered and closed (``ab -c 128``: the server's peak RSS 95 MB against 86 MB, at 1149
-against 750 requests/s). Bounding the connections held cost more speed than it saved
-memory (the README's Performance section).
+712-841 -> 933-1053 mails/s, p99 122-150 -> 87-113 ms.
+
+Each connection in the process holds 50-100 KB of RSS at the peak until it is answered,
+so taking every waiting one is bounded by :class:`Busy`: while :data:`BUSY_AT_MOST` of
+the loop's connections are busy (a request to read or to answer; graceful.py says when a
+request is in progress), the servers stop taking more, and the others wait in the
+kernel's queue.
+``ab -c 128``: the server's peak RSS 97 MB with no bound, 91 MB with it, at 1347 and 1338
+requests/s (a bound on *open* connections instead, which counts those answered and not
+yet closed, cut 64 clients back to 752 requests/s).
 
 Each accepted connection is set up by ``loop.connect_accepted_socket`` in a task of its
 own, as asyncio's loop does; a failure there is logged (uvloop closes the socket), the
@@ -45,12 +50,59 @@ log = logging.getLogger(__name__)
 # woken and the first takes up to this many: they share less evenly than one at a time.
 ACCEPTS_PER_WAKEUP = 16
 ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after running out of descriptors
+# Busy connections (see Busy) at which a loop's servers stop taking more in: the others
+# wait in the kernel's queue, as they did one turn at a time under libuv, and cost the
+# process no memory there. Each connection held costs 50-100 KB of RSS at the peak until it
+# is answered; one server is busy all the time with 64 requests in flight (64 clients,
+# a new connection per request each, ran as fast with the bound as without: measured).
+BUSY_AT_MOST = 64
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
+class Busy:
+    """How many connections of one event loop are busy: a request read and not answered
+    yet. graceful.py's connection says when one enters (a request's head parsed) and
+    leaves (answered, or closed); the loop's servers take no connection while
+    :data:`BUSY_AT_MOST` are busy, counting those they took that are not set up yet, and
+    start again as soon as fewer are. A connection that sends nothing never counts, so
+    silent clients cannot stop a server from taking others (graceful closes them after
+    the keep-alive timeout)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiting: list[Callable[[], None]] = []
+
+    def room(self) -> int:
+        return BUSY_AT_MOST - self.count
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self._waiting and self.room() > 0:
+            waiting, self._waiting = self._waiting, []
+            for resume in waiting:
+                resume()
+
+    def when_room(self, resume: Callable[[], None]) -> None:
+        """Call ``resume`` once a connection leaves and there is room."""
+        if resume not in self._waiting:
+            self._waiting.append(resume)
+
+    def forget(self, resume: Callable[[], None]) -> None:
+        if resume in self._waiting:
+            self._waiting.remove(resume)
+
+
 class Loop(uvloop.Loop):
-    """uvloop's event loop; a server on a listening socket of its own accepts greedily."""
+    """uvloop's event loop; a server on a listening socket of its own accepts greedily,
+    while fewer than BUSY_AT_MOST of the loop's connections are busy (:attr:`busy`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy = Busy()
 
     async def create_server(  # type: ignore[override]
         self,
@@ -85,13 +137,15 @@ class Loop(uvloop.Loop):
                 **kwargs,
             )
             return server
-        return GreedyServer(self, sock, protocol_factory, backlog)
+        return GreedyServer(self, sock, protocol_factory, backlog, self.busy)
 
 
 class GreedyServer(asyncio.AbstractServer):
     """Serves ``protocol_factory`` on the listening ``sock`` (which it closes with
     :meth:`close`): each time ``sock`` is readable, it accepts what is waiting, at most
-    :data:`ACCEPTS_PER_WAKEUP`."""
+    :data:`ACCEPTS_PER_WAKEUP`, and no more than ``busy`` has room for (counting the
+    connections it took that are not set up yet); with no room it stops listening until
+    a busy connection leaves."""
 
     def __init__(
         self,
@@ -99,8 +153,11 @@ class GreedyServer(asyncio.AbstractServer):
         sock: socket.socket,
         protocol_factory: ProtocolFactory,
         backlog: int,
+        busy: Busy | None = None,
     ) -> None:
         self._loop = loop
+        self._busy = busy or Busy()
+        self._listening = False
         self._sock: socket.socket | None = sock
         self._factory = protocol_factory
         self._setups: set[asyncio.Task[Any]] = set()
@@ -108,13 +165,27 @@ class GreedyServer(asyncio.AbstractServer):
         self._closed = loop.create_future()
         sock.setblocking(False)
         sock.listen(backlog)
-        loop.add_reader(sock.fileno(), self._accept)
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._sock is not None and self._retry is None and not self._listening:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._listening = True
+
+    def _stop_listening(self) -> None:
+        if self._sock is not None and self._listening:
+            self._loop.remove_reader(self._sock.fileno())
+            self._listening = False
 
     def _accept(self) -> None:
         sock = self._sock
         if sock is None:
             return
         for _ in range(ACCEPTS_PER_WAKEUP):
+            if self._room() <= 0:
+                self._stop_listening()  # level-triggered: it would wake every turn
+                self._busy.when_room(self._listen)
+                return
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -130,7 +201,7 @@ class GreedyServer(asyncio.AbstractServer):
                     exc.strerror or exc,
                     ACCEPT_RETRY_DELAY,
                 )
-                self._loop.remove_reader(sock.fileno())
+                self._stop_listening()
                 self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
             conn.setblocking(False)
@@ -141,24 +212,31 @@ class GreedyServer(asyncio.AbstractServer):
     def _set_up(self, setup: asyncio.Task[Any]) -> None:
         # uvloop's transport owns the socket once made, and closes it when this fails.
         self._setups.discard(setup)
+        if self._retry is None and not self._listening and self._room() > 0:
+            self._busy.forget(self._listen)  # a setup that failed never becomes busy
+            self._listen()
         if not setup.cancelled() and (exc := setup.exception()) is not None:
             log.error("could not set up an accepted connection: %s", exc, exc_info=exc)
 
+    def _room(self) -> int:
+        """How many more connections the busy count has room for, counting those taken
+        and not set up yet."""
+        return self._busy.room() - len(self._setups)
+
     def _resume(self) -> None:
         self._retry = None
-        if self._sock is not None:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
+        self._listen()
 
     def close(self) -> None:
         """Stop accepting and close the listening socket; connections taken stay open."""
-        sock, self._sock = self._sock, None
-        if sock is None:
+        if self._sock is None:
             return
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        else:
-            self._loop.remove_reader(sock.fileno())
+        self._busy.forget(self._listen)
+        self._stop_listening()
+        sock, self._sock = self._sock, None
         sock.close()
         self._closed.set_result(None)
 

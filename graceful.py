@@ -41,6 +41,8 @@ from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
+from acceptloop import Busy
+
 log = logging.getLogger(__name__)
 
 ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
@@ -58,12 +60,27 @@ class _TCPServer(TCPServer):
     keep-alive wait is a timer rather than a task started and cancelled per request.
     """
 
+    _busy: Busy | None = None  # the loop's busy count (acceptloop), while this one is in it
     _request_started = False  # a request was parsed and has not been answered yet
     _closed_idle = False  # the idle close happened: read nothing more
     _out: list[bytes] | None = None  # bytes to write at the end of this turn
     _out_size = 0
     _idle_timer: asyncio.TimerHandle | None = None
     _closing = False  # _close began: no more idle timers
+
+    def _enter_busy(self) -> None:
+        # Busy from a request's head to its answer (acceptloop.Busy). Not from the
+        # connection's start: connections that send nothing (or send slowly) must not
+        # stop the server from taking others; the idle timer closes them.
+        busy = getattr(self.loop, "busy", None)
+        if self._busy is None and isinstance(busy, Busy):
+            busy.enter()
+            self._busy = busy
+
+    def _leave_busy(self) -> None:
+        busy, self._busy = self._busy, None
+        if busy is not None:
+            busy.leave()
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -86,10 +103,13 @@ class _TCPServer(TCPServer):
             self._request_started = not event.idle
             self._stop_idle_timer()
             if event.idle:
+                self._leave_busy()
                 if self.context.terminated.is_set() and not self._closing:
                     self._task_group.spawn(self._initiate_server_close)
                 else:
                     self._start_idle_timer()
+            else:
+                self._enter_busy()
             return
         if isinstance(event, Closed):
             self._flush_out()
@@ -134,6 +154,7 @@ class _TCPServer(TCPServer):
             log.debug("idle close after the connection ended: %s", exc)
 
     async def _close(self) -> None:
+        self._leave_busy()
         self._closing = True
         self._flush_out()
         self._stop_idle_timer()

@@ -15,8 +15,18 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Scope,
+)
 
 import acceptloop
+import graceful
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WAITING = 20  # connections made before the server takes any
@@ -227,3 +237,115 @@ def test_out_of_descriptors_pauses_accepting_then_takes_the_rest() -> None:
         finally:
             proc.kill()
             proc.wait(10)
+
+
+def test_takes_no_connection_while_the_loop_is_busy() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, acceptloop.Loop)
+        taken = asyncio.Queue[None]()
+
+        async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            taken.put_nowait(None)  # a plain protocol: it never counts as busy itself
+            writer.close()
+
+        sock = listening()
+        server = await asyncio.start_server(connected, sock=sock)
+        for _ in range(acceptloop.BUSY_AT_MOST):
+            loop.busy.enter()
+        clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(5)]
+        try:
+            async with asyncio.timeout(10):
+                while accept_queue(sock) < 5:
+                    await asyncio.sleep(0.01)
+                for _ in range(50):  # fifty turns of the loop: none is taken
+                    await asyncio.sleep(0)
+                assert taken.empty() and accept_queue(sock) == 5
+                loop.busy.leave()  # room for one at a time: all five, one after another
+                for _ in range(5):
+                    await taken.get()
+                assert accept_queue(sock) == 0
+        finally:
+            for client in clients:
+                client.close()
+            server.close()
+            await server.wait_closed()
+
+    with asyncio.Runner(loop_factory=acceptloop.Loop) as runner:
+        runner.run(scenario())
+
+
+def test_a_connection_is_busy_from_its_start_until_answered() -> None:
+    """graceful's connection counts in the loop's busy count from a request's head to its
+    answer: not while it sends nothing, nor once answered and kept alive."""
+    answer = asyncio.Event()
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            return
+        await answer.wait()
+        answer.clear()
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", b"2")],
+            "trailers": False,
+        }
+        await send(start)
+        body: HTTPResponseBodyEvent = {
+            "type": "http.response.body",
+            "body": b"ok",
+            "more_body": False,
+        }
+        await send(body)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, acceptloop.Loop)
+        busy = loop.busy
+        port = free_port()
+        config = HypercornConfig()
+        config.bind = [f"127.0.0.1:{port}"]
+        config.accesslog = config.errorlog = None
+        stop = asyncio.Event()
+        served = asyncio.ensure_future(graceful.serve(app, config, stop))
+
+        async def count_is(n: int) -> None:
+            while busy.count != n:
+                await asyncio.sleep(0.01)
+
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                        break
+                    except ConnectionRefusedError:
+                        await asyncio.sleep(0.05)
+                writers.append(writer)
+                _, silent = await asyncio.open_connection("127.0.0.1", port)
+                writers.append(silent)
+                silent.write(b"GET / HTTP/1.1\r\n")  # half a head, then nothing
+                request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+                for _ in range(2):
+                    writer.write(request)
+                    await count_is(1)  # the silent one does not count
+                    answer.set()
+                    assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+                    await count_is(0)  # answered, kept alive: idle
+                writer.write(request)
+                await count_is(1)
+                writer.close()  # gone before its answer: busy until the app is done
+                await asyncio.sleep(0.1)
+                assert busy.count == 1
+                answer.set()
+                await count_is(0)
+        finally:
+            for each in writers:
+                each.close()
+            stop.set()
+            await asyncio.wait_for(served, 15)
+
+    with asyncio.Runner(loop_factory=acceptloop.Loop) as runner:
+        runner.run(scenario())
