@@ -56,6 +56,10 @@ ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after running out of descr
 # is answered; one server is busy all the time with 64 requests in flight (64 clients,
 # a new connection per request each, ran as fast with the bound as without: measured).
 BUSY_AT_MOST = 64
+# Seconds a server stays paused for BUSY_AT_MOST before it takes one wakeup's worth of
+# connections anyway: requests that hold their place for long (a slow upload, a stuck
+# client) slow the taking in, and never stop it.
+BUSY_PAUSE_AT_MOST = 0.1
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -65,9 +69,10 @@ class Busy:
     yet. graceful.py's connection says when one enters (a request's head parsed) and
     leaves (answered, or closed); the loop's servers take no connection while
     :data:`BUSY_AT_MOST` are busy, counting those they took that are not set up yet, and
-    start again as soon as fewer are. A connection that sends nothing never counts, so
-    silent clients cannot stop a server from taking others (graceful closes them after
-    the keep-alive timeout)."""
+    start again as soon as fewer are, or after BUSY_PAUSE_AT_MOST anyway. A connection
+    that sends nothing never counts (graceful closes it after the keep-alive timeout), nor
+    does HTTP/2 (whose streams do not all report their end), and requests that hold their
+    place for long only slow the taking in (BUSY_PAUSE_AT_MOST)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -158,6 +163,8 @@ class GreedyServer(asyncio.AbstractServer):
         self._loop = loop
         self._busy = busy or Busy()
         self._listening = False
+        self._valve: asyncio.TimerHandle | None = None  # ends a pause for BUSY_AT_MOST
+        self._warned_at = -60.0
         self._sock: socket.socket | None = sock
         self._factory = protocol_factory
         self._setups: set[asyncio.Task[Any]] = set()
@@ -168,6 +175,9 @@ class GreedyServer(asyncio.AbstractServer):
         self._listen()
 
     def _listen(self) -> None:
+        if self._valve is not None:
+            self._valve.cancel()
+            self._valve = None
         if self._sock is not None and self._retry is None and not self._listening:
             self._loop.add_reader(self._sock.fileno(), self._accept)
             self._listening = True
@@ -177,14 +187,13 @@ class GreedyServer(asyncio.AbstractServer):
             self._loop.remove_reader(self._sock.fileno())
             self._listening = False
 
-    def _accept(self) -> None:
+    def _accept(self, anyway: bool = False) -> None:
         sock = self._sock
         if sock is None:
             return
         for _ in range(ACCEPTS_PER_WAKEUP):
-            if self._room() <= 0:
-                self._stop_listening()  # level-triggered: it would wake every turn
-                self._busy.when_room(self._listen)
+            if not anyway and self._room() <= 0:
+                self._pause()
                 return
             try:
                 conn, _ = sock.accept()
@@ -208,6 +217,33 @@ class GreedyServer(asyncio.AbstractServer):
             setup = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
             self._setups.add(setup)
             setup.add_done_callback(self._set_up)
+
+    def _pause(self) -> None:
+        """No room: stop listening (level-triggered, the socket would wake the loop every
+        turn) until a busy connection leaves, or BUSY_PAUSE_AT_MOST has passed."""
+        self._stop_listening()
+        self._busy.when_room(self._listen)
+        if self._valve is None:
+            self._valve = self._loop.call_later(BUSY_PAUSE_AT_MOST, self._accept_anyway)
+
+    def _accept_anyway(self) -> None:
+        self._valve = None
+        if self._sock is None or self._listening or self._retry is not None:
+            return
+        now = self._loop.time()
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            log.warning(
+                "%d requests in progress for over %gs: taking connections anyway",
+                self._busy.count,
+                BUSY_PAUSE_AT_MOST,
+            )
+        self._accept(anyway=True)
+        if self._sock is not None and not self._listening and self._retry is None:
+            if self._room() > 0:
+                self._listen()
+            else:
+                self._pause()
 
     def _set_up(self, setup: asyncio.Task[Any]) -> None:
         # uvloop's transport owns the socket once made, and closes it when this fails.
@@ -235,6 +271,9 @@ class GreedyServer(asyncio.AbstractServer):
             self._retry.cancel()
             self._retry = None
         self._busy.forget(self._listen)
+        if self._valve is not None:
+            self._valve.cancel()
+            self._valve = None
         self._stop_listening()
         sock, self._sock = self._sock, None
         sock.close()

@@ -39,6 +39,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
 from acceptloop import Busy
@@ -69,13 +70,17 @@ class _TCPServer(TCPServer):
     _closing = False  # _close began: no more idle timers
 
     def _enter_busy(self) -> None:
-        # Busy from a request's head to its answer (acceptloop.Busy). Not from the
-        # connection's start: connections that send nothing (or send slowly) must not
-        # stop the server from taking others; the idle timer closes them.
+        # Busy from a request's head to its answer (acceptloop.Busy), on HTTP/1.1 only
+        # (HTTP/2 reports no end for a stream its client resets). Not from the
+        # connection's start: connections that send nothing must not count; the idle
+        # timer closes them.
         busy = getattr(self.loop, "busy", None)
-        if self._busy is None and isinstance(busy, Busy):
+        if self._busy is None and isinstance(busy, Busy) and self._speaks_h11():
             busy.enter()
             self._busy = busy
+
+    def _speaks_h11(self) -> bool:
+        return isinstance(getattr(self.protocol, "protocol", None), H11Protocol)
 
     def _leave_busy(self) -> None:
         busy, self._busy = self._busy, None
@@ -177,6 +182,8 @@ class _TCPServer(TCPServer):
             if self._closed_idle:
                 break
             await self.protocol.handle(RawData(data))
+            if self._busy is not None and not self._speaks_h11():
+                self._leave_busy()  # upgraded to HTTP/2 (h2c, or its preface)
         await self.protocol.handle(Closed())
         self._closing = True  # nothing more comes: no idle close to wait for
         self._stop_idle_timer()

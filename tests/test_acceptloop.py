@@ -4,6 +4,7 @@ them like uvloop's own server, stops at close, and survives running out of descr
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 import subprocess
@@ -239,7 +240,9 @@ def test_out_of_descriptors_pauses_accepting_then_takes_the_rest() -> None:
             proc.wait(10)
 
 
-def test_takes_no_connection_while_the_loop_is_busy() -> None:
+def test_takes_no_connection_while_the_loop_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acceptloop, "BUSY_PAUSE_AT_MOST", 60.0)  # no valve in this test
+
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         assert isinstance(loop, acceptloop.Loop)
@@ -275,7 +278,7 @@ def test_takes_no_connection_while_the_loop_is_busy() -> None:
         runner.run(scenario())
 
 
-def test_a_connection_is_busy_from_its_start_until_answered() -> None:
+def test_a_connection_is_busy_from_a_request_until_its_answer() -> None:
     """graceful's connection counts in the loop's busy count from a request's head to its
     answer: not while it sends nothing, nor once answered and kept alive."""
     answer = asyncio.Event()
@@ -334,6 +337,11 @@ def test_a_connection_is_busy_from_its_start_until_answered() -> None:
                     answer.set()
                     assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
                     await count_is(0)  # answered, kept alive: idle
+                # HTTP/2 does not count (a stream its client resets reports no end).
+                _, h2 = await asyncio.open_connection("127.0.0.1", port)
+                writers.append(h2)
+                h2.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                await h2.drain()
                 writer.write(request)
                 await count_is(1)
                 writer.close()  # gone before its answer: busy until the app is done
@@ -349,3 +357,43 @@ def test_a_connection_is_busy_from_its_start_until_answered() -> None:
 
     with asyncio.Runner(loop_factory=acceptloop.Loop) as runner:
         runner.run(scenario())
+
+
+def test_a_server_paused_for_busy_requests_takes_connections_anyway_after_a_while(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests that hold their place (slow uploads, stuck clients) slow the taking in and
+    never stop it."""
+    monkeypatch.setattr(acceptloop, "BUSY_PAUSE_AT_MOST", 0.3)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, acceptloop.Loop)
+        taken = asyncio.Queue[float]()
+
+        async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            taken.put_nowait(loop.time())
+            writer.close()
+
+        sock = listening()
+        server = await asyncio.start_server(connected, sock=sock)
+        for _ in range(acceptloop.BUSY_AT_MOST):
+            loop.busy.enter()  # and none leaves
+        started = loop.time()
+        clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(3)]
+        try:
+            async with asyncio.timeout(10):
+                times = [await taken.get() for _ in range(3)]
+            assert min(times) - started >= 0.25, times  # after the pause, not at once
+        finally:
+            for client in clients:
+                client.close()
+            server.close()
+            await server.wait_closed()
+
+    with (
+        caplog.at_level(logging.WARNING, logger="acceptloop"),
+        asyncio.Runner(loop_factory=acceptloop.Loop) as runner,
+    ):
+        runner.run(scenario())
+    assert "64 requests in progress for over 0.3s: taking connections anyway" in caplog.text
