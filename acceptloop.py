@@ -158,10 +158,10 @@ class GreedyServer(asyncio.AbstractServer):
         sock: socket.socket,
         protocol_factory: ProtocolFactory,
         backlog: int,
-        busy: Busy | None = None,
+        busy: Busy,
     ) -> None:
         self._loop = loop
-        self._busy = busy or Busy()
+        self._busy = busy
         self._listening = False
         self._valve: asyncio.TimerHandle | None = None  # ends a pause for BUSY_AT_MOST
         self._warned_at = -60.0
@@ -175,12 +175,15 @@ class GreedyServer(asyncio.AbstractServer):
         self._listen()
 
     def _listen(self) -> None:
-        if self._valve is not None:
-            self._valve.cancel()
-            self._valve = None
+        self._close_valve()
         if self._sock is not None and self._retry is None and not self._listening:
             self._loop.add_reader(self._sock.fileno(), self._accept)
             self._listening = True
+
+    def _close_valve(self) -> None:
+        if self._valve is not None:
+            self._valve.cancel()
+            self._valve = None
 
     def _stop_listening(self) -> None:
         if self._sock is not None and self._listening:
@@ -271,9 +274,7 @@ class GreedyServer(asyncio.AbstractServer):
             self._retry.cancel()
             self._retry = None
         self._busy.forget(self._listen)
-        if self._valve is not None:
-            self._valve.cancel()
-            self._valve = None
+        self._close_valve()
         self._stop_listening()
         sock, self._sock = self._sock, None
         sock.close()

@@ -28,6 +28,7 @@ from hypercorn.typing import (
 import acceptloop
 import graceful
 from tests.support import free_port
+from tests.test_faults import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 WAITING = 20  # connections made before the server takes any
@@ -259,8 +260,7 @@ def test_takes_no_connection_while_the_loop_is_busy(monkeypatch: pytest.MonkeyPa
         clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(5)]
         try:
             async with asyncio.timeout(10):
-                while accept_queue(sock) < 5:
-                    await asyncio.sleep(0.01)
+                await wait_until(lambda: accept_queue(sock) == 5)
                 for _ in range(50):  # fifty turns of the loop: none is taken
                     await asyncio.sleep(0)
                 assert taken.empty() and accept_queue(sock) == 5
@@ -314,8 +314,7 @@ def test_a_connection_is_busy_from_a_request_until_its_answer() -> None:
         served = asyncio.ensure_future(graceful.serve(app, config, stop))
 
         async def count_is(n: int) -> None:
-            while busy.count != n:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: busy.count == n)
 
         writers: list[asyncio.StreamWriter] = []
         try:
