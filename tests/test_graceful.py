@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from urllib.parse import urlsplit
 
 from quart import Quart
 
+import graceful
 from tests.conftest import serving
+from tests.test_faults import wait_until
 
 
 async def test_a_kept_alive_connection_its_client_closes_leaves_no_task_behind() -> None:
@@ -33,3 +36,37 @@ async def test_a_kept_alive_connection_its_client_closes_leaves_no_task_behind()
         async with asyncio.timeout(10):
             while len(asyncio.all_tasks()) > before:
                 await asyncio.sleep(0.02)
+
+
+async def test_a_closed_connection_is_freed_without_the_collector() -> None:
+    """A connection's ~35 objects (streams, transport, h11 state, task groups) made a
+    cycle through its protocol, which holds the connection's bound protocol_send: each
+    waited for the collector, hundreds of connections' worth under load (with 128 clients
+    and a new connection per request, 9 MB of the server's peak RSS). With the collector
+    off, they must go as the connections end."""
+    app = Quart(__name__)
+
+    @app.get("/")
+    async def hello() -> str:
+        return "ok"
+
+    def connections() -> int:
+        return sum(isinstance(o, graceful._TCPServer) for o in gc.get_objects())
+
+    async with serving(app, "/") as base:
+        url = urlsplit(base)
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+        request = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(request.encode())
+                answer = await reader.read()  # to the end: the server closes
+                assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
+                writer.close()
+                await writer.wait_closed()
+            await wait_until(lambda: connections() == 0, timeout=10)
+        finally:
+            gc.enable()
