@@ -1806,9 +1806,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             every, key=lambda b: b.get("peak_rss_one_worker_mb") or b["peak_rss_mb"], default={}
         )
         rss = top.get("peak_rss_one_worker_mb") or top.get("peak_rss_mb", float("nan"))
-        roles = ", ".join(
-            f"{role} {mb:.0f}" for role, mb in top.get("peak_rss_one_worker_roles", {}).items()
-        )
+        # The servers and the worker that held the most: the roles summed into the peak.
+        at_peak: dict[str, float] = top.get("peak_rss_one_worker_roles", {})
+        workers = [role for role in at_peak if role.startswith("worker")]
+        summed = [role for role in at_peak if role not in workers]
+        summed += [max(workers, key=at_peak.__getitem__)] if workers else []
+        roles = " + ".join(f"{role} {at_peak[role]:.0f}" for role in summed)
         everything = max((b["peak_rss_mb"] for b in every), default=float("nan"))
         add(
             "peak RSS server + one worker <= 150 MB",
