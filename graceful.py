@@ -80,7 +80,8 @@ class _TCPServer(TCPServer):
             self._busy = busy
 
     def _speaks_h11(self) -> bool:
-        return isinstance(getattr(self.protocol, "protocol", None), H11Protocol)
+        protocol = getattr(self, "protocol", None)  # none once run has ended
+        return isinstance(getattr(protocol, "protocol", None), H11Protocol)
 
     def _leave_busy(self) -> None:
         busy, self._busy = self._busy, None
@@ -91,12 +92,16 @@ class _TCPServer(TCPServer):
         try:
             await super().run()
         finally:
-            # The protocol holds this connection's protocol_send, a bound method: a cycle
-            # through which the connection's ~35 objects (streams, transport, h11 state,
-            # task groups) waited for the collector, hundreds of connections' worth under
-            # load. Nothing uses the protocol once run has ended (its task group is done,
-            # the connection closed): without it they go as soon as the connection does.
+            # Two cycles through which a connection's ~35 objects (streams, transport,
+            # h11 state, task groups) waited for the collector, hundreds of connections'
+            # worth under load. The protocol holds this connection's protocol_send, a
+            # bound method; nothing uses the protocol once run has ended (its task group
+            # is done; a shielded idle close took it as it began). And a connection lost
+            # with an error (a reset) keeps the error, whose traceback holds the frames
+            # that hold this connection.
             self.__dict__.pop("protocol", None)
+            if (error := self.reader.exception()) is not None:
+                error.__traceback__ = None
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):

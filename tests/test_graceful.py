@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import socket
+import struct
 from urllib.parse import urlsplit
 
+import pytest
 from quart import Quart
 
 import graceful
@@ -38,12 +42,14 @@ async def test_a_kept_alive_connection_its_client_closes_leaves_no_task_behind()
                 await asyncio.sleep(0.02)
 
 
-async def test_a_closed_connection_is_freed_without_the_collector() -> None:
+@pytest.mark.parametrize("ending", ["server closes", "client closes", "client resets"])
+async def test_an_ended_connection_is_freed_without_the_collector(ending: str) -> None:
     """A connection's ~35 objects (streams, transport, h11 state, task groups) made a
-    cycle through its protocol, which holds the connection's bound protocol_send: each
-    waited for the collector, hundreds of connections' worth under load (with 128 clients
-    and a new connection per request, 9 MB of the server's peak RSS). With the collector
-    off, they must go as the connections end."""
+    cycle through its protocol, which holds the connection's bound protocol_send, and
+    one lost with an error made another through the error's traceback: each waited for
+    the collector, hundreds of connections' worth under load (with 128 clients and a new
+    connection per request, 9 MB of the server's peak RSS). With the collector off, they
+    must go as the connections end, however they end."""
     app = Quart(__name__)
 
     @app.get("/")
@@ -56,17 +62,24 @@ async def test_a_closed_connection_is_freed_without_the_collector() -> None:
     async with serving(app, "/") as base:
         url = urlsplit(base)
         host, port = url.hostname or "127.0.0.1", url.port or 80
-        request = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+        close = b"Connection: close\r\n" if ending == "server closes" else b""
+        request = b"GET / HTTP/1.1\r\nHost: %s:%d\r\n%s\r\n" % (host.encode(), port, close)
         gc.collect()
         gc.disable()
         try:
             for _ in range(20):
                 reader, writer = await asyncio.open_connection(host, port)
-                writer.write(request.encode())
-                answer = await reader.read()  # to the end: the server closes
-                assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
+                writer.write(request)
+                assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+                if ending == "server closes":
+                    assert await reader.read() == b""  # to the end: the server closed
+                elif ending == "client resets":  # an RST instead of a FIN
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 writer.close()
                 await writer.wait_closed()
-            await wait_until(lambda: connections() == 0, timeout=10)
+            with contextlib.suppress(TimeoutError):
+                await wait_until(lambda: connections() == 0, timeout=10)
+            assert connections() == 0, "connection objects left for the collector"
         finally:
             gc.enable()
