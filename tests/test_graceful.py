@@ -7,6 +7,7 @@ import contextlib
 import gc
 import socket
 import struct
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,9 +18,10 @@ from tests.conftest import serving
 from tests.test_faults import wait_until
 
 
-async def test_a_kept_alive_connection_its_client_closes_leaves_no_task_behind() -> None:
-    """Its idle task waited for the server's shutdown, and held the connection's task and
-    objects until then: a task pair per closed keep-alive connection, for good."""
+@contextlib.asynccontextmanager
+async def serving_ok() -> AsyncIterator[tuple[str, int]]:
+    """A one-route app (``GET /`` answers "ok") served through graceful.serve: its host
+    and port."""
     app = Quart(__name__)
 
     @app.get("/")
@@ -28,7 +30,13 @@ async def test_a_kept_alive_connection_its_client_closes_leaves_no_task_behind()
 
     async with serving(app, "/") as base:
         url = urlsplit(base)
-        host, port = url.hostname or "127.0.0.1", url.port or 80
+        yield url.hostname or "127.0.0.1", url.port or 80
+
+
+async def test_a_kept_alive_connection_its_client_closes_leaves_no_task_behind() -> None:
+    """Its idle task waited for the server's shutdown, and held the connection's task and
+    objects until then: a task pair per closed keep-alive connection, for good."""
+    async with serving_ok() as (host, port):
         request = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
         before = len(asyncio.all_tasks())  # the readiness check's connection's, if not ended
         for _ in range(20):
@@ -37,9 +45,7 @@ async def test_a_kept_alive_connection_its_client_closes_leaves_no_task_behind()
             assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
             writer.close()  # idle and kept alive: the client goes
             await writer.wait_closed()
-        async with asyncio.timeout(10):
-            while len(asyncio.all_tasks()) > before:
-                await asyncio.sleep(0.02)
+        await wait_until(lambda: len(asyncio.all_tasks()) <= before, timeout=10)
 
 
 @pytest.mark.parametrize("ending", ["server closes", "client closes", "client resets"])
@@ -50,18 +56,11 @@ async def test_an_ended_connection_is_freed_without_the_collector(ending: str) -
     the collector, hundreds of connections' worth under load (with 128 clients and a new
     connection per request, 9 MB of the server's peak RSS). With the collector off, they
     must go as the connections end, however they end."""
-    app = Quart(__name__)
-
-    @app.get("/")
-    async def hello() -> str:
-        return "ok"
 
     def connections() -> int:
         return sum(isinstance(o, graceful._TCPServer) for o in gc.get_objects())
 
-    async with serving(app, "/") as base:
-        url = urlsplit(base)
-        host, port = url.hostname or "127.0.0.1", url.port or 80
+    async with serving_ok() as (host, port):
         close = b"Connection: close\r\n" if ending == "server closes" else b""
         request = b"GET / HTTP/1.1\r\nHost: %s:%d\r\n%s\r\n" % (host.encode(), port, close)
         gc.collect()
