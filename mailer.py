@@ -127,7 +127,7 @@ def build_mime(job: MailJob, mail_from: str) -> Message:
         msg["Cc"] = ", ".join(_format_address(a) for a in job.cc)
     # compat32 folds a Header itself (the stubs only know str values).
     msg["Subject"] = _unstructured("Subject", job.subject)  # type: ignore[assignment]
-    msg["Date"] = format_datetime(_created(job))
+    msg["Date"] = _date(job)
     msg["Message-ID"] = _message_id(job, mail_from)
     if job.reply_to:
         msg["Reply-To"] = _format_address(job.reply_to)
@@ -161,7 +161,7 @@ def render(job: MailJob, mail_from: str) -> bytes | None:
         _header("To", ", ".join(_format_address(a) for a in job.to)),
         *([_header("Cc", ", ".join(_format_address(a) for a in job.cc))] if job.cc else []),
         _subject_line(job.subject),
-        _header("Date", format_datetime(_created(job))),
+        _header("Date", _date(job)),
         _header("Message-ID", _message_id(job, mail_from)),
     ]
     if job.reply_to:
@@ -257,7 +257,7 @@ def _build_utf8(job: MailJob, mail_from: str) -> EmailMessage:
     if job.cc:
         msg["Cc"] = [_header_address(a) for a in job.cc]
     msg["Subject"] = job.subject
-    msg["Date"] = format_datetime(_created(job))
+    msg["Date"] = _date(job)
     msg["Message-ID"] = _message_id(job, mail_from)
     if job.reply_to:
         msg["Reply-To"] = _header_address(job.reply_to)
@@ -325,9 +325,25 @@ def _attachment_part(item: Attachment, disposition: str) -> Message:
     return part
 
 
-def _created(job: MailJob) -> datetime:
+def _date(job: MailJob) -> str:
+    """The Date header: when ``job`` was accepted, in this host's time zone. The same for
+    every mail accepted within one second, so that second's is made once: a mail's own
+    (parsing, the zone's offset, formatting) cost 3-4% of the worker's CPU per mail."""
+    created = job.created_at
+    # What the server writes: "2026-12-07T06:30:01.123+00:00" (milliseconds, UTC).
+    if len(created) == 29 and created[19] == "." and created.endswith("+00:00"):
+        return _date_of_second(created[:19])
+    return format_datetime(_created(created))
+
+
+@functools.lru_cache(maxsize=16)
+def _date_of_second(second: str) -> str:
+    return format_datetime(_created(second + "+00:00"))
+
+
+def _created(created_at: str) -> datetime:
     try:
-        created = datetime.fromisoformat(job.created_at)
+        created = datetime.fromisoformat(created_at)
     except ValueError:
         return datetime.now().astimezone()
     return created.astimezone()

@@ -14,8 +14,9 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable
+from datetime import datetime
 from email.quoprimime import header_decode
-from email.utils import getaddresses
+from email.utils import format_datetime, getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,29 @@ def test_rendered_bytes_are_what_the_email_package_writes(case: str) -> None:
     slow = flatten_message(build_mime(job, "Mailroom <mailroom@example.com>"))
     assert fast is not None and again is not None
     assert same_boundary(fast) == same_boundary(slow) == same_boundary(again)
+
+
+@pytest.mark.parametrize(
+    "created_at",
+    [
+        "2026-12-07T06:30:01.000+00:00",  # what the server writes
+        "2026-12-07T06:30:01.999+00:00",  # the same second, so the same Date
+        "2026-12-07T06:30:02.001+00:00",
+        "2026-06-30T23:59:59.500+00:00",  # summer, where the host's zone has one
+        "2026-12-07T06:30:01+00:00",  # other forms, from an older queue or a re-queue
+        "2026-12-07T07:30:01.250+01:00",
+        "2026-12-07T06:30:01.123456Z",
+    ],
+)
+def test_the_date_header_is_when_the_message_was_accepted(created_at: str) -> None:
+    """The Date header (made once per second of acceptance, in this host's time zone) is
+    the job's created_at, as the email package formats it, in both ways of building."""
+    job = dataclasses.replace(new_job(**BODY), created_at=created_at)
+    expected = format_datetime(datetime.fromisoformat(created_at).astimezone())
+    fast = render(job, "Mailroom <mailroom@example.com>")
+    assert fast is not None
+    assert raw_headers(fast)["Date"] == expected
+    assert build_mime(job, "m@example.com")["Date"] == expected
 
 
 def same_boundary(data: bytes) -> bytes:
