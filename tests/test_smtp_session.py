@@ -421,3 +421,46 @@ async def test_a_turn_waited_for_until_a_stop_is_never_lost(
     # Already stopped: nothing is waited for.
     stop.set()
     assert await pool.turn().acquire(unless=stop) is False
+    await pool.close()
+
+
+async def test_turns_go_in_the_order_asked_and_a_stop_frees_every_waiter() -> None:
+    """Turns: first come, first served; a cancelled waiter leaves the line; a stop ends
+    every wait at once (one watcher for them all, gone with the stop), and the turns
+    held stay counted."""
+    turns = mailer.Turns(2)
+    assert await turns.take() and await turns.take()
+    stop = asyncio.Event()
+    served: list[int] = []
+
+    async def wait(n: int) -> bool:
+        got = await turns.take(unless=stop)
+        if got:
+            served.append(n)
+        return got
+
+    waiters = [asyncio.create_task(wait(n)) for n in range(5)]
+    other = asyncio.create_task(turns.take(unless=asyncio.Event()))  # another stop's
+    await asyncio.sleep(0)
+    waiters[1].cancel()
+    turns.give()
+    turns.give()
+    assert await asyncio.wait_for(waiters[0], 5) and await asyncio.wait_for(waiters[2], 5)
+    assert served == [0, 2]
+    assert stop in turns._watchers and len(turns._watchers) == 2  # one task per stop event
+    stop.set()
+    assert [await asyncio.wait_for(w, 5) for w in waiters[3:]] == [False, False]
+    assert stop not in turns._watchers and not other.done()  # still waits
+    assert await turns.take(unless=stop) is False
+    for _ in range(2):  # the two held by 0 and 2 come back: to the other waiter, then free
+        turns.give()
+    assert await asyncio.wait_for(other, 5)
+    turns.give()
+    assert not turns._waiting
+    assert await turns.take() and await turns.take()
+    late = asyncio.create_task(turns.take())
+    await asyncio.sleep(0)
+    assert not late.done()  # both taken: a third waits
+    turns.give()
+    assert await asyncio.wait_for(late, 5)
+    await turns.close()
