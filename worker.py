@@ -873,7 +873,9 @@ class Worker:
         else:
             action = self.acks.refuse(message, requeue=how == "nack")
         try:
-            await asyncio.wait_for(action, self.settings.publish_timeout)
+            # asyncio.timeout, not wait_for: no task of its own per mail.
+            async with asyncio.timeout(self.settings.publish_timeout):
+                await action
         except AMQP_ERRORS as exc:
             log.warning(
                 "message %s: %s failed (%s); RabbitMQ will deliver it again",
