@@ -21,7 +21,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.charset import QP, Charset
@@ -332,22 +332,25 @@ def _date(job: MailJob) -> str:
     (parsing, the zone's offset, formatting) cost 3-4% of the worker's CPU per mail."""
     created = job.created_at
     # What the server writes: "2026-12-07T06:30:01.123+00:00" (milliseconds, UTC).
-    if len(created) == 29 and created[19] == "." and created.endswith("+00:00"):
-        return _date_of_second(created[:19])
-    return format_datetime(_created(created))
+    if (
+        len(created) == 29
+        and created[19] == "."
+        and created[20:23].isdigit()
+        and created.endswith("+00:00")
+    ):
+        with contextlib.suppress(ValueError):  # not a time after all: as any other form
+            return _date_of_second(created[:19])
+    try:
+        return format_datetime(datetime.fromisoformat(created).astimezone())
+    except ValueError:
+        return format_datetime(datetime.now().astimezone())
 
 
 @functools.lru_cache(maxsize=16)
 def _date_of_second(second: str) -> str:
-    return format_datetime(_created(second + "+00:00"))
-
-
-def _created(created_at: str) -> datetime:
-    try:
-        created = datetime.fromisoformat(created_at)
-    except ValueError:
-        return datetime.now().astimezone()
-    return created.astimezone()
+    """A second's Date (ValueError, never cached, for what is no time). The host's zone
+    is read as the process found it: a zone changed while it runs is not seen here."""
+    return format_datetime(datetime.fromisoformat(second + "+00:00").astimezone())
 
 
 def classify(exc: BaseException) -> DeliveryError:
@@ -647,18 +650,25 @@ class Turns:
         try:
             await event.wait()
         finally:
-            del self._watchers[event]
+            self._watchers.pop(event, None)
+        self._give_up(lambda unless: unless is event)
+
+    def _give_up(self, which: Callable[[asyncio.Event | None], bool]) -> None:
+        """The waiters whose event ``which`` names get False (no turn)."""
         for waiter, unless in self._waiting:
-            if unless is event and not waiter.done():
+            if which(unless) and not waiter.done():
                 waiter.set_result(False)
         self._waiting = deque(w for w in self._waiting if not w[0].done())
 
     async def close(self) -> None:
-        """Stop watching (the waiters wait on)."""
+        """Stop watching: the waiters that named an event give up now (nothing would
+        tell them of it any more); those that named none wait on for a turn."""
         watchers = list(self._watchers.values())
+        self._watchers.clear()
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
+        self._give_up(lambda unless: unless is not None)
 
 
 class SmtpPool:

@@ -14,9 +14,9 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from email.quoprimime import header_decode
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime, getaddresses, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from broker import Names
 from config import Secret, Settings
 from errors import InvalidMessage
 from guard import identify
-from mailer import build_mime, is_plain_envelope_address, render
+from mailer import _date_of_second, build_mime, is_plain_envelope_address, render
 from messages import (
     MAX_NAME_CHARS,
     InputLimits,
@@ -293,6 +293,27 @@ def test_the_date_header_is_when_the_message_was_accepted(created_at: str) -> No
     assert fast is not None
     assert raw_headers(fast)["Date"] == expected
     assert build_mime(job, "m@example.com")["Date"] == expected
+
+
+@pytest.mark.parametrize(
+    "created_at",
+    [
+        "2016-12-31T23:59:60.000+00:00",  # a leap second: no time to Python
+        "XXXXXXXXXXXXXXXXXXX.123+00:00",
+        "2026-12-07T06:30:01.abc+00:00",
+    ],
+)
+def test_a_created_at_that_is_no_time_dates_the_mail_now(created_at: str) -> None:
+    """Shaped like the server's form but no time: the Date is the time of sending, as for
+    any created_at that cannot be read, and no such Date is kept for later mails."""
+    job = new_job(to="a@example.com", subject="s", text="t")
+    job = dataclasses.replace(job, created_at=created_at)
+    _date_of_second.cache_clear()
+    fast = render(job, "Mailroom <mailroom@example.com>")
+    assert fast is not None
+    dated = parsedate_to_datetime(raw_headers(fast)["Date"])
+    assert abs((dated - datetime.now(UTC)).total_seconds()) < 5
+    assert _date_of_second.cache_info().currsize == 0
 
 
 def same_boundary(data: bytes) -> bytes:

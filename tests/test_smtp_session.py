@@ -464,3 +464,20 @@ async def test_turns_go_in_the_order_asked_and_a_stop_frees_every_waiter() -> No
     turns.give()
     assert await asyncio.wait_for(late, 5)
     await turns.close()
+
+
+async def test_closing_the_turns_ends_the_waits_that_a_stop_would_have_ended() -> None:
+    """After close() nothing watches the stop events any more: their waiters give up at
+    once (also when close() comes before the watcher task first ran), those that named
+    no event wait on, and no watcher is left behind."""
+    turns = mailer.Turns(1)
+    assert await turns.take()
+    stop = asyncio.Event()
+    stopped = asyncio.create_task(turns.take(unless=stop))
+    patient = asyncio.create_task(turns.take())
+    await asyncio.sleep(0)  # both wait; the watcher task is made but has not run yet
+    await turns.close()
+    assert await asyncio.wait_for(stopped, 5) is False
+    assert not turns._watchers and not patient.done()
+    turns.give()
+    assert await asyncio.wait_for(patient, 5)
